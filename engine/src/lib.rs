@@ -1,0 +1,12 @@
+//! Shared training machinery of mimlab: the pipeline stages every objective uses.
+//!
+//! data -> (objective, in its own crate) -> optim -> trainer -> log
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod init;
+pub mod log;
+pub mod optim;
+pub mod picture;
+pub mod rng;
+pub mod trainer;

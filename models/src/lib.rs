@@ -1,0 +1,1 @@
+//! Swin-V2 backbone and its checkpoint layouts.
