@@ -1,1 +1,534 @@
-//! (being written)
+//! Typed experiment configs: defaults of a struct, overlaid by YAML files (with `base:`
+//! inheritance, as in the official Swin/SimMIM `config.py` and mmpretrain `_base_`), then by
+//! command-line `--set a.b.c=value` overrides.
+//!
+//! Unknown keys and wrong types are reported naming the file (or `--set`) that wrote the key.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_yaml_ng::{Mapping, Value};
+
+/// Defaults of T, overlaid by the YAML file (following its `base:` chain), then by each `--set`.
+pub fn load<T: Serialize + DeserializeOwned + Default>(
+    path: Option<&Path>,
+    sets: &[String],
+) -> Result<T> {
+    let mut layered = Layered::default();
+    if let Some(path) = path {
+        let mut stack = Vec::new();
+        layered.merge_file(path, &mut stack)?;
+    }
+    for set in sets {
+        layered.merge_set(set)?;
+    }
+
+    let defaults = serde_yaml_ng::to_value(T::default()).context("serializing config defaults")?;
+    check_known_keys(&layered.value, &defaults, &mut Vec::new(), &layered.sources)?;
+
+    let mut full = defaults;
+    let user = std::mem::take(&mut layered.value);
+    merge_value(&mut full, user, &mut Vec::new(), "", &mut HashMap::new());
+    serde_path_to_error::deserialize::<_, T>(full).map_err(|e| {
+        let keys = map_keys(e.path());
+        let source = layered.source_of(&keys).unwrap_or("config");
+        anyhow!("{source}: key `{}`: {}", e.path(), e.inner())
+    })
+}
+
+/// The resolved config as YAML text (what runs write to RUN_DIR/config.yaml; loading it again
+/// gives the same T).
+pub fn to_yaml<T: Serialize>(cfg: &T) -> Result<String> {
+    serde_yaml_ng::to_string(cfg).context("serializing config to YAML")
+}
+
+/// The user's merged YAML plus, for each dotted key path it set, the file or `--set` that set it.
+#[derive(Default)]
+struct Layered {
+    value: Value,
+    sources: HashMap<String, String>,
+}
+
+impl Layered {
+    /// Merges `path` (its bases first, then itself); `stack` holds the files being included.
+    fn merge_file(&mut self, path: &Path, stack: &mut Vec<PathBuf>) -> Result<()> {
+        let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        if let Some(first) = stack.iter().position(|p| *p == canonical) {
+            let chain: Vec<String> = stack[first..]
+                .iter()
+                .chain(std::iter::once(&canonical))
+                .map(|p| p.display().to_string())
+                .collect();
+            bail!("{}: base cycle: {}", path.display(), chain.join(" -> "));
+        }
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read"))?;
+        let mut value: Value =
+            serde_yaml_ng::from_str(&text).map_err(|e| anyhow!("{name}: YAML error: {e}"))?;
+        if value.is_null() {
+            value = Value::Mapping(Mapping::new());
+        }
+        let Value::Mapping(mut map) = value else {
+            bail!("{name}: top level must be a mapping of config sections");
+        };
+        let bases = match map.remove("base") {
+            None => Vec::new(),
+            Some(Value::String(s)) => vec![s],
+            Some(Value::Sequence(seq)) => seq
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    other => Err(anyhow!(
+                        "{name}: `base` entries must be file names, got {other:?}"
+                    )),
+                })
+                .collect::<Result<_>>()?,
+            Some(other) => bail!("{name}: `base` must be a file name or a list, got {other:?}"),
+        };
+        stack.push(canonical);
+        let dir = path.parent().unwrap_or(Path::new(""));
+        for base in bases {
+            self.merge_file(&dir.join(base), stack)?;
+        }
+        stack.pop();
+        merge_value(
+            &mut self.value,
+            Value::Mapping(map),
+            &mut Vec::new(),
+            &name,
+            &mut self.sources,
+        );
+        Ok(())
+    }
+
+    /// Merges one `a.b.c=value` override, the value parsed as YAML.
+    fn merge_set(&mut self, set: &str) -> Result<()> {
+        let Some((key, text)) = set.split_once('=') else {
+            bail!("--set {set}: expected `key.path=value`");
+        };
+        let key = key.trim();
+        if key.is_empty() || key.split('.').any(str::is_empty) {
+            bail!("--set {set}: empty key segment in `{key}`");
+        }
+        let value: Value = serde_yaml_ng::from_str(text)
+            .map_err(|e| anyhow!("--set {set}: bad YAML value: {e}"))?;
+        let nested = key.rsplit('.').fold(value, |inner, k| {
+            let mut m = Mapping::new();
+            m.insert(Value::String(k.to_string()), inner);
+            Value::Mapping(m)
+        });
+        let source = format!("--set {set}");
+        merge_value(
+            &mut self.value,
+            nested,
+            &mut Vec::new(),
+            &source,
+            &mut self.sources,
+        );
+        Ok(())
+    }
+
+    /// The source of the longest recorded prefix of `keys`.
+    fn source_of(&self, keys: &[String]) -> Option<&str> {
+        (1..=keys.len())
+            .rev()
+            .find_map(|n| self.sources.get(&keys[..n].join(".")))
+            .map(String::as_str)
+    }
+}
+
+/// Deep merge of `src` into `dst`: maps merge recursively, lists and scalars replace. Each key
+/// `src` writes is recorded in `sources` as coming from `source`.
+fn merge_value(
+    dst: &mut Value,
+    src: Value,
+    path: &mut Vec<String>,
+    source: &str,
+    sources: &mut HashMap<String, String>,
+) {
+    let Value::Mapping(src_map) = src else {
+        *dst = src;
+        return;
+    };
+    if !dst.is_mapping() {
+        *dst = Value::Mapping(Mapping::new());
+    }
+    let Value::Mapping(dst_map) = dst else {
+        unreachable!("dst was made a mapping just above");
+    };
+    for (k, v) in src_map {
+        path.push(key_text(&k));
+        let dotted = path.join(".");
+        match dst_map.get_mut(&k) {
+            Some(existing) if existing.is_mapping() && v.is_mapping() => {
+                sources.entry(dotted).or_insert_with(|| source.to_string());
+                merge_value(existing, v, path, source, sources);
+            }
+            _ => {
+                // Forget sources of keys below this one: they were replaced wholesale.
+                let below = format!("{dotted}.");
+                sources.retain(|p, _| !p.starts_with(&below));
+                sources.insert(dotted, source.to_string());
+                dst_map.insert(k, v);
+            }
+        }
+        path.pop();
+    }
+}
+
+/// Walks the user's YAML against the defaults' YAML: every user key must exist at its level.
+/// A null default (an `Option` field) or an empty default map (a free-form map) accepts anything.
+fn check_known_keys(
+    user: &Value,
+    defaults: &Value,
+    path: &mut Vec<String>,
+    sources: &HashMap<String, String>,
+) -> Result<()> {
+    let (Value::Mapping(user_map), Value::Mapping(default_map)) = (user, defaults) else {
+        return Ok(());
+    };
+    if default_map.is_empty() {
+        return Ok(());
+    }
+    for (k, v) in user_map {
+        path.push(key_text(k));
+        match default_map.get(k) {
+            Some(d) => check_known_keys(v, d, path, sources)?,
+            None => {
+                let dotted = path.join(".");
+                let source = (1..=path.len())
+                    .rev()
+                    .find_map(|n| sources.get(&path[..n].join(".")))
+                    .map_or("config", String::as_str);
+                let candidates: Vec<String> = default_map.keys().map(key_text).collect();
+                let hint = closest(&key_text(k), &candidates)
+                    .map(|c| {
+                        let prefix = &path[..path.len() - 1];
+                        let full = prefix.iter().chain(std::iter::once(&c)).cloned();
+                        format!(" (did you mean `{}`?)", full.collect::<Vec<_>>().join("."))
+                    })
+                    .unwrap_or_default();
+                bail!("{source}: unknown key `{dotted}`{hint}");
+            }
+        }
+        path.pop();
+    }
+    Ok(())
+}
+
+/// The candidate nearest to `key` by Damerau-Levenshtein distance, if it is close: at most 2
+/// edits (or a third of the key's length) and not a complete rewrite.
+fn closest(key: &str, candidates: &[String]) -> Option<String> {
+    candidates
+        .iter()
+        .map(|c| (strsim::damerau_levenshtein(key, c), c))
+        .filter(|(d, c)| *d <= (key.len() / 3).max(2) && *d < key.len().max(c.len()))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c.clone())
+}
+
+/// A YAML map key as text (keys are normally strings; numbers and bools are printed).
+fn key_text(k: &Value) -> String {
+    match k {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The map keys of a serde path, up to the first sequence index.
+fn map_keys(path: &serde_path_to_error::Path) -> Vec<String> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .map_while(|s| match s {
+            Segment::Map { key } => Some(key.clone()),
+            Segment::Enum { variant } => Some(variant.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Model {
+        name: String,
+        depths: Vec<usize>,
+        drop_path: f64,
+        pretrained: Option<String>,
+    }
+    impl Default for Model {
+        fn default() -> Self {
+            Self {
+                name: "swinv2_tiny".into(),
+                depths: vec![2, 2, 6, 2],
+                drop_path: 0.1,
+                pretrained: None,
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Train {
+        lr: f64,
+        epochs: usize,
+        warmup: Warmup,
+    }
+    impl Default for Train {
+        fn default() -> Self {
+            Self {
+                lr: 1e-3,
+                epochs: 10,
+                warmup: Warmup::default(),
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Warmup {
+        epochs: usize,
+        start_lr: f64,
+    }
+    impl Default for Warmup {
+        fn default() -> Self {
+            Self {
+                epochs: 1,
+                start_lr: 1e-6,
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Cfg {
+        model: Model,
+        train: Train,
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn sets(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn defaults_without_file() {
+        let cfg: Cfg = load(None, &[]).unwrap();
+        assert_eq!(cfg, Cfg::default());
+    }
+
+    #[test]
+    fn file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "x.yaml",
+            "train:\n  lr: 5.0e-4\n  warmup:\n    epochs: 3\n",
+        );
+        let cfg: Cfg = load(Some(&p), &[]).unwrap();
+        assert_eq!(cfg.train.lr, 5e-4);
+        assert_eq!(cfg.train.warmup.epochs, 3);
+        assert_eq!(cfg.train.warmup.start_lr, 1e-6); // sibling default kept by deep merge
+        assert_eq!(cfg.train.epochs, 10);
+        assert_eq!(cfg.model, Model::default());
+    }
+
+    #[test]
+    fn base_chain_two_levels_child_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "base/root.yaml",
+            "model:\n  name: root\n  drop_path: 0.3\ntrain:\n  epochs: 100\n",
+        );
+        write(
+            dir.path(),
+            "base/mid.yaml",
+            "base: root.yaml\nmodel:\n  name: mid\n  depths: [1, 1]\n",
+        );
+        let p = write(
+            dir.path(),
+            "exp/child.yaml",
+            "base: ../base/mid.yaml\nmodel:\n  name: child\n",
+        );
+        let cfg: Cfg = load(Some(&p), &[]).unwrap();
+        assert_eq!(cfg.model.name, "child");
+        assert_eq!(cfg.model.depths, vec![1, 1]);
+        assert_eq!(cfg.model.drop_path, 0.3);
+        assert_eq!(cfg.train.epochs, 100);
+        assert_eq!(cfg.train.lr, 1e-3);
+    }
+
+    #[test]
+    fn base_list_later_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", "train:\n  lr: 1.0\n  epochs: 7\n");
+        write(dir.path(), "b.yaml", "train:\n  lr: 2.0\n");
+        let p = write(dir.path(), "c.yaml", "base: [a.yaml, b.yaml]\n");
+        let cfg: Cfg = load(Some(&p), &[]).unwrap();
+        assert_eq!((cfg.train.lr, cfg.train.epochs), (2.0, 7));
+    }
+
+    #[test]
+    fn base_cycle_is_an_error_naming_files() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", "base: b.yaml\n");
+        let b = write(dir.path(), "b.yaml", "base: a.yaml\n");
+        let err = load::<Cfg>(Some(&b), &[]).unwrap_err().to_string();
+        assert!(err.contains("base cycle"), "{err}");
+        assert!(
+            err.contains("a.yaml -> ") && err.contains("b.yaml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn set_scalar_list_nested_and_string() {
+        let s = sets(&[
+            "train.lr=1e-3",
+            "model.depths=[2,2,2]",
+            "train.warmup.epochs=5",
+            "model.name=foo",
+        ]);
+        let cfg: Cfg = load(None, &s).unwrap();
+        assert_eq!(cfg.train.lr, 1e-3);
+        assert_eq!(cfg.model.depths, vec![2, 2, 2]);
+        assert_eq!(cfg.train.warmup.epochs, 5);
+        assert_eq!(cfg.model.name, "foo");
+        let cfg: Cfg = load(None, &sets(&["model.pretrained=ckpt.safetensors"])).unwrap();
+        assert_eq!(cfg.model.pretrained.as_deref(), Some("ckpt.safetensors"));
+    }
+
+    #[test]
+    fn set_overrides_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "x.yaml", "train:\n  lr: 0.5\n");
+        let cfg: Cfg = load(Some(&p), &sets(&["train.lr=0.25"])).unwrap();
+        assert_eq!(cfg.train.lr, 0.25);
+    }
+
+    #[test]
+    fn malformed_set_is_quoted() {
+        let err = load::<Cfg>(None, &sets(&["train.lr"]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "--set train.lr: expected `key.path=value`");
+    }
+
+    #[test]
+    fn unknown_key_from_file_with_hint() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "base.yaml", "train:\n  lrr: 0.1\n");
+        let p = write(dir.path(), "x.yaml", "base: base.yaml\nmodel:\n  name: a\n");
+        let err = load::<Cfg>(Some(&p), &[]).unwrap_err().to_string();
+        let base = dir.path().join("base.yaml");
+        assert_eq!(
+            err,
+            format!(
+                "{}: unknown key `train.lrr` (did you mean `train.lr`?)",
+                base.display()
+            )
+        );
+    }
+
+    #[test]
+    fn unknown_key_without_close_match_has_no_hint() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "x.yaml", "optimizer:\n  kind: sgd\n");
+        let err = load::<Cfg>(Some(&p), &[]).unwrap_err().to_string();
+        assert_eq!(err, format!("{}: unknown key `optimizer`", p.display()));
+    }
+
+    #[test]
+    fn unknown_key_from_set_names_the_set() {
+        let err = load::<Cfg>(None, &sets(&["train.warmup.epoch=3"]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "--set train.warmup.epoch=3: unknown key `train.warmup.epoch` \
+             (did you mean `train.warmup.epochs`?)"
+        );
+    }
+
+    #[test]
+    fn option_field_accepts_any_value_then_serde_checks_type() {
+        let err = load::<Cfg>(None, &sets(&["model.pretrained=[1,2]"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--set model.pretrained=[1,2]: key `model.pretrained`: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "x.yaml", "train:\n  lr: abc\n");
+        let err = load::<Cfg>(Some(&p), &[]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{}: key `train.lr`: invalid type: string \"abc\", expected f64",
+                p.display()
+            )
+        );
+        let err = load::<Cfg>(None, &sets(&["train.epochs=-3"]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "--set train.epochs=-3: key `train.epochs`: invalid value: integer `-3`, expected usize"
+        );
+    }
+
+    #[test]
+    fn yaml_syntax_error_names_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "x.yaml",
+            "train:\n  lr: [1,\n  epochs: 3\n:::\n",
+        );
+        let err = load::<Cfg>(Some(&p), &[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{}: YAML error: ", p.display())),
+            "{err}"
+        );
+        assert!(err.contains("line"), "{err}");
+        let missing = dir.path().join("missing.yaml");
+        let err = load::<Cfg>(Some(&missing), &[]).unwrap_err().to_string();
+        assert_eq!(err, format!("{}: cannot read", missing.display()));
+    }
+
+    #[test]
+    fn to_yaml_then_load_round_trips() {
+        let s = sets(&[
+            "train.lr=3.0e-5",
+            "model.depths=[1,2,3]",
+            "model.pretrained=x.st",
+            "train.warmup.start_lr=1e-9",
+        ]);
+        let cfg: Cfg = load(None, &s).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "config.yaml", &to_yaml(&cfg).unwrap());
+        let again: Cfg = load(Some(&p), &[]).unwrap();
+        assert_eq!(again, cfg);
+    }
+}
