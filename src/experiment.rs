@@ -1,0 +1,41 @@
+//! The one typed experiment config: every knob has a default here, YAML files in `configs/`
+//! override it (with `base:` inheritance), and `--set key=value` overrides any key.
+use std::path::Path;
+
+use anyhow::Result;
+use mimlab_engine::data::DataConfig;
+use mimlab_engine::trainer::{RunConfig, TrainConfig};
+use mimlab_models::swin_v2::ModelSection;
+use mimlab_pretrain::mask::SimMimConfig;
+use serde::{Deserialize, Serialize};
+
+/// A whole experiment: model, data, optimization, run folder, and the objective's own section.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Experiment {
+    /// Swin-V2 backbone: `preset` plus timm-named overrides.
+    pub model: ModelSection,
+    /// Dataset, loader and augmentation.
+    pub data: DataConfig,
+    /// Optimizer, schedule, epochs, batch size.
+    pub train: TrainConfig,
+    /// Output folder, seed, device, logging and checkpoint intervals.
+    pub run: RunConfig,
+    /// SimMIM masking and target options.
+    pub simmim: SimMimConfig,
+}
+
+impl Experiment {
+    /// Loads defaults <- YAML file (and its `base:` chain) <- `--set` overrides, then fills every
+    /// model key from the preset so the written config repeats the run exactly.
+    pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Self> {
+        let mut exp: Experiment = mimlab_engine::config::load(path, sets)?;
+        exp.model = exp.model.resolved()?;
+        Ok(exp)
+    }
+
+    /// The resolved config as YAML (what `config show` prints and runs write to `config.yaml`).
+    pub fn to_yaml(&self) -> Result<String> {
+        mimlab_engine::config::to_yaml(self)
+    }
+}
