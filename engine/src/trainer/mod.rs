@@ -1,1 +1,12 @@
-//! (being written)
+//! Trainer stage: the one training loop (batches -> objective -> backward -> clip -> AdamW ->
+//! schedule -> logs -> checkpoints -> eval) every objective plugs into, with exact resume.
+pub mod checkpoint;
+mod config;
+mod fit;
+mod objective;
+#[cfg(test)]
+mod tests;
+
+pub use config::{utc_stamp, RunConfig, TrainConfig};
+pub use fit::{BatchSource, TrainSummary, Trainer};
+pub use objective::{Objective, StepOutput};

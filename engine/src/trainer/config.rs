@@ -1,0 +1,245 @@
+//! Training and run knobs (the `train:` and `run:` sections of an experiment config).
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::optim::{LrSchedule, ScheduleKind};
+
+/// Optimizer, schedule and loop length. Defaults: the official SimMIM Swin-B 800-epoch
+/// pretraining (architecture.md 3.5/3.6), except `epochs`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Epochs of the schedule (the cosine length and the loop length).
+    pub epochs: usize,
+    /// Stop (and checkpoint) after this many optimizer steps in total; the schedule still spans
+    /// `epochs`, so a run stopped early and resumed is the same run.
+    pub max_steps: Option<u64>,
+    /// Images per batch (also used for the lr scaling).
+    pub batch_size: usize,
+    /// Peak lr before batch scaling.
+    pub base_lr: f64,
+    /// lr at step 0 before batch scaling.
+    pub warmup_lr: f64,
+    /// Final cosine lr before batch scaling.
+    pub min_lr: f64,
+    /// `Some(n)`: every lr is scaled by `batch_size * accum_steps / n` (architecture.md 3.5).
+    pub lr_scale_batch: Option<usize>,
+    /// Linear warmup length in epochs (fractional allowed).
+    pub warmup_epochs: f64,
+    /// Decay after the warmup.
+    pub schedule: ScheduleKind,
+    /// Multistep milestones, in epochs.
+    pub milestones: Vec<f64>,
+    /// Multistep decay factor.
+    pub gamma: f64,
+    /// AdamW decoupled weight decay (0 for the no-decay parameters).
+    pub weight_decay: f64,
+    /// AdamW betas.
+    pub betas: [f64; 2],
+    /// AdamW eps.
+    pub eps: f64,
+    /// Global grad-norm clip; None = no clipping (the norm is still logged).
+    pub clip_grad: Option<f64>,
+    /// Batches per optimizer step; the loss is divided by it.
+    pub accum_steps: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 10,
+            max_steps: None,
+            batch_size: 64,
+            base_lr: 1e-4,
+            warmup_lr: 5e-7,
+            min_lr: 5e-6,
+            lr_scale_batch: Some(512),
+            warmup_epochs: 10.0,
+            schedule: ScheduleKind::Multistep,
+            milestones: vec![700.0],
+            gamma: 0.1,
+            weight_decay: 0.05,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            clip_grad: Some(5.0),
+            accum_steps: 1,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Rejects values the loop cannot run with, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            bail!("train.epochs must be > 0");
+        }
+        if self.batch_size == 0 {
+            bail!("train.batch_size must be > 0");
+        }
+        if self.accum_steps == 0 {
+            bail!("train.accum_steps must be > 0");
+        }
+        if self.lr_scale_batch == Some(0) {
+            bail!("train.lr_scale_batch must be > 0 (or null to disable scaling)");
+        }
+        if self.warmup_epochs.is_nan() || self.warmup_epochs < 0.0 {
+            bail!(
+                "train.warmup_epochs must be >= 0, got {}",
+                self.warmup_epochs
+            );
+        }
+        if let Some(c) = self.clip_grad {
+            if c.is_nan() || c <= 0.0 {
+                bail!("train.clip_grad must be > 0 (or null), got {c}");
+            }
+        }
+        for (i, b) in self.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                bail!("train.betas[{i}] must lie in [0, 1), got {b}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Multiplier of every lr: `batch_size * accum_steps / lr_scale_batch` (architecture.md 3.5:
+    /// linear scaling of BASE_LR, WARMUP_LR and MIN_LR), or 1.
+    pub fn lr_factor(&self) -> f64 {
+        match self.lr_scale_batch {
+            Some(n) => (self.batch_size * self.accum_steps) as f64 / n as f64,
+            None => 1.0,
+        }
+    }
+
+    /// The per-optimizer-step schedule for `steps_per_epoch` optimizer steps per epoch
+    /// (official: `int(WARMUP_EPOCHS * n_iter)`, milestones `m * n_iter`).
+    pub fn schedule(&self, steps_per_epoch: u64) -> LrSchedule {
+        let f = self.lr_factor();
+        let spe = steps_per_epoch as f64;
+        LrSchedule {
+            kind: self.schedule,
+            base_lr: self.base_lr * f,
+            warmup_lr: self.warmup_lr * f,
+            min_lr: self.min_lr * f,
+            warmup_steps: (self.warmup_epochs * spe) as u64,
+            total_steps: self.epochs as u64 * steps_per_epoch,
+            milestones: self.milestones.iter().map(|m| (m * spe) as u64).collect(),
+            gamma: self.gamma,
+        }
+    }
+}
+
+/// Where a run goes and how often it logs, draws pictures, checkpoints and evaluates.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Parent folder of run folders.
+    pub output_dir: PathBuf,
+    /// Run folder name; None -> `<objective>-<YYYYmmdd-HHMMSS>` (UTC).
+    pub name: Option<String>,
+    /// Root of every random stream of the run.
+    pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// CPU threads for the math kernels (0 = all cores).
+    pub threads: usize,
+    /// Optimizer steps between scalar logs (0 = never).
+    pub log_every: u64,
+    /// Optimizer steps between pictures (0 = only at the end).
+    pub image_every: u64,
+    /// Epochs between checkpoints (0 = only step/end checkpoints).
+    pub checkpoint_every_epochs: usize,
+    /// Optimizer steps between checkpoints.
+    pub checkpoint_every_steps: Option<u64>,
+    /// Checkpoints kept on disk (older ones are deleted; the newest is always kept).
+    pub keep_checkpoints: usize,
+    /// Epochs between evaluations (0 = never).
+    pub eval_every_epochs: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            output_dir: PathBuf::from("runs"),
+            name: None,
+            seed: 0,
+            device: "cpu".into(),
+            threads: 0,
+            log_every: 10,
+            image_every: 200,
+            checkpoint_every_epochs: 1,
+            checkpoint_every_steps: None,
+            keep_checkpoints: 2,
+            eval_every_epochs: 1,
+        }
+    }
+}
+
+/// `YYYYmmdd-HHMMSS` in UTC for seconds since the Unix epoch (no date crate needed).
+pub fn utc_stamp(unix_seconds: u64) -> String {
+    let days = (unix_seconds / 86_400) as i64;
+    let secs = unix_seconds % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_stamps_match_known_dates() {
+        assert_eq!(utc_stamp(0), "19700101-000000");
+        assert_eq!(utc_stamp(951_782_400), "20000229-000000"); // leap day 2000
+        assert_eq!(utc_stamp(1_700_000_000), "20231114-221320");
+    }
+
+    #[test]
+    fn lr_scaling_and_schedule_in_steps() {
+        let t = TrainConfig {
+            batch_size: 128,
+            accum_steps: 2,
+            warmup_epochs: 2.5,
+            milestones: vec![7.0],
+            ..TrainConfig::default()
+        };
+        assert_eq!(t.lr_factor(), 0.5);
+        let s = t.schedule(10);
+        assert_eq!(
+            (s.warmup_steps, s.total_steps, s.milestones.clone()),
+            (25, 100, vec![70])
+        );
+        assert_eq!((s.base_lr, s.warmup_lr), (5e-5, 2.5e-7));
+        let y = "epochs: 3\nschedule: cosine\nclip_grad: null\n";
+        let c: TrainConfig = serde_yaml_ng::from_str(y).unwrap();
+        assert_eq!(
+            (c.epochs, c.schedule, c.clip_grad),
+            (3, ScheduleKind::Cosine, None)
+        );
+        assert!(serde_yaml_ng::from_str::<TrainConfig>("lr: 1").is_err());
+        let bad = TrainConfig {
+            accum_steps: 0,
+            ..TrainConfig::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("train.accum_steps"));
+    }
+}

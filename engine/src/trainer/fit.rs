@@ -1,0 +1,520 @@
+//! The training loop: one implementation for every objective.
+//!
+//! Step numbering: "step N" is the N-th optimizer step (1-based) everywhere: in errors, logs,
+//! `set_seed(mix_seed(seed, [N]))` and `checkpoints/step_N.*` (saved after step N). The schedule
+//! is indexed from 0, so step N runs at `schedule.lr(N - 1)` (the official code lags one step
+//! behind because it updates the lr after `optimizer.step()`; we do not reproduce that).
+//! Micro-batch k > 0 of an accumulated step is seeded with `mix_seed(seed, [N, k])`.
+//!
+//! An epoch has `batches_per_epoch / accum_steps` optimizer steps; trailing batches that do not
+//! fill a whole accumulation group are skipped, so a step never straddles two epochs.
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Var};
+
+use super::checkpoint::{self, CheckpointMeta, FORMAT_VERSION};
+use super::{Objective, RunConfig, TrainConfig};
+use crate::data::{Batch, DataLoader};
+use crate::log::{MetricsLog, Progress, TbWriter};
+use crate::optim::{clip_grad_norm, grad_norm, param_groups, AdamW, LrSchedule};
+use crate::rng::mix_seed;
+
+/// What the loop needs from a training loader ([`DataLoader`] implements it; tests and tools
+/// may feed in-memory batches).
+pub trait BatchSource {
+    /// Batches in one epoch.
+    fn batches_per_epoch(&self) -> usize;
+    /// The batches of `epoch`, starting at batch `start_batch` (same batches as a full epoch
+    /// from that point on: this is what makes resume exact).
+    fn epoch_batches(
+        &self,
+        epoch: usize,
+        start_batch: usize,
+    ) -> Box<dyn Iterator<Item = Result<Batch>> + '_>;
+}
+
+impl BatchSource for DataLoader {
+    fn batches_per_epoch(&self) -> usize {
+        DataLoader::batches_per_epoch(self)
+    }
+
+    fn epoch_batches(
+        &self,
+        epoch: usize,
+        start_batch: usize,
+    ) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
+        Box::new(self.epoch(epoch, start_batch))
+    }
+}
+
+/// What a finished (or max_steps-stopped) `fit` reports.
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    /// The run folder.
+    pub run_dir: PathBuf,
+    /// Optimizer steps completed (resumed steps included).
+    pub steps: u64,
+    /// Epochs completed.
+    pub epochs: usize,
+    /// Loss of step 1 (NaN if no step ran).
+    pub first_loss: f64,
+    /// Loss of the last step (NaN if no step ran).
+    pub last_loss: f64,
+    /// Every optimizer step's loss (mean over its accumulated batches), resumed steps included.
+    pub losses: Vec<f64>,
+    /// Wall time of this `fit` call.
+    pub wall_seconds: f64,
+}
+
+/// The one training loop, driving an [`Objective`].
+pub struct Trainer<'a, O: Objective> {
+    objective: &'a mut O,
+    train: TrainConfig,
+    run: RunConfig,
+    run_dir: PathBuf,
+    device: Device,
+    optimizer: AdamW,
+    vars: Vec<Var>,
+    /// Completed optimizer steps.
+    step: u64,
+    /// Current epoch and the loader batches of it already consumed.
+    epoch: usize,
+    batch_in_epoch: usize,
+    losses: Vec<f64>,
+    last_lr: f64,
+    last_checkpoint: Option<u64>,
+    resumed_batches_per_epoch: Option<usize>,
+    /// Loader batches per epoch of the current `fit` (stored in checkpoints).
+    batches_per_epoch: usize,
+    tb: TbWriter,
+    metrics: MetricsLog,
+}
+
+impl<'a, O: Objective> Trainer<'a, O> {
+    /// `resolved_config_yaml` is written to RUN_DIR/config.yaml. `resume`: Some(run_dir)
+    /// continues that run from its newest checkpoint.
+    pub fn new(
+        objective: &'a mut O,
+        train: &TrainConfig,
+        run: &RunConfig,
+        resolved_config_yaml: &str,
+        resume: Option<&Path>,
+    ) -> Result<Self> {
+        train.validate()?;
+        crate::device::set_cpu_threads(run.threads);
+        let device = crate::device::parse_device(&run.device)?;
+        let run_dir = match resume {
+            Some(dir) => dir.to_path_buf(),
+            None => new_run_dir(run, objective.name())?,
+        };
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating run folder {}", run_dir.display()))?;
+        checkpoint::atomic_write(
+            &run_dir.join("config.yaml"),
+            resolved_config_yaml.as_bytes(),
+        )?;
+
+        let keywords = objective.no_decay_keywords();
+        let groups = {
+            let obj: &O = objective;
+            param_groups(obj.varmap(), train.weight_decay, &keywords, &|n| {
+                obj.lr_scale(n)
+            })
+        };
+        if groups.is_empty() {
+            bail!(
+                "objective `{}` has no trainable variables",
+                objective.name()
+            );
+        }
+        let mut optimizer = AdamW::new(groups, (train.betas[0], train.betas[1]), train.eps)?;
+        let vars = optimizer.vars();
+
+        let ckpt_dir = run_dir.join("checkpoints");
+        let (mut step, mut epoch, mut batch_in_epoch, mut losses, mut last_lr) =
+            (0, 0, 0, vec![], 0.0);
+        let mut resumed_batches_per_epoch = None;
+        if resume.is_some() {
+            let Some(&latest) = checkpoint::list_checkpoints(&ckpt_dir)?.last() else {
+                bail!("resume: no complete checkpoint in {}", ckpt_dir.display());
+            };
+            let ck = checkpoint::load_checkpoint(&ckpt_dir, latest)?;
+            let (wpath, opath, _) = checkpoint::checkpoint_paths(&ckpt_dir, latest);
+            checkpoint::load_into_varmap(
+                objective.varmap(),
+                &ck.weights,
+                &wpath.display().to_string(),
+            )?;
+            optimizer
+                .load_state(&ck.optim, ck.meta.optimizer_steps)
+                .with_context(|| format!("resume: {}", opath.display()))?;
+            if ck.meta.objective != objective.name() {
+                bail!(
+                    "resume: {} was written by objective `{}`, not `{}`",
+                    ckpt_dir.display(),
+                    ck.meta.objective,
+                    objective.name()
+                );
+            }
+            step = ck.meta.step;
+            epoch = ck.meta.epoch;
+            batch_in_epoch = ck.meta.batch_in_epoch;
+            last_lr = ck.meta.lr;
+            losses = ck.losses;
+            resumed_batches_per_epoch = Some(ck.meta.batches_per_epoch);
+        }
+        let tb = TbWriter::create(&run_dir)?;
+        let metrics = MetricsLog::open(
+            &run_dir.join("metrics.jsonl"),
+            resume.is_some().then_some(step),
+        )?;
+        Ok(Self {
+            objective,
+            train: train.clone(),
+            run: run.clone(),
+            run_dir,
+            device,
+            optimizer,
+            vars,
+            step,
+            epoch,
+            batch_in_epoch,
+            losses,
+            last_lr,
+            last_checkpoint: resume.is_some().then_some(step),
+            resumed_batches_per_epoch,
+            batches_per_epoch: 0,
+            tb,
+            metrics,
+        })
+    }
+
+    /// The run folder.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Trains on `train_loader` until `train.epochs` (or `train.max_steps`), evaluating on
+    /// `eval_loader` every `run.eval_every_epochs`.
+    pub fn fit(
+        &mut self,
+        train_loader: &DataLoader,
+        eval_loader: Option<&DataLoader>,
+    ) -> Result<TrainSummary> {
+        self.fit_source(train_loader, eval_loader)
+    }
+
+    /// [`Trainer::fit`] over any [`BatchSource`].
+    pub fn fit_source(
+        &mut self,
+        train_src: &dyn BatchSource,
+        eval_loader: Option<&DataLoader>,
+    ) -> Result<TrainSummary> {
+        let started = Instant::now();
+        let bpe = train_src.batches_per_epoch();
+        let accum = self.train.accum_steps;
+        let steps_per_epoch = bpe / accum;
+        if steps_per_epoch == 0 {
+            bail!("the train loader has {bpe} batches per epoch, fewer than train.accum_steps ({accum})");
+        }
+        if let Some(saved) = self.resumed_batches_per_epoch {
+            if saved != bpe {
+                bail!(
+                    "resume: the checkpoint was written with {saved} batches per epoch, the loader \
+                     now has {bpe} (same data and train.batch_size are needed to continue exactly)"
+                );
+            }
+        }
+        self.batches_per_epoch = bpe;
+        let sched = self.train.schedule(steps_per_epoch as u64);
+        let total = self.train.epochs as u64 * steps_per_epoch as u64;
+        let stop_at = self.train.max_steps.map_or(total, |m| m.min(total));
+        let used_batches = steps_per_epoch * accum;
+        let progress = Progress::new(self.objective.name(), stop_at, self.step.min(stop_at));
+        let mut window = LogWindow::new();
+
+        while self.step < stop_at && self.epoch < self.train.epochs {
+            {
+                let mut batches = train_src.epoch_batches(self.epoch, self.batch_in_epoch);
+                while self.batch_in_epoch + accum <= used_batches && self.step < stop_at {
+                    let (loss, norm, lr, metrics, images) =
+                        self.one_step(batches.as_mut(), &sched, bpe)?;
+                    window.images += images;
+                    self.after_step(loss, norm, lr, &metrics, &mut window)?;
+                    progress
+                        .set_message(&format!("epoch {} loss {loss:.4} lr {lr:.2e}", self.epoch));
+                    progress.inc(1);
+                }
+            }
+            if self.batch_in_epoch + accum > used_batches {
+                self.end_epoch(eval_loader)?;
+            }
+        }
+        if self.last_checkpoint != Some(self.step) && self.step > 0 {
+            self.save_checkpoint()?;
+        }
+        if self.step > 0 {
+            self.objective
+                .log_images(self.step, &self.run_dir, &mut self.tb)?;
+        }
+        self.tb.flush()?;
+        progress.finish(&format!(
+            "{} steps, run folder {}",
+            self.step,
+            self.run_dir.display()
+        ));
+        Ok(TrainSummary {
+            run_dir: self.run_dir.clone(),
+            steps: self.step,
+            epochs: self.epoch,
+            first_loss: self.losses.first().copied().unwrap_or(f64::NAN),
+            last_loss: self.losses.last().copied().unwrap_or(f64::NAN),
+            losses: self.losses.clone(),
+            wall_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// One optimizer step over `accum_steps` batches: (loss, pre-clip grad norm, lr, mean
+    /// metrics, images seen).
+    #[allow(clippy::type_complexity)]
+    fn one_step(
+        &mut self,
+        batches: &mut dyn Iterator<Item = Result<Batch>>,
+        sched: &LrSchedule,
+        bpe: usize,
+    ) -> Result<(f64, f64, f64, Vec<(String, f64)>, usize)> {
+        let n = self.step + 1;
+        let accum = self.train.accum_steps;
+        let lr = sched.lr(self.step);
+        let mut grads = GradStore::default();
+        let mut loss_sum = 0.0;
+        let mut metrics: Vec<(String, f64)> = vec![];
+        let mut images = 0;
+        for k in 0..accum {
+            let batch = batches
+                .next()
+                .with_context(|| {
+                    format!(
+                        "step {n}: the train loader ended after {} of {bpe} batches of epoch {}",
+                        self.batch_in_epoch, self.epoch
+                    )
+                })?
+                .with_context(|| {
+                    format!(
+                        "step {n}: loading batch {} of epoch {}",
+                        self.batch_in_epoch, self.epoch
+                    )
+                })?;
+            let seed = if k == 0 {
+                mix_seed(self.run.seed, &[n])
+            } else {
+                mix_seed(self.run.seed, &[n, k as u64])
+            };
+            self.objective.set_seed(seed);
+            let out = self
+                .objective
+                .train_step(&batch, &self.device)
+                .with_context(|| format!("step {n}: {} train_step", self.objective.name()))?;
+            if out.loss.elem_count() != 1 {
+                bail!(
+                    "step {n}: the loss has shape {:?}, expected a scalar",
+                    out.loss.dims()
+                );
+            }
+            let value = out
+                .loss
+                .to_dtype(DType::F64)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f64>())
+                .with_context(|| format!("step {n}: reading the loss"))?[0];
+            if !value.is_finite() {
+                let what = if value.is_nan() { "NaN" } else { "infinite" };
+                bail!(
+                    "step {n}: loss is {what} (lr {lr:.3e}); stopping without writing a checkpoint"
+                );
+            }
+            let scaled = if accum > 1 {
+                out.loss.affine(1.0 / accum as f64, 0.0)?
+            } else {
+                out.loss
+            };
+            let mut g = scaled
+                .backward()
+                .with_context(|| format!("step {n}: backward"))?;
+            // Keep only the variables' gradients (the store also holds every intermediate's).
+            for v in &self.vars {
+                if let Some(gv) = g.remove(v.as_tensor()) {
+                    let sum = match grads.remove(v.as_tensor()) {
+                        Some(prev) => (prev + gv)?,
+                        None => gv,
+                    };
+                    grads.insert(v.as_tensor(), sum);
+                }
+            }
+            loss_sum += value;
+            for (name, x) in out.metrics {
+                match metrics.iter_mut().find(|(m, _)| *m == name) {
+                    Some((_, acc)) => *acc += x,
+                    None => metrics.push((name, x)),
+                }
+            }
+            images += batch.images.dims().first().copied().unwrap_or(0);
+            self.batch_in_epoch += 1;
+        }
+        let norm = match self.train.clip_grad {
+            Some(max) => clip_grad_norm(&mut grads, &self.vars, max)?,
+            None => grad_norm(&grads, &self.vars)?,
+        };
+        if !norm.is_finite() {
+            bail!("step {n}: gradient norm is {norm} (lr {lr:.3e}); stopping without writing a checkpoint");
+        }
+        self.optimizer
+            .step(&grads, lr)
+            .with_context(|| format!("step {n}: optimizer"))?;
+        for (_, x) in metrics.iter_mut() {
+            *x /= accum as f64;
+        }
+        Ok((loss_sum / accum as f64, norm, lr, metrics, images))
+    }
+
+    /// Bookkeeping after a step: history, scalar logs, pictures, step checkpoints.
+    fn after_step(
+        &mut self,
+        loss: f64,
+        norm: f64,
+        lr: f64,
+        metrics: &[(String, f64)],
+        window: &mut LogWindow,
+    ) -> Result<()> {
+        self.step += 1;
+        self.losses.push(loss);
+        self.last_lr = lr;
+        let step = self.step;
+        if self.run.log_every > 0 && step.is_multiple_of(self.run.log_every) {
+            let ips = window.images as f64 / window.since.elapsed().as_secs_f64().max(1e-9);
+            let mut rows = vec![
+                ("loss".to_string(), loss),
+                ("lr".to_string(), lr),
+                ("grad_norm".to_string(), norm),
+                ("images_per_sec".to_string(), ips),
+            ];
+            // An objective metric named like one of the trainer's (e.g. "loss") is the same
+            // quantity: the trainer's value wins.
+            let own: Vec<String> = rows.iter().map(|(k, _)| k.clone()).collect();
+            rows.extend(metrics.iter().filter(|(k, _)| !own.contains(k)).cloned());
+            for (name, v) in &rows {
+                self.tb.add_scalar(&format!("train/{name}"), *v, step)?;
+            }
+            self.metrics.write(step, self.epoch, "train", &rows)?;
+            *window = LogWindow::new();
+        }
+        if self.run.image_every > 0 && step.is_multiple_of(self.run.image_every) {
+            self.objective
+                .log_images(step, &self.run_dir, &mut self.tb)?;
+        }
+        if self
+            .run
+            .checkpoint_every_steps
+            .is_some_and(|k| k > 0 && step.is_multiple_of(k))
+        {
+            self.save_checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Closes an epoch: moves the position to the next one, evaluates and checkpoints when due.
+    fn end_epoch(&mut self, eval_loader: Option<&DataLoader>) -> Result<()> {
+        let done = self.epoch;
+        self.epoch += 1;
+        self.batch_in_epoch = 0;
+        let every = self.run.eval_every_epochs;
+        if let Some(loader) = eval_loader.filter(|_| every > 0 && self.epoch.is_multiple_of(every))
+        {
+            let rows = self
+                .objective
+                .evaluate(loader, &self.device)
+                .with_context(|| format!("evaluation after epoch {done}"))?;
+            for (name, v) in &rows {
+                self.tb.add_scalar(&format!("eval/{name}"), *v, self.step)?;
+            }
+            self.metrics.write(self.step, done, "eval", &rows)?;
+        }
+        let every = self.run.checkpoint_every_epochs;
+        if every > 0 && self.epoch.is_multiple_of(every) && self.last_checkpoint != Some(self.step)
+        {
+            self.save_checkpoint()?;
+        }
+        self.tb.flush()?;
+        Ok(())
+    }
+
+    /// Writes `checkpoints/step_<N>.*` for the current position and prunes old ones.
+    fn save_checkpoint(&mut self) -> Result<()> {
+        let dir = self.run_dir.join("checkpoints");
+        let meta = CheckpointMeta {
+            format_version: FORMAT_VERSION,
+            step: self.step,
+            epoch: self.epoch,
+            batch_in_epoch: self.batch_in_epoch,
+            optimizer_steps: self.optimizer.step_count(),
+            lr: self.last_lr,
+            seed: self.run.seed,
+            schedule: self.train.schedule,
+            losses: self.losses.len(),
+            batches_per_epoch: self.batches_per_epoch,
+            objective: self.objective.name().to_string(),
+        };
+        let weights = checkpoint::varmap_tensors(self.objective.varmap());
+        let optim = self.optimizer.state_tensors();
+        checkpoint::save_checkpoint(&dir, &weights, &optim, &self.losses, &meta)
+            .with_context(|| format!("checkpoint of step {}", self.step))?;
+        checkpoint::prune_checkpoints(&dir, self.run.keep_checkpoints)?;
+        self.last_checkpoint = Some(self.step);
+        Ok(())
+    }
+}
+
+/// Images seen since the last scalar log, for `train/images_per_sec`.
+struct LogWindow {
+    since: Instant,
+    images: usize,
+}
+
+impl LogWindow {
+    fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            images: 0,
+        }
+    }
+}
+
+/// `output_dir/name`, or `output_dir/<objective>-<UTC stamp>[-k]` for an unnamed run; refuses a
+/// named folder that already holds checkpoints (resume it instead).
+fn new_run_dir(run: &RunConfig, objective: &str) -> Result<PathBuf> {
+    if let Some(name) = &run.name {
+        let dir = run.output_dir.join(name);
+        if !checkpoint::list_checkpoints(&dir.join("checkpoints"))?.is_empty() {
+            bail!(
+                "run folder {} already holds checkpoints: resume it, or pick another run.name",
+                dir.display()
+            );
+        }
+        return Ok(dir);
+    }
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let base = format!("{objective}-{}", super::utc_stamp(secs));
+    let mut dir = run.output_dir.join(&base);
+    let mut k = 2;
+    while dir.exists() {
+        dir = run.output_dir.join(format!("{base}-{k}"));
+        k += 1;
+    }
+    Ok(dir)
+}

@@ -1,0 +1,481 @@
+//! Loop tests on a toy objective: linear regression `y = W x + b` over in-memory batches.
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Init, VarMap};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use rand_distr::{Distribution, Normal};
+
+use super::checkpoint::{list_checkpoints, load_checkpoint, varmap_tensors};
+use super::*;
+use crate::data::{Batch, DataLoader, Dataset, LoaderOptions, Sample};
+use crate::optim::ScheduleKind;
+use crate::rng::rng_for;
+
+/// `n` samples x in R^3 with targets from a fixed W, b; shuffled per epoch from (seed, epoch).
+struct ToyData {
+    xs: Vec<[f32; 3]>,
+    batch: usize,
+}
+
+impl ToyData {
+    fn new(n: usize, batch: usize) -> Self {
+        let normal = Normal::new(0.0f32, 1.0).unwrap();
+        let mut rng = rng_for(99, &[]);
+        let xs = (0..n)
+            .map(|_| [0; 3].map(|_: i32| normal.sample(&mut rng)))
+            .collect();
+        Self { xs, batch }
+    }
+}
+
+impl BatchSource for ToyData {
+    fn batches_per_epoch(&self) -> usize {
+        self.xs.len() / self.batch
+    }
+
+    fn epoch_batches(
+        &self,
+        epoch: usize,
+        start_batch: usize,
+    ) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
+        let mut order: Vec<usize> = (0..self.xs.len()).collect();
+        order.shuffle(&mut rng_for(5, &[epoch as u64]));
+        let batches: Vec<Vec<usize>> = order.chunks_exact(self.batch).map(|c| c.to_vec()).collect();
+        Box::new(batches.into_iter().skip(start_batch).map(move |indices| {
+            let flat: Vec<f32> = indices.iter().flat_map(|&i| self.xs[i]).collect();
+            let images = Tensor::from_vec(flat, (indices.len(), 3, 1, 1), &Device::Cpu)?;
+            Ok(Batch {
+                images,
+                labels: None,
+                indices,
+                epoch,
+            })
+        }))
+    }
+}
+
+/// Linear regression with seeded target noise (so `set_seed` matters), optional NaN at a call.
+struct Toy {
+    varmap: VarMap,
+    w: Tensor,
+    b: Tensor,
+    seed: u64,
+    calls: u64,
+    nan_at_call: Option<u64>,
+}
+
+impl Toy {
+    fn new() -> Self {
+        let varmap = VarMap::new();
+        let dev = Device::Cpu;
+        let w = varmap
+            .get((2, 3), "lin.weight", Init::Const(0.0), DType::F32, &dev)
+            .unwrap();
+        let b = varmap
+            .get(2, "lin.bias", Init::Const(0.0), DType::F32, &dev)
+            .unwrap();
+        Self {
+            varmap,
+            w,
+            b,
+            seed: 0,
+            calls: 0,
+            nan_at_call: None,
+        }
+    }
+}
+
+impl Toy {
+    fn predict(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.w.t()?)?.broadcast_add(&self.b)?)
+    }
+}
+
+/// The true map: W = [[1, -2, 0.5], [0.3, 0, -1]], b = [0.5, -0.25].
+fn target(x: &Tensor) -> Result<Tensor> {
+    let true_w = Tensor::new(&[[1f32, -2.0, 0.5], [0.3, 0.0, -1.0]], x.device())?;
+    let true_b = Tensor::new(&[0.5f32, -0.25], x.device())?;
+    Ok(x.matmul(&true_w.t()?)?.broadcast_add(&true_b)?)
+}
+
+impl Objective for Toy {
+    fn name(&self) -> &str {
+        "toy"
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    fn set_seed(&mut self, seed: u64) {
+        self.seed = seed;
+    }
+
+    fn evaluate(&mut self, loader: &DataLoader, device: &Device) -> Result<Vec<(String, f64)>> {
+        let (mut sum, mut n) = (0.0, 0usize);
+        for batch in loader.epoch(0, 0) {
+            let batch = batch?;
+            let x = batch.images.to_device(device)?.flatten_from(1)?;
+            let (pred, y) = (self.predict(&x)?, target(&x)?);
+            sum += (pred - y)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            n += x.dim(0)? * 2;
+        }
+        Ok(vec![("mse".into(), sum / n as f64)])
+    }
+
+    fn train_step(&mut self, batch: &Batch, device: &Device) -> Result<StepOutput> {
+        self.calls += 1;
+        let x = batch.images.to_device(device)?.flatten_from(1)?; // (B, 3)
+        let normal = Normal::new(0.0f32, 0.01).unwrap();
+        let mut rng = rng_for(self.seed, &[]);
+        let noise: Vec<f32> = (0..x.dim(0)? * 2)
+            .map(|_| normal.sample(&mut rng))
+            .collect();
+        let noise = Tensor::from_vec(noise, (x.dim(0)?, 2), device)?;
+        let y = (target(&x)? + noise)?;
+        let pred = self.predict(&x)?;
+        let mut loss = (pred - y)?.sqr()?.mean_all()?;
+        if self.nan_at_call == Some(self.calls) {
+            loss = (loss * f64::NAN)?;
+        }
+        Ok(StepOutput {
+            loss,
+            metrics: vec![("calls".into(), self.calls as f64)],
+        })
+    }
+}
+
+fn configs(out: &Path, max_steps: Option<u64>, accum: usize) -> (TrainConfig, RunConfig) {
+    let train = TrainConfig {
+        epochs: 4,
+        max_steps,
+        batch_size: 4,
+        base_lr: 0.05,
+        warmup_lr: 0.01,
+        min_lr: 0.001,
+        lr_scale_batch: None,
+        warmup_epochs: 0.5,
+        schedule: ScheduleKind::Cosine,
+        milestones: vec![],
+        weight_decay: 0.05,
+        clip_grad: Some(5.0),
+        accum_steps: accum,
+        ..TrainConfig::default()
+    };
+    let run = RunConfig {
+        output_dir: out.to_path_buf(),
+        name: Some("toy-run".into()),
+        log_every: 2,
+        image_every: 0,
+        checkpoint_every_epochs: 1,
+        keep_checkpoints: 10,
+        ..RunConfig::default()
+    };
+    (train, run)
+}
+
+fn weights_bits(toy: &Toy) -> Vec<(String, Vec<u32>)> {
+    let mut out: Vec<(String, Vec<u32>)> = varmap_tensors(&toy.varmap)
+        .into_iter()
+        .map(|(k, t)| {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (k, v.iter().map(|x| x.to_bits()).collect())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    out
+}
+
+#[test]
+fn loss_falls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut train, run) = configs(dir.path(), None, 1);
+    train.epochs = 8;
+    let data = ToyData::new(32, 4);
+    let mut toy = Toy::new();
+    let mut t = Trainer::new(&mut toy, &train, &run, "x: 1\n", None).unwrap();
+    let s = t.fit_source(&data, None).unwrap();
+    assert_eq!((s.steps, s.epochs, s.losses.len()), (64, 8, 64));
+    assert!(
+        s.last_loss < 0.05 * s.first_loss,
+        "{} -> {}",
+        s.first_loss,
+        s.last_loss
+    );
+    let run_dir = dir.path().join("toy-run");
+    assert_eq!(s.run_dir, run_dir);
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("config.yaml")).unwrap(),
+        "x: 1\n"
+    );
+    // TensorBoard: train/loss every 2 steps, equal (as f32) to the step's loss.
+    let events = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents")
+        })
+        .unwrap();
+    let losses: Vec<(u64, f32)> = crate::log::read_events(&events)
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e {
+            crate::log::TbEvent::Scalar { tag, step, value } if tag == "train/loss" => {
+                Some((step, value))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(losses.len(), 32);
+    assert_eq!(losses[0], (2, s.losses[1] as f32));
+    // Epoch checkpoints every 8 steps, all 8 kept (keep 10).
+    let ck = run_dir.join("checkpoints");
+    assert_eq!(
+        list_checkpoints(&ck).unwrap(),
+        (1..=8).map(|e| e * 8).collect::<Vec<u64>>()
+    );
+}
+
+#[test]
+fn checkpoint_round_trip_is_bit_exact_and_leaves_no_tmp() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, run) = configs(dir.path(), Some(3), 1);
+    let data = ToyData::new(20, 4);
+    let mut toy = Toy::new();
+    let s = Trainer::new(&mut toy, &train, &run, "", None)
+        .unwrap()
+        .fit_source(&data, None)
+        .unwrap();
+    assert_eq!(s.steps, 3);
+    let ck_dir = s.run_dir.join("checkpoints");
+    assert_eq!(list_checkpoints(&ck_dir).unwrap(), vec![3]);
+    let ck = load_checkpoint(&ck_dir, 3).unwrap();
+    assert_eq!(
+        (
+            ck.meta.epoch,
+            ck.meta.batch_in_epoch,
+            ck.meta.optimizer_steps
+        ),
+        (0, 3, 3)
+    );
+    assert_eq!(ck.meta.batches_per_epoch, 5);
+    assert_eq!(
+        ck.losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+        s.losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>()
+    );
+    // Load into a fresh objective: weights bit-equal.
+    let fresh = Toy::new();
+    super::checkpoint::load_into_varmap(&fresh.varmap, &ck.weights, "ck").unwrap();
+    assert_eq!(weights_bits(&fresh), weights_bits(&toy));
+    assert_ne!(weights_bits(&fresh), weights_bits(&Toy::new()));
+    assert!(ck.optim.contains_key("lin.weight.exp_avg_sq"));
+    let files = files_under(&s.run_dir);
+    assert!(files.iter().all(|f| !f.ends_with(".tmp")), "{files:?}");
+    assert!(files.contains(&"metrics.jsonl".to_string()), "{files:?}");
+}
+
+fn exact_resume_case(accum: usize) {
+    let data = ToyData::new(20, 4); // 5 batches per epoch
+    let whole_dir = tempfile::tempdir().unwrap();
+    let (train, run) = configs(whole_dir.path(), Some(6), accum);
+    let mut whole = Toy::new();
+    let a = Trainer::new(&mut whole, &train, &run, "", None)
+        .unwrap()
+        .fit_source(&data, None)
+        .unwrap();
+    assert_eq!(a.steps, 6);
+
+    let split_dir = tempfile::tempdir().unwrap();
+    let (train3, run) = configs(split_dir.path(), Some(3), accum);
+    let mut first = Toy::new();
+    let b1 = Trainer::new(&mut first, &train3, &run, "", None)
+        .unwrap()
+        .fit_source(&data, None)
+        .unwrap();
+    assert_eq!(b1.steps, 3);
+    let (train6, run) = configs(split_dir.path(), Some(6), accum);
+    let mut second = Toy::new(); // fresh weights: everything must come from the checkpoint
+    let b = Trainer::new(&mut second, &train6, &run, "", Some(&b1.run_dir))
+        .unwrap()
+        .fit_source(&data, None)
+        .unwrap();
+    assert_eq!(b.steps, 6);
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a.losses), bits(&b.losses), "accum {accum}");
+    assert_eq!(weights_bits(&whole), weights_bits(&second), "accum {accum}");
+    assert_eq!(a.epochs, b.epochs);
+}
+
+#[test]
+fn exact_resume_matches_uninterrupted_run() {
+    exact_resume_case(1); // stop mid-epoch 0, cross the epoch end after resuming
+    exact_resume_case(2); // 2 steps per epoch (one batch skipped), stop mid-epoch 1
+}
+
+#[test]
+fn nan_stops_without_writing_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, mut run) = configs(dir.path(), None, 1);
+    run.checkpoint_every_steps = Some(1);
+    let data = ToyData::new(20, 4);
+    let mut toy = Toy::new();
+    toy.nan_at_call = Some(3);
+    let mut t = Trainer::new(&mut toy, &train, &run, "", None).unwrap();
+    let err = t.fit_source(&data, None).unwrap_err().to_string();
+    assert!(err.contains("step 3") && err.contains("NaN"), "{err}");
+    assert!(err.contains("without writing a checkpoint"), "{err}");
+    let ck = dir.path().join("toy-run").join("checkpoints");
+    assert_eq!(list_checkpoints(&ck).unwrap(), vec![1, 2]);
+    let files = files_under(&ck);
+    assert!(
+        files
+            .iter()
+            .all(|f| !f.starts_with("step_3") && !f.ends_with(".tmp")),
+        "{files:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ck.join("latest")).unwrap(),
+        "step_2\n"
+    );
+}
+
+#[test]
+fn resume_and_run_folder_errors_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, run) = configs(dir.path(), Some(1), 1);
+    let mut toy = Toy::new();
+    let empty = dir.path().join("empty");
+    let err = Trainer::new(&mut toy, &train, &run, "", Some(&empty))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("no complete checkpoint"), "{err}");
+    let data = ToyData::new(8, 4);
+    Trainer::new(&mut toy, &train, &run, "", None)
+        .unwrap()
+        .fit_source(&data, None)
+        .unwrap();
+    let err = Trainer::new(&mut toy, &train, &run, "", None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("already holds checkpoints"), "{err}");
+    // A different loader size cannot continue exactly.
+    let run_dir = dir.path().join("toy-run");
+    let (train2, _) = configs(dir.path(), Some(2), 1);
+    let mut t = Trainer::new(&mut toy, &train2, &run, "", Some(&run_dir)).unwrap();
+    let err = t
+        .fit_source(&ToyData::new(12, 4), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("2 batches per epoch") && err.contains("3"),
+        "{err}"
+    );
+}
+
+/// A real `Dataset` for the real `DataLoader`: fixed points plus seeded per-sample jitter (the
+/// loader's (seed, epoch, index) augmentation stream).
+struct TinySet(ToyData);
+
+impl Dataset for TinySet {
+    fn len(&self) -> usize {
+        self.0.xs.len()
+    }
+    fn get(&self, index: usize, rng: &mut StdRng) -> Result<Sample> {
+        let image = self.0.xs[index]
+            .iter()
+            .map(|v| v + rng.random_range(-0.05f32..0.05))
+            .collect();
+        Ok(Sample { image, label: None })
+    }
+    fn channels(&self) -> usize {
+        3
+    }
+    fn num_classes(&self) -> Option<usize> {
+        None
+    }
+    fn class_names(&self) -> Option<Vec<String>> {
+        None
+    }
+    fn describe(&self) -> String {
+        format!("tiny: {} points", self.0.xs.len())
+    }
+}
+
+fn loader(n: usize, shuffle: bool, workers: usize) -> DataLoader {
+    let opts = LoaderOptions {
+        batch_size: 4,
+        shuffle,
+        drop_last: true,
+        seed: 3,
+        workers,
+        prefetch: 2,
+    };
+    DataLoader::new(Arc::new(TinySet(ToyData::new(n, 4))), opts)
+}
+
+#[test]
+fn data_loader_fit_resumes_exactly_and_evaluates() {
+    let (train_data, eval_data) = (loader(22, true, 2), loader(8, false, 0)); // 5 batches/epoch
+    let whole_dir = tempfile::tempdir().unwrap();
+    let (train, run) = configs(whole_dir.path(), Some(12), 1);
+    let mut whole = Toy::new();
+    let mut t = Trainer::new(&mut whole, &train, &run, "", None).unwrap();
+    let a = t.fit(&train_data, Some(&eval_data)).unwrap();
+    assert_eq!((a.steps, a.epochs), (12, 2));
+
+    let split_dir = tempfile::tempdir().unwrap();
+    let (train7, run) = configs(split_dir.path(), Some(7), 1);
+    let mut first = Toy::new();
+    let mut t = Trainer::new(&mut first, &train7, &run, "", None).unwrap();
+    let b1 = t.fit(&train_data, Some(&eval_data)).unwrap();
+    let (train12, run) = configs(split_dir.path(), Some(12), 1);
+    let mut second = Toy::new();
+    let mut t = Trainer::new(&mut second, &train12, &run, "", Some(&b1.run_dir)).unwrap();
+    let b = t.fit(&train_data, Some(&eval_data)).unwrap();
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a.losses), bits(&b.losses));
+    assert_eq!(weights_bits(&whole), weights_bits(&second));
+
+    // metrics.jsonl: train rows every 2 steps, one eval row per epoch (after steps 5 and 10),
+    // and the resumed run continues the same file without duplicates.
+    for dir in [&a.run_dir, &b.run_dir] {
+        let rows = crate::log::read_metrics(&dir.join("metrics.jsonl")).unwrap();
+        let of = |split: &str| -> Vec<u64> {
+            rows.iter()
+                .filter(|r| r["split"] == split)
+                .map(|r| r["step"].as_u64().unwrap())
+                .collect()
+        };
+        assert_eq!(of("train"), vec![2, 4, 6, 8, 10, 12], "{}", dir.display());
+        assert_eq!(of("eval"), vec![5, 10], "{}", dir.display());
+        let eval: Vec<f64> = rows
+            .iter()
+            .filter(|r| r["split"] == "eval")
+            .map(|r| r["mse"].as_f64().unwrap())
+            .collect();
+        assert!(eval[1] < eval[0], "{eval:?}");
+    }
+}
