@@ -3,7 +3,26 @@
 //! Contract used by every objective: a [`Batch`] holds normalized NCHW images on the CPU, optional
 //! labels, and the dataset indices of its samples (objectives derive per-sample randomness, such
 //! as SimMIM masks, from (seed, epoch, index)).
-use candle_core::Tensor;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+pub mod folder;
+pub mod idx;
+pub mod loader;
+pub mod photos;
+pub mod subset;
+pub mod transforms;
+
+pub use folder::{decode_image, FolderDataset, SkippedImage};
+pub use idx::{read_idx, IdxArray, IdxDataset};
+pub use loader::{DataLoader, LoaderOptions};
+pub use photos::PhotosDataset;
+pub use transforms::{ImageTransform, U8Image};
 
 /// One batch as the loader yields it.
 #[derive(Debug, Clone)]
@@ -16,4 +35,245 @@ pub struct Batch {
     pub indices: Vec<usize>,
     /// Epoch this batch belongs to (0-based).
     pub epoch: usize,
+}
+
+/// The dataset names [`build_dataset`] knows.
+pub const DATASETS: [&str; 5] = ["fashion-mnist", "mnist", "photos", "image-folder", "folder"];
+
+/// Which dataset, where it lives, how it is loaded and augmented (the `data:` config section).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// "fashion-mnist" | "mnist" | "photos" | "image-folder" | "folder".
+    pub dataset: String,
+    /// Where scripts/setup-data.sh put the bundled datasets.
+    pub root: PathBuf,
+    /// Train folder of `image-folder` / `folder`.
+    pub path: Option<PathBuf>,
+    /// Eval folder of `image-folder` / `folder`.
+    pub eval_path: Option<PathBuf>,
+    /// Decode/augment threads of the loader.
+    pub num_workers: usize,
+    /// Batches decoded ahead of the model.
+    pub prefetch_batches: usize,
+    /// false: an undecodable image is an error naming its path; true: warn, skip and count it.
+    pub skip_bad_images: bool,
+    /// Cap on the number of samples of a split (quick runs, tests).
+    pub max_samples: Option<usize>,
+    /// Below 1: a class-balanced, seeded subset of the labelled train split (low-label finetuning).
+    pub label_fraction: f64,
+    /// Random crops that make one epoch of `photos`.
+    pub photos_crops_per_epoch: usize,
+    /// Augmentation and normalization.
+    pub aug: AugConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: "fashion-mnist".into(),
+            root: PathBuf::from("data"),
+            path: None,
+            eval_path: None,
+            num_workers: 2,
+            prefetch_batches: 4,
+            skip_bad_images: false,
+            max_samples: None,
+            label_fraction: 1.0,
+            photos_crops_per_epoch: 2048,
+            aug: AugConfig::default(),
+        }
+    }
+}
+
+/// Augmentation and normalization settings (`data.aug`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugConfig {
+    /// RandomResizedCrop area scale (SimMIM: [0.67, 1.0], architecture.md 3.4).
+    pub crop_scale: [f64; 2],
+    /// RandomResizedCrop aspect-ratio range.
+    pub crop_ratio: [f64; 2],
+    /// Horizontal flip probability.
+    pub hflip: f64,
+    /// Per-channel mean (ImageNet).
+    pub mean: Vec<f32>,
+    /// Per-channel std (ImageNet).
+    pub std: Vec<f32>,
+    /// Eval: resize the shorter side to size / eval_crop_pct, then centre crop (official Swin 0.875).
+    pub eval_crop_pct: f64,
+}
+
+impl Default for AugConfig {
+    fn default() -> Self {
+        Self {
+            crop_scale: [0.67, 1.0],
+            crop_ratio: [0.75, 4.0 / 3.0],
+            hflip: 0.5,
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
+            eval_crop_pct: 0.875,
+        }
+    }
+}
+
+/// Which part of a dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// Training split.
+    Train,
+    /// Held-out split (test set / held-out photos / `eval_path`).
+    Eval,
+}
+
+impl Split {
+    /// "train" or "eval".
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Eval => "eval",
+        }
+    }
+}
+
+/// One decoded, transformed sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Normalized CHW f32.
+    pub image: Vec<f32>,
+    /// Class id, when the dataset has labels.
+    pub label: Option<u32>,
+}
+
+/// A random-access dataset serving transformed samples.
+pub trait Dataset: Send + Sync {
+    /// Number of samples in an epoch.
+    fn len(&self) -> usize;
+    /// True when the dataset has no samples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Sample `index` decoded and transformed into normalized CHW f32; all randomness from `rng`
+    /// (seeded by the loader from (seed, epoch, index)).
+    fn get(&self, index: usize, rng: &mut StdRng) -> Result<Sample>;
+    /// Channels of the served images.
+    fn channels(&self) -> usize;
+    /// Number of classes, for labelled datasets.
+    fn num_classes(&self) -> Option<usize>;
+    /// Class names in class-id order, for labelled datasets.
+    fn class_names(&self) -> Option<Vec<String>>;
+    /// One line, e.g. "fashion-mnist train: 60000 images, 10 classes, served 3x32x32".
+    fn describe(&self) -> String;
+}
+
+/// Builds `split` of the configured dataset, serving `in_chans x img_size x img_size` images with
+/// the train (random resized crop + flip) or eval (resize + centre crop) transform.
+pub fn build_dataset(
+    cfg: &DataConfig,
+    split: Split,
+    img_size: usize,
+    in_chans: usize,
+    train_aug: bool,
+) -> Result<Arc<dyn Dataset>> {
+    let transform = ImageTransform::new(img_size, in_chans, train_aug, &cfg.aug)?;
+    if !(cfg.label_fraction > 0.0 && cfg.label_fraction <= 1.0) {
+        bail!(
+            "data.label_fraction = {} must be in (0, 1]",
+            cfg.label_fraction
+        );
+    }
+    let ds: Arc<dyn Dataset> = match cfg.dataset.as_str() {
+        "fashion-mnist" | "mnist" => Arc::new(IdxDataset::open(cfg, split, transform)?),
+        "photos" => Arc::new(PhotosDataset::open(cfg, split, transform)?),
+        "image-folder" => Arc::new(FolderDataset::open(cfg, split, transform, true)?),
+        "folder" => Arc::new(FolderDataset::open(cfg, split, transform, false)?),
+        other => {
+            let best = DATASETS
+                .iter()
+                .map(|k| (strsim::jaro_winkler(other, k), *k))
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+                .filter(|(s, _)| *s > 0.8)
+                .map(|(_, k)| format!(" (did you mean `{k}`?)"))
+                .unwrap_or_default();
+            bail!(
+                "data.dataset `{other}` is unknown{best}; known: {}",
+                DATASETS.join(", ")
+            )
+        }
+    };
+    if ds.is_empty() {
+        bail!("{}: no samples", ds.describe());
+    }
+    Ok(ds)
+}
+
+/// Fixed, deterministic images for reconstruction pictures: the held-out photos (photos dataset)
+/// or the first n images of the eval split; `[n, C, H, W]` normalized, eval transform. Fewer than
+/// `n` when the split is smaller (the photos hold out 4).
+pub fn heldout_images(
+    cfg: &DataConfig,
+    img_size: usize,
+    in_chans: usize,
+    n: usize,
+) -> Result<Tensor> {
+    let ds = build_dataset(cfg, Split::Eval, img_size, in_chans, false)
+        .context("building the held-out images")?;
+    let n = n.min(ds.len());
+    let mut data = Vec::with_capacity(n * in_chans * img_size * img_size);
+    for i in 0..n {
+        // The eval transform draws nothing; the rng is only there to satisfy the trait.
+        let mut rng = crate::rng::rng_for(0, &[i as u64]);
+        data.extend(ds.get(i, &mut rng)?.image);
+    }
+    Ok(Tensor::from_vec(
+        data,
+        (n, in_chans, img_size, img_size),
+        &Device::Cpu,
+    )?)
+}
+
+/// `path` not found, with the hint to run the setup script (bundled datasets).
+pub(crate) fn missing_bundled(path: &std::path::Path) -> anyhow::Error {
+    anyhow::anyhow!("{} not found: run scripts/setup-data.sh", path.display())
+}
+
+/// The data root used by tests: `$MIMLAB_DATA` or `data/` at the repository root.
+#[cfg(test)]
+pub(crate) fn test_data_root() -> PathBuf {
+    match std::env::var_os("MIMLAB_DATA") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_roundtrip_and_reject_unknown_keys() {
+        let cfg = DataConfig::default();
+        let yaml = serde_yaml_ng::to_string(&cfg).unwrap();
+        let back: DataConfig = serde_yaml_ng::from_str(&yaml).unwrap();
+        assert_eq!(back, cfg);
+        let partial: DataConfig =
+            serde_yaml_ng::from_str("dataset: mnist\naug: {hflip: 0.0}").unwrap();
+        assert_eq!(partial.dataset, "mnist");
+        assert_eq!(partial.aug.hflip, 0.0);
+        assert_eq!(partial.aug.crop_scale, [0.67, 1.0]);
+        assert!(serde_yaml_ng::from_str::<DataConfig>("datset: mnist").is_err());
+    }
+
+    #[test]
+    fn unknown_dataset_suggests_the_closest() {
+        let cfg = DataConfig {
+            dataset: "fashon-mnist".into(),
+            ..Default::default()
+        };
+        let err = build_dataset(&cfg, Split::Train, 8, 1, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("did you mean `fashion-mnist`"), "{err}");
+    }
 }

@@ -376,3 +376,13 @@ mod tests {
         assert!(err.contains("missing key `v`"), "{err}");
     }
 }
+
+/// Weights file of the newest complete checkpoint of a run folder (`RUN_DIR/checkpoints`).
+pub fn latest_checkpoint(run_dir: &Path) -> Result<PathBuf> {
+    let dir = run_dir.join("checkpoints");
+    let steps = list_checkpoints(&dir)?;
+    match steps.last() {
+        Some(&s) => Ok(checkpoint_paths(&dir, s).0),
+        None => bail!("{}: no complete checkpoint (step_N.json) in this run folder", dir.display()),
+    }
+}

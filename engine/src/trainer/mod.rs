@@ -8,5 +8,6 @@ mod objective;
 mod tests;
 
 pub use config::{utc_stamp, RunConfig, TrainConfig};
+pub use checkpoint::latest_checkpoint;
 pub use fit::{BatchSource, TrainSummary, Trainer};
 pub use objective::{Objective, StepOutput};

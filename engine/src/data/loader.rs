@@ -1,0 +1,522 @@
+//! The batcher: a fixed, seeded order of dataset indices per epoch, decoded into [`Batch`]es on
+//! background threads with a bounded number of batches queued ahead of the model.
+//!
+//! Determinism: the permutation comes from `rng_for(seed, &[epoch])` and each sample's
+//! augmentation from `rng_for(seed, &[epoch, index])`; batches are handed out in order whatever
+//! the thread timing, so the worker count never changes what the model sees.
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+
+use super::folder::SkippedImage;
+use super::{Batch, Dataset};
+use crate::rng::rng_for;
+
+/// How the loader batches and schedules a dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoaderOptions {
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// Seeded permutation per epoch (else dataset order).
+    pub shuffle: bool,
+    /// Drop the last, incomplete batch.
+    pub drop_last: bool,
+    /// Run seed: permutation and per-sample augmentation randomness.
+    pub seed: u64,
+    /// Background decode threads (0 = decode on the caller's thread).
+    pub workers: usize,
+    /// Batches decoded ahead of the consumer (at least 1).
+    pub prefetch: usize,
+}
+
+/// Yields the batches of an epoch from a dataset; see the module doc.
+pub struct DataLoader {
+    dataset: Arc<dyn Dataset>,
+    opts: LoaderOptions,
+    skipped: Arc<AtomicUsize>,
+}
+
+impl DataLoader {
+    /// A loader over `dataset` (batch size 0 is treated as 1).
+    pub fn new(dataset: Arc<dyn Dataset>, mut opts: LoaderOptions) -> Self {
+        opts.batch_size = opts.batch_size.max(1);
+        opts.prefetch = opts.prefetch.max(1);
+        Self {
+            dataset,
+            opts,
+            skipped: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Batches in one epoch.
+    pub fn batches_per_epoch(&self) -> usize {
+        let (n, b) = (self.dataset.len(), self.opts.batch_size);
+        if self.opts.drop_last {
+            n / b
+        } else {
+            n.div_ceil(b)
+        }
+    }
+
+    /// The dataset served.
+    pub fn dataset(&self) -> &Arc<dyn Dataset> {
+        &self.dataset
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &LoaderOptions {
+        &self.opts
+    }
+
+    /// Images skipped as undecodable so far in the last epoch (skip_bad_images).
+    pub fn skipped(&self) -> usize {
+        self.skipped.load(Ordering::Relaxed)
+    }
+
+    /// Dataset indices of each batch of `epoch`, in order.
+    pub fn epoch_plan(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = (0..self.dataset.len()).collect();
+        if self.opts.shuffle {
+            order.shuffle(&mut rng_for(self.opts.seed, &[epoch as u64]));
+        }
+        let mut plan: Vec<Vec<usize>> = order
+            .chunks(self.opts.batch_size)
+            .map(<[usize]>::to_vec)
+            .collect();
+        if self.opts.drop_last && plan.last().is_some_and(|b| b.len() < self.opts.batch_size) {
+            plan.pop();
+        }
+        plan
+    }
+
+    /// Batches of `epoch` starting at batch `start_batch` (mid-epoch resume), in a fixed order
+    /// whatever the thread timing. Decoding runs on `workers` background threads with `prefetch`
+    /// batches queued. A batch whose every image was skipped is left out. After an error the
+    /// iterator ends.
+    pub fn epoch(
+        &self,
+        epoch: usize,
+        start_batch: usize,
+    ) -> impl Iterator<Item = Result<Batch>> + '_ {
+        self.skipped.store(0, Ordering::Relaxed);
+        let plan: Vec<Vec<usize>> = self
+            .epoch_plan(epoch)
+            .into_iter()
+            .skip(start_batch)
+            .collect();
+        let job = Arc::new(Job {
+            dataset: self.dataset.clone(),
+            plan,
+            seed: self.opts.seed,
+            epoch,
+            skipped: self.skipped.clone(),
+        });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                next_take: 0,
+                consumed: 0,
+                ready: BTreeMap::new(),
+                cancel: false,
+            }),
+            cv: Condvar::new(),
+        });
+        let workers = (0..self.opts.workers.min(job.plan.len()))
+            .map(|i| {
+                let (job, shared, prefetch) = (job.clone(), shared.clone(), self.opts.prefetch);
+                std::thread::Builder::new()
+                    .name(format!("mimlab-data-{i}"))
+                    .spawn(move || worker(&job, &shared, prefetch))
+                    .expect("spawning a data loader thread")
+            })
+            .collect();
+        EpochIter {
+            job,
+            shared,
+            workers,
+            pos: 0,
+            done: false,
+        }
+    }
+}
+
+/// What every worker of one epoch reads.
+struct Job {
+    dataset: Arc<dyn Dataset>,
+    plan: Vec<Vec<usize>>,
+    seed: u64,
+    epoch: usize,
+    skipped: Arc<AtomicUsize>,
+}
+
+impl Job {
+    /// Decodes batch `pos` of the plan; `None` when every image in it was skipped.
+    fn make(&self, pos: usize) -> Result<Option<Batch>> {
+        let ds = &self.dataset;
+        let idx = &self.plan[pos];
+        let mut images = Vec::new();
+        let mut labels = Vec::new();
+        let mut indices = Vec::with_capacity(idx.len());
+        for &i in idx {
+            let mut rng = rng_for(self.seed, &[self.epoch as u64, i as u64]);
+            match ds.get(i, &mut rng) {
+                Ok(s) => {
+                    if images.is_empty() {
+                        images.reserve(s.image.len() * idx.len());
+                    }
+                    images.extend_from_slice(&s.image);
+                    labels.push(s.label);
+                    indices.push(i);
+                }
+                Err(e) => match e.downcast_ref::<SkippedImage>() {
+                    Some(skip) => {
+                        eprintln!("warning: skipping {skip}");
+                        self.skipped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => return Err(e.context(format!("{}: sample {i}", ds.describe()))),
+                },
+            }
+        }
+        let b = indices.len();
+        if b == 0 {
+            return Ok(None);
+        }
+        let c = ds.channels();
+        let hw = images.len() / (b * c);
+        let side = (hw as f64).sqrt().round() as usize;
+        if side * side * c * b != images.len() {
+            bail!(
+                "{}: samples are not square {c}-channel images of one size",
+                ds.describe()
+            );
+        }
+        let images = Tensor::from_vec(images, (b, c, side, side), &Device::Cpu)?;
+        let labels = match labels.iter().filter(|l| l.is_some()).count() {
+            0 => None,
+            n if n == b => {
+                let l: Vec<u32> = labels.into_iter().flatten().collect();
+                Some(Tensor::from_vec(l, b, &Device::Cpu)?)
+            }
+            _ => bail!(
+                "{}: some samples of a batch have labels, others not",
+                ds.describe()
+            ),
+        };
+        Ok(Some(Batch {
+            images,
+            labels,
+            indices,
+            epoch: self.epoch,
+        }))
+    }
+}
+
+struct State {
+    /// Next plan position a worker may take.
+    next_take: usize,
+    /// Next plan position the consumer wants.
+    consumed: usize,
+    /// Finished batches waiting for the consumer.
+    ready: BTreeMap<usize, Result<Option<Batch>>>,
+    cancel: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+fn worker(job: &Job, shared: &Shared, prefetch: usize) {
+    loop {
+        let pos = {
+            let mut st = shared.state.lock().expect("loader mutex poisoned");
+            while !st.cancel
+                && st.next_take < job.plan.len()
+                && st.next_take >= st.consumed + prefetch
+            {
+                st = shared.cv.wait(st).expect("loader mutex poisoned");
+            }
+            if st.cancel || st.next_take >= job.plan.len() {
+                return;
+            }
+            st.next_take += 1;
+            st.next_take - 1
+        };
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| job.make(pos)))
+            .unwrap_or_else(|_| Err(anyhow!("data loader thread panicked on batch {pos}")));
+        let mut st = shared.state.lock().expect("loader mutex poisoned");
+        st.ready.insert(pos, result);
+        shared.cv.notify_all();
+    }
+}
+
+/// Iterator over one epoch's batches; dropping it stops and joins the workers.
+struct EpochIter {
+    job: Arc<Job>,
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    pos: usize,
+    done: bool,
+}
+
+impl EpochIter {
+    fn next_result(&mut self) -> Result<Option<Batch>> {
+        let pos = self.pos;
+        self.pos += 1;
+        if self.workers.is_empty() {
+            return self.job.make(pos);
+        }
+        let mut st = self.shared.state.lock().expect("loader mutex poisoned");
+        loop {
+            if let Some(r) = st.ready.remove(&pos) {
+                st.consumed = pos + 1;
+                self.shared.cv.notify_all();
+                return r;
+            }
+            st = self.shared.cv.wait(st).expect("loader mutex poisoned");
+        }
+    }
+}
+
+impl Iterator for EpochIter {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        while !self.done && self.pos < self.job.plan.len() {
+            match self
+                .next_result()
+                .with_context(|| format!("epoch {}", self.job.epoch))
+            {
+                Ok(Some(b)) => return Some(Ok(b)),
+                Ok(None) => continue,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.shared.state.lock() {
+            st.cancel = true;
+        }
+        self.shared.cv.notify_all();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::folder::tests::make_folder;
+    use crate::data::{build_dataset, DataConfig, Sample, Split};
+    use rand::rngs::StdRng;
+    use rand::Rng;
+
+    /// 2x2 one-channel samples: value = index + a draw from the sample rng; label = index % 3.
+    struct Toy(usize);
+
+    impl Dataset for Toy {
+        fn len(&self) -> usize {
+            self.0
+        }
+        fn get(&self, index: usize, rng: &mut StdRng) -> Result<Sample> {
+            let v = index as f32 + rng.random::<f32>();
+            Ok(Sample {
+                image: vec![v; 4],
+                label: Some(index as u32 % 3),
+            })
+        }
+        fn channels(&self) -> usize {
+            1
+        }
+        fn num_classes(&self) -> Option<usize> {
+            Some(3)
+        }
+        fn class_names(&self) -> Option<Vec<String>> {
+            None
+        }
+        fn describe(&self) -> String {
+            format!("toy: {} samples", self.0)
+        }
+    }
+
+    fn opts(seed: u64, workers: usize) -> LoaderOptions {
+        LoaderOptions {
+            batch_size: 4,
+            shuffle: true,
+            drop_last: false,
+            seed,
+            workers,
+            prefetch: 2,
+        }
+    }
+
+    fn collect(
+        loader: &DataLoader,
+        epoch: usize,
+        start: usize,
+    ) -> Vec<(Vec<usize>, Vec<f32>, Vec<u32>)> {
+        loader
+            .epoch(epoch, start)
+            .map(|b| {
+                let b = b.unwrap();
+                assert_eq!(b.epoch, epoch);
+                let imgs = b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                (b.indices, imgs, b.labels.unwrap().to_vec1::<u32>().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn same_seed_same_batches_whatever_the_workers() {
+        let ds: Arc<dyn Dataset> = Arc::new(Toy(18));
+        let sync = DataLoader::new(ds.clone(), opts(7, 0));
+        let a = collect(&sync, 1, 0);
+        for w in [1, 2, 5] {
+            assert_eq!(
+                collect(&DataLoader::new(ds.clone(), opts(7, w)), 1, 0),
+                a,
+                "{w} workers"
+            );
+        }
+        assert_eq!(sync.batches_per_epoch(), 5);
+        assert_eq!(a.len(), 5);
+        assert_eq!(a[4].0.len(), 2, "18 = 4*4 + 2");
+        let mut all: Vec<usize> = a.iter().flat_map(|b| b.0.clone()).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..18).collect::<Vec<_>>(), "a permutation");
+        // Image values: index + U[0,1) draw from rng_for(seed, [epoch, index]).
+        let first = a[0].0[0];
+        let want = first as f32 + rng_for(7, &[1, first as u64]).random::<f32>();
+        assert_eq!(a[0].1[..4], [want; 4]);
+        assert_eq!(a[0].2[0], first as u32 % 3);
+        // Another seed or epoch reorders.
+        assert_ne!(collect(&DataLoader::new(ds.clone(), opts(8, 2)), 1, 0), a);
+        assert_ne!(collect(&sync, 2, 0), a);
+    }
+
+    #[test]
+    fn start_batch_equals_skipping_and_drop_last() {
+        let ds: Arc<dyn Dataset> = Arc::new(Toy(18));
+        let l = DataLoader::new(ds.clone(), opts(3, 2));
+        let full = collect(&l, 0, 0);
+        assert_eq!(collect(&l, 0, 3), full[3..].to_vec());
+        assert!(collect(&l, 0, 9).is_empty());
+        let dl = DataLoader::new(
+            ds,
+            LoaderOptions {
+                drop_last: true,
+                shuffle: false,
+                ..opts(3, 2)
+            },
+        );
+        assert_eq!(dl.batches_per_epoch(), 4);
+        let b = collect(&dl, 0, 0);
+        assert_eq!(b.len(), 4);
+        assert_eq!(b[1].0, vec![4, 5, 6, 7], "unshuffled order");
+    }
+
+    #[test]
+    fn dropping_an_epoch_midway_stops_the_workers() {
+        let l = DataLoader::new(Arc::new(Toy(400)), opts(1, 3));
+        let mut it = l.epoch(0, 0);
+        assert!(it.next().unwrap().is_ok());
+        drop(it);
+        assert_eq!(l.epoch(0, 0).count(), 100);
+    }
+
+    #[test]
+    fn bad_image_is_an_error_or_skipped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = make_folder(dir.path());
+        let cfg = DataConfig {
+            dataset: "image-folder".into(),
+            path: Some(dir.path().into()),
+            ..Default::default()
+        };
+        let o = LoaderOptions {
+            batch_size: 2,
+            shuffle: false,
+            drop_last: false,
+            seed: 0,
+            workers: 2,
+            prefetch: 2,
+        };
+        let ds = build_dataset(&cfg, Split::Train, 8, 3, true).unwrap();
+        let l = DataLoader::new(ds, o.clone());
+        let results: Vec<_> = l.epoch(0, 0).collect();
+        assert_eq!(results.len(), 1, "ends at the error");
+        let err = format!("{:#}", results[0].as_ref().unwrap_err());
+        assert!(
+            err.contains(&format!("{}: cannot decode image", bad.display())),
+            "{err}"
+        );
+        let skip = DataConfig {
+            skip_bad_images: true,
+            ..cfg
+        };
+        let l = DataLoader::new(build_dataset(&skip, Split::Train, 8, 3, true).unwrap(), o);
+        let batches: Vec<Batch> = l.epoch(0, 0).map(|b| b.unwrap()).collect();
+        let sizes: Vec<usize> = batches.iter().map(|b| b.indices.len()).collect();
+        assert_eq!(
+            sizes,
+            vec![1, 2, 1],
+            "index 1 (cat/y.jpg) dropped from the first batch"
+        );
+        assert_eq!(batches[0].images.dims(), &[1, 3, 8, 8]);
+        assert_eq!(l.skipped(), 1);
+    }
+
+    /// Measures (prints, asserts nothing): `cargo test -p mimlab-engine loader_throughput -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "benchmark"]
+    fn loader_throughput() {
+        let root = crate::data::test_data_root();
+        for (name, size, workers) in [
+            ("fashion-mnist", 192, 1),
+            ("fashion-mnist", 192, 2),
+            ("photos", 192, 2),
+        ] {
+            let cfg = DataConfig {
+                dataset: name.into(),
+                root: root.clone(),
+                ..Default::default()
+            };
+            let t0 = std::time::Instant::now();
+            let ds = build_dataset(&cfg, Split::Train, size, 3, true).unwrap();
+            let open = t0.elapsed().as_secs_f64();
+            let o = LoaderOptions {
+                batch_size: 64,
+                shuffle: true,
+                drop_last: true,
+                seed: 0,
+                workers,
+                prefetch: 4,
+            };
+            let l = DataLoader::new(ds, o);
+            let t0 = std::time::Instant::now();
+            let n = l
+                .epoch(0, 0)
+                .take(16)
+                .map(|b| b.unwrap().indices.len())
+                .sum::<usize>();
+            let dt = t0.elapsed().as_secs_f64();
+            println!(
+                "{name} {size}px, {workers} workers: open {open:.2}s, {:.0} images/s",
+                n as f64 / dt
+            );
+        }
+    }
+}
