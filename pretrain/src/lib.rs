@@ -1,1 +1,16 @@
-//! Self-supervised objectives: SimMIM, AvgDist.
+//! Self-supervised objectives: SimMIM (masking, model, loss, trainer objective, pictures) and the
+//! AvgDist masking analysis.
+pub mod avgdist;
+pub mod distance;
+pub mod mask;
+pub mod objective;
+pub mod simmim;
+pub mod visualize;
+
+pub use avgdist::{
+    avgdist_csv, avgdist_of_mask, avgdist_plot, avgdist_table, AvgDistRow, AvgDistTable,
+};
+pub use mask::{MaskGenerator, MaskStrategy, SimMimConfig};
+pub use objective::SimMimObjective;
+pub use simmim::SimMim;
+pub use visualize::{reconstruction_grid, visualize_run};

@@ -1,0 +1,243 @@
+//! The SimMIM trainer objective: per-sample seeded masks, masked L1 loss, reconstruction pictures.
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use mimlab_engine::data::{heldout_images, Batch, DataConfig};
+use mimlab_engine::init::seeded_var_builder;
+use mimlab_engine::log::TbWriter;
+use mimlab_engine::rng::{rng_for, SharedRng};
+use mimlab_engine::trainer::{Objective, StepOutput};
+use mimlab_models::swin_v2::SwinV2Config;
+
+use crate::mask::{MaskGenerator, SimMimConfig};
+use crate::simmim::SimMim;
+use crate::visualize::{picture_masks, reconstruction_grid};
+
+/// Stream tag of training masks: sample `index` of `epoch` uses `rng_for(seed, [epoch, index,
+/// MASK_STREAM])`, so a sample's mask does not depend on batch composition or resume point.
+pub const MASK_STREAM: u64 = 0x0051_334D;
+
+/// SimMIM pretraining as a trainer [`Objective`].
+pub struct SimMimObjective {
+    varmap: VarMap,
+    model: SimMim,
+    gen: MaskGenerator,
+    seed: u64,
+    rng: SharedRng,
+    /// Fixed held-out images `[n, C, H, W]` (CPU) and their masks, for pictures.
+    pictures: Option<(Tensor, Tensor)>,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+}
+
+impl SimMimObjective {
+    /// Builds the model (weights seeded from `seed`) on `device`, the mask generator, and loads
+    /// `cfg.num_pictures` held-out images of `data` for reconstruction pictures (none if 0).
+    pub fn new(
+        model: &SwinV2Config,
+        cfg: &SimMimConfig,
+        data: &DataConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, seed, DType::F32, device);
+        let rng = SharedRng::new(seed);
+        let simmim = SimMim::new(model, cfg, rng.clone(), vb)?;
+        let gen = MaskGenerator::new(
+            model.img_size,
+            cfg.mask_patch_size,
+            model.patch_size,
+            cfg.mask_ratio,
+            cfg.mask_strategy,
+        )?;
+        let pictures = if cfg.num_pictures > 0 {
+            let images = heldout_images(data, model.img_size, model.in_chans, cfg.num_pictures)
+                .context("loading the reconstruction-picture images")?;
+            let masks = picture_masks(&gen, images.dim(0)?, seed, &Device::Cpu)?;
+            Some((images, masks))
+        } else {
+            None
+        };
+        Ok(Self {
+            varmap,
+            model: simmim,
+            gen,
+            seed,
+            rng,
+            pictures,
+            mean: data.aug.mean.clone(),
+            std: data.aug.std.clone(),
+        })
+    }
+
+    /// The SimMIM model.
+    pub fn model(&self) -> &SimMim {
+        &self.model
+    }
+
+    /// The mask generator.
+    pub fn mask_generator(&self) -> &MaskGenerator {
+        &self.gen
+    }
+
+    /// Masks of a batch, `[B, grid, grid]` f32 on `device`, one seeded draw per sample.
+    pub fn batch_masks(&self, batch: &Batch, device: &Device) -> Result<Tensor> {
+        let g = self.gen.grid();
+        let data: Vec<f32> = batch
+            .indices
+            .iter()
+            .flat_map(|&i| {
+                let mut rng = rng_for(self.seed, &[batch.epoch as u64, i as u64, MASK_STREAM]);
+                self.gen.generate(&mut rng)
+            })
+            .map(f32::from)
+            .collect();
+        Ok(Tensor::from_vec(data, (batch.indices.len(), g, g), device)?)
+    }
+}
+
+impl Objective for SimMimObjective {
+    fn name(&self) -> &str {
+        "simmim"
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    fn set_seed(&mut self, seed: u64) {
+        self.rng.reseed(seed);
+    }
+
+    fn train_step(&mut self, batch: &Batch, device: &Device) -> Result<StepOutput> {
+        let b = batch.images.dim(0)?;
+        anyhow::ensure!(
+            batch.indices.len() == b,
+            "simmim: batch has {b} images but {} indices",
+            batch.indices.len()
+        );
+        let x = batch.images.to_device(device)?;
+        let masks = self.batch_masks(batch, device)?;
+        let (loss, _) = self.model.forward(&x, &masks, true)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let ratio = masks.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        Ok(StepOutput {
+            loss,
+            metrics: vec![("loss".into(), value), ("mask_ratio".into(), ratio)],
+        })
+    }
+
+    fn log_images(&mut self, step: u64, run_dir: &Path, tb: &mut TbWriter) -> Result<()> {
+        let Some((images, masks)) = &self.pictures else {
+            return Ok(());
+        };
+        let dev = self.varmap.all_vars().first().map(|v| v.device().clone());
+        let dev = dev.unwrap_or(Device::Cpu);
+        let img = reconstruction_grid(
+            &self.model,
+            &images.to_device(&dev)?,
+            &masks.to_device(&dev)?,
+            &self.mean,
+            &self.std,
+        )?;
+        let path = run_dir
+            .join("pictures")
+            .join(format!("recon_step{step}.png"));
+        std::fs::create_dir_all(path.parent().unwrap_or(run_dir))
+            .with_context(|| format!("creating {}", run_dir.join("pictures").display()))?;
+        img.save_png(&path)?;
+        tb.add_image("recon", &img, step)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simmim::tiny_setup;
+    use mimlab_engine::log::{read_events, TbEvent};
+
+    fn batch(indices: &[usize], epoch: usize) -> Batch {
+        let n = indices.len();
+        let images = Tensor::randn(0f32, 1.0, (n, 3, 32, 32), &Device::Cpu).unwrap();
+        Batch {
+            images,
+            labels: None,
+            indices: indices.to_vec(),
+            epoch,
+        }
+    }
+
+    fn objective(num_pictures: usize) -> SimMimObjective {
+        let (model, cfg) = tiny_setup();
+        let cfg = SimMimConfig {
+            num_pictures,
+            ..cfg
+        };
+        let data = DataConfig {
+            root: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data"),
+            ..DataConfig::default()
+        };
+        SimMimObjective::new(&model, &cfg, &data, 11, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn train_step_metrics_and_per_sample_masks() {
+        let mut obj = objective(0);
+        assert_eq!(obj.name(), "simmim");
+        let out = obj.train_step(&batch(&[3, 7], 1), &Device::Cpu).unwrap();
+        let metric = |k: &str| out.metrics.iter().find(|(n, _)| n == k).unwrap().1;
+        // 32/8 = 4 -> 16 mask patches, ceil(9.6) = 10 masked: ratio 10/16 exactly.
+        assert_eq!(metric("mask_ratio"), 0.625);
+        assert_eq!(metric("loss"), out.loss.to_scalar::<f32>().unwrap() as f64);
+        assert!(metric("loss") > 0.0);
+        // A sample's mask depends on (seed, epoch, index) only, not on its batch.
+        let pair = obj.batch_masks(&batch(&[3, 7], 1), &Device::Cpu).unwrap();
+        let single = obj.batch_masks(&batch(&[7], 1), &Device::Cpu).unwrap();
+        let row = pair
+            .get(1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(row, single.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let other_epoch = obj.batch_masks(&batch(&[7], 2), &Device::Cpu).unwrap();
+        assert_ne!(
+            row,
+            other_epoch.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        // Every trainable key is official SimMIM layout.
+        assert!(obj.varmap().all_vars().len() > 10);
+        assert!(obj
+            .varmap()
+            .data()
+            .lock()
+            .unwrap()
+            .contains_key("decoder.0.weight"));
+    }
+
+    #[test]
+    fn log_images_writes_png_and_tensorboard() {
+        let data_root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data");
+        if !data_root.join("fashion-mnist").exists() {
+            eprintln!("skipped: no bundled fashion-mnist (run scripts/setup-data.sh)");
+            return;
+        }
+        let mut obj = objective(3);
+        let dir = tempfile::tempdir().unwrap();
+        let mut tb = TbWriter::create(&dir.path().join("tb")).unwrap();
+        obj.log_images(4, dir.path(), &mut tb).unwrap();
+        tb.flush().unwrap();
+        let png = dir.path().join("pictures/recon_step4.png");
+        let img = mimlab_engine::data::decode_image(&png).unwrap();
+        // 3 rows of 96 px tiles: 18 + 3*96 + 4*4 = 322 high, 404 wide.
+        assert_eq!((img.width, img.height), (404, 322));
+        let events = read_events(tb.path()).unwrap();
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, TbEvent::Image { tag, step: 4, .. } if tag == "recon")));
+    }
+}
