@@ -61,7 +61,13 @@ pub fn run(a: AvgDistArgs) -> Result<()> {
             bail!("--ratios: {r} is outside (0, 1); AvgDist needs masked and visible pixels");
         }
     }
-    let rows = avgdist_table(a.img_size, &a.mask_patch_sizes, &a.ratios, &strategies, a.samples, a.seed)?;
+    let table =
+        avgdist_table(a.img_size, &a.mask_patch_sizes, &a.ratios, &strategies, a.samples, a.seed)?;
+    for w in &table.warnings {
+        eprintln!("warning: {w}");
+    }
+    let rows = table.rows;
+    anyhow::ensure!(!rows.is_empty(), "no (mask patch size, ratio) pair could be evaluated");
     let csv = avgdist_csv(&rows);
     match a.format {
         Format::Csv => print!("{csv}"),

@@ -1,0 +1,170 @@
+//! End-to-end tests of the `mimlab` binary: configs, a tiny pretraining run with resume and
+//! pictures, the model forward over saved tensors, and the AvgDist table.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn mimlab(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mimlab"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("mimlab binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = mimlab(args);
+    assert!(
+        out.status.success(),
+        "mimlab {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn err(args: &[&str]) -> String {
+    let out = mimlab(args);
+    assert!(!out.status.success(), "mimlab {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn require_data() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist/train-images-idx3-ubyte.gz");
+    assert!(p.exists(), "{} is missing: run `bash scripts/setup-data.sh` first", p.display());
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            yaml_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "yaml") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn every_shipped_config_resolves() {
+    let mut files = vec![];
+    yaml_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("configs"), &mut files);
+    assert!(files.len() >= 4, "configs/ holds {} files", files.len());
+    for f in files {
+        let text = ok(&["config", "show", f.to_str().unwrap()]);
+        assert!(text.contains("model:") && text.contains("preset:"), "{}: {text}", f.display());
+    }
+}
+
+#[test]
+fn base_inheritance_and_set_reach_the_resolved_config() {
+    let text = ok(&[
+        "config",
+        "show",
+        "configs/simmim/swinv2_base_window12_192_100ep.yaml",
+        "--set",
+        "train.epochs=7",
+        "--set",
+        "model.depths=[2,2,6,2]",
+    ]);
+    // From the base file (800ep recipe) ...
+    assert!(text.contains("embed_dim: 128"), "{text}");
+    assert!(text.contains("norm_target: true"), "{text}");
+    // ... overridden by the child file ...
+    assert!(text.contains("schedule: cosine"), "{text}");
+    // ... and by --set.
+    assert!(text.contains("epochs: 7"), "{text}");
+    assert!(text.contains("- 6"), "{text}");
+}
+
+#[test]
+fn config_typos_and_types_are_named() {
+    let e = err(&["config", "show", "--set", "train.bas_lr=1e-3"]);
+    assert!(e.contains("unknown key `train.bas_lr` (did you mean `train.base_lr`?)"), "{e}");
+    let e = err(&["config", "show", "--set", "train.epochs=ten"]);
+    assert!(e.contains("train.epochs") && e.contains("invalid type"), "{e}");
+    let e = err(&["config", "show", "--set", "model.preset=swinv2_huge"]);
+    assert!(e.contains("swinv2_huge") && e.contains("swinv2_nano"), "{e}");
+}
+
+#[test]
+fn model_info_counts_tiny_params() {
+    let text = ok(&["model", "info", "--set", "model.preset=swinv2_tiny_window8_256"]);
+    // architecture.md 1.2: SwinV2-T with a 1000-class head has 28,347,154 parameters.
+    assert!(text.contains("28347154"), "{text}");
+}
+
+#[test]
+fn avgdist_prints_csv_and_writes_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let text = ok(&[
+        "avgdist", "--img-size", "64", "--mask-patch-sizes", "8,16", "--ratios", "0.4,0.6",
+        "--samples", "20", "--out", out, "--format", "csv",
+    ]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "mask_patch_size,ratio,strategy,avgdist");
+    assert_eq!(lines.len(), 5, "{text}");
+    // Larger mask patches at the same ratio put masked pixels further from visible ones.
+    let val = |i: usize| lines[i].split(',').nth(3).unwrap().parse::<f64>().unwrap();
+    let row = |p: &str, r: &str| {
+        (1..5).find(|&i| lines[i].starts_with(&format!("{p},{r},"))).unwrap()
+    };
+    assert!(val(row("16", "0.6")) > val(row("8", "0.6")), "{text}");
+    assert!(val(row("8", "0.6")) > val(row("8", "0.4")), "{text}");
+    assert!(dir.path().join("avgdist.png").exists());
+    assert_eq!(std::fs::read_to_string(dir.path().join("avgdist.csv")).unwrap(), text);
+}
+
+/// A few SimMIM steps of a tiny model on Fashion-MNIST, then resume, then pictures.
+#[test]
+fn pretrain_resume_and_visualize() {
+    require_data();
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().to_str().unwrap();
+    let sets = [
+        "model.preset=swinv2_nano",
+        "model.img_size=32",
+        "model.embed_dim=24",
+        "model.depths=[1,1]",
+        "model.num_heads=[1,2]",
+        "simmim.mask_patch_size=8",
+        "data.max_samples=256",
+        "train.batch_size=16",
+        "train.max_steps=4",
+        "train.warmup_epochs=0.5",
+        "run.name=tiny",
+        "run.log_every=1",
+        "run.image_every=2",
+    ];
+    let mut args = vec!["pretrain", "--set"];
+    let out_dir = format!("run.output_dir={runs}");
+    args.push(&out_dir);
+    for s in &sets {
+        args.push("--set");
+        args.push(s);
+    }
+    let text = ok(&args);
+    assert!(text.contains("done: 4 steps"), "{text}");
+    let run = dir.path().join("tiny");
+    for f in ["config.yaml", "metrics.jsonl", "checkpoints/latest", "checkpoints/step_4.json"] {
+        assert!(run.join(f).exists(), "missing {f}");
+    }
+    let events = std::fs::read_dir(&run)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("events.out"))
+        .count();
+    assert!(events >= 1);
+    let pictures = std::fs::read_dir(run.join("pictures")).unwrap().count();
+    assert!(pictures >= 1, "no reconstruction pictures");
+
+    // Resume to 6 steps from the run's own config.
+    let run_s = run.to_str().unwrap();
+    let text = ok(&["pretrain", "--resume", run_s, "--set", "train.max_steps=6"]);
+    assert!(text.contains("done: 6 steps"), "{text}");
+    assert!(run.join("checkpoints/step_6.json").exists());
+
+    let text = ok(&["visualize", "--run", run_s, "--n", "3"]);
+    assert!(text.contains("reconstruction.png"), "{text}");
+    let png = image::open(run.join("pictures/reconstruction.png")).unwrap();
+    assert!(png.width() > 4 * 32 && png.height() >= 3 * 32, "{}x{}", png.width(), png.height());
+}
