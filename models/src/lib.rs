@@ -1,1 +1,3 @@
 //! Swin-V2 backbone and its checkpoint layouts.
+pub mod checkpoint;
+pub mod swin_v2;

@@ -1,0 +1,366 @@
+//! Swin-V2 checkpoint layouts (architecture.md 2): reading safetensors (single or sharded),
+//! detecting and remapping official / timm keys to mimlab's (= official) names, loading into a
+//! `VarMap` with strict checks, and atomic saving.
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+
+/// Key layout of a Swin-V2 state dict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// microsoft/Swin-Transformer: downsample at the end of stage i, `head.*`, persistent buffers.
+    Official,
+    /// timm: downsample at the start of stage i+1, `head.fc.*`, no buffers.
+    Timm,
+    /// mimlab: official names without the re-derived buffers.
+    Mimlab,
+}
+
+/// Reads a `*.safetensors` file, or every shard named by a `*.safetensors.index.json`
+/// (HF style `{"weight_map": {tensor: file}}`), onto the CPU.
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let name = path.to_string_lossy();
+    if name.ends_with(".json") {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading index {}", path.display()))?;
+        let index: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{}: no `weight_map` object", path.display()))?;
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        let mut out = HashMap::new();
+        for shard in shards {
+            let p = dir.join(shard);
+            let t = candle_core::safetensors::load(&p, &Device::Cpu)
+                .with_context(|| format!("reading shard {} of {}", p.display(), path.display()))?;
+            out.extend(t);
+        }
+        for k in map.keys() {
+            if !out.contains_key(k) {
+                bail!(
+                    "{}: tensor `{k}` is listed in the index but absent from its shard",
+                    path.display()
+                );
+            }
+        }
+        Ok(out)
+    } else {
+        candle_core::safetensors::load(path, &Device::Cpu)
+            .with_context(|| format!("reading safetensors {}", path.display()))
+    }
+}
+
+/// True for the buffers official files carry that are always re-derived (architecture.md 2.1).
+fn is_derived_buffer(k: &str) -> bool {
+    [
+        "relative_position_index",
+        "relative_coords_table",
+        "attn_mask",
+        "k_bias",
+    ]
+    .iter()
+    .any(|b| k.contains(b))
+}
+
+/// `layers.{i}.downsample.rest` -> (i, rest).
+fn downsample_index(k: &str) -> Option<(usize, &str)> {
+    let rest = k.strip_prefix("layers.")?;
+    let (i, rest) = rest.split_once('.')?;
+    let rest = rest.strip_prefix("downsample.")?;
+    Some((i.parse().ok()?, rest))
+}
+
+/// Guesses the layout from key names: timm if the classifier is `head.fc` or the first
+/// downsample sits in `layers.1+` with none in `layers.0`; official if re-derived buffers,
+/// `rpe_mlp` or a `model.` prefix are present; mimlab otherwise.
+pub fn detect_layout<S: AsRef<str>>(keys: impl IntoIterator<Item = S>) -> Layout {
+    let (mut ds0, mut ds_later, mut head_fc, mut official) = (false, false, false, false);
+    for k in keys {
+        let k = k.as_ref();
+        let k = k.strip_prefix("model.").map_or(k, |s| {
+            official = true;
+            s
+        });
+        match downsample_index(k) {
+            Some((0, _)) => ds0 = true,
+            Some(_) => ds_later = true,
+            None => {}
+        }
+        head_fc |= k.starts_with("head.fc.");
+        official |= is_derived_buffer(k) || k.contains("rpe_mlp");
+    }
+    if head_fc || (ds_later && !ds0) {
+        Layout::Timm
+    } else if official {
+        Layout::Official
+    } else {
+        Layout::Mimlab
+    }
+}
+
+/// official / timm -> mimlab (= official) keys, following architecture.md 2.1/2.2: strip a
+/// leading `model.`, drop relative_position_index / relative_coords_table / attn_mask / k_bias,
+/// `rpe_mlp` -> `cpb_mlp`, and for timm shift `layers.{i}.downsample` to `layers.{i-1}` and
+/// `head.fc.` -> `head.`. `encoder.`-prefixed SimMIM keys pass through (see `LoadOptions::prefix`).
+pub fn remap_to_mimlab(
+    tensors: HashMap<String, Tensor>,
+) -> Result<(HashMap<String, Tensor>, Layout)> {
+    let layout = detect_layout(tensors.keys());
+    let mut out = HashMap::with_capacity(tensors.len());
+    for (k, t) in tensors {
+        let k0 = k.strip_prefix("model.").unwrap_or(&k);
+        if is_derived_buffer(k0) {
+            continue;
+        }
+        let mut nk = k0.replace("rpe_mlp", "cpb_mlp");
+        if layout == Layout::Timm {
+            if let Some((i, rest)) = downsample_index(&nk) {
+                if i == 0 {
+                    bail!("timm-layout checkpoint has `{k}`: timm stage 0 has no downsample");
+                }
+                nk = format!("layers.{}.downsample.{rest}", i - 1);
+            } else if let Some(rest) = nk.strip_prefix("head.fc.") {
+                nk = format!("head.{rest}");
+            }
+        }
+        if out.insert(nk.clone(), t).is_some() {
+            bail!("two checkpoint tensors map to the same key `{nk}` (last from `{k}`)");
+        }
+    }
+    Ok((out, layout))
+}
+
+/// How [`load_into_varmap`] matches checkpoint tensors to model variables.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Prefix taken off checkpoint keys, e.g. `encoder.` for a SimMIM checkpoint; "" for none.
+    /// Keys without it are unexpected unless `ignore_unexpected` covers them.
+    pub prefix: String,
+    /// Model key prefixes allowed to stay at their init, e.g. `head.`.
+    pub allow_missing: Vec<String>,
+    /// Checkpoint key prefixes silently skipped, e.g. `decoder.`, `mask_token`.
+    pub ignore_unexpected: Vec<String>,
+}
+
+/// What [`load_into_varmap`] did.
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    /// Variables overwritten from the checkpoint.
+    pub loaded: usize,
+    /// Model variables left at init (covered by `allow_missing`).
+    pub missing_allowed: Vec<String>,
+    /// Checkpoint keys skipped (covered by `ignore_unexpected`).
+    pub ignored: Vec<String>,
+    /// Layout detected after taking off `prefix`.
+    pub layout: Layout,
+}
+
+fn list(names: &[String]) -> String {
+    let mut s = names
+        .iter()
+        .take(10)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > 10 {
+        s.push_str(&format!(" and {} more", names.len() - 10));
+    }
+    s
+}
+
+/// Copies tensors into the varmap's variables, after taking off `opts.prefix` and remapping
+/// official/timm keys ([`remap_to_mimlab`]; re-derived buffers are dropped). Unknown keys,
+/// missing keys and shape mismatches are errors naming the tensors (both shapes for mismatches);
+/// nothing is written unless every check passes. Values are cast to each variable's dtype/device.
+pub fn load_into_varmap(
+    varmap: &VarMap,
+    tensors: HashMap<String, Tensor>,
+    opts: &LoadOptions,
+) -> Result<LoadReport> {
+    let matches = |k: &str, prefixes: &[String]| prefixes.iter().any(|p| k.starts_with(p.as_str()));
+    let mut ignored = Vec::new();
+    let mut unexpected = Vec::new();
+    let mut taken = HashMap::new();
+    for (k, t) in tensors {
+        match k.strip_prefix(opts.prefix.as_str()) {
+            Some(rest) => {
+                taken.insert(rest.to_string(), t);
+            }
+            None if matches(&k, &opts.ignore_unexpected) => ignored.push(k),
+            None => unexpected.push(k),
+        }
+    }
+    let (taken, layout) = remap_to_mimlab(taken)?;
+    // Invariant: the VarMap mutex is only poisoned if another thread panicked while holding it.
+    let data = varmap.data().lock().expect("varmap mutex poisoned");
+    let mut mismatched = Vec::new();
+    let mut to_set = Vec::new();
+    for (k, t) in taken {
+        match data.get(&k) {
+            Some(var) if var.shape() == t.shape() => to_set.push((var.clone(), k, t)),
+            Some(var) => mismatched.push(format!(
+                "{k}: checkpoint {:?} vs model {:?}",
+                t.dims(),
+                var.dims()
+            )),
+            None if matches(&k, &opts.ignore_unexpected) => {
+                ignored.push(format!("{}{k}", opts.prefix))
+            }
+            None => unexpected.push(format!("{}{k}", opts.prefix)),
+        }
+    }
+    let loaded_names: BTreeSet<&str> = to_set.iter().map(|(_, k, _)| k.as_str()).collect();
+    let mut missing = Vec::new();
+    let mut missing_allowed = Vec::new();
+    let mut keys: Vec<&String> = data.keys().collect();
+    keys.sort();
+    for k in keys {
+        if loaded_names.contains(k.as_str())
+            || mismatched.iter().any(|m| m.starts_with(&format!("{k}:")))
+        {
+            continue;
+        }
+        if matches(k, &opts.allow_missing) {
+            missing_allowed.push(k.clone());
+        } else {
+            missing.push(k.clone());
+        }
+    }
+    unexpected.sort();
+    mismatched.sort();
+    let mut errors = Vec::new();
+    if !mismatched.is_empty() {
+        errors.push(format!(
+            "{} shape mismatch(es): {}",
+            mismatched.len(),
+            list(&mismatched)
+        ));
+    }
+    if !missing.is_empty() {
+        errors.push(format!(
+            "{} model tensor(s) missing from the checkpoint: {}",
+            missing.len(),
+            list(&missing)
+        ));
+    }
+    if !unexpected.is_empty() {
+        errors.push(format!(
+            "{} unexpected checkpoint tensor(s) ({layout:?} layout): {}",
+            unexpected.len(),
+            list(&unexpected)
+        ));
+    }
+    if !errors.is_empty() {
+        bail!("checkpoint does not fit the model: {}", errors.join("; "));
+    }
+    let loaded = to_set.len();
+    for (var, k, t) in to_set {
+        let t = t.to_device(var.device())?.to_dtype(var.dtype())?;
+        var.set(&t).with_context(|| format!("setting `{k}`"))?;
+    }
+    ignored.sort();
+    Ok(LoadReport {
+        loaded,
+        missing_allowed,
+        ignored,
+        layout,
+    })
+}
+
+/// Writes every variable of `varmap` to `path` (safetensors) atomically: a temporary file in the
+/// same folder, then a rename.
+pub fn save_varmap(varmap: &VarMap, path: &Path) -> Result<()> {
+    let tensors: HashMap<String, Tensor> = {
+        let data = varmap.data().lock().expect("varmap mutex poisoned");
+        data.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    candle_core::safetensors::save(&tensors, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    fn t(shape: &[usize]) -> Tensor {
+        Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn detects_and_remaps_layouts() -> Result<()> {
+        let timm: HashMap<String, Tensor> = [
+            ("layers.1.downsample.reduction.weight", t(&[4, 8])),
+            ("layers.0.blocks.0.attn.q_bias", t(&[2])),
+            ("head.fc.weight", t(&[3, 4])),
+            ("head.fc.bias", t(&[3])),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let (m, l) = remap_to_mimlab(timm)?;
+        assert_eq!(l, Layout::Timm);
+        let mut keys: Vec<_> = m.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "head.bias",
+                "head.weight",
+                "layers.0.blocks.0.attn.q_bias",
+                "layers.0.downsample.reduction.weight"
+            ]
+        );
+        let official: HashMap<String, Tensor> = [
+            ("model.layers.0.downsample.reduction.weight", t(&[4, 8])),
+            ("model.layers.0.blocks.1.attn_mask", t(&[1])),
+            (
+                "model.layers.0.blocks.1.attn.relative_position_index",
+                t(&[1]),
+            ),
+            (
+                "model.layers.0.blocks.1.attn.rpe_mlp.0.weight",
+                t(&[512, 2]),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let (m, l) = remap_to_mimlab(official)?;
+        assert_eq!(l, Layout::Official);
+        let mut keys: Vec<_> = m.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "layers.0.blocks.1.attn.cpb_mlp.0.weight",
+                "layers.0.downsample.reduction.weight"
+            ]
+        );
+        assert_eq!(
+            detect_layout(["layers.0.blocks.0.norm1.weight", "head.weight"]),
+            Layout::Mimlab
+        );
+        Ok(())
+    }
+}

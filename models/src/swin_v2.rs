@@ -1,0 +1,1350 @@
+//! Swin Transformer V2 (Liu et al. 2022), following Swin-Transformer:models/swin_transformer_v2.py
+//! (architecture.md sections 1-2). Variables are created under the official key names, so the
+//! `VarMap` of a model IS an official-layout state dict (without the re-derived buffers).
+//!
+//! Parts in reading order: config + presets, window partition/reverse, masks/tables,
+//! WindowAttention, Mlp, Block, PatchMerging, Stage, SwinV2.
+//!
+//! Inside the stages tokens are kept as `[B, H, W, C]` (like timm); `Features` exposes NCHW views.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+use mimlab_engine::rng::SharedRng;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+// ------------------------------------------------------------------------------------------------
+// Config and presets
+// ------------------------------------------------------------------------------------------------
+
+/// Hyper-parameters of a Swin-V2 backbone (timm / official names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwinV2Config {
+    /// Training image size (square); other sizes work when the windows divide them.
+    pub img_size: usize,
+    /// Patch-embedding stride and kernel.
+    pub patch_size: usize,
+    /// Input channels.
+    pub in_chans: usize,
+    /// Classes of the linear head; 0 = no head.
+    pub num_classes: usize,
+    /// Channels of stage 0 (doubled at every patch merging).
+    pub embed_dim: usize,
+    /// Blocks per stage.
+    pub depths: Vec<usize>,
+    /// Attention heads per stage.
+    pub num_heads: Vec<usize>,
+    /// Attention window (clamped to a stage's resolution when that is smaller or equal).
+    pub window_size: usize,
+    /// MLP hidden size = floor(dim * mlp_ratio).
+    pub mlp_ratio: f64,
+    /// Learnable q and v biases (no k bias).
+    pub qkv_bias: bool,
+    /// Dropout after the patch embedding, the attention projection and in the MLP.
+    pub drop_rate: f64,
+    /// Dropout on the attention probabilities.
+    pub attn_drop_rate: f64,
+    /// Stochastic depth, linearly increasing over all blocks from 0.
+    pub drop_path_rate: f64,
+    /// Per stage: window size of pretraining (normalizes the CPB coordinates), 0 = this window.
+    pub pretrained_window_sizes: Vec<usize>,
+    /// LayerNorm after the patch embedding.
+    pub patch_norm: bool,
+}
+
+/// Names accepted by [`SwinV2Config::preset`].
+pub const PRESETS: &[&str] = &[
+    "swinv2_nano",
+    "swinv2_micro",
+    "swinv2_tiny_window8_256",
+    "swinv2_tiny_window16_256",
+    "swinv2_small_window8_256",
+    "swinv2_small_window16_256",
+    "swinv2_base_window8_256",
+    "swinv2_base_window16_256",
+    "swinv2_base_window12_192",
+    "swinv2_base_window12to16_192to256",
+    "swinv2_base_window12to24_192to384",
+    "swinv2_large_window12_192",
+    "swinv2_large_window12to16_192to256",
+    "swinv2_large_window12to24_192to384",
+];
+
+impl SwinV2Config {
+    #[allow(clippy::too_many_arguments)]
+    fn base(
+        img_size: usize,
+        embed_dim: usize,
+        depths: &[usize],
+        num_heads: &[usize],
+        window_size: usize,
+        num_classes: usize,
+        drop_path_rate: f64,
+        pretrained_window_sizes: &[usize],
+    ) -> Self {
+        Self {
+            img_size,
+            patch_size: 4,
+            in_chans: 3,
+            num_classes,
+            embed_dim,
+            depths: depths.to_vec(),
+            num_heads: num_heads.to_vec(),
+            window_size,
+            mlp_ratio: 4.0,
+            qkv_bias: true,
+            drop_rate: 0.0,
+            attn_drop_rate: 0.0,
+            drop_path_rate,
+            pretrained_window_sizes: pretrained_window_sizes.to_vec(),
+            patch_norm: true,
+        }
+    }
+
+    /// A named preset (timm model names; drop path from the official configs, architecture.md 1.2).
+    /// `swinv2_nano` / `swinv2_micro` are mimlab's own small models for CPU experiments.
+    pub fn preset(name: &str) -> Result<Self> {
+        const T: (&[usize], &[usize]) = (&[2, 2, 6, 2], &[3, 6, 12, 24]);
+        const S: (&[usize], &[usize]) = (&[2, 2, 18, 2], &[3, 6, 12, 24]);
+        const B: (&[usize], &[usize]) = (&[2, 2, 18, 2], &[4, 8, 16, 32]);
+        const L: (&[usize], &[usize]) = (&[2, 2, 18, 2], &[6, 12, 24, 48]);
+        const Z: &[usize] = &[0, 0, 0, 0];
+        const P12: &[usize] = &[12, 12, 12, 6];
+        let c = match name {
+            "swinv2_nano" => Self::base(64, 32, &[2, 2, 2, 2], &[1, 2, 4, 8], 4, 1000, 0.1, Z),
+            "swinv2_micro" => Self::base(128, 48, &[2, 2, 6, 2], &[2, 4, 8, 16], 8, 1000, 0.1, Z),
+            "swinv2_tiny_window8_256" => Self::base(256, 96, T.0, T.1, 8, 1000, 0.2, Z),
+            "swinv2_tiny_window16_256" => Self::base(256, 96, T.0, T.1, 16, 1000, 0.2, Z),
+            "swinv2_small_window8_256" => Self::base(256, 96, S.0, S.1, 8, 1000, 0.3, Z),
+            "swinv2_small_window16_256" => Self::base(256, 96, S.0, S.1, 16, 1000, 0.3, Z),
+            "swinv2_base_window8_256" => Self::base(256, 128, B.0, B.1, 8, 1000, 0.5, Z),
+            "swinv2_base_window16_256" => Self::base(256, 128, B.0, B.1, 16, 1000, 0.5, Z),
+            "swinv2_base_window12_192" => Self::base(192, 128, B.0, B.1, 12, 21841, 0.2, Z),
+            "swinv2_base_window12to16_192to256" => {
+                Self::base(256, 128, B.0, B.1, 16, 1000, 0.2, P12)
+            }
+            "swinv2_base_window12to24_192to384" => {
+                Self::base(384, 128, B.0, B.1, 24, 1000, 0.2, P12)
+            }
+            "swinv2_large_window12_192" => Self::base(192, 192, L.0, L.1, 12, 21841, 0.2, Z),
+            "swinv2_large_window12to16_192to256" => {
+                Self::base(256, 192, L.0, L.1, 16, 1000, 0.2, P12)
+            }
+            "swinv2_large_window12to24_192to384" => {
+                Self::base(384, 192, L.0, L.1, 24, 1000, 0.2, P12)
+            }
+            _ => bail!(
+                "unknown model preset `{name}`; known presets: {}",
+                PRESETS.join(", ")
+            ),
+        };
+        Ok(c)
+    }
+
+    /// Number of stages.
+    pub fn num_stages(&self) -> usize {
+        self.depths.len()
+    }
+
+    /// Channels of stage `i`.
+    pub fn stage_dim(&self, i: usize) -> usize {
+        self.embed_dim << i
+    }
+
+    /// Channels of the final feature map: embed_dim * 2^(stages-1).
+    pub fn num_features(&self) -> usize {
+        self.stage_dim(self.num_stages().saturating_sub(1))
+    }
+
+    /// Stride of the final feature map: patch_size * 2^(stages-1).
+    pub fn out_stride(&self) -> usize {
+        self.patch_size << self.num_stages().saturating_sub(1)
+    }
+
+    /// MLP hidden size of a block of width `dim` (`int(dim * mlp_ratio)`).
+    fn mlp_hidden(&self, dim: usize) -> usize {
+        (dim as f64 * self.mlp_ratio) as usize
+    }
+
+    /// Checks every structural constraint; errors name the offending `model.*` key.
+    pub fn validate(&self) -> Result<()> {
+        let n = self.depths.len();
+        ensure!(n > 0, "model.depths: needs at least one stage");
+        ensure!(
+            self.num_heads.len() == n,
+            "model.num_heads: has {} entries but model.depths has {n}",
+            self.num_heads.len()
+        );
+        ensure!(
+            self.pretrained_window_sizes.len() == n,
+            "model.pretrained_window_sizes: has {} entries but model.depths has {n}",
+            self.pretrained_window_sizes.len()
+        );
+        ensure!(
+            self.depths.iter().all(|&d| d > 0),
+            "model.depths: every stage needs >= 1 block"
+        );
+        ensure!(self.patch_size > 0, "model.patch_size: must be > 0");
+        ensure!(self.in_chans > 0, "model.in_chans: must be > 0");
+        ensure!(self.embed_dim > 0, "model.embed_dim: must be > 0");
+        ensure!(self.window_size > 0, "model.window_size: must be > 0");
+        ensure!(
+            self.mlp_ratio > 0.0,
+            "model.mlp_ratio: must be > 0, got {}",
+            self.mlp_ratio
+        );
+        for (key, v) in [
+            ("drop_rate", self.drop_rate),
+            ("attn_drop_rate", self.attn_drop_rate),
+            ("drop_path_rate", self.drop_path_rate),
+        ] {
+            ensure!(
+                (0.0..1.0).contains(&v),
+                "model.{key}: must be in [0, 1), got {v}"
+            );
+        }
+        for (i, &p) in self.pretrained_window_sizes.iter().enumerate() {
+            ensure!(
+                p != 1,
+                "model.pretrained_window_sizes[{i}]: must be 0 (none) or >= 2, got 1"
+            );
+        }
+        ensure!(
+            self.img_size.is_multiple_of(self.patch_size) && self.img_size >= self.patch_size,
+            "model.img_size: {} is not a multiple of model.patch_size {}",
+            self.img_size,
+            self.patch_size
+        );
+        for (i, &h) in self.num_heads.iter().enumerate() {
+            let dim = self.stage_dim(i);
+            ensure!(
+                h > 0 && dim.is_multiple_of(h),
+                "model.num_heads[{i}]: {h} heads do not divide stage {i}'s {dim} channels"
+            );
+        }
+        self.check_resolution(self.img_size, self.img_size)
+            .context("model.img_size")?;
+        Ok(())
+    }
+
+    /// Checks that an input of `h` x `w` pixels runs: patches, merges and windows divide.
+    pub fn check_resolution(&self, h: usize, w: usize) -> Result<()> {
+        ensure!(
+            h.is_multiple_of(self.patch_size)
+                && w.is_multiple_of(self.patch_size)
+                && h > 0
+                && w > 0,
+            "image {h}x{w} is not a multiple of the patch size {}",
+            self.patch_size
+        );
+        let (mut rh, mut rw) = (h / self.patch_size, w / self.patch_size);
+        for i in 0..self.num_stages() {
+            let (ws, _) = self.window_at(rh, rw);
+            ensure!(
+                rh % ws == 0 && rw % ws == 0,
+                "model.window_size: stage {i} feature map {rh}x{rw} is not divisible by its window \
+                 {ws} (image {h}x{w})"
+            );
+            if i + 1 < self.num_stages() {
+                ensure!(
+                    rh % 2 == 0 && rw % 2 == 0,
+                    "stage {i} feature map {rh}x{rw} is odd and cannot be merged (image {h}x{w})"
+                );
+                rh /= 2;
+                rw /= 2;
+            }
+        }
+        Ok(())
+    }
+
+    /// (window, shift of odd blocks) of a stage whose map is `rh` x `rw`: official clamp
+    /// `if min(resolution) <= window: shift = 0; window = min(resolution)` (architecture.md 1.2).
+    pub fn window_at(&self, rh: usize, rw: usize) -> (usize, usize) {
+        let m = rh.min(rw);
+        if m <= self.window_size {
+            (m, 0)
+        } else {
+            (self.window_size, self.window_size / 2)
+        }
+    }
+
+    /// Analytic parameter count (equals the built model's, without `mask_token`).
+    pub fn num_params(&self) -> usize {
+        let c = self.embed_dim;
+        let p2 = self.patch_size * self.patch_size;
+        let mut n = c * self.in_chans * p2 + c + if self.patch_norm { 2 * c } else { 0 };
+        for (i, (&depth, &heads)) in self.depths.iter().zip(&self.num_heads).enumerate() {
+            let d = self.stage_dim(i);
+            let hid = self.mlp_hidden(d);
+            let attn = 3 * d * d
+                + if self.qkv_bias { 2 * d } else { 0 }
+                + d * d
+                + d
+                + heads
+                + (2 * 512 + 512 + 512 * heads);
+            let block = attn + 4 * d + (d * hid + hid + hid * d + d);
+            n += depth * block;
+            if i + 1 < self.num_stages() {
+                n += 4 * d * 2 * d + 2 * 2 * d;
+            }
+        }
+        let f = self.num_features();
+        n += 2 * f;
+        if self.num_classes > 0 {
+            n += f * self.num_classes + self.num_classes;
+        }
+        n
+    }
+
+    /// Forward FLOPs per image at `img_size`, counted like the official `flops()` methods
+    /// (Swin-Transformer models/swin_transformer_v2.py): multiply-adds of the patch embedding,
+    /// qkv, q·k, attn·v, proj, MLP, patch-merging reduction and head, plus one per element for
+    /// each LayerNorm (the final norm as the official `num_features * H*W / 2^stages`); the CPB
+    /// MLP, softmax and GELU are not counted. SwinV2-T/8 at 256 gives 5.9 GFLOPs (README).
+    pub fn flops(&self) -> u64 {
+        let (ph, pw) = (
+            self.img_size / self.patch_size,
+            self.img_size / self.patch_size,
+        );
+        let c = self.embed_dim as f64;
+        let mut f =
+            (ph * pw) as f64 * c * (self.in_chans * self.patch_size * self.patch_size) as f64;
+        if self.patch_norm {
+            f += (ph * pw) as f64 * c;
+        }
+        let (mut h, mut w) = (ph, pw);
+        for i in 0..self.num_stages() {
+            let dim = self.stage_dim(i) as f64;
+            let (ws, _) = self.window_at(h, w);
+            let nwin = (h * w) as f64 / (ws * ws) as f64;
+            let n = (ws * ws) as f64;
+            let hw = (h * w) as f64;
+            // W-MSA per window: qkv + q·k + attn·v + proj (head dims sum to dim)
+            let attn = n * dim * 3.0 * dim + 2.0 * n * n * dim + n * dim * dim;
+            let block = 2.0 * dim * hw + nwin * attn + 2.0 * hw * dim * dim * self.mlp_ratio;
+            f += self.depths[i] as f64 * block;
+            if i + 1 < self.num_stages() {
+                f += ((h / 2) * (w / 2)) as f64 * 4.0 * dim * 2.0 * dim + hw * dim / 2.0;
+                h /= 2;
+                w /= 2;
+            }
+        }
+        let nf = self.num_features() as f64;
+        f += (nf as usize * ph * pw / (1usize << self.num_stages())) as f64;
+        f += nf * self.num_classes as f64;
+        f as u64
+    }
+
+    /// Stochastic-depth rate of every block: linspace(0, drop_path_rate, sum(depths)).
+    fn drop_path_rates(&self) -> Vec<f64> {
+        let total: usize = self.depths.iter().sum();
+        (0..total)
+            .map(|k| {
+                if total > 1 {
+                    self.drop_path_rate * k as f64 / (total - 1) as f64
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+}
+
+/// The `model:` config section: `preset` plus timm-named keys that override it (all optional).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Preset name (see [`PRESETS`]); default `swinv2_nano`.
+    pub preset: Option<String>,
+    /// Overrides [`SwinV2Config::img_size`].
+    pub img_size: Option<usize>,
+    /// Overrides [`SwinV2Config::patch_size`].
+    pub patch_size: Option<usize>,
+    /// Overrides [`SwinV2Config::in_chans`].
+    pub in_chans: Option<usize>,
+    /// Overrides [`SwinV2Config::num_classes`].
+    pub num_classes: Option<usize>,
+    /// Overrides [`SwinV2Config::embed_dim`].
+    pub embed_dim: Option<usize>,
+    /// Overrides [`SwinV2Config::depths`].
+    pub depths: Option<Vec<usize>>,
+    /// Overrides [`SwinV2Config::num_heads`].
+    pub num_heads: Option<Vec<usize>>,
+    /// Overrides [`SwinV2Config::window_size`].
+    pub window_size: Option<usize>,
+    /// Overrides [`SwinV2Config::mlp_ratio`].
+    pub mlp_ratio: Option<f64>,
+    /// Overrides [`SwinV2Config::qkv_bias`].
+    pub qkv_bias: Option<bool>,
+    /// Overrides [`SwinV2Config::drop_rate`].
+    pub drop_rate: Option<f64>,
+    /// Overrides [`SwinV2Config::attn_drop_rate`].
+    pub attn_drop_rate: Option<f64>,
+    /// Overrides [`SwinV2Config::drop_path_rate`].
+    pub drop_path_rate: Option<f64>,
+    /// Overrides [`SwinV2Config::pretrained_window_sizes`].
+    pub pretrained_window_sizes: Option<Vec<usize>>,
+    /// Overrides [`SwinV2Config::patch_norm`].
+    pub patch_norm: Option<bool>,
+}
+
+impl ModelSection {
+    /// The preset (default `swinv2_nano`) with every given key applied, validated.
+    pub fn resolve(&self) -> Result<SwinV2Config> {
+        let name = self.preset.as_deref().unwrap_or("swinv2_nano");
+        let mut c = SwinV2Config::preset(name).context("model.preset")?;
+        macro_rules! over {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        over!(
+            img_size,
+            patch_size,
+            in_chans,
+            num_classes,
+            embed_dim,
+            depths,
+            num_heads,
+            window_size,
+            mlp_ratio,
+            qkv_bias,
+            drop_rate,
+            attn_drop_rate,
+            drop_path_rate,
+            pretrained_window_sizes,
+            patch_norm
+        );
+        // A depth override without a pretrained-window override keeps "no pretrained windows".
+        if self.pretrained_window_sizes.is_none()
+            && c.pretrained_window_sizes.len() != c.depths.len()
+        {
+            c.pretrained_window_sizes = vec![0; c.depths.len()];
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Every field filled in from [`Self::resolve`] (what a run writes into its config.yaml).
+    pub fn resolved(&self) -> Result<ModelSection> {
+        let c = self.resolve()?;
+        Ok(ModelSection {
+            preset: Some(self.preset.clone().unwrap_or_else(|| "swinv2_nano".into())),
+            img_size: Some(c.img_size),
+            patch_size: Some(c.patch_size),
+            in_chans: Some(c.in_chans),
+            num_classes: Some(c.num_classes),
+            embed_dim: Some(c.embed_dim),
+            depths: Some(c.depths),
+            num_heads: Some(c.num_heads),
+            window_size: Some(c.window_size),
+            mlp_ratio: Some(c.mlp_ratio),
+            qkv_bias: Some(c.qkv_bias),
+            drop_rate: Some(c.drop_rate),
+            attn_drop_rate: Some(c.attn_drop_rate),
+            drop_path_rate: Some(c.drop_path_rate),
+            pretrained_window_sizes: Some(c.pretrained_window_sizes),
+            patch_norm: Some(c.patch_norm),
+        })
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Window partition / reverse
+// ------------------------------------------------------------------------------------------------
+
+/// `[B, H, W, C]` -> `[B*nW, ws, ws, C]`, window index = b*nW + row*(W/ws) + col.
+pub fn window_partition(x: &Tensor, ws: usize) -> candle_core::Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    x.reshape((b, h / ws, ws, w / ws, ws, c))?
+        .permute((0, 1, 3, 2, 4, 5))?
+        .reshape((b * (h / ws) * (w / ws), ws, ws, c))
+}
+
+/// Inverse of [`window_partition`]: `[B*nW, ws, ws, C]` -> `[B, H, W, C]`.
+pub fn window_reverse(w: &Tensor, ws: usize, h: usize, w_: usize) -> candle_core::Result<Tensor> {
+    let (bn, _, _, c) = w.dims4()?;
+    let b = bn / ((h / ws) * (w_ / ws));
+    w.reshape((b, h / ws, w_ / ws, ws, ws, c))?
+        .permute((0, 1, 3, 2, 4, 5))?
+        .reshape((b, h, w_, c))
+}
+
+// ------------------------------------------------------------------------------------------------
+// Masks and tables (architecture.md 1.5, 1.6)
+// ------------------------------------------------------------------------------------------------
+
+/// Shifted-window attention mask `[nW, N, N]` (f32): 0 within a region, -100 across regions.
+pub fn shifted_window_mask(
+    h: usize,
+    w: usize,
+    ws: usize,
+    shift: usize,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
+    // 9 regions: slices (0:-ws, -ws:-s, -s:) on each axis
+    let region = |i: usize, n: usize| -> usize {
+        if i < n - ws {
+            0
+        } else if i < n - shift {
+            1
+        } else {
+            2
+        }
+    };
+    let (nh, nw, n) = (h / ws, w / ws, ws * ws);
+    let mut out = Vec::with_capacity(nh * nw * n * n);
+    let mut ids = vec![0usize; n];
+    for wr in 0..nh {
+        for wc in 0..nw {
+            for (t, id) in ids.iter_mut().enumerate() {
+                let (r, c) = (wr * ws + t / ws, wc * ws + t % ws);
+                *id = region(r, h) * 3 + region(c, w);
+            }
+            for &a in &ids {
+                out.extend(ids.iter().map(|&b| if a == b { 0f32 } else { -100f32 }));
+            }
+        }
+    }
+    Tensor::from_vec(out, (nh * nw, n, n), dev)
+}
+
+/// Log-spaced relative coordinates `[(2ws-1), (2ws-1), 2]`, row-major (Swin-V2 eq. 4):
+/// `t = sign(d) * log2(|d / den * 8| + 1) / log2(8)`, den = pretrained_ws - 1 if given else ws - 1.
+pub fn relative_coords_table(ws: usize, pretrained_ws: usize) -> Vec<f32> {
+    let den = if pretrained_ws > 0 {
+        pretrained_ws - 1
+    } else {
+        ws - 1
+    } as f32;
+    let t = |d: i64| -> f32 {
+        // den = 0 only for a 1x1 window, where a single token makes the bias irrelevant
+        let v = if den > 0.0 { d as f32 / den * 8.0 } else { 0.0 };
+        v.signum() * (v.abs() + 1.0).log2() / 3.0
+    };
+    let r = ws as i64 - 1;
+    let mut out = Vec::with_capacity((2 * ws - 1).pow(2) * 2);
+    for dh in -r..=r {
+        for dw in -r..=r {
+            out.push(if dh == 0 { 0.0 } else { t(dh) });
+            out.push(if dw == 0 { 0.0 } else { t(dw) });
+        }
+    }
+    out
+}
+
+/// Relative position index `[N*N]` (N = ws²): `(dh + ws-1) * (2ws-1) + (dw + ws-1)` for
+/// query i, key j, dh = h_i - h_j.
+pub fn relative_position_index(ws: usize) -> Vec<u32> {
+    let n = ws * ws;
+    let mut out = Vec::with_capacity(n * n);
+    for i in 0..n {
+        for j in 0..n {
+            let dh = (i / ws) as i64 - (j / ws) as i64 + ws as i64 - 1;
+            let dw = (i % ws) as i64 - (j % ws) as i64 + ws as i64 - 1;
+            out.push((dh * (2 * ws as i64 - 1) + dw) as u32);
+        }
+    }
+    out
+}
+
+/// Everything a block derives from (resolution, window): built once per resolution.
+#[derive(Debug)]
+struct Geometry {
+    ws: usize,
+    shift: usize,
+    /// `[1, nW, 1, N, N]` in the model dtype, shifted blocks only.
+    mask: Option<Tensor>,
+    /// `[(2ws-1)^2, 2]` in the model dtype.
+    coords: Tensor,
+    /// `[N*N]` u32.
+    index: Tensor,
+}
+
+impl Geometry {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: &SwinV2Config,
+        stage: usize,
+        odd: bool,
+        h: usize,
+        w: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Self> {
+        let (ws, s) = cfg.window_at(h, w);
+        let shift = if odd { s } else { 0 };
+        let mask = if shift > 0 {
+            let m = shifted_window_mask(h, w, ws, shift, dev)?.to_dtype(dtype)?;
+            let (nw, n, _) = m.dims3()?;
+            Some(m.reshape((1, nw, 1, n, n))?)
+        } else {
+            None
+        };
+        let side = 2 * ws - 1;
+        let coords = relative_coords_table(ws, cfg.pretrained_window_sizes[stage]);
+        let coords = Tensor::from_vec(coords, (side * side, 2), dev)?.to_dtype(dtype)?;
+        let index = Tensor::from_vec(relative_position_index(ws), ws * ws * ws * ws, dev)?;
+        Ok(Self {
+            ws,
+            shift,
+            mask,
+            coords,
+            index,
+        })
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Small layers
+// ------------------------------------------------------------------------------------------------
+
+/// `x @ w^T + b` over the last dim of any-rank `x`.
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = dims[dims.len() - 1];
+    let m = x.elem_count() / k;
+    let y = x.reshape((m, k))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = dims;
+    let last = out.len() - 1;
+    out[last] = w.dim(0)?;
+    y.reshape(out)
+}
+
+/// `nn.Linear` with the official init (weight N(0, .02), bias 0).
+#[derive(Debug, Clone)]
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(i: usize, o: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+        let w = vb.get_with_hints(
+            (o, i),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
+        let b = if bias {
+            Some(vb.get_with_hints(o, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Self { w, b })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        linear(x, &self.w, self.b.as_ref())
+    }
+}
+
+/// LayerNorm (eps 1e-5). candle's fused kernel has no backward, so `train` picks the
+/// differentiable composition.
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl LayerNorm {
+    fn new(dim: usize, init_zero: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+        let w0 = if init_zero { 0.0 } else { 1.0 };
+        let w = vb.get_with_hints(dim, "weight", Init::Const(w0))?;
+        let b = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(Self { w, b })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if train {
+            candle_nn::ops::layer_norm_slow(x, &self.w, &self.b, 1e-5)
+        } else {
+            candle_nn::ops::layer_norm(&x.contiguous()?, &self.w, &self.b, 1e-5)
+        }
+    }
+}
+
+/// Softmax over the last dim; the fused kernel (no backward) outside training.
+fn softmax(x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    if train {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+    }
+}
+
+/// Inverted dropout with a mask drawn from the shared RNG.
+fn dropout(x: &Tensor, p: f64, rng: &SharedRng, train: bool) -> candle_core::Result<Tensor> {
+    if !train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = 1.0 - p;
+    let n = x.elem_count();
+    let m: Vec<f32> = rng.with(|g| {
+        (0..n)
+            .map(|_| {
+                if g.random::<f64>() < keep {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    });
+    let m = Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * m
+}
+
+/// Stochastic depth on `[B, ...]`: per-sample Bernoulli(keep), scaled by 1/keep (timm DropPath).
+fn drop_path(x: &Tensor, p: f64, rng: &SharedRng, train: bool) -> candle_core::Result<Tensor> {
+    if !train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = 1.0 - p;
+    let b = x.dim(0)?;
+    let m: Vec<f32> = rng.with(|g| {
+        (0..b)
+            .map(|_| {
+                if g.random::<f64>() < keep {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    });
+    let mut shape = vec![1usize; x.rank()];
+    shape[0] = b;
+    let m = Tensor::from_vec(m, shape, x.device())?.to_dtype(x.dtype())?;
+    x.broadcast_mul(&m)
+}
+
+// ------------------------------------------------------------------------------------------------
+// WindowAttention: cosine attention + continuous position bias (architecture.md 1.4)
+// ------------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct WindowAttention {
+    num_heads: usize,
+    qkv_w: Tensor,
+    q_bias: Option<Tensor>,
+    v_bias: Option<Tensor>,
+    proj: Linear,
+    logit_scale: Tensor,
+    cpb0: Linear,
+    cpb2: Linear,
+    attn_drop: f64,
+    proj_drop: f64,
+}
+
+impl WindowAttention {
+    fn new(
+        dim: usize,
+        heads: usize,
+        cfg: &SwinV2Config,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let std02 = Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let qkv_w = vb
+            .pp("qkv")
+            .get_with_hints((3 * dim, dim), "weight", std02)?;
+        let (q_bias, v_bias) = if cfg.qkv_bias {
+            (
+                Some(vb.get_with_hints(dim, "q_bias", Init::Const(0.0))?),
+                Some(vb.get_with_hints(dim, "v_bias", Init::Const(0.0))?),
+            )
+        } else {
+            (None, None)
+        };
+        let logit_scale =
+            vb.get_with_hints((heads, 1, 1), "logit_scale", Init::Const(10f64.ln()))?;
+        Ok(Self {
+            num_heads: heads,
+            qkv_w,
+            q_bias,
+            v_bias,
+            proj: Linear::new(dim, dim, true, vb.pp("proj"))?,
+            logit_scale,
+            cpb0: Linear::new(2, 512, true, vb.pp("cpb_mlp").pp("0"))?,
+            cpb2: Linear::new(512, heads, false, vb.pp("cpb_mlp").pp("2"))?,
+            attn_drop: cfg.attn_drop_rate,
+            proj_drop: cfg.drop_rate,
+        })
+    }
+
+    /// `16 * sigmoid(cpb_mlp(coords))[index]` as `[nH, N, N]`.
+    fn position_bias(&self, g: &Geometry) -> candle_core::Result<Tensor> {
+        let n = g.ws * g.ws;
+        let t = self.cpb2.forward(&self.cpb0.forward(&g.coords)?.relu()?)?; // ((2ws-1)^2, nH)
+        let b = t
+            .index_select(&g.index, 0)?
+            .reshape((n, n, self.num_heads))?;
+        candle_nn::ops::sigmoid(&b.permute((2, 0, 1))?)? * 16.0
+    }
+
+    /// `x`: `[B_, N, C]` windows -> `[B_, N, C]`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        g: &Geometry,
+        rng: &SharedRng,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (bw, n, c) = x.dims3()?;
+        let nh = self.num_heads;
+        let bias = match (&self.q_bias, &self.v_bias) {
+            (Some(q), Some(v)) => Some(Tensor::cat(&[q, &q.zeros_like()?, v], 0)?),
+            _ => None,
+        };
+        let qkv = linear(x, &self.qkv_w, bias.as_ref())?
+            .reshape((bw, n, 3, nh, c / nh))?
+            .permute((2, 0, 3, 1, 4))?; // (3, B_, nH, N, hd)
+        let normalize = |t: Tensor| -> candle_core::Result<Tensor> {
+            // F.normalize: x / max(||x||, 1e-12)
+            let norm = t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
+            t.broadcast_div(&norm)
+        };
+        let q = normalize(qkv.i(0)?.contiguous()?)?;
+        let k = normalize(qkv.i(1)?.contiguous()?)?;
+        let v = qkv.i(2)?.contiguous()?;
+        let mut attn = q.matmul(&k.t()?)?; // (B_, nH, N, N)
+                                           // clamp(max = ln(1/0.01)) then exp: scale <= 100
+        let scale = self.logit_scale.minimum((1.0f64 / 0.01).ln())?.exp()?;
+        attn = attn
+            .broadcast_mul(&scale)?
+            .broadcast_add(&self.position_bias(g)?)?;
+        if let Some(mask) = &g.mask {
+            let nw = mask.dim(1)?;
+            attn = attn
+                .reshape((bw / nw, nw, nh, n, n))?
+                .broadcast_add(mask)?
+                .reshape((bw, nh, n, n))?;
+        }
+        let attn = dropout(&softmax(&attn, train)?, self.attn_drop, rng, train)?;
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((bw, n, c))?;
+        dropout(&self.proj.forward(&out)?, self.proj_drop, rng, train)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Mlp
+// ------------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+    drop: f64,
+}
+
+impl Mlp {
+    fn new(dim: usize, hidden: usize, drop: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            fc1: Linear::new(dim, hidden, true, vb.pp("fc1"))?,
+            fc2: Linear::new(hidden, dim, true, vb.pp("fc2"))?,
+            drop,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rng: &SharedRng, train: bool) -> candle_core::Result<Tensor> {
+        let h = dropout(&self.fc1.forward(x)?.gelu_erf()?, self.drop, rng, train)?;
+        dropout(&self.fc2.forward(&h)?, self.drop, rng, train)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Block: res-post-norm (architecture.md 1.3)
+// ------------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Block {
+    cfg: Arc<SwinV2Config>,
+    stage: usize,
+    odd: bool,
+    norm1: LayerNorm,
+    attn: WindowAttention,
+    norm2: LayerNorm,
+    mlp: Mlp,
+    drop_path: f64,
+    rng: SharedRng,
+    /// Geometry per (H, W); the configured resolution is built at construction.
+    geometry: Mutex<HashMap<(usize, usize), Arc<Geometry>>>,
+}
+
+impl Block {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: Arc<SwinV2Config>,
+        stage: usize,
+        index: usize,
+        res: (usize, usize),
+        drop_path: f64,
+        rng: SharedRng,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let dim = cfg.stage_dim(stage);
+        let heads = cfg.num_heads[stage];
+        let norm1 = LayerNorm::new(dim, true, vb.pp("norm1"))?; // res-post-norm init: zero
+        let attn = WindowAttention::new(dim, heads, &cfg, vb.pp("attn"))?;
+        let norm2 = LayerNorm::new(dim, true, vb.pp("norm2"))?;
+        let mlp = Mlp::new(dim, cfg.mlp_hidden(dim), cfg.drop_rate, vb.pp("mlp"))?;
+        let g = Geometry::new(
+            &cfg,
+            stage,
+            index % 2 == 1,
+            res.0,
+            res.1,
+            vb.dtype(),
+            vb.device(),
+        )?;
+        let geometry = Mutex::new(HashMap::from([(res, Arc::new(g))]));
+        Ok(Self {
+            cfg,
+            stage,
+            odd: index % 2 == 1,
+            norm1,
+            attn,
+            norm2,
+            mlp,
+            drop_path,
+            rng,
+            geometry,
+        })
+    }
+
+    fn geometry(&self, h: usize, w: usize, x: &Tensor) -> candle_core::Result<Arc<Geometry>> {
+        // Invariant: the mutex is only held inside this function, which cannot panic while held.
+        let mut cache = self.geometry.lock().expect("geometry cache poisoned");
+        if let Some(g) = cache.get(&(h, w)) {
+            return Ok(g.clone());
+        }
+        let g = Arc::new(Geometry::new(
+            &self.cfg,
+            self.stage,
+            self.odd,
+            h,
+            w,
+            x.dtype(),
+            x.device(),
+        )?);
+        cache.insert((h, w), g.clone());
+        Ok(g)
+    }
+
+    /// `x`: `[B, H, W, C]`.
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let (b, h, w, c) = x.dims4()?;
+        let g = self.geometry(h, w, x)?;
+        let (ws, s) = (g.ws, g.shift);
+        let shifted = if s > 0 {
+            x.roll(-(s as i32), 1)?.roll(-(s as i32), 2)?
+        } else {
+            x.clone()
+        };
+        let win = window_partition(&shifted, ws)?.reshape(((), ws * ws, c))?; // (B*nW, N, C)
+        let a = self.attn.forward(&win, &g, &self.rng, train)?;
+        let a = window_reverse(&a.reshape(((), ws, ws, c))?, ws, h, w)?;
+        let a = if s > 0 {
+            a.roll(s as i32, 1)?.roll(s as i32, 2)?
+        } else {
+            a
+        };
+        debug_assert_eq!(a.dim(0)?, b);
+        let x = (x + drop_path(
+            &self.norm1.forward(&a, train)?,
+            self.drop_path,
+            &self.rng,
+            train,
+        )?)?;
+        let m = self
+            .norm2
+            .forward(&self.mlp.forward(&x, &self.rng, train)?, train)?;
+        x + drop_path(&m, self.drop_path, &self.rng, train)?
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// PatchMerging V2: reduction then norm (architecture.md 1.7)
+// ------------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct PatchMerging {
+    reduction: Linear,
+    norm: LayerNorm,
+}
+
+impl PatchMerging {
+    fn new(dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            reduction: Linear::new(4 * dim, 2 * dim, false, vb.pp("reduction"))?,
+            norm: LayerNorm::new(2 * dim, false, vb.pp("norm"))?,
+        })
+    }
+
+    /// `[B, H, W, C]` -> `[B, H/2, W/2, 2C]`.
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let (b, h, w, c) = x.dims4()?;
+        // cat(x0, x1, x2, x3) = (h even, w even), (h odd, w even), (h even, w odd), (h odd, w odd)
+        let x = x
+            .reshape((b, h / 2, 2, w / 2, 2, c))?
+            .permute((0, 1, 3, 4, 2, 5))?
+            .reshape((b, h / 2, w / 2, 4 * c))?;
+        self.norm.forward(&self.reduction.forward(&x)?, train)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Stage (official BasicLayer: blocks, then the merge at the END)
+// ------------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Stage {
+    blocks: Vec<Block>,
+    downsample: Option<PatchMerging>,
+}
+
+// ------------------------------------------------------------------------------------------------
+// SwinV2
+// ------------------------------------------------------------------------------------------------
+
+/// Per-stage feature maps and final tokens of [`SwinV2::forward_features`].
+#[derive(Debug, Clone)]
+pub struct Features {
+    /// NCHW map of each stage (before its patch merging); the last one after the final norm.
+    /// These are permuted views: call `contiguous()` where a kernel needs it.
+    pub stages: Vec<Tensor>,
+    /// `[B, L, C]` tokens after the final norm.
+    pub last: Tensor,
+}
+
+/// The Swin-V2 backbone with an optional linear head and SimMIM mask token.
+#[derive(Debug)]
+pub struct SwinV2 {
+    cfg: Arc<SwinV2Config>,
+    patch_w: Tensor,
+    patch_b: Tensor,
+    patch_norm: Option<LayerNorm>,
+    mask_token: Option<Tensor>,
+    layers: Vec<Stage>,
+    norm: LayerNorm,
+    head: Option<Linear>,
+    rng: SharedRng,
+}
+
+impl SwinV2 {
+    /// Builds from `vb` (official key names). `mask_token`: also create the SimMIM `mask_token`
+    /// [1,1,C] (N(0,.02)). `rng`: the shared RNG for drop path/dropout.
+    pub fn new(
+        cfg: &SwinV2Config,
+        mask_token: bool,
+        rng: SharedRng,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let cfg = Arc::new(cfg.clone());
+        Self::build(cfg, mask_token, rng, vb).context("building the Swin-V2 model")
+    }
+
+    fn build(
+        cfg: Arc<SwinV2Config>,
+        mask_token: bool,
+        rng: SharedRng,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let c = cfg.embed_dim;
+        let (p, ic) = (cfg.patch_size, cfg.in_chans);
+        // PyTorch Conv2d default init: kaiming_uniform(a=sqrt(5)) -> U(+-1/sqrt(fan_in))
+        let bound = 1.0 / ((ic * p * p) as f64).sqrt();
+        let uni = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let pe = vb.pp("patch_embed");
+        let patch_w = pe.pp("proj").get_with_hints((c, ic, p, p), "weight", uni)?;
+        let patch_b = pe.pp("proj").get_with_hints(c, "bias", uni)?;
+        let patch_norm = if cfg.patch_norm {
+            Some(LayerNorm::new(c, false, pe.pp("norm"))?)
+        } else {
+            None
+        };
+        let mask_token = if mask_token {
+            Some(vb.get_with_hints(
+                (1, 1, c),
+                "mask_token",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )?)
+        } else {
+            None
+        };
+        let dpr = cfg.drop_path_rates();
+        let mut k = 0;
+        let mut res = (cfg.img_size / p, cfg.img_size / p);
+        let mut layers = Vec::with_capacity(cfg.num_stages());
+        for i in 0..cfg.num_stages() {
+            let lv = vb.pp("layers").pp(i);
+            let mut blocks = Vec::with_capacity(cfg.depths[i]);
+            for j in 0..cfg.depths[i] {
+                let bv = lv.pp("blocks").pp(j);
+                blocks.push(Block::new(cfg.clone(), i, j, res, dpr[k], rng.clone(), bv)?);
+                k += 1;
+            }
+            let downsample = if i + 1 < cfg.num_stages() {
+                res = (res.0 / 2, res.1 / 2);
+                Some(PatchMerging::new(cfg.stage_dim(i), lv.pp("downsample"))?)
+            } else {
+                None
+            };
+            layers.push(Stage { blocks, downsample });
+        }
+        let nf = cfg.num_features();
+        let norm = LayerNorm::new(nf, false, vb.pp("norm"))?;
+        let head = if cfg.num_classes > 0 {
+            Some(Linear::new(nf, cfg.num_classes, true, vb.pp("head"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg,
+            patch_w,
+            patch_b,
+            patch_norm,
+            mask_token,
+            layers,
+            norm,
+            head,
+            rng,
+        })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &SwinV2Config {
+        &self.cfg
+    }
+
+    /// Patch embedding as a matmul (kernel = stride): `[B, Cin, H, W]` -> `[B, H/p, W/p, C]`.
+    fn patch_embed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, ci, h, w) = x.dims4()?;
+        let p = self.cfg.patch_size;
+        let (hp, wp) = (h / p, w / p);
+        let cols = x
+            .reshape((b, ci, hp, p, wp, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b * hp * wp, ci * p * p))?;
+        let wt = self.patch_w.reshape((self.cfg.embed_dim, ci * p * p))?;
+        cols.matmul(&wt.t()?)?
+            .broadcast_add(&self.patch_b)?
+            .reshape((b, hp, wp, self.cfg.embed_dim))
+    }
+
+    /// Runs the backbone. `mask`: optional `[B, H/patch, W/patch]` (1 = masked), replaced by
+    /// `mask_token` after the patch embedding and its norm (SimMIM 3.2). `train` enables drop path
+    /// and dropout and selects differentiable LayerNorm/softmax (candle's fused eval kernels have
+    /// no backward: call with `train = true` to take gradients).
+    pub fn forward_features(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Features> {
+        let (_, ci, h, w) = x.dims4().context("Swin-V2 input must be [B, C, H, W]")?;
+        ensure!(
+            ci == self.cfg.in_chans,
+            "Swin-V2 input has {ci} channels, model.in_chans is {}",
+            self.cfg.in_chans
+        );
+        self.cfg.check_resolution(h, w)?;
+        self.run(x, mask, train).context("Swin-V2 forward")
+    }
+
+    fn run(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Features> {
+        let mut x = self.patch_embed(x)?;
+        if let Some(n) = &self.patch_norm {
+            x = n.forward(&x, train)?;
+        }
+        if let Some(m) = mask {
+            let tok = self.mask_token.as_ref().context(
+                "a mask was given but the model was built without a mask_token (mask_token = false)",
+            )?;
+            let (b, hp, wp, _) = x.dims4()?;
+            ensure!(
+                m.dims() == [b, hp, wp],
+                "mask has shape {:?}, expected [{b}, {hp}, {wp}] (one value per patch)",
+                m.dims()
+            );
+            let m = m.to_dtype(x.dtype())?.unsqueeze(3)?; // (B, Hp, Wp, 1)
+            let keep = m.affine(-1.0, 1.0)?;
+            x = (x.broadcast_mul(&keep)? + m.broadcast_mul(tok)?)?;
+        }
+        x = dropout(&x, self.cfg.drop_rate, &self.rng, train)?;
+        let mut stages = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            for blk in &layer.blocks {
+                x = blk.forward(&x, train)?;
+            }
+            match &layer.downsample {
+                Some(ds) => {
+                    stages.push(x.permute((0, 3, 1, 2))?);
+                    x = ds.forward(&x, train)?;
+                }
+                None => {
+                    x = self.norm.forward(&x, train)?;
+                    stages.push(x.permute((0, 3, 1, 2))?);
+                }
+            }
+        }
+        let (b, h, w, c) = x.dims4()?;
+        let last = x.reshape((b, h * w, c))?;
+        Ok(Features { stages, last })
+    }
+
+    /// Mean over tokens of the final features: `[B, C]`.
+    pub fn pre_logits(&self, f: &Features) -> Result<Tensor> {
+        Ok(f.last.mean(1)?)
+    }
+
+    /// Logits `[B, num_classes]`, or the pre-logits when `num_classes == 0`.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let f = self.forward_features(x, None, train)?;
+        let p = self.pre_logits(&f)?;
+        match &self.head {
+            Some(h) => Ok(h.forward(&p)?),
+            None => Ok(p),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+    use mimlab_engine::init::seeded_var_builder;
+
+    #[test]
+    fn block_gradient_matches_finite_differences() -> Result<()> {
+        // 8x8 map, window 4, shifted block (odd index), f64.
+        let cfg = SwinV2Config {
+            img_size: 32,
+            patch_size: 4,
+            in_chans: 3,
+            num_classes: 0,
+            embed_dim: 8,
+            depths: vec![2],
+            num_heads: vec![2],
+            window_size: 4,
+            mlp_ratio: 2.0,
+            qkv_bias: true,
+            drop_rate: 0.0,
+            attn_drop_rate: 0.0,
+            drop_path_rate: 0.0,
+            pretrained_window_sizes: vec![0],
+            patch_norm: true,
+        };
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = seeded_var_builder(&vm, 3, DType::F64, &dev);
+        let blk = Block::new(Arc::new(cfg), 0, 1, (8, 8), 0.0, SharedRng::new(0), vb)?;
+        // Re-randomize everything (norm1/norm2 start at zero = identity block).
+        let mut rng = mimlab_engine::rng::rng_for(11, &[]);
+        for (name, var) in vm.data().lock().unwrap().iter() {
+            let n = var.elem_count();
+            let s = if name.contains("logit_scale") {
+                1.0
+            } else {
+                0.5
+            };
+            let v: Vec<f64> = (0..n)
+                .map(|_| rng.random_range(-s..s) + if name.contains("norm") { 1.0 } else { 0.0 })
+                .collect();
+            var.set(&Tensor::from_vec(v, var.shape(), &dev)?)?;
+        }
+        let xv: Vec<f64> = (0..8 * 8 * 8)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let x = candle_core::Var::from_tensor(&Tensor::from_vec(xv, (1, 8, 8, 8), &dev)?)?;
+        let wv: Vec<f64> = (0..8 * 8 * 8)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let wt = Tensor::from_vec(wv, (1, 8, 8, 8), &dev)?;
+        let loss = |t: &Tensor| -> Result<f64> {
+            Ok((blk.forward(t, true)? * &wt)?
+                .sum_all()?
+                .to_scalar::<f64>()?)
+        };
+        let l = (blk.forward(x.as_tensor(), true)? * &wt)?.sum_all()?;
+        let grads = l.backward()?;
+        let data = vm.data().lock().unwrap().clone();
+        let mut checks: Vec<(String, candle_core::Var)> = [
+            "attn.qkv.weight",
+            "attn.q_bias",
+            "attn.v_bias",
+            "attn.logit_scale",
+            "attn.cpb_mlp.0.weight",
+            "attn.cpb_mlp.2.weight",
+            "norm1.weight",
+            "mlp.fc1.weight",
+        ]
+        .iter()
+        .map(|k| (k.to_string(), data[*k].clone()))
+        .collect();
+        checks.push(("input".into(), x.clone()));
+        let eps = 1e-5;
+        for (name, var) in checks {
+            let g = grads
+                .get(var.as_tensor())
+                .context("no grad")?
+                .flatten_all()?
+                .to_vec1::<f64>()?;
+            let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+            for idx in [0, base.len() / 2, base.len() - 1] {
+                let mut plus = base.clone();
+                plus[idx] += eps;
+                var.set(&Tensor::from_vec(plus, var.shape(), &dev)?)?;
+                let lp = loss(x.as_tensor())?;
+                let mut minus = base.clone();
+                minus[idx] -= eps;
+                var.set(&Tensor::from_vec(minus, var.shape(), &dev)?)?;
+                let lm = loss(x.as_tensor())?;
+                var.set(&Tensor::from_vec(base.clone(), var.shape(), &dev)?)?;
+                let fd = (lp - lm) / (2.0 * eps);
+                let rel = (fd - g[idx]).abs() / fd.abs().max(g[idx].abs()).max(1e-3);
+                assert!(
+                    rel < 1e-5,
+                    "{name}[{idx}]: analytic {} vs numeric {fd} (rel {rel})",
+                    g[idx]
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn geometry_is_built_once_for_the_config_resolution() -> Result<()> {
+        let cfg = SwinV2Config::preset("swinv2_nano")?;
+        let vm = VarMap::new();
+        let vb = seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
+        let m = SwinV2::new(&cfg, false, SharedRng::new(0), vb)?;
+        let blk = &m.layers[0].blocks[1];
+        assert_eq!(blk.geometry.lock().unwrap().len(), 1);
+        let g = blk.geometry.lock().unwrap()[&(16, 16)].clone();
+        assert_eq!((g.ws, g.shift), (4, 2));
+        assert_eq!(g.mask.as_ref().unwrap().dims(), &[1, 16, 1, 16, 16]);
+        // stage 3 at 64 px is 2x2: window clamped to 2, no shift
+        let g3 = m.layers[3].blocks[1].geometry.lock().unwrap()[&(2, 2)].clone();
+        assert_eq!((g3.ws, g3.shift), (2, 0));
+        assert!(g3.mask.is_none());
+        Ok(())
+    }
+}
