@@ -84,7 +84,9 @@ impl AdamW {
                 continue;
             };
             let ctx = || format!("AdamW: updating `{}`", p.name);
-            let g = g.to_dtype(p.var.dtype()).with_context(ctx)?;
+            // Gradients of leaf variables can still carry candle's op history (products with the
+            // weights); detach so the moments never chain one step's graph onto the next.
+            let g = g.detach().to_dtype(p.var.dtype()).with_context(ctx)?;
             s.step += 1;
             let lr = lr * p.lr_scale;
             let mut param = p.var.as_tensor().detach();
@@ -95,8 +97,9 @@ impl AdamW {
                     .with_context(ctx)?;
             }
             // exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
-            s.exp_avg = ((&s.exp_avg * b1)? + (&g * (1.0 - b1))?).with_context(ctx)?;
-            s.exp_avg_sq = ((&s.exp_avg_sq * b2)? + (g.sqr()? * (1.0 - b2))?).with_context(ctx)?;
+            s.exp_avg = ((&s.exp_avg * b1)? + (&g * (1.0 - b1))?).with_context(ctx)?.detach();
+            s.exp_avg_sq =
+                ((&s.exp_avg_sq * b2)? + (g.sqr()? * (1.0 - b2))?).with_context(ctx)?.detach();
             let bc1 = 1.0 - b1.powf(s.step as f64);
             let bc2_sqrt = (1.0 - b2.powf(s.step as f64)).sqrt();
             let step_size = lr / bc1;
@@ -309,5 +312,30 @@ mod tests {
         let st = opt.state_tensors();
         assert_eq!(st["unused.step"].to_vec1::<f64>().unwrap(), vec![0.0]);
         assert_eq!(st["used.step"].to_vec1::<f64>().unwrap(), vec![1.0]);
+    }
+
+    /// Regression: a leaf gradient can carry op history (here d(w*x)/dx = w, a variable); if the
+    /// moments kept it, every step would chain its whole graph onto the next and memory would grow
+    /// without bound (seen as an OOM after ~200 SimMIM steps).
+    #[test]
+    fn moments_hold_no_graph() {
+        let dev = Device::Cpu;
+        let w = candle_core::Var::new(&[1.0f32, 2.0], &dev).unwrap();
+        let x = candle_core::Var::new(&[3.0f32, 4.0], &dev).unwrap();
+        let loss = (w.as_tensor() * x.as_tensor()).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(grads.get(x.as_tensor()).unwrap().track_op(), "premise: x's grad is tracked");
+        let group = |name: &str, var: &candle_core::Var| ParamGroup {
+            name: name.into(),
+            var: var.clone(),
+            weight_decay: 0.0,
+            lr_scale: 1.0,
+        };
+        let mut opt = AdamW::new(vec![group("w", &w), group("x", &x)], (0.9, 0.999), 1e-8).unwrap();
+        opt.step(&grads, 0.1).unwrap();
+        for (name, t) in opt.state_tensors() {
+            assert!(!t.track_op(), "{name} keeps an op graph");
+        }
+        assert!(!x.as_tensor().track_op() || x.as_tensor().is_variable());
     }
 }

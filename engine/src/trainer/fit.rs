@@ -347,6 +347,8 @@ impl<'a, O: Objective> Trainer<'a, O> {
             // Keep only the variables' gradients (the store also holds every intermediate's).
             for v in &self.vars {
                 if let Some(gv) = g.remove(v.as_tensor()) {
+                    // Detached: a leaf gradient may still reference this step's graph.
+                    let gv = gv.detach();
                     let sum = match grads.remove(v.as_tensor()) {
                         Some(prev) => (prev + gv)?,
                         None => gv,
