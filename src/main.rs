@@ -6,7 +6,11 @@ mod cli;
 mod experiment;
 
 #[derive(Debug, Parser)]
-#[command(name = "mimlab", version, about = "Self-supervised visual pretraining workbench (Swin-V2, SimMIM)")]
+#[command(
+    name = "mimlab",
+    version,
+    about = "Self-supervised visual pretraining workbench (Swin-V2, SimMIM)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

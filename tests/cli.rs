@@ -29,8 +29,13 @@ fn err(args: &[&str]) -> String {
 }
 
 fn require_data() {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist/train-images-idx3-ubyte.gz");
-    assert!(p.exists(), "{} is missing: run `bash scripts/setup-data.sh` first", p.display());
+    let p =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist/train-images-idx3-ubyte.gz");
+    assert!(
+        p.exists(),
+        "{} is missing: run `bash scripts/setup-data.sh` first",
+        p.display()
+    );
 }
 
 fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -47,11 +52,18 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
 #[test]
 fn every_shipped_config_resolves() {
     let mut files = vec![];
-    yaml_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("configs"), &mut files);
+    yaml_files(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("configs"),
+        &mut files,
+    );
     assert!(files.len() >= 4, "configs/ holds {} files", files.len());
     for f in files {
         let text = ok(&["config", "show", f.to_str().unwrap()]);
-        assert!(text.contains("model:") && text.contains("preset:"), "{}: {text}", f.display());
+        assert!(
+            text.contains("model:") && text.contains("preset:"),
+            "{}: {text}",
+            f.display()
+        );
     }
 }
 
@@ -79,16 +91,30 @@ fn base_inheritance_and_set_reach_the_resolved_config() {
 #[test]
 fn config_typos_and_types_are_named() {
     let e = err(&["config", "show", "--set", "train.bas_lr=1e-3"]);
-    assert!(e.contains("unknown key `train.bas_lr` (did you mean `train.base_lr`?)"), "{e}");
+    assert!(
+        e.contains("unknown key `train.bas_lr` (did you mean `train.base_lr`?)"),
+        "{e}"
+    );
     let e = err(&["config", "show", "--set", "train.epochs=ten"]);
-    assert!(e.contains("train.epochs") && e.contains("invalid type"), "{e}");
+    assert!(
+        e.contains("train.epochs") && e.contains("invalid type"),
+        "{e}"
+    );
     let e = err(&["config", "show", "--set", "model.preset=swinv2_huge"]);
-    assert!(e.contains("swinv2_huge") && e.contains("swinv2_nano"), "{e}");
+    assert!(
+        e.contains("swinv2_huge") && e.contains("swinv2_nano"),
+        "{e}"
+    );
 }
 
 #[test]
 fn model_info_counts_tiny_params() {
-    let text = ok(&["model", "info", "--set", "model.preset=swinv2_tiny_window8_256"]);
+    let text = ok(&[
+        "model",
+        "info",
+        "--set",
+        "model.preset=swinv2_tiny_window8_256",
+    ]);
     // architecture.md 1.2: SwinV2-T with a 1000-class head has 28,347,154 parameters.
     assert!(text.contains("28347154"), "{text}");
 }
@@ -98,8 +124,19 @@ fn avgdist_prints_csv_and_writes_png() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().to_str().unwrap();
     let text = ok(&[
-        "avgdist", "--img-size", "64", "--mask-patch-sizes", "8,16", "--ratios", "0.4,0.6",
-        "--samples", "20", "--out", out, "--format", "csv",
+        "avgdist",
+        "--img-size",
+        "64",
+        "--mask-patch-sizes",
+        "8,16",
+        "--ratios",
+        "0.4,0.6",
+        "--samples",
+        "20",
+        "--out",
+        out,
+        "--format",
+        "csv",
     ]);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "mask_patch_size,ratio,strategy,avgdist");
@@ -107,12 +144,17 @@ fn avgdist_prints_csv_and_writes_png() {
     // Larger mask patches at the same ratio put masked pixels further from visible ones.
     let val = |i: usize| lines[i].split(',').nth(3).unwrap().parse::<f64>().unwrap();
     let row = |p: &str, r: &str| {
-        (1..5).find(|&i| lines[i].starts_with(&format!("{p},{r},"))).unwrap()
+        (1..5)
+            .find(|&i| lines[i].starts_with(&format!("{p},{r},")))
+            .unwrap()
     };
     assert!(val(row("16", "0.6")) > val(row("8", "0.6")), "{text}");
     assert!(val(row("8", "0.6")) > val(row("8", "0.4")), "{text}");
     assert!(dir.path().join("avgdist.png").exists());
-    assert_eq!(std::fs::read_to_string(dir.path().join("avgdist.csv")).unwrap(), text);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("avgdist.csv")).unwrap(),
+        text
+    );
 }
 
 /// A few SimMIM steps of a tiny model on Fashion-MNIST, then resume, then pictures.
@@ -146,12 +188,23 @@ fn pretrain_resume_and_visualize() {
     let text = ok(&args);
     assert!(text.contains("done: 4 steps"), "{text}");
     let run = dir.path().join("tiny");
-    for f in ["config.yaml", "metrics.jsonl", "checkpoints/latest", "checkpoints/step_4.json"] {
+    for f in [
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoints/latest",
+        "checkpoints/step_4.json",
+    ] {
         assert!(run.join(f).exists(), "missing {f}");
     }
     let events = std::fs::read_dir(&run)
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("events.out"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("events.out")
+        })
         .count();
     assert!(events >= 1);
     let pictures = std::fs::read_dir(run.join("pictures")).unwrap().count();
@@ -166,5 +219,88 @@ fn pretrain_resume_and_visualize() {
     let text = ok(&["visualize", "--run", run_s, "--n", "3"]);
     assert!(text.contains("reconstruction.png"), "{text}");
     let png = image::open(run.join("pictures/reconstruction.png")).unwrap();
-    assert!(png.width() > 4 * 32 && png.height() >= 3 * 32, "{}x{}", png.width(), png.height());
+    assert!(
+        png.width() > 4 * 32 && png.height() >= 3 * 32,
+        "{}x{}",
+        png.width(),
+        png.height()
+    );
+}
+
+/// `mimlab model run` on the committed PyTorch fixture (scripts/make_fixtures.py, model B: patch 2,
+/// 3 stages, window 8 clamped to 4, pretrained windows [6,0,3], 7-class head) reproduces
+/// PyTorch's logits, pre_logits and features for both key layouts.
+#[test]
+fn model_run_matches_pytorch_fixture() {
+    use candle_core::{Device, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let io = "tests/fixtures/swinv2_b.io.safetensors";
+    let reference = candle_core::safetensors::load(io, &Device::Cpu).unwrap();
+    let rel_err = |got: &Tensor, want: &Tensor| -> f32 {
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        diff / scale
+    };
+    for layout in ["official", "timm"] {
+        let out = dir.path().join(format!("{layout}.safetensors"));
+        let weights = format!("tests/fixtures/swinv2_b.{layout}.safetensors");
+        ok(&[
+            "model",
+            "run",
+            "--set",
+            "model.img_size=32",
+            "--set",
+            "model.patch_size=2",
+            "--set",
+            "model.num_classes=7",
+            "--set",
+            "model.embed_dim=12",
+            "--set",
+            "model.depths=[2,2,2]",
+            "--set",
+            "model.num_heads=[1,2,2]",
+            "--set",
+            "model.window_size=8",
+            "--set",
+            "model.pretrained_window_sizes=[6,0,3]",
+            "--set",
+            "model.drop_path_rate=0.0",
+            "--weights",
+            &weights,
+            "--input",
+            io,
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+        let want_feat = reference[&format!("{layout}.features")]
+            .permute((0, 2, 3, 1))
+            .unwrap();
+        for (name, want) in [
+            ("logits", reference[&format!("{layout}.logits")].clone()),
+            (
+                "pre_logits",
+                reference[&format!("{layout}.pre_logits")].clone(),
+            ),
+            ("features", want_feat),
+        ] {
+            let g = &got[name];
+            assert_eq!(g.dims(), want.dims(), "{layout} {name}");
+            let e = rel_err(g, &want);
+            assert!(e < 1e-4, "{layout} {name}: relative error {e}");
+        }
+    }
 }

@@ -19,7 +19,8 @@ use crate::mask::{MaskGenerator, SimMimConfig};
 use crate::simmim::{denorm_targets, pixel_mask, SimMim};
 
 /// Column titles of [`reconstruction_grid`].
-pub const COLUMNS: [&str; 4] = ["original", "masked", "reconstruction", "pasted"];
+/// (Titles fit a 96 px tile at the built-in font: "reconstruction" would be cut.)
+pub const COLUMNS: [&str; 4] = ["original", "masked", "predicted", "pasted"];
 
 /// Grey shown in place of masked pixels (pixel space, 0..1).
 const MASK_GREY: f64 = 0.5;

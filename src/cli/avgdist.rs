@@ -25,7 +25,11 @@ pub struct AvgDistArgs {
     #[arg(long, value_delimiter = ',', default_value = "4,8,16,32,64")]
     pub mask_patch_sizes: Vec<usize>,
     /// Mask ratios, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
+    )]
     pub ratios: Vec<f64>,
     /// Masking strategies, comma separated: random, blockwise, central.
     #[arg(long, value_delimiter = ',', default_value = "random")]
@@ -55,24 +59,40 @@ fn parse_strategy(s: &str) -> Result<MaskStrategy> {
 
 /// Computes the table, prints it, writes CSV and PNG.
 pub fn run(a: AvgDistArgs) -> Result<()> {
-    let strategies = a.strategy.iter().map(|s| parse_strategy(s)).collect::<Result<Vec<_>>>()?;
+    let strategies = a
+        .strategy
+        .iter()
+        .map(|s| parse_strategy(s))
+        .collect::<Result<Vec<_>>>()?;
     for &r in &a.ratios {
         if !(r > 0.0 && r < 1.0) {
             bail!("--ratios: {r} is outside (0, 1); AvgDist needs masked and visible pixels");
         }
     }
-    let table =
-        avgdist_table(a.img_size, &a.mask_patch_sizes, &a.ratios, &strategies, a.samples, a.seed)?;
+    let table = avgdist_table(
+        a.img_size,
+        &a.mask_patch_sizes,
+        &a.ratios,
+        &strategies,
+        a.samples,
+        a.seed,
+    )?;
     for w in &table.warnings {
         eprintln!("warning: {w}");
     }
     let rows = table.rows;
-    anyhow::ensure!(!rows.is_empty(), "no (mask patch size, ratio) pair could be evaluated");
+    anyhow::ensure!(
+        !rows.is_empty(),
+        "no (mask patch size, ratio) pair could be evaluated"
+    );
     let csv = avgdist_csv(&rows);
     match a.format {
         Format::Csv => print!("{csv}"),
         Format::Plain => {
-            println!("{:>15} {:>6} {:>10} {:>9}", "mask_patch_size", "ratio", "strategy", "avgdist");
+            println!(
+                "{:>15} {:>6} {:>10} {:>9}",
+                "mask_patch_size", "ratio", "strategy", "avgdist"
+            );
             for line in csv.lines().skip(1) {
                 let f: Vec<&str> = line.split(',').collect();
                 println!("{:>15} {:>6} {:>10} {:>9}", f[0], f[1], f[2], f[3]);

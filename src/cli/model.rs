@@ -53,18 +53,30 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
 fn info(args: &ConfigArgs) -> Result<()> {
     let exp = Experiment::load(args.config.as_deref(), &args.sets)?;
     let cfg = exp.model.resolve()?;
-    println!("preset            {}", exp.model.preset.as_deref().unwrap_or("-"));
+    println!(
+        "preset            {}",
+        exp.model.preset.as_deref().unwrap_or("-")
+    );
     println!("img_size          {}", cfg.img_size);
     println!("parameters        {}", cfg.num_params());
-    println!("GFLOPs / image    {:.3} (multiply-adds, forward)", cfg.flops() as f64 / 1e9);
+    println!(
+        "GFLOPs / image    {:.3} (multiply-adds, forward)",
+        cfg.flops() as f64 / 1e9
+    );
     let mut res = cfg.img_size / cfg.patch_size;
     for (i, (&d, &h)) in cfg.depths.iter().zip(&cfg.num_heads).enumerate() {
         let dim = cfg.embed_dim << i;
         let win = cfg.window_size.min(res);
-        println!("stage {i}           {d} blocks, dim {dim}, heads {h}, map {res}x{res}, window {win}");
+        println!(
+            "stage {i}           {d} blocks, dim {dim}, heads {h}, map {res}x{res}, window {win}"
+        );
         res /= 2;
     }
-    println!("features          {} channels at stride {}", cfg.num_features(), cfg.out_stride());
+    println!(
+        "features          {} channels at stride {}",
+        cfg.num_features(),
+        cfg.out_stride()
+    );
     Ok(())
 }
 
@@ -80,13 +92,23 @@ pub fn load_backbone(
     let tensors = read_safetensors(weights)?;
     // A SimMIM run stores the backbone under `encoder.` next to its pixel head.
     let simmim = tensors.keys().any(|k| k.starts_with("encoder."));
-    let (tensors, layout) = if simmim { (tensors, None) } else {
+    let (tensors, layout) = if simmim {
+        (tensors, None)
+    } else {
         let (t, l) = remap_to_mimlab(tensors)?;
         (t, Some(l))
     };
     let opts = LoadOptions {
-        prefix: if simmim { "encoder.".into() } else { String::new() },
-        allow_missing: if cfg.num_classes == 0 || simmim { vec!["head.".into()] } else { vec![] },
+        prefix: if simmim {
+            "encoder.".into()
+        } else {
+            String::new()
+        },
+        allow_missing: if cfg.num_classes == 0 || simmim {
+            vec!["head.".into()]
+        } else {
+            vec![]
+        },
         ignore_unexpected: vec!["decoder.".into(), "mask_token".into()],
     };
     let report = load_into_varmap(&varmap, tensors, &opts)
@@ -96,7 +118,11 @@ pub fn load_backbone(
         report.loaded,
         weights.display(),
         layout.unwrap_or(report.layout),
-        if report.ignored.is_empty() { String::new() } else { format!(", ignored {}", report.ignored.len()) }
+        if report.ignored.is_empty() {
+            String::new()
+        } else {
+            format!(", ignored {}", report.ignored.len())
+        }
     );
     Ok(model)
 }
@@ -121,8 +147,10 @@ fn forward(args: &RunArgs) -> Result<()> {
     if cfg.num_classes > 0 {
         out.insert("logits".into(), model.forward(&x, false)?);
     }
-    let out: HashMap<String, Tensor> =
-        out.into_iter().map(|(k, v)| Ok((k, v.to_device(&candle_core::Device::Cpu)?))).collect::<Result<_>>()?;
+    let out: HashMap<String, Tensor> = out
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_device(&candle_core::Device::Cpu)?)))
+        .collect::<Result<_>>()?;
     candle_core::safetensors::save(&out, &args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
     eprintln!("wrote {} ({})", args.output.display(), {

@@ -28,7 +28,11 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     let config_path = match &args.resume {
         Some(dir) => {
             let p = dir.join("config.yaml");
-            anyhow::ensure!(p.is_file(), "--resume {}: no config.yaml in that folder", dir.display());
+            anyhow::ensure!(
+                p.is_file(),
+                "--resume {}: no config.yaml in that folder",
+                dir.display()
+            );
             Some(p)
         }
         None => args.config.config.clone(),
@@ -38,8 +42,14 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     let device = parse_device(&exp.run.device)?;
     let model_cfg = exp.model.resolve()?;
 
-    let dataset = build_dataset(&exp.data, Split::Train, model_cfg.img_size, model_cfg.in_chans, true)
-        .context("building the pretraining dataset")?;
+    let dataset = build_dataset(
+        &exp.data,
+        Split::Train,
+        model_cfg.img_size,
+        model_cfg.in_chans,
+        true,
+    )
+    .context("building the pretraining dataset")?;
     eprintln!("data: {}", dataset.describe());
     let loader = DataLoader::new(
         dataset,
@@ -61,8 +71,13 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     );
     let start = Instant::now();
     let yaml = exp.to_yaml()?;
-    let mut trainer =
-        Trainer::new(&mut objective, &exp.train, &exp.run, &yaml, args.resume.as_deref())?;
+    let mut trainer = Trainer::new(
+        &mut objective,
+        &exp.train,
+        &exp.run,
+        &yaml,
+        args.resume.as_deref(),
+    )?;
     let summary = trainer.fit(&loader, None)?;
     println!(
         "done: {} steps in {:.1}s, loss {:.4} -> {:.4}; run folder {}",
