@@ -34,7 +34,9 @@ pub fn set_cpu_threads(n: usize) {
     if n > 0 {
         // candle's CPU matmul (gemm) and its rayon-parallel ops both read RAYON_NUM_THREADS.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
     }
 }
 

@@ -21,9 +21,9 @@ struct SeededVarMap {
 /// Draws `shape` values of `init` with a generator seeded by (seed, name).
 pub fn draw_init(init: Init, shape: &Shape, name: &str, seed: u64) -> Vec<f32> {
     let n = shape.elem_count();
-    let name_hash = name
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x1000_0000_01b3));
+    let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x1000_0000_01b3)
+    });
     let mut rng = rng_for(mix_seed(seed, &[name_hash]), &[]);
     match init {
         Init::Const(v) => vec![v as f32; n],
@@ -32,7 +32,11 @@ pub fn draw_init(init: Init, shape: &Shape, name: &str, seed: u64) -> Vec<f32> {
             (0..n).map(|_| normal.sample(&mut rng) as f32).collect()
         }
         Init::Uniform { lo, up } => (0..n).map(|_| rng.random_range(lo..=up) as f32).collect(),
-        Init::Kaiming { dist, fan, non_linearity } => {
+        Init::Kaiming {
+            dist,
+            fan,
+            non_linearity,
+        } => {
             let fan = match fan {
                 FanInOut::FanIn => FanInOut::FanIn.for_shape(shape),
                 FanInOut::FanOut => FanInOut::FanOut.for_shape(shape),
@@ -41,7 +45,9 @@ pub fn draw_init(init: Init, shape: &Shape, name: &str, seed: u64) -> Vec<f32> {
             match dist {
                 NormalOrUniform::Uniform => {
                     let bound = 3f64.sqrt() * std;
-                    (0..n).map(|_| rng.random_range(-bound..=bound) as f32).collect()
+                    (0..n)
+                        .map(|_| rng.random_range(-bound..=bound) as f32)
+                        .collect()
                 }
                 NormalOrUniform::Normal => {
                     let normal = Normal::new(0.0, std).expect("finite normal parameters");
@@ -57,7 +63,10 @@ impl SimpleBackend for SeededVarMap {
         let mut data = self.varmap.data().lock().expect("varmap mutex poisoned");
         if let Some(var) = data.get(name) {
             if var.shape() != &s {
-                candle_core::bail!("shape mismatch on {name}: asked {s:?}, stored {:?}", var.shape());
+                candle_core::bail!(
+                    "shape mismatch on {name}: asked {s:?}, stored {:?}",
+                    var.shape()
+                );
             }
             return Ok(var.as_tensor().clone());
         }
@@ -78,13 +87,29 @@ impl SimpleBackend for SeededVarMap {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.varmap.data().lock().expect("varmap mutex poisoned").contains_key(name)
+        self.varmap
+            .data()
+            .lock()
+            .expect("varmap mutex poisoned")
+            .contains_key(name)
     }
 }
 
 /// A `VarBuilder` whose new variables live in `varmap` (trainable) and are initialized from `seed`.
-pub fn seeded_var_builder(varmap: &VarMap, seed: u64, dtype: DType, dev: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(SeededVarMap { varmap: varmap.clone(), seed }), dtype, dev.clone())
+pub fn seeded_var_builder(
+    varmap: &VarMap,
+    seed: u64,
+    dtype: DType,
+    dev: &Device,
+) -> VarBuilder<'static> {
+    VarBuilder::from_backend(
+        Box::new(SeededVarMap {
+            varmap: varmap.clone(),
+            seed,
+        }),
+        dtype,
+        dev.clone(),
+    )
 }
 
 #[cfg(test)]
@@ -97,7 +122,16 @@ mod tests {
         let build = |seed| {
             let vm = VarMap::new();
             let vb = seeded_var_builder(&vm, seed, DType::F32, &dev);
-            let w = vb.get_with_hints((64, 128), "a.weight", Init::Randn { mean: 0.0, stdev: 0.02 }).unwrap();
+            let w = vb
+                .get_with_hints(
+                    (64, 128),
+                    "a.weight",
+                    Init::Randn {
+                        mean: 0.0,
+                        stdev: 0.02,
+                    },
+                )
+                .unwrap();
             w.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         };
         let a = build(1);
@@ -114,7 +148,12 @@ mod tests {
     fn kaiming_uniform_bound_matches_pytorch() {
         // PyTorch default Linear/Conv init: kaiming_uniform(a=sqrt(5)) -> bound = 1/sqrt(fan_in);
         // candle's DEFAULT_KAIMING_UNIFORM uses ReLU gain: bound = sqrt(6/fan_in).
-        let v = draw_init(candle_nn::init::DEFAULT_KAIMING_UNIFORM, &Shape::from((8, 24)), "w", 0);
+        let v = draw_init(
+            candle_nn::init::DEFAULT_KAIMING_UNIFORM,
+            &Shape::from((8, 24)),
+            "w",
+            0,
+        );
         let bound = (6.0f64 / 24.0).sqrt() as f32;
         assert!(v.iter().all(|x| x.abs() <= bound + 1e-6));
         assert!(v.iter().any(|x| x.abs() > 0.8 * bound));

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 pub fn mix_seed(seed: u64, streams: &[u64]) -> u64 {
     let mut z = seed;
     for &s in streams {
-        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_add(s.wrapping_mul(0xBF58_476D_1CE4_E5B9));
+        z = z
+            .wrapping_add(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(s.wrapping_mul(0xBF58_476D_1CE4_E5B9));
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;

@@ -97,9 +97,12 @@ impl AdamW {
                     .with_context(ctx)?;
             }
             // exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
-            s.exp_avg = ((&s.exp_avg * b1)? + (&g * (1.0 - b1))?).with_context(ctx)?.detach();
-            s.exp_avg_sq =
-                ((&s.exp_avg_sq * b2)? + (g.sqr()? * (1.0 - b2))?).with_context(ctx)?.detach();
+            s.exp_avg = ((&s.exp_avg * b1)? + (&g * (1.0 - b1))?)
+                .with_context(ctx)?
+                .detach();
+            s.exp_avg_sq = ((&s.exp_avg_sq * b2)? + (g.sqr()? * (1.0 - b2))?)
+                .with_context(ctx)?
+                .detach();
             let bc1 = 1.0 - b1.powf(s.step as f64);
             let bc2_sqrt = (1.0 - b2.powf(s.step as f64)).sqrt();
             let step_size = lr / bc1;
@@ -324,7 +327,10 @@ mod tests {
         let x = candle_core::Var::new(&[3.0f32, 4.0], &dev).unwrap();
         let loss = (w.as_tensor() * x.as_tensor()).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
-        assert!(grads.get(x.as_tensor()).unwrap().track_op(), "premise: x's grad is tracked");
+        assert!(
+            grads.get(x.as_tensor()).unwrap().track_op(),
+            "premise: x's grad is tracked"
+        );
         let group = |name: &str, var: &candle_core::Var| ParamGroup {
             name: name.into(),
             var: var.clone(),

@@ -276,6 +276,19 @@ pub fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
+/// Weights file of the newest complete checkpoint of a run folder (`RUN_DIR/checkpoints`).
+pub fn latest_checkpoint(run_dir: &Path) -> Result<PathBuf> {
+    let dir = run_dir.join("checkpoints");
+    let steps = list_checkpoints(&dir)?;
+    match steps.last() {
+        Some(&s) => Ok(checkpoint_paths(&dir, s).0),
+        None => bail!(
+            "{}: no complete checkpoint (step_N.json) in this run folder",
+            dir.display()
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,15 +387,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing key `v`"), "{err}");
-    }
-}
-
-/// Weights file of the newest complete checkpoint of a run folder (`RUN_DIR/checkpoints`).
-pub fn latest_checkpoint(run_dir: &Path) -> Result<PathBuf> {
-    let dir = run_dir.join("checkpoints");
-    let steps = list_checkpoints(&dir)?;
-    match steps.last() {
-        Some(&s) => Ok(checkpoint_paths(&dir, s).0),
-        None => bail!("{}: no complete checkpoint (step_N.json) in this run folder", dir.display()),
     }
 }

@@ -7,7 +7,7 @@ mod objective;
 #[cfg(test)]
 mod tests;
 
-pub use config::{utc_stamp, RunConfig, TrainConfig};
 pub use checkpoint::latest_checkpoint;
+pub use config::{utc_stamp, RunConfig, TrainConfig};
 pub use fit::{BatchSource, TrainSummary, Trainer};
 pub use objective::{Objective, StepOutput};
