@@ -182,16 +182,6 @@ pub fn visualize_run(
     Ok(out.to_path_buf())
 }
 
-/// The newest checkpoint weights of a run folder (`RUN_DIR/checkpoints/step_N.safetensors`).
-pub fn newest_weights(run_dir: &Path) -> Result<PathBuf> {
-    let dir = run_dir.join("checkpoints");
-    let steps = mimlab_engine::trainer::checkpoint::list_checkpoints(&dir)?;
-    let Some(&step) = steps.last() else {
-        bail!("{}: no complete checkpoint (step_N.json)", dir.display());
-    };
-    Ok(mimlab_engine::trainer::checkpoint::checkpoint_paths(&dir, step).0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,7 +238,10 @@ mod tests {
         let weights = ckpt.join("step_5.safetensors");
         vm.save(&weights).unwrap();
         std::fs::write(ckpt.join("step_5.json"), "{}").unwrap();
-        assert_eq!(newest_weights(dir.path()).unwrap(), weights);
+        assert_eq!(
+            mimlab_engine::trainer::latest_checkpoint(dir.path()).unwrap(),
+            weights
+        );
         let imgs = dir.path().join("imgs");
         std::fs::create_dir_all(&imgs).unwrap();
         for (i, c) in [[200u8, 30, 30], [20, 90, 240], [10, 10, 10]]
