@@ -478,45 +478,4 @@ mod tests {
         assert_eq!(batches[0].images.dims(), &[1, 3, 8, 8]);
         assert_eq!(l.skipped(), 1);
     }
-
-    /// Measures (prints, asserts nothing): `cargo test -p mimlab-engine loader_throughput -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "benchmark"]
-    fn loader_throughput() {
-        let root = crate::data::test_data_root();
-        for (name, size, workers) in [
-            ("fashion-mnist", 192, 1),
-            ("fashion-mnist", 192, 2),
-            ("photos", 192, 2),
-        ] {
-            let cfg = DataConfig {
-                dataset: name.into(),
-                root: root.clone(),
-                ..Default::default()
-            };
-            let t0 = std::time::Instant::now();
-            let ds = build_dataset(&cfg, Split::Train, size, 3, true).unwrap();
-            let open = t0.elapsed().as_secs_f64();
-            let o = LoaderOptions {
-                batch_size: 64,
-                shuffle: true,
-                drop_last: true,
-                seed: 0,
-                workers,
-                prefetch: 4,
-            };
-            let l = DataLoader::new(ds, o);
-            let t0 = std::time::Instant::now();
-            let n = l
-                .epoch(0, 0)
-                .take(16)
-                .map(|b| b.unwrap().indices.len())
-                .sum::<usize>();
-            let dt = t0.elapsed().as_secs_f64();
-            println!(
-                "{name} {size}px, {workers} workers: open {open:.2}s, {:.0} images/s",
-                n as f64 / dt
-            );
-        }
-    }
 }
