@@ -34,6 +34,7 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
+    mimlab_engine::device::tune_allocator();
     let result: Result<()> = match cli.cmd {
         Cmd::Config(c) => cli::config::run(c),
         Cmd::Pretrain(a) => cli::pretrain::run(a),

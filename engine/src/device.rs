@@ -40,6 +40,21 @@ pub fn set_cpu_threads(n: usize) {
     }
 }
 
+/// Keeps freed tensor buffers in the process instead of returning them to the OS on every op.
+///
+/// glibc hands allocations above its mmap threshold (128 KiB, adapting upwards) back to the kernel
+/// on `free`, so each step page-faults its activations in again. Raising the threshold to glibc's
+/// maximum (32 MiB) and disabling trimming measured 19.3 s -> 16.2 s for 60 steps of
+/// `configs/simmim/swinv2_nano_fmnist.yaml` on 2 cores (sys time 5.0 s -> 1.4 s), same losses.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called once at start-up.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
