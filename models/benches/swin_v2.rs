@@ -22,6 +22,8 @@ fn time(budget: Duration, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
+    // Same allocator setting as the `mimlab` binary.
+    mimlab_engine::device::tune_allocator();
     let filter = std::env::args().skip(1).find(|a| !a.starts_with("--"));
     let dev = Device::Cpu;
     let cases: &[(&str, usize, usize)] = &[

@@ -1,3 +1,4 @@
-//! Swin-V2 backbone and its checkpoint layouts.
+//! Swin-V2 backbone (optionally with mixture-of-experts MLPs) and its checkpoint layouts.
 pub mod checkpoint;
+pub mod moe;
 pub mod swin_v2;

@@ -13,6 +13,8 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use mimlab_engine::rng::SharedRng;
+
+use crate::moe::{summarize, MoeCollector, MoeConfig, MoeLoss, MoeMlp, MoeStats};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +55,9 @@ pub struct SwinV2Config {
     pub pretrained_window_sizes: Vec<usize>,
     /// LayerNorm after the patch embedding.
     pub patch_norm: bool,
+    /// Mixture-of-experts MLPs (off by default; see [`crate::moe`]).
+    #[serde(default)]
+    pub moe: MoeConfig,
 }
 
 /// Names accepted by [`SwinV2Config::preset`].
@@ -101,6 +106,7 @@ impl SwinV2Config {
             drop_path_rate,
             pretrained_window_sizes: pretrained_window_sizes.to_vec(),
             patch_norm: true,
+            moe: MoeConfig::default(),
         }
     }
 
@@ -227,6 +233,7 @@ impl SwinV2Config {
         }
         self.check_resolution(self.img_size, self.img_size)
             .context("model.img_size")?;
+        self.moe.validate(&self.depths)?;
         Ok(())
     }
 
@@ -285,8 +292,17 @@ impl SwinV2Config {
                 + d
                 + heads
                 + (2 * 512 + 512 + 512 * heads);
-            let block = attn + 4 * d + (d * hid + hid + hid * d + d);
-            n += depth * block;
+            let mlp = d * hid + hid + hid * d + d;
+            let e = self.moe.num_experts;
+            for j in 0..depth {
+                // an MoE block: gate [E, C] + E experts of the dense MLP's size
+                let ffn = if self.moe.is_moe_block(&self.depths, i, j) {
+                    e * d + e * mlp
+                } else {
+                    mlp
+                };
+                n += attn + 4 * d + ffn;
+            }
             if i + 1 < self.num_stages() {
                 n += 4 * d * 2 * d + 2 * 2 * d;
             }
@@ -324,8 +340,16 @@ impl SwinV2Config {
             let hw = (h * w) as f64;
             // W-MSA per window: qkv + q·k + attn·v + proj (head dims sum to dim)
             let attn = n * dim * 3.0 * dim + 2.0 * n * n * dim + n * dim * dim;
-            let block = 2.0 * dim * hw + nwin * attn + 2.0 * hw * dim * dim * self.mlp_ratio;
-            f += self.depths[i] as f64 * block;
+            let mlp = 2.0 * hw * dim * dim * self.mlp_ratio;
+            for j in 0..self.depths[i] {
+                // MoE: the gate plus top_k experts per token (all assignments kept)
+                let ffn = if self.moe.is_moe_block(&self.depths, i, j) {
+                    hw * dim * self.moe.num_experts as f64 + self.moe.top_k as f64 * mlp
+                } else {
+                    mlp
+                };
+                f += 2.0 * dim * hw + nwin * attn + ffn;
+            }
             if i + 1 < self.num_stages() {
                 f += ((h / 2) * (w / 2)) as f64 * 4.0 * dim * 2.0 * dim + hw * dim / 2.0;
                 h /= 2;
@@ -389,6 +413,8 @@ pub struct ModelSection {
     pub pretrained_window_sizes: Option<Vec<usize>>,
     /// Overrides [`SwinV2Config::patch_norm`].
     pub patch_norm: Option<bool>,
+    /// Overrides [`SwinV2Config::moe`] (the whole section; its own keys default).
+    pub moe: Option<MoeConfig>,
 }
 
 impl ModelSection {
@@ -414,7 +440,8 @@ impl ModelSection {
             attn_drop_rate,
             drop_path_rate,
             pretrained_window_sizes,
-            patch_norm
+            patch_norm,
+            moe
         );
         // A depth override without a pretrained-window override keeps "no pretrained windows".
         if self.pretrained_window_sizes.is_none()
@@ -423,6 +450,10 @@ impl ModelSection {
             c.pretrained_window_sizes = vec![0; c.depths.len()];
         }
         c.validate()?;
+        if c.moe.enabled() {
+            // spell out the derived MoE placement in the resolved config
+            c.moe.blocks = c.moe.effective_blocks(&c.depths);
+        }
         Ok(c)
     }
 
@@ -446,6 +477,7 @@ impl ModelSection {
             drop_path_rate: Some(c.drop_path_rate),
             pretrained_window_sizes: Some(c.pretrained_window_sizes),
             patch_norm: Some(c.patch_norm),
+            moe: Some(c.moe),
         })
     }
 }
@@ -681,7 +713,12 @@ fn softmax(x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
 }
 
 /// Inverted dropout with a mask drawn from the shared RNG.
-fn dropout(x: &Tensor, p: f64, rng: &SharedRng, train: bool) -> candle_core::Result<Tensor> {
+pub(crate) fn dropout(
+    x: &Tensor,
+    p: f64,
+    rng: &SharedRng,
+    train: bool,
+) -> candle_core::Result<Tensor> {
     if !train || p <= 0.0 {
         return Ok(x.clone());
     }
@@ -866,15 +903,23 @@ impl Mlp {
 // Block: res-post-norm (architecture.md 1.3)
 // ------------------------------------------------------------------------------------------------
 
+/// A block's feed-forward: the dense MLP or an MoE layer.
+#[derive(Debug, Clone)]
+enum Ffn {
+    Dense(Mlp),
+    Moe(MoeMlp, MoeCollector),
+}
+
 #[derive(Debug)]
 struct Block {
     cfg: Arc<SwinV2Config>,
     stage: usize,
+    index: usize,
     odd: bool,
     norm1: LayerNorm,
     attn: WindowAttention,
     norm2: LayerNorm,
-    mlp: Mlp,
+    mlp: Ffn,
     drop_path: f64,
     rng: SharedRng,
     /// Geometry per (H, W); the configured resolution is built at construction.
@@ -890,6 +935,7 @@ impl Block {
         res: (usize, usize),
         drop_path: f64,
         rng: SharedRng,
+        moe: MoeCollector,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let dim = cfg.stage_dim(stage);
@@ -897,7 +943,13 @@ impl Block {
         let norm1 = LayerNorm::new(dim, true, vb.pp("norm1"))?; // res-post-norm init: zero
         let attn = WindowAttention::new(dim, heads, &cfg, vb.pp("attn"))?;
         let norm2 = LayerNorm::new(dim, true, vb.pp("norm2"))?;
-        let mlp = Mlp::new(dim, cfg.mlp_hidden(dim), cfg.drop_rate, vb.pp("mlp"))?;
+        let hid = cfg.mlp_hidden(dim);
+        let mlp = if cfg.moe.is_moe_block(&cfg.depths, stage, index) {
+            let m = MoeMlp::new(dim, hid, &cfg.moe, cfg.drop_rate, vb.pp("mlp"))?;
+            Ffn::Moe(m, moe)
+        } else {
+            Ffn::Dense(Mlp::new(dim, hid, cfg.drop_rate, vb.pp("mlp"))?)
+        };
         let g = Geometry::new(
             &cfg,
             stage,
@@ -911,6 +963,7 @@ impl Block {
         Ok(Self {
             cfg,
             stage,
+            index,
             odd: index % 2 == 1,
             norm1,
             attn,
@@ -966,9 +1019,26 @@ impl Block {
             &self.rng,
             train,
         )?)?;
-        let m = self
-            .norm2
-            .forward(&self.mlp.forward(&x, &self.rng, train)?, train)?;
+        let m = match &self.mlp {
+            Ffn::Dense(mlp) => mlp.forward(&x, &self.rng, train)?,
+            Ffn::Moe(moe, collector) => {
+                let (y, r, aux_loss) = moe.forward(&x, &self.rng, train)?;
+                // Invariant: the collector mutex is never held across a panic point.
+                collector
+                    .lock()
+                    .expect("moe stats poisoned")
+                    .push(MoeStats {
+                        stage: self.stage,
+                        block: self.index,
+                        aux_loss,
+                        load: r.load(),
+                        drop_fraction: r.drop_fraction(),
+                        capacity: r.capacity,
+                    });
+                y
+            }
+        };
+        let m = self.norm2.forward(&m, train)?;
         x + drop_path(&m, self.drop_path, &self.rng, train)?
     }
 }
@@ -1039,6 +1109,8 @@ pub struct SwinV2 {
     norm: LayerNorm,
     head: Option<Linear>,
     rng: SharedRng,
+    /// Stats of the MoE layers in the last forward (empty for a dense model).
+    moe_stats: MoeCollector,
 }
 
 impl SwinV2 {
@@ -1093,12 +1165,14 @@ impl SwinV2 {
         let mut k = 0;
         let mut res = (cfg.img_size / p, cfg.img_size / p);
         let mut layers = Vec::with_capacity(cfg.num_stages());
+        let moe_stats = MoeCollector::default();
         for i in 0..cfg.num_stages() {
             let lv = vb.pp("layers").pp(i);
             let mut blocks = Vec::with_capacity(cfg.depths[i]);
             for j in 0..cfg.depths[i] {
                 let bv = lv.pp("blocks").pp(j);
-                blocks.push(Block::new(cfg.clone(), i, j, res, dpr[k], rng.clone(), bv)?);
+                let (r, m) = (rng.clone(), moe_stats.clone());
+                blocks.push(Block::new(cfg.clone(), i, j, res, dpr[k], r, m, bv)?);
                 k += 1;
             }
             let downsample = if i + 1 < cfg.num_stages() {
@@ -1126,12 +1200,27 @@ impl SwinV2 {
             norm,
             head,
             rng,
+            moe_stats,
         })
     }
 
     /// The configuration the model was built from.
     pub fn config(&self) -> &SwinV2Config {
         &self.cfg
+    }
+
+    /// Takes the per-layer stats the MoE layers recorded during the last forward (in block order;
+    /// empty for a dense model or when already taken).
+    pub fn take_moe_stats(&self) -> Vec<MoeStats> {
+        // Invariant: the collector mutex is never held across a panic point.
+        std::mem::take(&mut *self.moe_stats.lock().expect("moe stats poisoned"))
+    }
+
+    /// After a forward: `None` for a dense model, else the weighted auxiliary loss
+    /// (`model.moe.aux_loss_weight * sum over MoE layers`, to add to the task loss) and the
+    /// metrics of [`crate::moe::summarize`]. Takes the stats.
+    pub fn take_moe_loss(&self) -> Result<Option<MoeLoss>> {
+        summarize(&self.take_moe_stats(), self.cfg.moe.aux_loss_weight)
     }
 
     /// Patch embedding as a matmul (kernel = stride): `[B, Cin, H, W]` -> `[B, H/p, W/p, C]`.
@@ -1170,6 +1259,9 @@ impl SwinV2 {
     }
 
     fn run(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Features> {
+        if self.cfg.moe.enabled() {
+            self.take_moe_stats(); // stats describe the latest forward only
+        }
         let mut x = self.patch_embed(x)?;
         if let Some(n) = &self.patch_norm {
             x = n.forward(&x, train)?;
@@ -1251,14 +1343,19 @@ mod tests {
             drop_path_rate: 0.0,
             pretrained_window_sizes: vec![0],
             patch_norm: true,
+            moe: MoeConfig::default(),
         };
         let dev = Device::Cpu;
         let vm = VarMap::new();
         let vb = seeded_var_builder(&vm, 3, DType::F64, &dev);
-        let blk = Block::new(Arc::new(cfg), 0, 1, (8, 8), 0.0, SharedRng::new(0), vb)?;
+        let (r, m) = (SharedRng::new(0), MoeCollector::default());
+        let blk = Block::new(Arc::new(cfg), 0, 1, (8, 8), 0.0, r, m, vb)?;
         // Re-randomize everything (norm1/norm2 start at zero = identity block).
         let mut rng = mimlab_engine::rng::rng_for(11, &[]);
-        for (name, var) in vm.data().lock().unwrap().iter() {
+        // sorted: HashMap order is random per process and would make the draws (and the test) vary
+        let mut vars: Vec<_> = vm.data().lock().unwrap().clone().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, var) in vars.iter() {
             let n = var.elem_count();
             let s = if name.contains("logit_scale") {
                 1.0
@@ -1327,6 +1424,104 @@ mod tests {
                 );
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn moe_model_keys_params_stats_and_gradients() -> Result<()> {
+        let moe = MoeConfig {
+            num_experts: 4,
+            ..MoeConfig::default()
+        };
+        let cfg = SwinV2Config {
+            img_size: 32,
+            embed_dim: 16,
+            depths: vec![2, 2],
+            num_heads: vec![1, 2],
+            pretrained_window_sizes: vec![0, 0],
+            moe,
+            ..SwinV2Config::preset("swinv2_nano")?
+        };
+        let vm = VarMap::new();
+        let vb = seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
+        let m = SwinV2::new(&cfg, false, SharedRng::new(0), vb)?;
+        let data = vm.data().lock().unwrap().clone();
+        let n: usize = data.values().map(|v| v.elem_count()).sum();
+        assert_eq!(n, cfg.num_params());
+        // default placement with 2 stages: block 1 of both; 4 experts, hidden 4C
+        let e = "layers.1.blocks.1.mlp._moe_layer.experts.";
+        assert_eq!(data[&format!("{e}batched_fc1_w")].dims(), &[4, 128, 32]);
+        assert_eq!(data[&format!("{e}batched_fc2_w")].dims(), &[4, 128, 32]);
+        assert_eq!(data[&format!("{e}batched_fc1_bias")].dims(), &[4, 1, 128]);
+        assert_eq!(data[&format!("{e}batched_fc2_bias")].dims(), &[4, 1, 32]);
+        let wg = &data["layers.0.blocks.1.mlp._moe_layer.gates.0.wg.weight"];
+        assert_eq!(wg.dims(), &[4, 16]);
+        assert!(data.contains_key("layers.0.blocks.0.mlp.fc1.weight"));
+        assert!(!data.contains_key("layers.0.blocks.1.mlp.fc1.weight"));
+
+        let x = Tensor::from_vec(
+            (0..2 * 3 * 32 * 32)
+                .map(|i| ((i * 7919) % 255) as f32 / 255.0)
+                .collect(),
+            (2, 3, 32, 32),
+            &Device::Cpu,
+        )?;
+        m.forward(&x, true)?;
+        m.forward(&x, true)?; // stats describe the latest forward only
+        let stats = m.take_moe_stats();
+        assert_eq!(stats.len(), 2);
+        assert_eq!((stats[0].stage, stats[0].block), (0, 1));
+        // stage 0: S = 2 * 8 * 8 = 128 tokens, capacity int(1.25 * 32) = 40
+        assert_eq!(stats[0].capacity, 40);
+        assert!((stats[0].load.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        assert!(m.take_moe_stats().is_empty());
+        let y = m.forward(&x, true)?;
+        let (aux, metrics) = m.take_moe_loss()?.context("MoE is on")?;
+        let names: Vec<&str> = metrics.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            ["moe_aux", "moe_drop", "moe_load_l0_max", "moe_load_l1_max"]
+        );
+        assert_eq!(metrics[0].1, aux.to_scalar::<f32>()? as f64);
+        let g = (y.sqr()?.mean_all()? + aux)?.backward()?;
+        let gw = g.get(wg.as_tensor()).context("no gate gradient")?;
+        assert!(gw.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+
+        // dense: no stats, no loss
+        let dense = SwinV2Config {
+            moe: MoeConfig::default(),
+            ..cfg.clone()
+        };
+        let vm = VarMap::new();
+        let vb = seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
+        let d = SwinV2::new(&dense, false, SharedRng::new(0), vb)?;
+        d.forward(&x, false)?;
+        assert!(d.take_moe_loss()?.is_none());
+
+        // the section resolves with the placement spelled out; bad blocks name the key
+        let s = ModelSection {
+            depths: Some(vec![2, 2]),
+            num_heads: Some(vec![1, 2]),
+            moe: Some(MoeConfig {
+                num_experts: 2,
+                ..MoeConfig::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(s.resolved()?.moe.unwrap().blocks, vec![vec![1], vec![1]]);
+        let bad = ModelSection {
+            moe: Some(MoeConfig {
+                num_experts: 2,
+                blocks: vec![vec![-1], vec![2]],
+                ..MoeConfig::default()
+            }),
+            ..s
+        };
+        let e = format!("{:#}", bad.resolve().unwrap_err());
+        assert!(
+            e.contains("model.moe.blocks[1]: block 2 is out of range"),
+            "{e}"
+        );
         Ok(())
     }
 

@@ -26,6 +26,7 @@ fn cfg() -> SwinV2Config {
         drop_path_rate: 0.0,
         pretrained_window_sizes: vec![0, 0],
         patch_norm: true,
+        moe: Default::default(),
     }
 }
 

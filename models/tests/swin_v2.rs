@@ -30,6 +30,7 @@ fn small() -> SwinV2Config {
         drop_path_rate: 0.0,
         pretrained_window_sizes: vec![0, 0],
         patch_norm: true,
+        moe: Default::default(),
     }
 }
 

@@ -9,6 +9,7 @@ use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::log::TbWriter;
 use mimlab_engine::rng::{rng_for, SharedRng};
 use mimlab_engine::trainer::{Objective, StepOutput};
+use mimlab_models::moe::MOE_NO_DECAY_KEYWORDS;
 use mimlab_models::swin_v2::SwinV2Config;
 
 use crate::mask::{MaskGenerator, SimMimConfig};
@@ -108,6 +109,14 @@ impl Objective for SimMimObjective {
         &self.varmap
     }
 
+    fn no_decay_keywords(&self) -> Vec<String> {
+        // Swin-MoE: expert biases are [E, 1, n] (not 1-D, no `.bias` suffix) and get no decay
+        MOE_NO_DECAY_KEYWORDS
+            .iter()
+            .map(|k| k.to_string())
+            .collect()
+    }
+
     fn set_seed(&mut self, seed: u64) {
         self.rng.reseed(seed);
     }
@@ -121,13 +130,19 @@ impl Objective for SimMimObjective {
         );
         let x = batch.images.to_device(device)?;
         let masks = self.batch_masks(batch, device)?;
-        let (loss, _) = self.model.forward(&x, &masks, true)?;
+        let (mut loss, _) = self.model.forward(&x, &masks, true)?;
+        let mut moe_metrics = vec![];
+        // MoE: loss = l1 + aux_loss_weight * sum of the layers' aux losses (architecture.md 6)
+        if let Some((aux, m)) = self.model.encoder.take_moe_loss()? {
+            let aux = aux.to_dtype(loss.dtype())?;
+            loss = (loss + aux)?;
+            moe_metrics = m;
+        }
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let ratio = masks.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        Ok(StepOutput {
-            loss,
-            metrics: vec![("loss".into(), value), ("mask_ratio".into(), ratio)],
-        })
+        let mut metrics = vec![("loss".into(), value), ("mask_ratio".into(), ratio)];
+        metrics.extend(moe_metrics);
+        Ok(StepOutput { loss, metrics })
     }
 
     fn log_images(&mut self, step: u64, run_dir: &Path, tb: &mut TbWriter) -> Result<()> {
@@ -217,6 +232,54 @@ mod tests {
             .lock()
             .unwrap()
             .contains_key("decoder.0.weight"));
+    }
+
+    #[test]
+    fn moe_aux_loss_is_added_and_logged() {
+        let (model, cfg) = tiny_setup();
+        let model = SwinV2Config {
+            moe: mimlab_models::moe::MoeConfig {
+                num_experts: 4,
+                ..Default::default()
+            },
+            ..model
+        };
+        let cfg = SimMimConfig {
+            num_pictures: 0,
+            ..cfg
+        };
+        let mut obj =
+            SimMimObjective::new(&model, &cfg, &DataConfig::default(), 11, &Device::Cpu).unwrap();
+        let b = batch(&[3, 7], 1);
+        let out = obj.train_step(&b, &Device::Cpu).unwrap();
+        let metric = |k: &str| out.metrics.iter().find(|(n, _)| n == k).unwrap().1;
+        // nano at 32 px (4 stages): block 1 of stages 2 and 3 are MoE layers
+        let names: Vec<&str> = out.metrics.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "loss",
+                "mask_ratio",
+                "moe_aux",
+                "moe_drop",
+                "moe_load_l0_max",
+                "moe_load_l1_max"
+            ]
+        );
+        // the same masks and (re-seeded) noise: loss - moe_aux is the plain masked L1
+        obj.set_seed(5);
+        let out = obj.train_step(&b, &Device::Cpu).unwrap();
+        let m = |k: &str| out.metrics.iter().find(|(n, _)| n == k).unwrap().1;
+        let x = b.images.clone();
+        let masks = obj.batch_masks(&b, &Device::Cpu).unwrap();
+        obj.set_seed(5);
+        let (l1, _) = obj.model.forward(&x, &masks, true).unwrap();
+        let l1 = l1.to_scalar::<f32>().unwrap() as f64;
+        assert!(m("moe_aux") >= 0.0 && metric("moe_drop") <= 1.0);
+        assert!((m("loss") - (l1 + m("moe_aux"))).abs() < 1e-6);
+        assert!(obj
+            .no_decay_keywords()
+            .contains(&"batched_fc1_bias".to_string()));
     }
 
     #[test]
