@@ -84,6 +84,21 @@ pub struct MaskGenerator {
 }
 
 impl MaskGenerator {
+    /// The generator a SimMIM run uses: the model's image and patch size, the `simmim` section's
+    /// mask patch size, ratio and strategy.
+    pub fn for_model(
+        model: &mimlab_models::swin_v2::SwinV2Config,
+        cfg: &SimMimConfig,
+    ) -> Result<Self> {
+        Self::new(
+            model.img_size,
+            cfg.mask_patch_size,
+            model.patch_size,
+            cfg.mask_ratio,
+            cfg.mask_strategy,
+        )
+    }
+
     /// Checks the sizes divide (`input % mask_patch == 0`, `mask_patch % model_patch == 0`) and
     /// that `0 < mask_ratio <= 1`.
     pub fn new(

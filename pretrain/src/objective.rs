@@ -47,13 +47,7 @@ impl SimMimObjective {
         let vb = seeded_var_builder(&varmap, seed, DType::F32, device);
         let rng = SharedRng::new(seed);
         let simmim = SimMim::new(model, cfg, rng.clone(), vb)?;
-        let gen = MaskGenerator::new(
-            model.img_size,
-            cfg.mask_patch_size,
-            model.patch_size,
-            cfg.mask_ratio,
-            cfg.mask_strategy,
-        )?;
+        let gen = MaskGenerator::for_model(model, cfg)?;
         let pictures = if cfg.num_pictures > 0 {
             let images = heldout_images(data, model.img_size, model.in_chans, cfg.num_pictures)
                 .context("loading the reconstruction-picture images")?;

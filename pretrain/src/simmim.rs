@@ -31,13 +31,7 @@ impl SimMim {
         rng: SharedRng,
         vb: VarBuilder,
     ) -> anyhow::Result<Self> {
-        MaskGenerator::new(
-            model.img_size,
-            cfg.mask_patch_size,
-            model.patch_size,
-            cfg.mask_ratio,
-            cfg.mask_strategy,
-        )?;
+        MaskGenerator::for_model(model, cfg)?;
         let norm_target = if cfg.norm_target {
             anyhow::ensure!(
                 !cfg.norm_target_patch.is_multiple_of(2) && cfg.norm_target_patch >= 3,

@@ -160,13 +160,7 @@ pub fn visualize_run(
     if images.dim(0)? == 0 {
         bail!("no images to reconstruct");
     }
-    let gen = MaskGenerator::new(
-        s,
-        cfg.mask_patch_size,
-        model_cfg.patch_size,
-        cfg.mask_ratio,
-        cfg.mask_strategy,
-    )?;
+    let gen = MaskGenerator::for_model(model_cfg, cfg)?;
     let masks = picture_masks(&gen, images.dim(0)?, seed, device)?;
     let img = reconstruction_grid(
         &model,
