@@ -30,6 +30,8 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 }
 
 /// Sets the number of CPU threads the math kernels use (0 = leave the default: all cores).
+///
+/// Call it once at process start: rayon's global pool can only be sized before its first use.
 pub fn set_cpu_threads(n: usize) {
     if n > 0 {
         // candle's CPU matmul (gemm) and its rayon-parallel ops both read RAYON_NUM_THREADS.

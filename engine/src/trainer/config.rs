@@ -142,7 +142,8 @@ pub struct RunConfig {
     pub seed: u64,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
-    /// CPU threads for the math kernels (0 = all cores).
+    /// CPU threads for the math kernels (0 = all cores). Applied once at process start by the
+    /// binary (`device::set_cpu_threads`), before anything builds rayon's global pool.
     pub threads: usize,
     /// Optimizer steps between scalar logs (0 = never).
     pub log_every: u64,

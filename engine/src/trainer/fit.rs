@@ -104,7 +104,6 @@ impl<'a, O: Objective> Trainer<'a, O> {
         resume: Option<&Path>,
     ) -> Result<Self> {
         train.validate()?;
-        crate::device::set_cpu_threads(run.threads);
         let device = crate::device::parse_device(&run.device)?;
         let run_dir = match resume {
             Some(dir) => dir.to_path_buf(),
