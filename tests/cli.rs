@@ -210,6 +210,26 @@ fn pretrain_resume_and_visualize() {
     let pictures = std::fs::read_dir(run.join("pictures")).unwrap().count();
     assert!(pictures >= 1, "no reconstruction pictures");
 
+    // The run folder's config.yaml repeats the run: same loss at every logged step.
+    let losses = |dir: &Path| -> Vec<String> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| l.split("\"lr\"").next().unwrap().to_string()) // step, epoch, split, loss
+            .collect()
+    };
+    let config = run.join("config.yaml");
+    ok(&[
+        "pretrain",
+        "--config",
+        config.to_str().unwrap(),
+        "--set",
+        "run.name=again",
+    ]);
+    let first = losses(&run);
+    assert_eq!(first.len(), 4, "{first:?}");
+    assert_eq!(losses(&dir.path().join("again")), first);
+
     // Resume to 6 steps from the run's own config.
     let run_s = run.to_str().unwrap();
     let text = ok(&["pretrain", "--resume", run_s, "--set", "train.max_steps=6"]);

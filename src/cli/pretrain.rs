@@ -19,7 +19,7 @@ pub struct PretrainArgs {
     pub config: ConfigArgs,
     /// Continue this run folder from its newest checkpoint (its config.yaml is the config; --set
     /// may still change keys such as train.epochs).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "config")]
     pub resume: Option<PathBuf>,
 }
 
