@@ -245,6 +245,42 @@ fn pretrain_resume_and_visualize() {
         png.width(),
         png.height()
     );
+
+    // Any folder of images: two generated PNGs (one in a sub-folder), resized and centre-cropped.
+    let imgs = dir.path().join("imgs");
+    std::fs::create_dir_all(imgs.join("sub")).unwrap();
+    image::RgbImage::from_pixel(40, 30, image::Rgb([200, 40, 40]))
+        .save(imgs.join("a.png"))
+        .unwrap();
+    image::RgbImage::from_pixel(50, 50, image::Rgb([40, 200, 40]))
+        .save(imgs.join("sub/b.png"))
+        .unwrap();
+    ok(&[
+        "visualize",
+        "--run",
+        run_s,
+        "--images",
+        imgs.to_str().unwrap(),
+        "--n",
+        "8",
+    ]);
+    let two = image::open(run.join("pictures/reconstruction.png")).unwrap();
+    assert_eq!(two.width(), png.width());
+    assert!(
+        two.height() < png.height(),
+        "2 rows expected, got {}x{}",
+        two.width(),
+        two.height()
+    );
+    let missing = dir.path().join("no-such-folder");
+    let e = err(&[
+        "visualize",
+        "--run",
+        run_s,
+        "--images",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(e.contains("no-such-folder"), "{e}");
 }
 
 /// `mimlab model run` on the committed PyTorch fixture (scripts/make_fixtures.py, model B: patch 2,

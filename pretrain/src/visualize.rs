@@ -94,7 +94,7 @@ pub fn reconstruction_grid(
     Ok(grid(&rows, 4, &COLUMNS))
 }
 
-/// Images of `dir` (sorted by name) through the eval transform (resize + centre crop):
+/// Images under `dir` (sorted by path, recursive, as the folder datasets list them) through the eval transform (resize + centre crop):
 /// `[n, C, S, S]` normalized, at most `n`.
 pub fn folder_images(
     dir: &Path,
@@ -104,19 +104,10 @@ pub fn folder_images(
     n: usize,
 ) -> Result<Tensor> {
     let transform = ImageTransform::new(img_size, in_chans, false, &data.aug)?;
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("listing {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
-        })
-        .collect();
-    paths.sort();
+    let mut paths = mimlab_engine::data::list_images(dir)?;
     paths.truncate(n);
     if paths.is_empty() {
-        bail!("{}: no .png/.jpg/.jpeg images", dir.display());
+        bail!("{}: no JPEG/PNG images", dir.display());
     }
     let mut values = Vec::with_capacity(paths.len() * transform.output_len());
     for (i, p) in paths.iter().enumerate() {

@@ -18,7 +18,7 @@ pub mod photos;
 pub mod subset;
 pub mod transforms;
 
-pub use folder::{decode_image, FolderDataset, SkippedImage};
+pub use folder::{decode_image, list_images, FolderDataset, SkippedImage};
 pub use idx::{read_idx, IdxArray, IdxDataset};
 pub use loader::{DataLoader, LoaderOptions};
 pub use photos::PhotosDataset;
