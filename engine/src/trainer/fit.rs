@@ -232,21 +232,35 @@ impl<'a, O: Objective> Trainer<'a, O> {
         let total = self.train.epochs as u64 * steps_per_epoch as u64;
         let stop_at = self.train.max_steps.map_or(total, |m| m.min(total));
         let used_batches = steps_per_epoch * accum;
-        let progress = Progress::new(self.objective.name(), stop_at, self.step.min(stop_at));
         let mut window = LogWindow::new();
 
         while self.step < stop_at && self.epoch < self.train.epochs {
             {
+                // One bar per epoch: this epoch's steps (fewer when max_steps ends it early).
+                let epoch_start = (self.epoch * steps_per_epoch) as u64;
+                let progress = Progress::new(
+                    &format!(
+                        "{} epoch {}/{}",
+                        self.objective.name(),
+                        self.epoch + 1,
+                        self.train.epochs
+                    ),
+                    (steps_per_epoch as u64).min(stop_at - epoch_start),
+                    self.step - epoch_start,
+                );
                 let mut batches = train_src.epoch_batches(self.epoch, self.batch_in_epoch);
                 while self.batch_in_epoch + accum <= used_batches && self.step < stop_at {
                     let (loss, norm, lr, metrics, images) =
                         self.one_step(batches.as_mut(), &sched, bpe)?;
                     window.images += images;
                     self.after_step(loss, norm, lr, &metrics, &mut window)?;
-                    progress
-                        .set_message(&format!("epoch {} loss {loss:.4} lr {lr:.2e}", self.epoch));
+                    progress.set_message(&format!("loss {loss:.4} lr {lr:.2e}"));
                     progress.inc(1);
                 }
+                progress.finish(&format!(
+                    "loss {:.4}",
+                    self.losses.last().unwrap_or(&f64::NAN)
+                ));
             }
             if self.batch_in_epoch + accum > used_batches {
                 self.end_epoch(eval_loader)?;
@@ -260,11 +274,13 @@ impl<'a, O: Objective> Trainer<'a, O> {
                 .log_images(self.step, &self.run_dir, &mut self.tb)?;
         }
         self.tb.flush()?;
-        progress.finish(&format!(
-            "{} steps, run folder {}",
+        eprintln!(
+            "{}: {} steps in {:.1}s, run folder {}",
+            self.objective.name(),
             self.step,
+            started.elapsed().as_secs_f64(),
             self.run_dir.display()
-        ));
+        );
         Ok(TrainSummary {
             run_dir: self.run_dir.clone(),
             steps: self.step,
