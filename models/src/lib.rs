@@ -1,4 +1,5 @@
 //! Swin-V2 backbone (optionally with mixture-of-experts MLPs) and its checkpoint layouts.
 pub mod checkpoint;
 pub mod moe;
+pub mod pretrained;
 pub mod swin_v2;

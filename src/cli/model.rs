@@ -5,12 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
-use candle_nn::VarMap;
 use clap::{Args, Subcommand};
 use mimlab_engine::device::parse_device;
-use mimlab_engine::init::seeded_var_builder;
-use mimlab_engine::rng::SharedRng;
-use mimlab_models::checkpoint::{load_into_varmap, read_safetensors, remap_to_mimlab, LoadOptions};
+use mimlab_models::checkpoint::read_safetensors;
 use mimlab_models::swin_v2::{SwinV2, SwinV2Config};
 
 use super::ConfigArgs;
@@ -86,38 +83,12 @@ pub fn load_backbone(
     weights: &std::path::Path,
     device: &candle_core::Device,
 ) -> Result<SwinV2> {
-    let varmap = VarMap::new();
-    let vb = seeded_var_builder(&varmap, 0, DType::F32, device);
-    let model = SwinV2::new(cfg, false, SharedRng::new(0), vb)?;
-    let tensors = read_safetensors(weights)?;
-    // A SimMIM run stores the backbone under `encoder.` next to its pixel head.
-    let simmim = tensors.keys().any(|k| k.starts_with("encoder."));
-    let (tensors, layout) = if simmim {
-        (tensors, None)
-    } else {
-        let (t, l) = remap_to_mimlab(tensors)?;
-        (t, Some(l))
-    };
-    let opts = LoadOptions {
-        prefix: if simmim {
-            "encoder.".into()
-        } else {
-            String::new()
-        },
-        allow_missing: if cfg.num_classes == 0 || simmim {
-            vec!["head.".into()]
-        } else {
-            vec![]
-        },
-        ignore_unexpected: vec!["decoder.".into(), "mask_token".into()],
-    };
-    let report = load_into_varmap(&varmap, tensors, &opts)
-        .with_context(|| format!("loading {}", weights.display()))?;
+    let (model, _, report) = mimlab_models::pretrained::load_backbone(cfg, weights, device)?;
     eprintln!(
         "loaded {} tensors from {} ({:?} layout){}",
         report.loaded,
         weights.display(),
-        layout.unwrap_or(report.layout),
+        report.layout,
         if report.ignored.is_empty() {
             String::new()
         } else {

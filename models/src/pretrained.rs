@@ -1,0 +1,262 @@
+//! Starting a model from earlier work: `--init`, `--teacher` and `--weights` accept a run folder
+//! (its newest checkpoint, and its `config.yaml` for the architecture) or a weights file of any
+//! supported layout (a mimlab run's checkpoint, an official or timm Swin-V2 file).
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use mimlab_engine::init::seeded_var_builder;
+use mimlab_engine::rng::SharedRng;
+use mimlab_engine::trainer::latest_checkpoint;
+
+use crate::checkpoint::{load_into_varmap, read_safetensors, LoadOptions, LoadReport};
+use crate::swin_v2::{ModelSection, SwinV2, SwinV2Config};
+
+/// What a `--init` / `--teacher` path resolved to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitSource {
+    /// The safetensors file (or sharded index) to read.
+    pub weights: PathBuf,
+    /// The run's resolved `config.yaml`, when the path was a run folder or a file inside one.
+    pub run_config: Option<PathBuf>,
+}
+
+/// A run folder -> its newest complete checkpoint and its `config.yaml`; a file -> itself (and
+/// the `config.yaml` of the run it sits in, `RUN/checkpoints/step_N.safetensors`, if any).
+pub fn resolve_init(path: &Path) -> Result<InitSource> {
+    if path.is_dir() {
+        let weights = latest_checkpoint(path)
+            .with_context(|| format!("{}: not a run folder with checkpoints", path.display()))?;
+        let cfg = path.join("config.yaml");
+        return Ok(InitSource {
+            weights,
+            run_config: cfg.is_file().then_some(cfg),
+        });
+    }
+    if !path.is_file() {
+        bail!("{}: no such run folder or weights file", path.display());
+    }
+    let run_config = path
+        .parent()
+        .filter(|d| d.file_name().is_some_and(|n| n == "checkpoints"))
+        .and_then(Path::parent)
+        .map(|run| run.join("config.yaml"))
+        .filter(|c| c.is_file());
+    Ok(InitSource {
+        weights: path.to_path_buf(),
+        run_config,
+    })
+}
+
+/// The `model:` section of a run's `config.yaml` (the architecture the weights were trained as).
+pub fn run_model_section(config_yaml: &Path) -> Result<ModelSection> {
+    let text = std::fs::read_to_string(config_yaml)
+        .with_context(|| format!("reading {}", config_yaml.display()))?;
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
+        .with_context(|| format!("{}: not valid YAML", config_yaml.display()))?;
+    let model = doc
+        .get("model")
+        .with_context(|| format!("{}: no `model:` section", config_yaml.display()))?;
+    serde_yaml_ng::from_value(model.clone())
+        .with_context(|| format!("{}: reading the `model:` section", config_yaml.display()))
+}
+
+/// What to do with a classification head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// Keep the model's freshly initialized head and skip any head in the checkpoint (a new
+    /// task, or a pretraining checkpoint that has none).
+    Reinit,
+    /// Load the checkpoint's head; it must be there and have the model's shape.
+    Load,
+}
+
+/// Loads backbone weights into `varmap` (built for a Swin-V2 by [`SwinV2::new`]): a SimMIM run's
+/// `encoder.*` (its `decoder.*` and `mask_token` skipped), a feature-distillation run's
+/// `student.*` (its projector skipped), a classifier run, or an official / timm file (remapped).
+/// Every backbone variable must be loaded; only the head may stay at init (`Head::Reinit`).
+pub fn load_backbone_weights(varmap: &VarMap, weights: &Path, head: Head) -> Result<LoadReport> {
+    let tensors = read_safetensors(weights)?;
+    load_backbone_tensors(varmap, tensors, head)
+        .with_context(|| format!("loading {}", weights.display()))
+}
+
+/// [`load_backbone_weights`] on tensors already read.
+pub fn load_backbone_tensors(
+    varmap: &VarMap,
+    tensors: HashMap<String, Tensor>,
+    head: Head,
+) -> Result<LoadReport> {
+    let prefix = ["encoder.", "student."]
+        .into_iter()
+        .find(|p| tensors.keys().any(|k| k.starts_with(p)))
+        .unwrap_or("");
+    let model_has_mask_token = {
+        // Invariant: the VarMap mutex is only poisoned if another thread panicked holding it.
+        let data = varmap.data().lock().expect("varmap mutex poisoned");
+        data.contains_key("mask_token")
+    };
+    let mut ignore: Vec<String> = vec!["decoder.".into(), "projector.".into(), "teacher.".into()];
+    if !model_has_mask_token {
+        ignore.push(format!("{prefix}mask_token"));
+        ignore.push("mask_token".into());
+    }
+    let mut allow_missing = vec![];
+    if head == Head::Reinit {
+        ignore.push(format!("{prefix}head."));
+        ignore.push("head.".into());
+        allow_missing.push("head.".into());
+    }
+    if model_has_mask_token {
+        // A classifier checkpoint has no mask token; a SimMIM model built from it starts one.
+        allow_missing.push("mask_token".into());
+    }
+    let opts = LoadOptions {
+        prefix: prefix.to_string(),
+        allow_missing,
+        ignore_unexpected: ignore,
+    };
+    load_into_varmap(varmap, tensors, &opts)
+}
+
+/// Builds `cfg` on `device` and loads backbone weights into it (the head too when the model has
+/// one and the checkpoint carries it with the same shape, else it stays at init).
+pub fn load_backbone(
+    cfg: &SwinV2Config,
+    weights: &Path,
+    device: &Device,
+) -> Result<(SwinV2, VarMap, LoadReport)> {
+    let varmap = VarMap::new();
+    let vb = seeded_var_builder(&varmap, 0, DType::F32, device);
+    let model = SwinV2::new(cfg, false, SharedRng::new(0), vb)?;
+    let tensors = read_safetensors(weights)?;
+    let has_head = tensors
+        .keys()
+        .any(|k| k == "head.weight" || k == "head.fc.weight");
+    let head = if cfg.num_classes > 0 && has_head {
+        Head::Load
+    } else {
+        Head::Reinit
+    };
+    let report = load_backbone_tensors(&varmap, tensors, head)
+        .with_context(|| format!("loading {}", weights.display()))?;
+    Ok((model, varmap, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::save_varmap;
+
+    fn tiny() -> SwinV2Config {
+        SwinV2Config {
+            img_size: 16,
+            patch_size: 2,
+            embed_dim: 8,
+            depths: vec![1, 1],
+            num_heads: vec![1, 2],
+            window_size: 4,
+            num_classes: 0,
+            pretrained_window_sizes: vec![0, 0],
+            ..SwinV2Config::preset("swinv2_nano").unwrap()
+        }
+    }
+
+    fn build(cfg: &SwinV2Config, mask_token: bool, seed: u64) -> (SwinV2, VarMap) {
+        let vm = VarMap::new();
+        let vb = seeded_var_builder(&vm, seed, DType::F32, &Device::Cpu);
+        let m = SwinV2::new(cfg, mask_token, SharedRng::new(0), vb).unwrap();
+        (m, vm)
+    }
+
+    fn get(vm: &VarMap, k: &str) -> Vec<f32> {
+        let data = vm.data().lock().unwrap();
+        data[k]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn simmim_encoder_loads_into_a_classifier_with_nothing_left_over() -> Result<()> {
+        // A SimMIM-shaped checkpoint: encoder.* (with mask_token) + decoder.*.
+        let (_, src) = build(&tiny(), true, 1);
+        let mut tensors: HashMap<String, Tensor> = src
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (format!("encoder.{k}"), v.as_tensor().clone()))
+            .collect();
+        tensors.insert(
+            "decoder.0.weight".into(),
+            Tensor::zeros((12, 16, 1, 1), DType::F32, &Device::Cpu)?,
+        );
+        let n_encoder = tensors.len() - 2; // minus decoder and mask_token
+        let cls = SwinV2Config {
+            num_classes: 5,
+            ..tiny()
+        };
+        let (_, dst) = build(&cls, false, 2);
+        let r = load_backbone_tensors(&dst, tensors, Head::Reinit)?;
+        assert_eq!(r.loaded, n_encoder, "every encoder tensor but mask_token");
+        assert_eq!(r.missing_allowed, vec!["head.bias", "head.weight"]);
+        assert_eq!(r.ignored, vec!["decoder.0.weight", "encoder.mask_token"]);
+        let k = "layers.1.blocks.0.attn.cpb_mlp.0.weight";
+        assert_eq!(get(&dst, k), get(&src, k));
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_backbone_tensor_is_an_error_naming_it() {
+        let (_, src) = build(&tiny(), false, 1);
+        let mut tensors: HashMap<String, Tensor> = src
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        tensors.remove("layers.0.blocks.0.mlp.fc1.weight");
+        let (_, dst) = build(&tiny(), false, 2);
+        let err = load_backbone_tensors(&dst, tensors, Head::Reinit).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("`layers.0.blocks.0.mlp.fc1.weight`"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn run_folder_resolves_to_its_newest_checkpoint_and_config() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let run = dir.path();
+        std::fs::create_dir_all(run.join("checkpoints"))?;
+        std::fs::write(
+            run.join("config.yaml"),
+            "model:\n  preset: swinv2_nano\n  img_size: 32\n",
+        )?;
+        let (_, vm) = build(&tiny(), false, 1);
+        for s in [5u64, 12] {
+            save_varmap(&vm, &run.join(format!("checkpoints/step_{s}.safetensors")))?;
+            std::fs::write(run.join(format!("checkpoints/step_{s}.json")), "{}")?;
+        }
+        let src = resolve_init(run)?;
+        assert!(src.weights.ends_with("checkpoints/step_12.safetensors"));
+        assert_eq!(src.run_config, Some(run.join("config.yaml")));
+        let file = resolve_init(&run.join("checkpoints/step_5.safetensors"))?;
+        assert_eq!(file.run_config, Some(run.join("config.yaml")));
+        let m = run_model_section(&run.join("config.yaml"))?;
+        assert_eq!(m.preset.as_deref(), Some("swinv2_nano"));
+        assert_eq!(m.img_size, Some(32));
+        let err = resolve_init(&run.join("nope")).unwrap_err().to_string();
+        assert!(
+            err.contains("nope") && err.contains("no such run folder"),
+            "{err}"
+        );
+        Ok(())
+    }
+}
