@@ -5,6 +5,7 @@ use std::path::Path;
 use anyhow::Result;
 use mimlab_engine::data::DataConfig;
 use mimlab_engine::trainer::{RunConfig, TrainConfig};
+use mimlab_finetune::config::FinetuneConfig;
 use mimlab_models::swin_v2::ModelSection;
 use mimlab_pretrain::mask::SimMimConfig;
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,8 @@ pub struct Experiment {
     pub run: RunConfig,
     /// SimMIM masking and target options.
     pub simmim: SimMimConfig,
+    /// Classification finetuning recipe and frozen-feature evaluations.
+    pub finetune: FinetuneConfig,
 }
 
 impl Experiment {

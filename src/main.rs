@@ -9,7 +9,7 @@ mod experiment;
 #[command(
     name = "mimlab",
     version,
-    about = "Self-supervised visual pretraining workbench (Swin-V2, SimMIM)"
+    about = "Self-supervised visual pretraining workbench (Swin-V2, SimMIM, finetuning)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,6 +23,12 @@ enum Cmd {
     Config(cli::config::ConfigCmd),
     /// SimMIM pretraining of a Swin-V2 on unlabelled images.
     Pretrain(cli::pretrain::PretrainArgs),
+    /// Classification finetuning of a pretrained backbone (--init), or training from scratch.
+    Finetune(cli::finetune::FinetuneArgs),
+    /// Top-1/top-5, per-class accuracy and confusion matrix of a classifier on the eval split.
+    Eval(cli::eval::EvalArgs),
+    /// Frozen-feature evaluations of a backbone: k-NN and linear probe at several label fractions.
+    Probe(cli::probe::ProbeArgs),
     /// Model facts (parameters, FLOPs) and a forward pass over saved tensors.
     #[command(subcommand)]
     Model(cli::model::ModelCmd),
@@ -38,6 +44,9 @@ fn main() {
     let result: Result<()> = match cli.cmd {
         Cmd::Config(c) => cli::config::run(c),
         Cmd::Pretrain(a) => cli::pretrain::run(a),
+        Cmd::Finetune(a) => cli::finetune::run(a),
+        Cmd::Eval(a) => cli::eval::run(a),
+        Cmd::Probe(a) => cli::probe::run(a),
         Cmd::Model(c) => cli::model::run(c),
         Cmd::Visualize(a) => cli::visualize::run(a),
         Cmd::Avgdist(a) => cli::avgdist::run(a),

@@ -360,3 +360,157 @@ fn model_run_matches_pytorch_fixture() {
         }
     }
 }
+
+/// `--set` pairs as a flat argument list.
+fn with_sets<'a>(cmd: &[&'a str], sets: &'a [String]) -> Vec<&'a str> {
+    let mut args: Vec<&str> = cmd.to_vec();
+    for s in sets {
+        args.push("--set");
+        args.push(s);
+    }
+    args
+}
+
+#[test]
+fn finetune_from_simmim_then_eval_and_probe() {
+    require_data();
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().to_str().unwrap();
+    let arch = [
+        "model.preset=swinv2_nano",
+        "model.img_size=32",
+        "model.embed_dim=16",
+        "model.depths=[1,1]",
+        "model.num_heads=[1,2]",
+        "model.pretrained_window_sizes=[0,0]",
+        "data.max_samples=128",
+        "data.num_workers=0",
+        "train.batch_size=16",
+        "train.warmup_epochs=0.5",
+        "run.log_every=1",
+    ];
+    let mut sets: Vec<String> = arch.iter().map(|s| s.to_string()).collect();
+    sets.extend([
+        format!("run.output_dir={runs}"),
+        "run.name=pre".into(),
+        "train.max_steps=2".into(),
+        "simmim.mask_patch_size=8".into(),
+        "simmim.num_pictures=0".into(),
+    ]);
+    ok(&with_sets(&["pretrain"], &sets));
+    let pre = dir.path().join("pre");
+    let pre_s = pre.to_str().unwrap();
+
+    let mut ft: Vec<String> = arch.iter().map(|s| s.to_string()).collect();
+    ft.extend([
+        format!("run.output_dir={runs}"),
+        "model.num_classes=10".into(),
+        "train.max_steps=3".into(),
+        "train.epochs=2".into(),
+        "run.eval_every_epochs=1".into(),
+    ]);
+    let mut a = ft.clone();
+    a.push("run.name=ft".into());
+    let out = mimlab(&with_sets(
+        &[
+            "finetune",
+            "-c",
+            "configs/finetune/swinv2_nano_fmnist.yaml",
+            "--init",
+            pre_s,
+        ],
+        &a,
+    ));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // every encoder tensor of the SimMIM checkpoint but its mask_token reaches the classifier
+    let ck = candle_core::safetensors::load(
+        pre.join("checkpoints/step_2.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let encoder = ck.keys().filter(|k| k.starts_with("encoder.")).count();
+    assert!(ck.contains_key("encoder.mask_token") && ck.contains_key("decoder.0.weight"));
+    assert!(
+        stderr.contains(&format!("init: loaded {} backbone tensors", encoder - 1))
+            && stderr.contains("head head.bias, head.weight newly initialized"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("done: 3 steps"), "{stdout}");
+    let run = dir.path().join("ft");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval/final.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["samples"], 128);
+    let top1 = report["top1"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&top1));
+    assert_eq!(report["classes"][0], "T-shirt/top");
+    assert!(run.join("eval/final_confusion.png").is_file());
+    let cfg = std::fs::read_to_string(run.join("config.yaml")).unwrap();
+    assert!(cfg.contains(&format!("init: {pre_s}")), "{cfg}");
+
+    // `eval` of the finished run gives the same top-1 as the end of finetuning.
+    let text = ok(&["eval", "--weights", run.to_str().unwrap()]);
+    assert!(
+        text.contains(&format!("top-1 {top1:.2}%")),
+        "{text} vs {top1}"
+    );
+    assert!(run.join("eval/eval_step_3.json").is_file());
+
+    // Frozen features of the pretrained encoder: k-NN and linear probe at two label fractions.
+    let json = dir.path().join("probe.json");
+    let mut p: Vec<String> = arch.iter().map(|s| s.to_string()).collect();
+    p.push("finetune.probe_epochs=5".into());
+    ok(&with_sets(
+        &[
+            "probe",
+            "--init",
+            pre_s,
+            "--fractions",
+            "0.5,1",
+            "--out",
+            json.to_str().unwrap(),
+        ],
+        &p,
+    ));
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = j["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["labels"], 128);
+    assert_eq!(j["feature_dim"], 32);
+    for r in rows {
+        for k in ["knn_top1", "linear_top1"] {
+            let v = r[k].as_f64().unwrap();
+            assert!((0.0..=100.0).contains(&v), "{k} = {v}");
+        }
+    }
+
+    // Errors name the key at fault.
+    let mut bad = ft.clone();
+    bad.push("model.embed_dim=24".into());
+    let e = err(&with_sets(
+        &[
+            "finetune",
+            "-c",
+            "configs/finetune/swinv2_nano_fmnist.yaml",
+            "--init",
+            pre_s,
+        ],
+        &bad,
+    ));
+    assert!(e.contains("model.embed_dim differs"), "{e}");
+    let mut bad = ft.clone();
+    bad.push("model.num_classes=5".into());
+    let e = err(&with_sets(
+        &["finetune", "-c", "configs/finetune/swinv2_nano_fmnist.yaml"],
+        &bad,
+    ));
+    assert!(
+        e.contains("model.num_classes is 5") && e.contains("10 classes"),
+        "{e}"
+    );
+}

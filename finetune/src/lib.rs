@@ -1,1 +1,11 @@
-//! Downstream tasks on pretrained backbones.
+//! Downstream tasks on pretrained backbones: image classification (finetuning and training from
+//! scratch) and the frozen-feature evaluations (k-NN, linear probe).
+pub mod config;
+pub mod features;
+pub mod knn;
+pub mod layer_decay;
+pub mod linear_probe;
+pub mod loss;
+pub mod metrics;
+pub mod mixup;
+pub mod objective;

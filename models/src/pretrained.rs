@@ -63,6 +63,77 @@ pub fn run_model_section(config_yaml: &Path) -> Result<ModelSection> {
         .with_context(|| format!("{}: reading the `model:` section", config_yaml.display()))
 }
 
+/// Checks that `target` (the model about to be trained) has the architecture of `pretrained`
+/// (the run its weights come from), naming the first differing key, and carries the pretraining
+/// windows over as in the official fine-tuning configs (architecture.md 1.5 / 10): where a stage's
+/// window changes and `target.pretrained_window_sizes` is 0 there, it becomes the window the
+/// pretraining normalized its CPB coordinates by. Returns one note per change.
+pub fn adapt_to_pretrained(
+    target: &mut SwinV2Config,
+    pretrained: &SwinV2Config,
+) -> Result<Vec<String>> {
+    let same = [
+        ("patch_size", target.patch_size == pretrained.patch_size),
+        ("in_chans", target.in_chans == pretrained.in_chans),
+        ("embed_dim", target.embed_dim == pretrained.embed_dim),
+        ("depths", target.depths == pretrained.depths),
+        ("num_heads", target.num_heads == pretrained.num_heads),
+        ("mlp_ratio", target.mlp_ratio == pretrained.mlp_ratio),
+        ("qkv_bias", target.qkv_bias == pretrained.qkv_bias),
+        ("patch_norm", target.patch_norm == pretrained.patch_norm),
+        // expert count and placement fix the weight shapes; routing knobs may change
+        (
+            "moe",
+            target.moe.num_experts == pretrained.moe.num_experts
+                && target.moe.effective_blocks(&target.depths)
+                    == pretrained.moe.effective_blocks(&pretrained.depths),
+        ),
+    ];
+    if let Some((key, _)) = same.iter().find(|(_, ok)| !ok) {
+        bail!(
+            "model.{key} differs from the pretrained run's (target {:?} vs pretrained {:?}): \
+             the weights cannot be loaded",
+            field(target, key),
+            field(pretrained, key)
+        );
+    }
+    let mut notes = vec![];
+    let stages = target.num_stages();
+    if target.pretrained_window_sizes.len() != stages {
+        target.pretrained_window_sizes = vec![0; stages];
+    }
+    for i in 0..stages {
+        let res = |c: &SwinV2Config| (c.img_size / c.patch_size) >> i;
+        let pre_norm = match pretrained.pretrained_window_sizes.get(i) {
+            Some(&w) if w > 0 => w,
+            _ => pretrained.window_at(res(pretrained), res(pretrained)).0,
+        };
+        let now = target.window_at(res(target), res(target)).0;
+        if target.pretrained_window_sizes[i] == 0 && now != pre_norm {
+            target.pretrained_window_sizes[i] = pre_norm;
+            notes.push(format!(
+                "stage {i}: window {now} (pretrained at {pre_norm}): \
+                 model.pretrained_window_sizes[{i}] = {pre_norm}"
+            ));
+        }
+    }
+    Ok(notes)
+}
+
+fn field(c: &SwinV2Config, key: &str) -> String {
+    match key {
+        "patch_size" => c.patch_size.to_string(),
+        "in_chans" => c.in_chans.to_string(),
+        "embed_dim" => c.embed_dim.to_string(),
+        "depths" => format!("{:?}", c.depths),
+        "num_heads" => format!("{:?}", c.num_heads),
+        "mlp_ratio" => c.mlp_ratio.to_string(),
+        "qkv_bias" => c.qkv_bias.to_string(),
+        "patch_norm" => c.patch_norm.to_string(),
+        _ => format!("{:?}", c.moe),
+    }
+}
+
 /// What to do with a classification head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Head {
@@ -208,6 +279,38 @@ mod tests {
         assert_eq!(r.ignored, vec!["decoder.0.weight", "encoder.mask_token"]);
         let k = "layers.1.blocks.0.attn.cpb_mlp.0.weight";
         assert_eq!(get(&dst, k), get(&src, k));
+        Ok(())
+    }
+
+    #[test]
+    fn finetuning_at_a_larger_window_keeps_the_pretraining_cpb_scale() -> Result<()> {
+        // SimMIM Swin-V2-B at 192 / window 12, finetuned at 256 / window 16 (official configs
+        // swinv2_base_patch4_window12to16_192to256: PRETRAINED_WINDOW_SIZES [12, 12, 12, 6]).
+        let pre = SwinV2Config::preset("swinv2_base_window12_192")?;
+        let mut ft = SwinV2Config {
+            img_size: 256,
+            window_size: 16,
+            pretrained_window_sizes: vec![0; 4],
+            ..pre.clone()
+        };
+        let notes = adapt_to_pretrained(&mut ft, &pre)?;
+        assert_eq!(ft.pretrained_window_sizes, vec![12, 12, 12, 6]);
+        assert_eq!(notes.len(), 4);
+        // same resolution and window: nothing changes
+        let mut same = pre.clone();
+        assert!(adapt_to_pretrained(&mut same, &pre)?.is_empty());
+        assert_eq!(same, pre);
+        let mut wide = SwinV2Config {
+            embed_dim: 96,
+            ..pre.clone()
+        };
+        let err = adapt_to_pretrained(&mut wide, &pre)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.embed_dim") && err.contains("96") && err.contains("128"),
+            "{err}"
+        );
         Ok(())
     }
 

@@ -1,13 +1,19 @@
 //! Subcommands of the `mimlab` binary, one file each.
 pub mod avgdist;
 pub mod config;
+pub mod eval;
+pub mod finetune;
 pub mod model;
 pub mod pretrain;
+pub mod probe;
 pub mod visualize;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::Result;
 use clap::Args;
+
+use crate::experiment::Experiment;
 
 /// `--config FILE` and repeatable `--set key=value`, shared by every subcommand that takes a config.
 #[derive(Debug, Clone, Args, Default)]
@@ -18,4 +24,22 @@ pub struct ConfigArgs {
     /// Override any key, value parsed as YAML: `--set train.base_lr=1e-3 --set 'model.depths=[2,2,2]'`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+}
+
+/// The experiment of a command: `--resume RUN_DIR` takes that run's own `config.yaml` (with
+/// `--set` still applied), else `--config`.
+pub fn load_experiment(args: &ConfigArgs, resume: Option<&Path>) -> Result<Experiment> {
+    let config_path = match resume {
+        Some(dir) => {
+            let p = dir.join("config.yaml");
+            anyhow::ensure!(
+                p.is_file(),
+                "--resume {}: no config.yaml in that folder",
+                dir.display()
+            );
+            Some(p)
+        }
+        None => args.config.clone(),
+    };
+    Experiment::load(config_path.as_deref(), &args.sets)
 }

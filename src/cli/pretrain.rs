@@ -10,7 +10,6 @@ use mimlab_engine::trainer::Trainer;
 use mimlab_pretrain::objective::SimMimObjective;
 
 use super::ConfigArgs;
-use crate::experiment::Experiment;
 
 /// Arguments of `mimlab pretrain`.
 #[derive(Debug, Args)]
@@ -25,19 +24,7 @@ pub struct PretrainArgs {
 
 /// Loads the experiment (or the resumed run's own config.yaml) and trains SimMIM.
 pub fn run(args: PretrainArgs) -> Result<()> {
-    let config_path = match &args.resume {
-        Some(dir) => {
-            let p = dir.join("config.yaml");
-            anyhow::ensure!(
-                p.is_file(),
-                "--resume {}: no config.yaml in that folder",
-                dir.display()
-            );
-            Some(p)
-        }
-        None => args.config.config.clone(),
-    };
-    let exp = Experiment::load(config_path.as_deref(), &args.config.sets)?;
+    let exp = super::load_experiment(&args.config, args.resume.as_deref())?;
     set_cpu_threads(exp.run.threads);
     let device = parse_device(&exp.run.device)?;
     let model_cfg = exp.model.resolve()?;

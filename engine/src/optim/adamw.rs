@@ -75,8 +75,15 @@ impl AdamW {
         })
     }
 
-    /// One update with scheduled learning rate `lr`; parameters without a gradient are skipped.
+    /// One update with learning rate `lr * lr_scale` per parameter; parameters without a
+    /// gradient are skipped.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step_with(grads, &|scale| lr * scale)
+    }
+
+    /// One update where each parameter's lr is `lr_for(its lr_scale)` (layer-wise decay with
+    /// [`crate::optim::LrSchedule::lr_scaled`]).
+    pub fn step_with(&mut self, grads: &GradStore, lr_for: &dyn Fn(f64) -> f64) -> Result<()> {
         let (b1, b2) = self.betas;
         self.step_count += 1;
         for (p, s) in self.params.iter().zip(self.state.iter_mut()) {
@@ -88,7 +95,7 @@ impl AdamW {
             // weights); detach so the moments never chain one step's graph onto the next.
             let g = g.detach().to_dtype(p.var.dtype()).with_context(ctx)?;
             s.step += 1;
-            let lr = lr * p.lr_scale;
+            let lr = lr_for(p.lr_scale);
             let mut param = p.var.as_tensor().detach();
             if p.weight_decay != 0.0 {
                 // param.mul_(1 - lr * weight_decay)

@@ -37,8 +37,16 @@ pub struct LrSchedule {
 impl LrSchedule {
     /// lr of the optimizer step with 0-based index `step`.
     pub fn lr(&self, step: u64) -> f64 {
+        self.lr_scaled(step, 1.0)
+    }
+
+    /// lr of a parameter group whose peak is `base_lr * scale` (layer-wise decay). As timm's
+    /// schedulers, which read each group's initial lr (architecture.md 7.1): the warmup still
+    /// starts at the UNSCALED `warmup_lr` and the cosine ends at the UNSCALED `min_lr`.
+    pub fn lr_scaled(&self, step: u64, scale: f64) -> f64 {
+        let base_lr = self.base_lr * scale;
         if step < self.warmup_steps {
-            let per_step = (self.base_lr - self.warmup_lr) / self.warmup_steps as f64;
+            let per_step = (base_lr - self.warmup_lr) / self.warmup_steps as f64;
             return self.warmup_lr + step as f64 * per_step;
         }
         match self.kind {
@@ -50,12 +58,12 @@ impl LrSchedule {
                     return self.min_lr;
                 }
                 let cos = (std::f64::consts::PI * t / t_i).cos();
-                self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + cos)
+                self.min_lr + 0.5 * (base_lr - self.min_lr) * (1.0 + cos)
             }
             ScheduleKind::Multistep => {
                 // bisect.bisect_right(milestones, t)
                 let passed = self.milestones.iter().filter(|&&m| m <= step).count();
-                self.base_lr * self.gamma.powi(passed as i32)
+                base_lr * self.gamma.powi(passed as i32)
             }
         }
     }
@@ -111,6 +119,19 @@ mod tests {
         close(s.lr(89), 1e-4);
         close(s.lr(90), 1e-3 * 0.1 * 0.1);
         close(s.lr(109), 1e-3 * 0.01);
+    }
+
+    #[test]
+    fn scaled_groups_keep_warmup_start_and_min_lr_unscaled() {
+        let s = sched(ScheduleKind::Cosine);
+        close(s.lr_scaled(0, 0.5), 1e-6); // warmup starts at the unscaled warmup_lr
+        close(s.lr_scaled(5, 0.5), 1e-6 + 5.0 * (5e-4 - 1e-6) / 10.0);
+        close(s.lr_scaled(10, 0.5), 5e-4); // peak is base * scale
+        close(s.lr_scaled(60, 0.5), 1e-5 + 0.5 * (5e-4 - 1e-5));
+        close(s.lr_scaled(110, 0.5), 1e-5); // ends at the unscaled min_lr
+        close(s.lr_scaled(37, 1.0), s.lr(37));
+        let m = sched(ScheduleKind::Multistep);
+        close(m.lr_scaled(60, 0.5), 5e-5);
     }
 
     #[test]

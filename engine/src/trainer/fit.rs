@@ -388,8 +388,10 @@ impl<'a, O: Objective> Trainer<'a, O> {
         if !norm.is_finite() {
             bail!("step {n}: gradient norm is {norm} (lr {lr:.3e}); stopping without writing a checkpoint");
         }
+        // Layer-wise decay groups follow timm's per-group schedule (architecture.md 7.1).
+        let step = self.step;
         self.optimizer
-            .step(&grads, lr)
+            .step_with(&grads, &|scale| sched.lr_scaled(step, scale))
             .with_context(|| format!("step {n}: optimizer"))?;
         for (_, x) in metrics.iter_mut() {
             *x /= accum as f64;

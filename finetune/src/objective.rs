@@ -1,0 +1,295 @@
+//! Image classification as a trainer [`Objective`]: Swin-V2 + linear head on pooled features,
+//! Mixup/CutMix with label smoothing, soft-target cross-entropy, layer-wise lr decay
+//! (architecture.md 7.1), top-1/top-5 evaluation.
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarMap;
+use mimlab_engine::data::{Batch, DataLoader};
+use mimlab_engine::init::seeded_var_builder;
+use mimlab_engine::rng::{rng_for, SharedRng};
+use mimlab_engine::trainer::{Objective, StepOutput};
+use mimlab_models::checkpoint::LoadReport;
+use mimlab_models::moe::MOE_NO_DECAY_KEYWORDS;
+use mimlab_models::pretrained::{load_backbone_weights, Head};
+use mimlab_models::swin_v2::{SwinV2, SwinV2Config};
+use rand::rngs::StdRng;
+
+use crate::config::FinetuneConfig;
+use crate::layer_decay::swin_lr_scale;
+use crate::loss::{smoothed_targets, soft_target_cross_entropy};
+use crate::metrics::{ClassificationReport, Confusion};
+use crate::mixup::Mixup;
+
+/// Stream tag of the per-step Mixup/CutMix draws (`rng_for(step seed, [MIX_STREAM])`).
+pub const MIX_STREAM: u64 = 0x00D1_C3B0;
+
+/// Classification finetuning (or training from scratch) of a Swin-V2.
+pub struct ClassifyObjective {
+    varmap: VarMap,
+    model: SwinV2,
+    cfg: FinetuneConfig,
+    mixup: Mixup,
+    classes: usize,
+    rng: SharedRng,
+    mix_rng: StdRng,
+}
+
+impl ClassifyObjective {
+    /// Builds the classifier (weights seeded from `seed`, head of `model.num_classes`) on `device`.
+    pub fn new(
+        model: &SwinV2Config,
+        cfg: &FinetuneConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        ensure!(
+            model.num_classes > 0,
+            "model.num_classes is 0: a classifier needs the number of classes of the dataset"
+        );
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, seed, DType::F32, device);
+        let rng = SharedRng::new(seed);
+        let net = SwinV2::new(model, false, rng.clone(), vb)?;
+        Ok(Self {
+            varmap,
+            model: net,
+            cfg: cfg.clone(),
+            mixup: Mixup::new(cfg, model.num_classes),
+            classes: model.num_classes,
+            rng,
+            mix_rng: rng_for(seed, &[MIX_STREAM]),
+        })
+    }
+
+    /// Loads a pretrained backbone (SimMIM run, FD student, classifier, official/timm file); the
+    /// head stays freshly initialized. Every backbone variable must be found.
+    pub fn load_backbone(&self, weights: &Path) -> Result<LoadReport> {
+        load_backbone_weights(&self.varmap, weights, Head::Reinit)
+    }
+
+    /// The classifier.
+    pub fn model(&self) -> &SwinV2 {
+        &self.model
+    }
+
+    /// Top-1/top-5, per-class accuracy and confusion over every batch of `loader` (eval mode).
+    pub fn report(&self, loader: &DataLoader, device: &Device) -> Result<ClassificationReport> {
+        evaluate_classifier(&self.model, self.classes, loader, device).map(|(r, _)| r)
+    }
+}
+
+/// Eval-mode accuracy of `model` over `loader`: the report and the mean cross-entropy.
+pub fn evaluate_classifier(
+    model: &SwinV2,
+    classes: usize,
+    loader: &DataLoader,
+    device: &Device,
+) -> Result<(ClassificationReport, f64)> {
+    let mut m = Confusion::new(classes);
+    let (mut loss_sum, mut n) = (0.0, 0usize);
+    for batch in loader.epoch(0, 0) {
+        let batch = batch?;
+        let labels = batch_labels(&batch, loader)?;
+        let x = batch.images.to_device(device)?;
+        let logits = model.forward(&x, false)?;
+        let t = smoothed_targets(&labels, classes, 0.0, &logits)?;
+        let loss = soft_target_cross_entropy(&logits, &t)?;
+        loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * labels.len() as f64;
+        n += labels.len();
+        m.add(&logits, &labels)?;
+    }
+    ensure!(
+        n > 0,
+        "evaluation: {} gave no batches",
+        loader.dataset().describe()
+    );
+    Ok((m.report(), loss_sum / n as f64))
+}
+
+fn batch_labels(batch: &Batch, loader: &DataLoader) -> Result<Vec<u32>> {
+    let y = batch.labels.as_ref().with_context(|| {
+        format!(
+            "{}: classification needs labels",
+            loader.dataset().describe()
+        )
+    })?;
+    Ok(y.to_vec1::<u32>()?)
+}
+
+impl Objective for ClassifyObjective {
+    fn name(&self) -> &str {
+        "classify"
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    fn no_decay_keywords(&self) -> Vec<String> {
+        MOE_NO_DECAY_KEYWORDS
+            .iter()
+            .map(|k| k.to_string())
+            .collect()
+    }
+
+    fn lr_scale(&self, name: &str) -> f64 {
+        swin_lr_scale(name, &self.model.config().depths, self.cfg.layer_decay)
+    }
+
+    fn set_seed(&mut self, seed: u64) {
+        self.rng.reseed(seed);
+        self.mix_rng = rng_for(seed, &[MIX_STREAM]);
+    }
+
+    fn train_step(&mut self, batch: &Batch, device: &Device) -> Result<StepOutput> {
+        let labels = batch
+            .labels
+            .as_ref()
+            .context("classification needs a labelled dataset (the batch has no labels)")?
+            .to_vec1::<u32>()?;
+        let (_, _, h, w) = batch.images.dims4()?;
+        let p = if self.cfg.mixing() {
+            self.mixup.draw(h, w, &mut self.mix_rng)?
+        } else {
+            crate::mixup::MixParams {
+                lam: 1.0,
+                cutmix_box: None,
+            }
+        };
+        let (x, targets) = self.mixup.apply(&batch.images, &labels, &p)?;
+        let (x, targets) = (x.to_device(device)?, targets.to_device(device)?);
+        let logits = self.model.forward(&x, true)?;
+        let mut loss = soft_target_cross_entropy(&logits, &targets)?;
+        let mut metrics = vec![];
+        if let Some((aux, m)) = self.model.take_moe_loss()? {
+            loss = (loss + aux.to_dtype(DType::F32)?)?;
+            metrics = m;
+        }
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        // accuracy against each image's own label (under mixing a lower bound of what it learnt)
+        let pred: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+        let hits = pred.iter().zip(&labels).filter(|(a, b)| a == b).count();
+        let mut out = vec![
+            ("loss".to_string(), value),
+            (
+                "top1".to_string(),
+                100.0 * hits as f64 / labels.len() as f64,
+            ),
+            ("mix_lambda".to_string(), p.lam),
+        ];
+        out.extend(metrics);
+        Ok(StepOutput { loss, metrics: out })
+    }
+
+    fn evaluate(&mut self, loader: &DataLoader, device: &Device) -> Result<Vec<(String, f64)>> {
+        let (r, loss) = evaluate_classifier(&self.model, self.classes, loader, device)?;
+        Ok(vec![
+            ("top1".into(), r.top1),
+            ("top5".into(), r.top5),
+            ("loss".into(), loss),
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Tensor;
+    use std::collections::BTreeSet;
+
+    fn cfg() -> SwinV2Config {
+        SwinV2Config {
+            img_size: 16,
+            embed_dim: 8,
+            depths: vec![2, 1, 2],
+            num_heads: vec![1, 2, 2],
+            window_size: 2,
+            pretrained_window_sizes: vec![0; 3],
+            num_classes: 4,
+            drop_path_rate: 0.1,
+            ..SwinV2Config::preset("swinv2_nano").unwrap()
+        }
+    }
+
+    #[test]
+    fn every_parameter_gets_a_layer_scale_and_every_layer_is_used() -> Result<()> {
+        let ft = FinetuneConfig {
+            layer_decay: 0.5,
+            ..FinetuneConfig::default()
+        };
+        let obj = ClassifyObjective::new(&cfg(), &ft, 0, &Device::Cpu)?;
+        let names: Vec<String> = obj.varmap.data().lock().unwrap().keys().cloned().collect();
+        let mut scales = BTreeSet::new();
+        for n in &names {
+            let s = obj.lr_scale(n);
+            scales.insert((-s.log2()).round() as i64);
+        }
+        // n = 5 blocks: ids 0..=6 -> exponents 6..=0, each used by some parameter
+        assert_eq!(
+            scales.into_iter().collect::<Vec<_>>(),
+            (0..=6).collect::<Vec<_>>()
+        );
+        assert_eq!(obj.lr_scale("head.weight"), 1.0);
+        assert_eq!(obj.lr_scale("patch_embed.proj.weight"), 0.5f64.powi(6));
+        assert_eq!(
+            obj.lr_scale("layers.1.downsample.reduction.weight"),
+            0.5f64.powi(3)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn train_step_is_a_function_of_the_step_seed() -> Result<()> {
+        let dev = Device::Cpu;
+        let images = Tensor::randn(0f32, 1., (4, 3, 16, 16), &dev)?;
+        let batch = Batch {
+            images,
+            labels: Some(Tensor::new(&[0u32, 1, 2, 3], &dev)?),
+            indices: vec![0, 1, 2, 3],
+            epoch: 0,
+        };
+        let ft = FinetuneConfig::default();
+        let loss = |step_seed: u64| -> Result<(f64, f64)> {
+            let mut obj = ClassifyObjective::new(&cfg(), &ft, 3, &dev)?;
+            obj.set_seed(step_seed);
+            let out = obj.train_step(&batch, &dev)?;
+            let lam = out
+                .metrics
+                .iter()
+                .find(|(k, _)| k == "mix_lambda")
+                .unwrap()
+                .1;
+            Ok((out.loss.to_scalar::<f32>()? as f64, lam))
+        };
+        let (a, lam_a) = loss(11)?;
+        assert_eq!(
+            loss(11)?,
+            (a, lam_a),
+            "same seed, same mixing and drop path"
+        );
+        let others: Vec<f64> = (12..16).map(|s| loss(s).unwrap().1).collect();
+        assert!(
+            others.iter().any(|&l| l != lam_a),
+            "the mix lambda follows the seed"
+        );
+        // at init the head is ~0: the loss is close to ln(4) whatever the mixing
+        assert!((a - 4f64.ln()).abs() < 0.2, "{a}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_classifier_needs_classes() {
+        let c = SwinV2Config {
+            num_classes: 0,
+            ..cfg()
+        };
+        let err = ClassifyObjective::new(&c, &FinetuneConfig::default(), 0, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("model.num_classes is 0"), "{err}");
+    }
+}
