@@ -23,6 +23,8 @@ enum Cmd {
     Config(cli::config::ConfigCmd),
     /// SimMIM pretraining of a Swin-V2 on unlabelled images.
     Pretrain(cli::pretrain::PretrainArgs),
+    /// Feature distillation: a student Swin-V2 regresses a frozen teacher's whitened features.
+    Distill(cli::distill::DistillArgs),
     /// Model facts (parameters, FLOPs) and a forward pass over saved tensors.
     #[command(subcommand)]
     Model(cli::model::ModelCmd),
@@ -38,6 +40,7 @@ fn main() {
     let result: Result<()> = match cli.cmd {
         Cmd::Config(c) => cli::config::run(c),
         Cmd::Pretrain(a) => cli::pretrain::run(a),
+        Cmd::Distill(a) => cli::distill::run(a),
         Cmd::Model(c) => cli::model::run(c),
         Cmd::Visualize(a) => cli::visualize::run(a),
         Cmd::Avgdist(a) => cli::avgdist::run(a),

@@ -153,18 +153,28 @@ pub fn unshare_cpb(
     let Some(w0) = tensors.remove(&key("0.weight")) else {
         return Ok(tensors);
     };
-    let b0 = tensors
-        .remove(&key("0.bias"))
-        .with_context(|| format!("shared CPB: `{}` without `{}`", key("0.weight"), key("0.bias")))?;
-    let w2 = tensors
-        .remove(&key("2.weight"))
-        .with_context(|| format!("shared CPB: `{}` without `{}`", key("0.weight"), key("2.weight")))?;
+    let b0 = tensors.remove(&key("0.bias")).with_context(|| {
+        format!(
+            "shared CPB: `{}` without `{}`",
+            key("0.weight"),
+            key("0.bias")
+        )
+    })?;
+    let w2 = tensors.remove(&key("2.weight")).with_context(|| {
+        format!(
+            "shared CPB: `{}` without `{}`",
+            key("0.weight"),
+            key("2.weight")
+        )
+    })?;
     let max_heads = w2.dim(0)?;
     let blocks: Vec<(String, usize)> = tensors
         .iter()
         .filter_map(|(k, t)| {
             let block = k.strip_prefix(prefix)?.strip_suffix(".attn.logit_scale")?;
-            block.starts_with("layers.").then(|| (block.to_string(), t.dims()[0]))
+            block
+                .starts_with("layers.")
+                .then(|| (block.to_string(), t.dims()[0]))
         })
         .collect();
     if blocks.is_empty() {

@@ -11,9 +11,7 @@ use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::rng::SharedRng;
 use mimlab_engine::trainer::latest_checkpoint;
 
-use crate::checkpoint::{
-    load_into_varmap, read_safetensors, unshare_cpb, LoadOptions, LoadReport,
-};
+use crate::checkpoint::{load_into_varmap, read_safetensors, unshare_cpb, LoadOptions, LoadReport};
 use crate::swin_v2::{ModelSection, SwinV2, SwinV2Config};
 
 /// What a `--init` / `--teacher` path resolved to.
@@ -312,8 +310,14 @@ mod tests {
         let r = load_backbone_tensors(&dst, tensors, Head::Reinit)?;
         assert_eq!(r.ignored, vec!["projector.weight"]);
         let w2 = |vm: &VarMap, k: &str| vm.data().lock().unwrap()[k].as_tensor().dims().to_vec();
-        assert_eq!(w2(&dst, "layers.0.blocks.0.attn.cpb_mlp.2.weight"), [1, 512]);
-        assert_eq!(w2(&dst, "layers.1.blocks.0.attn.cpb_mlp.2.weight"), [2, 512]);
+        assert_eq!(
+            w2(&dst, "layers.0.blocks.0.attn.cpb_mlp.2.weight"),
+            [1, 512]
+        );
+        assert_eq!(
+            w2(&dst, "layers.1.blocks.0.attn.cpb_mlp.2.weight"),
+            [2, 512]
+        );
         let x = Tensor::randn(0f32, 1.0, (2, 3, 16, 16), &Device::Cpu)?;
         let a = shared.forward_features(&x, None, false)?.last;
         let b = plain.forward_features(&x, None, false)?.last;

@@ -849,7 +849,7 @@ impl WindowAttention {
     fn position_bias(&self, g: &Geometry) -> candle_core::Result<Tensor> {
         let n = g.ws * g.ws;
         let t = self.cpb2.forward(&self.cpb0.forward(&g.coords)?.relu()?)?; // ((2ws-1)^2, nH)
-        // shared CPB: max(num_heads) outputs, this stage uses the first nH
+                                                                            // shared CPB: max(num_heads) outputs, this stage uses the first nH
         let t = if t.dim(1)? > self.num_heads {
             t.narrow(1, 0, self.num_heads)?.contiguous()?
         } else {
@@ -1216,7 +1216,17 @@ impl SwinV2 {
                 let bv = lv.pp("blocks").pp(j);
                 let (r, m) = (rng.clone(), moe_stats.clone());
                 let shared = shared_cpb.as_ref();
-                blocks.push(Block::new(cfg.clone(), i, j, res, dpr[k], r, m, shared, bv)?);
+                blocks.push(Block::new(
+                    cfg.clone(),
+                    i,
+                    j,
+                    res,
+                    dpr[k],
+                    r,
+                    m,
+                    shared,
+                    bv,
+                )?);
                 k += 1;
             }
             let downsample = if i + 1 < cfg.num_stages() {

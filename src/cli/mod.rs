@@ -1,6 +1,7 @@
 //! Subcommands of the `mimlab` binary, one file each.
 pub mod avgdist;
 pub mod config;
+pub mod distill;
 pub mod model;
 pub mod pretrain;
 pub mod visualize;
