@@ -2,11 +2,12 @@
 //! override it (with `base:` inheritance), and `--set key=value` overrides any key.
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use mimlab_engine::data::DataConfig;
 use mimlab_engine::trainer::{RunConfig, TrainConfig};
 use mimlab_finetune::config::FinetuneConfig;
 use mimlab_models::swin_v2::ModelSection;
+use mimlab_pretrain::distill::DistillConfig;
 use mimlab_pretrain::mask::SimMimConfig;
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +27,8 @@ pub struct Experiment {
     pub simmim: SimMimConfig,
     /// Classification finetuning recipe and frozen-feature evaluations.
     pub finetune: FinetuneConfig,
+    /// Feature distillation: teacher, loss, student options, feature cache.
+    pub distill: DistillConfig,
 }
 
 impl Experiment {
@@ -34,6 +37,9 @@ impl Experiment {
     pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Self> {
         let mut exp: Experiment = mimlab_engine::config::load(path, sets)?;
         exp.model = exp.model.resolved()?;
+        if let Some(m) = &exp.distill.teacher_model {
+            exp.distill.teacher_model = Some(m.resolved().context("distill.teacher_model")?);
+        }
         Ok(exp)
     }
 

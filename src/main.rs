@@ -29,6 +29,8 @@ enum Cmd {
     Eval(cli::eval::EvalArgs),
     /// Frozen-feature evaluations of a backbone: k-NN and linear probe at several label fractions.
     Probe(cli::probe::ProbeArgs),
+    /// Feature distillation: a student Swin-V2 regresses a frozen teacher's whitened features.
+    Distill(cli::distill::DistillArgs),
     /// Model facts (parameters, FLOPs) and a forward pass over saved tensors.
     #[command(subcommand)]
     Model(cli::model::ModelCmd),
@@ -47,6 +49,7 @@ fn main() {
         Cmd::Finetune(a) => cli::finetune::run(a),
         Cmd::Eval(a) => cli::eval::run(a),
         Cmd::Probe(a) => cli::probe::run(a),
+        Cmd::Distill(a) => cli::distill::run(a),
         Cmd::Model(c) => cli::model::run(c),
         Cmd::Visualize(a) => cli::visualize::run(a),
         Cmd::Avgdist(a) => cli::avgdist::run(a),

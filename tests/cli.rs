@@ -378,6 +378,16 @@ fn finetune_from_simmim_then_eval_and_probe() {
     let runs = dir.path().to_str().unwrap();
     let arch = [
         "model.preset=swinv2_nano",
+
+/// A 2-step SimMIM teacher, a 2-step distillation from it (shared CPB, cached features), and the
+/// student checkpoint loading into a classifier; teacher errors name the path / key.
+#[test]
+fn distill_from_a_simmim_run_and_load_the_student_into_a_classifier() {
+    use mimlab_models::pretrained::{load_backbone, resolve_init, run_model_section};
+    require_data();
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = format!("run.output_dir={}", dir.path().to_str().unwrap());
+    let tiny = [
         "model.img_size=32",
         "model.embed_dim=16",
         "model.depths=[1,1]",
@@ -511,6 +521,91 @@ fn finetune_from_simmim_then_eval_and_probe() {
     ));
     assert!(
         e.contains("model.num_classes is 5") && e.contains("10 classes"),
+
+        "data.max_samples=64",
+        "train.batch_size=16",
+        "train.max_steps=2",
+        "train.warmup_epochs=0",
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        let mut v = vec!["--set".to_string(), out_dir.clone()];
+        for s in tiny.iter().chain(extra) {
+            v.push("--set".into());
+            v.push(s.to_string());
+        }
+        v
+    };
+    let run = |head: &[&str], sets: Vec<String>| -> String {
+        let mut a: Vec<&str> = head.to_vec();
+        a.extend(sets.iter().map(String::as_str));
+        ok(&a)
+    };
+    let teacher = dir.path().join("teacher");
+    run(
+        &["pretrain"],
+        with(&[
+            "run.name=teacher",
+            "simmim.mask_patch_size=8",
+            "simmim.num_pictures=0",
+        ]),
+    );
+    let cache = format!(
+        "distill.cache_features={}",
+        dir.path().join("cache").display()
+    );
+    let text = run(
+        &[
+            "distill",
+            "--config",
+            "configs/fd/swinv2_nano_fmnist.yaml",
+            "--teacher",
+            teacher.to_str().unwrap(),
+        ],
+        with(&["run.name=student", "distill.shared_cpb=true", &cache]),
+    );
+    assert!(text.contains("done: 2 steps"), "{text}");
+    // the student (shared CPB) loads into a per-block classifier: unshared on load
+    let src = resolve_init(&dir.path().join("student")).unwrap();
+    let mut cfg = run_model_section(&src.run_config.unwrap())
+        .unwrap()
+        .resolve()
+        .unwrap();
+    assert!(!cfg.shared_cpb);
+    cfg.num_classes = 10;
+    let (_, vm, report) = load_backbone(&cfg, &src.weights, &candle_core::Device::Cpu).unwrap();
+    assert!(report.ignored.iter().any(|k| k == "projector.weight"));
+    assert!(vm
+        .data()
+        .lock()
+        .unwrap()
+        .contains_key("layers.1.blocks.0.attn.cpb_mlp.2.weight"));
+    // errors
+    let e = err(&["distill", "--config", "configs/fd/swinv2_nano_fmnist.yaml"]);
+    assert!(e.contains("--teacher"), "{e}");
+    let bare = dir.path().join("bare.safetensors");
+    std::fs::copy(&src.weights, &bare).unwrap();
+    let e = err(&[
+        "distill",
+        "--config",
+        "configs/fd/swinv2_nano_fmnist.yaml",
+        "--teacher",
+        bare.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("distill.teacher_model") && e.contains("bare.safetensors"),
+        "{e}"
+    );
+    // the cache was made with seed 0: another seed means other crops, so it is refused
+    let mut sets = with(&["run.name=student2", "run.seed=5", &cache]);
+    sets.splice(
+        0..0,
+        ["--teacher".to_string(), teacher.display().to_string()],
+    );
+    let mut a = vec!["distill", "--config", "configs/fd/swinv2_nano_fmnist.yaml"];
+    a.extend(sets.iter().map(String::as_str));
+    let e = err(&a);
+    assert!(
+        e.contains("delete the folder") && e.contains("cache"),
         "{e}"
     );
 }

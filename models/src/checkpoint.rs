@@ -139,6 +139,62 @@ pub fn remap_to_mimlab(
     Ok((out, layout))
 }
 
+/// A shared-CPB checkpoint (`SwinV2Config::shared_cpb`: one `{prefix}cpb_mlp.*` for the whole
+/// model) -> per-block `{prefix}layers.{i}.blocks.{j}.attn.cpb_mlp.{0.weight,0.bias,2.weight}`,
+/// the output rows of `2.weight` cut to that block's heads (read from its `logit_scale`
+/// `[heads, 1, 1]`). Like FD's `remap_pretrained_keys_vit` copying the shared relative position
+/// bias into every block (architecture.md 5); the model computes the same outputs before and
+/// after. Tensors without shared keys are returned unchanged.
+pub fn unshare_cpb(
+    mut tensors: HashMap<String, Tensor>,
+    prefix: &str,
+) -> Result<HashMap<String, Tensor>> {
+    let key = |s: &str| format!("{prefix}cpb_mlp.{s}");
+    let Some(w0) = tensors.remove(&key("0.weight")) else {
+        return Ok(tensors);
+    };
+    let b0 = tensors.remove(&key("0.bias")).with_context(|| {
+        format!(
+            "shared CPB: `{}` without `{}`",
+            key("0.weight"),
+            key("0.bias")
+        )
+    })?;
+    let w2 = tensors.remove(&key("2.weight")).with_context(|| {
+        format!(
+            "shared CPB: `{}` without `{}`",
+            key("0.weight"),
+            key("2.weight")
+        )
+    })?;
+    let max_heads = w2.dim(0)?;
+    let blocks: Vec<(String, usize)> = tensors
+        .iter()
+        .filter_map(|(k, t)| {
+            let block = k.strip_prefix(prefix)?.strip_suffix(".attn.logit_scale")?;
+            block
+                .starts_with("layers.")
+                .then(|| (block.to_string(), t.dims()[0]))
+        })
+        .collect();
+    if blocks.is_empty() {
+        bail!("shared CPB: no `{prefix}layers.*.attn.logit_scale` to read the blocks' heads from");
+    }
+    for (block, heads) in blocks {
+        if heads > max_heads {
+            bail!(
+                "shared CPB: `{prefix}{block}` has {heads} heads, `{}` only {max_heads} rows",
+                key("2.weight")
+            );
+        }
+        let at = |s: &str| format!("{prefix}{block}.attn.cpb_mlp.{s}");
+        tensors.insert(at("0.weight"), w0.clone());
+        tensors.insert(at("0.bias"), b0.clone());
+        tensors.insert(at("2.weight"), w2.narrow(0, 0, heads)?.contiguous()?);
+    }
+    Ok(tensors)
+}
+
 /// How [`load_into_varmap`] matches checkpoint tensors to model variables.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {

@@ -11,7 +11,7 @@ use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::rng::SharedRng;
 use mimlab_engine::trainer::latest_checkpoint;
 
-use crate::checkpoint::{load_into_varmap, read_safetensors, LoadOptions, LoadReport};
+use crate::checkpoint::{load_into_varmap, read_safetensors, unshare_cpb, LoadOptions, LoadReport};
 use crate::swin_v2::{ModelSection, SwinV2, SwinV2Config};
 
 /// What a `--init` / `--teacher` path resolved to.
@@ -164,10 +164,20 @@ pub fn load_backbone_tensors(
         .into_iter()
         .find(|p| tensors.keys().any(|k| k.starts_with(p)))
         .unwrap_or("");
-    let model_has_mask_token = {
+    let (model_has_mask_token, model_shares_cpb) = {
         // Invariant: the VarMap mutex is only poisoned if another thread panicked holding it.
         let data = varmap.data().lock().expect("varmap mutex poisoned");
-        data.contains_key("mask_token")
+        (
+            data.contains_key("mask_token"),
+            data.contains_key("cpb_mlp.0.weight"),
+        )
+    };
+    // A shared-CPB student (feature distillation) into a per-block model: copy the MLP into
+    // every block, as FD does with its shared relative position bias for finetuning.
+    let tensors = if model_shares_cpb {
+        tensors
+    } else {
+        unshare_cpb(tensors, prefix)?
     };
     let mut ignore: Vec<String> = vec!["decoder.".into(), "projector.".into(), "teacher.".into()];
     if !model_has_mask_token {
@@ -360,6 +370,62 @@ mod tests {
             err.contains("nope") && err.contains("no such run folder"),
             "{err}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn shared_cpb_unshares_into_per_block_tables_with_identical_outputs() -> Result<()> {
+        // 2 stages with 1 and 2 heads: the shared MLP has 2 outputs, stage 0 uses the first.
+        let shared_cfg = SwinV2Config {
+            shared_cpb: true,
+            ..tiny()
+        };
+        let (shared, src) = build(&shared_cfg, false, 1);
+        assert_eq!(
+            src.all_vars().iter().map(|v| v.elem_count()).sum::<usize>(),
+            shared_cfg.num_params()
+        );
+        // Random weights everywhere (norm1/norm2 start at zero, which would hide attention).
+        let mut rng = mimlab_engine::rng::rng_for(4, &[]);
+        let mut vars: Vec<_> = src.data().lock().unwrap().clone().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, var) in &vars {
+            use rand::Rng;
+            let off = if name.contains("norm") { 1.0 } else { 0.0 };
+            let v: Vec<f32> = (0..var.elem_count())
+                .map(|_| rng.random_range(-0.5f32..0.5) + off)
+                .collect();
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu)?)?;
+        }
+        let keys: Vec<&String> = vars.iter().map(|(k, _)| k).collect();
+        assert!(keys.iter().any(|k| *k == "cpb_mlp.2.weight"));
+        assert!(!keys.iter().any(|k| k.contains("attn.cpb_mlp")));
+        // As a distillation run stores it: under `student.`, with a projector.
+        let mut tensors: HashMap<String, Tensor> = vars
+            .iter()
+            .map(|(k, v)| (format!("student.{k}"), v.as_tensor().clone()))
+            .collect();
+        tensors.insert(
+            "projector.weight".into(),
+            Tensor::zeros((4, 16), DType::F32, &Device::Cpu)?,
+        );
+        let (plain, dst) = build(&tiny(), false, 2);
+        let r = load_backbone_tensors(&dst, tensors, Head::Reinit)?;
+        assert_eq!(r.ignored, vec!["projector.weight"]);
+        let w2 = |vm: &VarMap, k: &str| vm.data().lock().unwrap()[k].as_tensor().dims().to_vec();
+        assert_eq!(
+            w2(&dst, "layers.0.blocks.0.attn.cpb_mlp.2.weight"),
+            [1, 512]
+        );
+        assert_eq!(
+            w2(&dst, "layers.1.blocks.0.attn.cpb_mlp.2.weight"),
+            [2, 512]
+        );
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 16, 16), &Device::Cpu)?;
+        let a = shared.forward_features(&x, None, false)?.last;
+        let b = plain.forward_features(&x, None, false)?.last;
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "max abs diff {diff}");
         Ok(())
     }
 }

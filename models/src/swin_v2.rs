@@ -58,6 +58,11 @@ pub struct SwinV2Config {
     /// Mixture-of-experts MLPs (off by default; see [`crate::moe`]).
     #[serde(default)]
     pub moe: MoeConfig,
+    /// One continuous-position-bias MLP for all blocks (feature-distillation students), stored at
+    /// the top-level key `cpb_mlp.*` with max(num_heads) outputs; a block with h heads uses the
+    /// first h. [`crate::checkpoint::unshare_cpb`] turns such a checkpoint into per-block tables for finetuning.
+    #[serde(default)]
+    pub shared_cpb: bool,
 }
 
 /// Names accepted by [`SwinV2Config::preset`].
@@ -107,6 +112,7 @@ impl SwinV2Config {
             pretrained_window_sizes: pretrained_window_sizes.to_vec(),
             patch_norm: true,
             moe: MoeConfig::default(),
+            shared_cpb: false,
         }
     }
 
@@ -291,7 +297,11 @@ impl SwinV2Config {
                 + d * d
                 + d
                 + heads
-                + (2 * 512 + 512 + 512 * heads);
+                + if self.shared_cpb {
+                    0
+                } else {
+                    2 * 512 + 512 + 512 * heads
+                };
             let mlp = d * hid + hid + hid * d + d;
             let e = self.moe.num_experts;
             for j in 0..depth {
@@ -306,6 +316,9 @@ impl SwinV2Config {
             if i + 1 < self.num_stages() {
                 n += 4 * d * 2 * d + 2 * 2 * d;
             }
+        }
+        if self.shared_cpb {
+            n += 2 * 512 + 512 + 512 * self.num_heads.iter().max().copied().unwrap_or(0);
         }
         let f = self.num_features();
         n += 2 * f;
@@ -415,6 +428,8 @@ pub struct ModelSection {
     pub patch_norm: Option<bool>,
     /// Overrides [`SwinV2Config::moe`] (the whole section; its own keys default).
     pub moe: Option<MoeConfig>,
+    /// Overrides [`SwinV2Config::shared_cpb`].
+    pub shared_cpb: Option<bool>,
 }
 
 impl ModelSection {
@@ -441,7 +456,8 @@ impl ModelSection {
             drop_path_rate,
             pretrained_window_sizes,
             patch_norm,
-            moe
+            moe,
+            shared_cpb
         );
         // A depth override without a pretrained-window override keeps "no pretrained windows".
         if self.pretrained_window_sizes.is_none()
@@ -478,6 +494,7 @@ impl ModelSection {
             pretrained_window_sizes: Some(c.pretrained_window_sizes),
             patch_norm: Some(c.patch_norm),
             moe: Some(c.moe),
+            shared_cpb: Some(c.shared_cpb),
         })
     }
 }
@@ -782,10 +799,12 @@ struct WindowAttention {
 }
 
 impl WindowAttention {
+    /// `shared`: the model's one CPB MLP (`shared_cpb`), used instead of this block's own.
     fn new(
         dim: usize,
         heads: usize,
         cfg: &SwinV2Config,
+        shared: Option<&(Linear, Linear)>,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let std02 = Init::Randn {
@@ -805,6 +824,13 @@ impl WindowAttention {
         };
         let logit_scale =
             vb.get_with_hints((heads, 1, 1), "logit_scale", Init::Const(10f64.ln()))?;
+        let (cpb0, cpb2) = match shared {
+            Some((c0, c2)) => (c0.clone(), c2.clone()), // same Vars: one set of gradients
+            None => (
+                Linear::new(2, 512, true, vb.pp("cpb_mlp").pp("0"))?,
+                Linear::new(512, heads, false, vb.pp("cpb_mlp").pp("2"))?,
+            ),
+        };
         Ok(Self {
             num_heads: heads,
             qkv_w,
@@ -812,8 +838,8 @@ impl WindowAttention {
             v_bias,
             proj: Linear::new(dim, dim, true, vb.pp("proj"))?,
             logit_scale,
-            cpb0: Linear::new(2, 512, true, vb.pp("cpb_mlp").pp("0"))?,
-            cpb2: Linear::new(512, heads, false, vb.pp("cpb_mlp").pp("2"))?,
+            cpb0,
+            cpb2,
             attn_drop: cfg.attn_drop_rate,
             proj_drop: cfg.drop_rate,
         })
@@ -823,6 +849,12 @@ impl WindowAttention {
     fn position_bias(&self, g: &Geometry) -> candle_core::Result<Tensor> {
         let n = g.ws * g.ws;
         let t = self.cpb2.forward(&self.cpb0.forward(&g.coords)?.relu()?)?; // ((2ws-1)^2, nH)
+                                                                            // shared CPB: max(num_heads) outputs, this stage uses the first nH
+        let t = if t.dim(1)? > self.num_heads {
+            t.narrow(1, 0, self.num_heads)?.contiguous()?
+        } else {
+            t
+        };
         let b = t
             .index_select(&g.index, 0)?
             .reshape((n, n, self.num_heads))?;
@@ -936,12 +968,13 @@ impl Block {
         drop_path: f64,
         rng: SharedRng,
         moe: MoeCollector,
+        shared_cpb: Option<&(Linear, Linear)>,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let dim = cfg.stage_dim(stage);
         let heads = cfg.num_heads[stage];
         let norm1 = LayerNorm::new(dim, true, vb.pp("norm1"))?; // res-post-norm init: zero
-        let attn = WindowAttention::new(dim, heads, &cfg, vb.pp("attn"))?;
+        let attn = WindowAttention::new(dim, heads, &cfg, shared_cpb, vb.pp("attn"))?;
         let norm2 = LayerNorm::new(dim, true, vb.pp("norm2"))?;
         let hid = cfg.mlp_hidden(dim);
         let mlp = if cfg.moe.is_moe_block(&cfg.depths, stage, index) {
@@ -1161,6 +1194,16 @@ impl SwinV2 {
         } else {
             None
         };
+        // shared CPB (feature distillation): one MLP at top-level `cpb_mlp.*`, max(heads) outputs
+        let shared_cpb = if cfg.shared_cpb {
+            let heads = cfg.num_heads.iter().copied().max().unwrap_or(1);
+            Some((
+                Linear::new(2, 512, true, vb.pp("cpb_mlp").pp("0"))?,
+                Linear::new(512, heads, false, vb.pp("cpb_mlp").pp("2"))?,
+            ))
+        } else {
+            None
+        };
         let dpr = cfg.drop_path_rates();
         let mut k = 0;
         let mut res = (cfg.img_size / p, cfg.img_size / p);
@@ -1172,7 +1215,18 @@ impl SwinV2 {
             for j in 0..cfg.depths[i] {
                 let bv = lv.pp("blocks").pp(j);
                 let (r, m) = (rng.clone(), moe_stats.clone());
-                blocks.push(Block::new(cfg.clone(), i, j, res, dpr[k], r, m, bv)?);
+                let shared = shared_cpb.as_ref();
+                blocks.push(Block::new(
+                    cfg.clone(),
+                    i,
+                    j,
+                    res,
+                    dpr[k],
+                    r,
+                    m,
+                    shared,
+                    bv,
+                )?);
                 k += 1;
             }
             let downsample = if i + 1 < cfg.num_stages() {
@@ -1344,12 +1398,13 @@ mod tests {
             pretrained_window_sizes: vec![0],
             patch_norm: true,
             moe: MoeConfig::default(),
+            shared_cpb: false,
         };
         let dev = Device::Cpu;
         let vm = VarMap::new();
         let vb = seeded_var_builder(&vm, 3, DType::F64, &dev);
         let (r, m) = (SharedRng::new(0), MoeCollector::default());
-        let blk = Block::new(Arc::new(cfg), 0, 1, (8, 8), 0.0, r, m, vb)?;
+        let blk = Block::new(Arc::new(cfg), 0, 1, (8, 8), 0.0, r, m, None, vb)?;
         // Re-randomize everything (norm1/norm2 start at zero = identity block).
         let mut rng = mimlab_engine::rng::rng_for(11, &[]);
         // sorted: HashMap order is random per process and would make the draws (and the test) vary

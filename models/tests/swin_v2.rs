@@ -31,6 +31,7 @@ fn small() -> SwinV2Config {
         pretrained_window_sizes: vec![0, 0],
         patch_norm: true,
         moe: Default::default(),
+        shared_cpb: false,
     }
 }
 

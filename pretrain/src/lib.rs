@@ -1,7 +1,10 @@
-//! Self-supervised objectives: SimMIM (masking, model, loss, trainer objective, pictures) and the
-//! AvgDist masking analysis.
+//! Self-supervised objectives: SimMIM (masking, model, loss, trainer objective, pictures), feature
+//! distillation (model, trainer objective, teacher-feature cache) and the AvgDist masking analysis.
 pub mod avgdist;
 pub mod distance;
+pub mod distill;
+pub mod distill_objective;
+pub mod feature_cache;
 pub mod mask;
 pub mod objective;
 pub mod simmim;
@@ -10,6 +13,9 @@ pub mod visualize;
 pub use avgdist::{
     avgdist_csv, avgdist_of_mask, avgdist_plot, avgdist_table, AvgDistRow, AvgDistTable,
 };
+pub use distill::{Distill, DistillConfig, Teacher};
+pub use distill_objective::{DistillObjective, Targets};
+pub use feature_cache::FeatureCache;
 pub use mask::{MaskGenerator, MaskStrategy, SimMimConfig};
 pub use objective::SimMimObjective;
 pub use simmim::SimMim;

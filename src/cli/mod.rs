@@ -3,6 +3,7 @@ pub mod avgdist;
 pub mod config;
 pub mod eval;
 pub mod finetune;
+pub mod distill;
 pub mod model;
 pub mod pretrain;
 pub mod probe;

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use rand::rngs::StdRng;
 
-use super::transforms::{ImageTransform, U8Image};
+use super::transforms::{CropBox, ImageTransform, U8Image};
 use super::{missing_bundled, subset, DataConfig, Dataset, Sample, Split};
 
 /// An IDX array of u8.
@@ -193,6 +193,19 @@ impl Dataset for IdxDataset {
             image: self.transform.apply(&img, rng),
             label: Some(self.labels[i] as u32),
         })
+    }
+
+    fn crop_params(&self, index: usize, rng: &mut StdRng) -> Result<Option<(CropBox, bool)>> {
+        ensure!(
+            index < self.len(),
+            "{}: index {index} out of range ({} samples)",
+            self.describe(),
+            self.len()
+        );
+        Ok(self
+            .transform
+            .train
+            .then(|| self.transform.train_params(self.height, self.width, rng)))
     }
 
     fn channels(&self) -> usize {

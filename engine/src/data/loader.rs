@@ -3,7 +3,10 @@
 //!
 //! Determinism: the permutation comes from `rng_for(seed, &[epoch])` and each sample's
 //! augmentation from `rng_for(seed, &[epoch, index])`; batches are handed out in order whatever
-//! the thread timing, so the worker count never changes what the model sees.
+//! the thread timing, so the worker count never changes what the model sees. With
+//! [`DataLoader::fixed_augmentation`] a sample's augmentation comes from
+//! `rng_for(seed, &[FIXED_AUG_STREAM, index])` instead: the same crop every epoch (cached
+//! teacher features need it).
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,6 +20,10 @@ use rand::seq::SliceRandom;
 use super::folder::SkippedImage;
 use super::{Batch, Dataset};
 use crate::rng::rng_for;
+use rand::rngs::StdRng;
+
+/// Stream tag of epoch-independent per-sample augmentation ([`DataLoader::fixed_augmentation`]).
+pub const FIXED_AUG_STREAM: u64 = 0x00F1_C5ED;
 
 /// How the loader batches and schedules a dataset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +47,7 @@ pub struct DataLoader {
     dataset: Arc<dyn Dataset>,
     opts: LoaderOptions,
     skipped: Arc<AtomicUsize>,
+    fixed_aug: bool,
 }
 
 impl DataLoader {
@@ -51,7 +59,20 @@ impl DataLoader {
             dataset,
             opts,
             skipped: Arc::new(AtomicUsize::new(0)),
+            fixed_aug: false,
         }
+    }
+
+    /// Every sample gets the same augmentation (crop, flip) in every epoch, drawn from
+    /// (seed, index) only; the epoch still reshuffles the order.
+    pub fn fixed_augmentation(mut self) -> Self {
+        self.fixed_aug = true;
+        self
+    }
+
+    /// The generator sample `index` of `epoch` is transformed with.
+    pub fn sample_rng(&self, epoch: usize, index: usize) -> StdRng {
+        sample_rng(self.opts.seed, self.fixed_aug, epoch, index)
     }
 
     /// Batches in one epoch.
@@ -114,6 +135,7 @@ impl DataLoader {
             dataset: self.dataset.clone(),
             plan,
             seed: self.opts.seed,
+            fixed_aug: self.fixed_aug,
             epoch,
             skipped: self.skipped.clone(),
         });
@@ -145,11 +167,21 @@ impl DataLoader {
     }
 }
 
+/// Per-sample augmentation generator: (seed, epoch, index), or (seed, index) when fixed.
+fn sample_rng(seed: u64, fixed: bool, epoch: usize, index: usize) -> StdRng {
+    if fixed {
+        rng_for(seed, &[FIXED_AUG_STREAM, index as u64])
+    } else {
+        rng_for(seed, &[epoch as u64, index as u64])
+    }
+}
+
 /// What every worker of one epoch reads.
 struct Job {
     dataset: Arc<dyn Dataset>,
     plan: Vec<Vec<usize>>,
     seed: u64,
+    fixed_aug: bool,
     epoch: usize,
     skipped: Arc<AtomicUsize>,
 }
@@ -163,7 +195,7 @@ impl Job {
         let mut labels = Vec::new();
         let mut indices = Vec::with_capacity(idx.len());
         for &i in idx {
-            let mut rng = rng_for(self.seed, &[self.epoch as u64, i as u64]);
+            let mut rng = sample_rng(self.seed, self.fixed_aug, self.epoch, i);
             match ds.get(i, &mut rng) {
                 Ok(s) => {
                     if images.is_empty() {
@@ -405,6 +437,33 @@ mod tests {
         // Another seed or epoch reorders.
         assert_ne!(collect(&DataLoader::new(ds.clone(), opts(8, 2)), 1, 0), a);
         assert_ne!(collect(&sync, 2, 0), a);
+    }
+
+    #[test]
+    fn fixed_augmentation_gives_a_sample_the_same_draw_every_epoch() {
+        let ds: Arc<dyn Dataset> = Arc::new(Toy(18));
+        let l = DataLoader::new(ds, opts(7, 2)).fixed_augmentation();
+        let by_index = |epoch| {
+            let mut v: Vec<(usize, f32)> = collect(&l, epoch, 0)
+                .into_iter()
+                .flat_map(|(idx, img, _)| {
+                    let per = img.len() / idx.len();
+                    idx.into_iter()
+                        .enumerate()
+                        .map(move |(k, i)| (i, img[k * per]))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            v.sort_by_key(|p| p.0);
+            v
+        };
+        let (e0, e3) = (by_index(0), by_index(3));
+        assert_eq!(e0, e3, "same value per index in epochs 0 and 3");
+        // The draw is (seed, FIXED_AUG_STREAM, index), whatever the epoch; the order still moves.
+        let want = 5.0 + rng_for(7, &[FIXED_AUG_STREAM, 5]).random::<f32>();
+        assert_eq!(e0[5], (5, want));
+        assert_eq!(5.0 + l.sample_rng(9, 5).random::<f32>(), want);
+        assert_ne!(l.epoch_plan(0), l.epoch_plan(3));
     }
 
     #[test]

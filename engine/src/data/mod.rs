@@ -22,7 +22,7 @@ pub use folder::{decode_image, list_images, FolderDataset, SkippedImage};
 pub use idx::{read_idx, IdxArray, IdxDataset};
 pub use loader::{DataLoader, LoaderOptions};
 pub use photos::PhotosDataset;
-pub use transforms::{ImageTransform, U8Image};
+pub use transforms::{CropBox, ImageTransform, U8Image};
 
 /// One batch as the loader yields it.
 #[derive(Debug, Clone)]
@@ -156,6 +156,12 @@ pub trait Dataset: Send + Sync {
     /// Sample `index` decoded and transformed into normalized CHW f32; all randomness from `rng`
     /// (seeded by the loader from (seed, epoch, index)).
     fn get(&self, index: usize, rng: &mut StdRng) -> Result<Sample>;
+    /// The crop box (in source pixels) and flip flag that `get(index, rng)` would draw from the
+    /// same `rng`, for datasets that can tell without decoding (`None`: not known, or no random
+    /// crop). Feature caches store them next to the features they were computed on.
+    fn crop_params(&self, _index: usize, _rng: &mut StdRng) -> Result<Option<(CropBox, bool)>> {
+        Ok(None)
+    }
     /// Channels of the served images.
     fn channels(&self) -> usize;
     /// Number of classes, for labelled datasets.

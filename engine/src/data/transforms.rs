@@ -393,20 +393,27 @@ impl ImageTransform {
         self.in_chans * self.size * self.size
     }
 
+    /// The random draws of the train transform of a `height x width` image, in the order
+    /// [`Self::apply_spatial`] makes them: the crop box, then the horizontal-flip flag.
+    pub fn train_params(&self, height: usize, width: usize, rng: &mut StdRng) -> (CropBox, bool) {
+        let b = random_resized_crop_params(
+            height,
+            width,
+            self.aug.crop_scale,
+            self.aug.crop_ratio,
+            rng,
+        );
+        // RandomHorizontalFlip: torch.rand(1) < p.
+        (b, rng.random::<f64>() < self.aug.hflip)
+    }
+
     /// Spatial part only: the `size x size` u8 image (channels as decoded).
     pub fn apply_spatial(&self, img: &U8Image, rng: &mut StdRng) -> U8Image {
         let s = self.size;
         if self.train {
-            let b = random_resized_crop_params(
-                img.height,
-                img.width,
-                self.aug.crop_scale,
-                self.aug.crop_ratio,
-                rng,
-            );
+            let (b, flip) = self.train_params(img.height, img.width, rng);
             let out = resize_bilinear(img, b, s, s);
-            // RandomHorizontalFlip: torch.rand(1) < p.
-            if rng.random::<f64>() < self.aug.hflip {
+            if flip {
                 hflip(&out)
             } else {
                 out
@@ -718,5 +725,25 @@ mod tests {
         assert_eq!((d.width, d.height), (512, 307));
         assert!(d.data.iter().all(|v| *v == 200));
         assert_eq!(downscale_longer_side(&ramp(5, 3), 512), ramp(5, 3));
+    }
+
+    #[test]
+    fn train_params_are_the_draws_of_apply_spatial() {
+        let data: Vec<u8> = (0..20 * 30).map(|i| (i * 7 % 251) as u8).collect();
+        let img = U8Image::new(30, 20, 1, data).unwrap();
+        let aug = AugConfig {
+            crop_scale: [0.3, 1.0],
+            ..AugConfig::default()
+        };
+        let t = ImageTransform::new(8, 1, true, &aug).unwrap();
+        let mut flips = 0;
+        for seed in 0..8 {
+            let (b, flip) = t.train_params(20, 30, &mut rng_for(seed, &[]));
+            flips += flip as usize;
+            let out = resize_bilinear(&img, b, 8, 8);
+            let want = if flip { hflip(&out) } else { out };
+            assert_eq!(t.apply_spatial(&img, &mut rng_for(seed, &[])), want);
+        }
+        assert!(flips > 0 && flips < 8, "{flips} of 8 flipped");
     }
 }
