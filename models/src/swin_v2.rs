@@ -910,8 +910,9 @@ enum Ffn {
     Moe(MoeMlp, MoeCollector),
 }
 
+/// One Swin-V2 block (attention + MLP, res-post-norm); public for benchmarks of a block alone.
 #[derive(Debug)]
-struct Block {
+pub struct Block {
     cfg: Arc<SwinV2Config>,
     stage: usize,
     index: usize,
@@ -975,6 +976,19 @@ impl Block {
         })
     }
 
+    /// Block `index` of stage `stage` of `cfg` on its own (odd index = shifted windows), for a
+    /// `res` token map, variables under `vb` with the official block key names; no drop path.
+    pub fn standalone(
+        cfg: &SwinV2Config,
+        stage: usize,
+        index: usize,
+        res: (usize, usize),
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let (rng, moe) = (SharedRng::new(0), MoeCollector::default());
+        Self::new(Arc::new(cfg.clone()), stage, index, res, 0.0, rng, moe, vb)
+    }
+
     fn geometry(&self, h: usize, w: usize, x: &Tensor) -> candle_core::Result<Arc<Geometry>> {
         // Invariant: the mutex is only held inside this function, which cannot panic while held.
         let mut cache = self.geometry.lock().expect("geometry cache poisoned");
@@ -995,7 +1009,7 @@ impl Block {
     }
 
     /// `x`: `[B, H, W, C]`.
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
         let g = self.geometry(h, w, x)?;
         let (ws, s) = (g.ws, g.shift);
