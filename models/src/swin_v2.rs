@@ -639,7 +639,7 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Ten
     let m = x.elem_count() / k;
     let y = x.reshape((m, k))?.matmul(&w.t()?)?;
     let y = match b {
-        Some(b) => y.broadcast_add(b)?,
+        Some(b) => crate::ops::add_bias(&y, b)?,
         None => y,
     };
     let mut out = dims;
@@ -857,9 +857,7 @@ impl WindowAttention {
         let mut attn = q.matmul(&k.t()?)?; // (B_, nH, N, N)
                                            // clamp(max = ln(1/0.01)) then exp: scale <= 100
         let scale = self.logit_scale.minimum((1.0f64 / 0.01).ln())?.exp()?;
-        attn = attn
-            .broadcast_mul(&scale)?
-            .broadcast_add(&self.position_bias(g)?)?;
+        attn = crate::ops::add_bias(&attn.broadcast_mul(&scale)?, &self.position_bias(g)?)?;
         if let Some(mask) = &g.mask {
             let nw = mask.dim(1)?;
             attn = attn
