@@ -38,6 +38,8 @@ enum Cmd {
     Visualize(cli::visualize::VisualizeArgs),
     /// AvgDist masking analysis over mask patch sizes x ratios x strategies.
     Avgdist(cli::avgdist::AvgDistArgs),
+    /// Throughput and peak memory of inference, finetuning and SimMIM steps (see BENCHMARKS.md).
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() {
@@ -53,6 +55,7 @@ fn main() {
         Cmd::Model(c) => cli::model::run(c),
         Cmd::Visualize(a) => cli::visualize::run(a),
         Cmd::Avgdist(a) => cli::avgdist::run(a),
+        Cmd::Bench(a) => cli::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

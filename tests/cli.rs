@@ -608,4 +608,45 @@ fn distill_from_a_simmim_run_and_load_the_student_into_a_classifier() {
         e.contains("delete the folder") && e.contains("cache"),
         "{e}"
     );
+
+#[test]
+fn bench_quick_prints_the_selected_rows_with_positive_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    // `img=32`: nano's small rows and the MLP rows (64 images of 8x8 tokens)
+    let out = ok(&[
+        "bench",
+        "--quick",
+        "--threads",
+        "2",
+        "--filter",
+        "img=32",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    // header + 2 batches x 3 tasks + the dense and MoE MLP rows
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1 + 6 + 2, "{out}");
+    assert!(lines[0].contains("images/s") && lines[0].contains("peak MiB"));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["tool"], "mimlab");
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 8);
+    for task in ["inference", "finetune", "simmim"] {
+        for (img, batch) in [(32, 8), (32, 32)] {
+            let name = format!("swinv2_nano/{task}");
+            assert!(
+                rows.iter()
+                    .any(|r| r["name"] == name.as_str() && r["img"] == img && r["batch"] == batch),
+                "missing {name} {img} {batch}"
+            );
+        }
+    }
+    for r in rows {
+        for k in ["median_ms", "images_per_s", "peak_rss_mib"] {
+            assert!(r[k].as_f64().unwrap() > 0.0, "{k} of {r}");
+        }
+    }
+    assert!(err(&["bench", "--filter", "no-such-row"]).contains("matches no row"));
 }

@@ -656,7 +656,7 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Ten
     let m = x.elem_count() / k;
     let y = x.reshape((m, k))?.matmul(&w.t()?)?;
     let y = match b {
-        Some(b) => y.broadcast_add(b)?,
+        Some(b) => crate::ops::add_bias(&y, b)?,
         None => y,
     };
     let mut out = dims;
@@ -889,9 +889,7 @@ impl WindowAttention {
         let mut attn = q.matmul(&k.t()?)?; // (B_, nH, N, N)
                                            // clamp(max = ln(1/0.01)) then exp: scale <= 100
         let scale = self.logit_scale.minimum((1.0f64 / 0.01).ln())?.exp()?;
-        attn = attn
-            .broadcast_mul(&scale)?
-            .broadcast_add(&self.position_bias(g)?)?;
+        attn = crate::ops::add_bias(&attn.broadcast_mul(&scale)?, &self.position_bias(g)?)?;
         if let Some(mask) = &g.mask {
             let nw = mask.dim(1)?;
             attn = attn
@@ -942,8 +940,9 @@ enum Ffn {
     Moe(MoeMlp, MoeCollector),
 }
 
+/// One Swin-V2 block (attention + MLP, res-post-norm); public for benchmarks of a block alone.
 #[derive(Debug)]
-struct Block {
+pub struct Block {
     cfg: Arc<SwinV2Config>,
     stage: usize,
     index: usize,
@@ -1008,6 +1007,19 @@ impl Block {
         })
     }
 
+    /// Block `index` of stage `stage` of `cfg` on its own (odd index = shifted windows), for a
+    /// `res` token map, variables under `vb` with the official block key names; no drop path.
+    pub fn standalone(
+        cfg: &SwinV2Config,
+        stage: usize,
+        index: usize,
+        res: (usize, usize),
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let (rng, moe) = (SharedRng::new(0), MoeCollector::default());
+        Self::new(Arc::new(cfg.clone()), stage, index, res, 0.0, rng, moe, vb)
+    }
+
     fn geometry(&self, h: usize, w: usize, x: &Tensor) -> candle_core::Result<Arc<Geometry>> {
         // Invariant: the mutex is only held inside this function, which cannot panic while held.
         let mut cache = self.geometry.lock().expect("geometry cache poisoned");
@@ -1028,7 +1040,7 @@ impl Block {
     }
 
     /// `x`: `[B, H, W, C]`.
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
         let g = self.geometry(h, w, x)?;
         let (ws, s) = (g.ws, g.shift);

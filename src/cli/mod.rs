@@ -1,5 +1,6 @@
 //! Subcommands of the `mimlab` binary, one file each.
 pub mod avgdist;
+pub mod bench;
 pub mod config;
 pub mod eval;
 pub mod finetune;

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# mimlab vs PyTorch, side by side on this machine: builds mimlab (release), installs torch + timm
+# into a throwaway venv (.venv-bench/, on first use), runs both benches with the same thread count
+# and prints one table with the ratio mimlab/PyTorch of images/s per row (> 1 = mimlab faster).
+#
+# Usage: bash scripts/bench_compare.sh [--threads N] [any other `mimlab bench` flag, e.g.
+#        --filter simmim --filter 'batch=8' --iters 3]
+# Not part of CI. The venv is ~5.5 GiB (PyPI's torch wheel pulls the CUDA libraries; it runs on
+# the CPU all the same); delete .venv-bench/ to reclaim it. Results: target/bench/*.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+threads=$(nproc)
+args=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --threads) threads="$2"; shift 2 ;;
+        --threads=*) threads="${1#*=}"; shift ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
+
+venv=.venv-bench
+if ! "$venv/bin/python" -c 'import torch, timm' 2>/dev/null; then
+    echo "installing torch + timm into $venv (once; several GiB)" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --upgrade pip
+    "$venv/bin/pip" install -q torch timm
+fi
+
+cargo build --release --quiet
+bin="${CARGO_TARGET_DIR:-target}/release/mimlab"
+out="${CARGO_TARGET_DIR:-target}/bench"
+mkdir -p "$out"
+
+echo "== mimlab ($threads threads)" >&2
+"$bin" bench --threads "$threads" --json "$out/mimlab.json" "${args[@]}"
+echo "== pytorch ($threads threads)" >&2
+"$venv/bin/python" scripts/bench_pytorch.py --threads "$threads" --json "$out/pytorch.json" "${args[@]}"
+
+python3 - "$out/mimlab.json" "$out/pytorch.json" <<'EOF'
+import json, sys
+m, p = (json.load(open(f)) for f in sys.argv[1:3])
+key = lambda r: (r["name"], r["img"], r["batch"])
+pt = {key(r): r for r in p["rows"]}
+print(f"\nmimlab vs PyTorch {p.get('torch', '')}, {m['threads']} threads, images/s (ratio > 1: mimlab faster)")
+print(f"{'row':<34} {'batch':>5} {'img':>4} {'mimlab':>9} {'pytorch':>9} {'ratio':>6} {'MiB m/pt':>11}")
+for r in m["rows"]:
+    q = pt.get(key(r))
+    if q is None:
+        continue
+    print(f"{r['name']:<34} {r['batch']:>5} {r['img']:>4} {r['images_per_s']:>9.1f} "
+          f"{q['images_per_s']:>9.1f} {r['images_per_s'] / q['images_per_s']:>6.2f} "
+          f"{r['peak_rss_mib']:>5.0f}/{q['peak_rss_mib']:<5.0f}")
+EOF
