@@ -378,16 +378,6 @@ fn finetune_from_simmim_then_eval_and_probe() {
     let runs = dir.path().to_str().unwrap();
     let arch = [
         "model.preset=swinv2_nano",
-
-/// A 2-step SimMIM teacher, a 2-step distillation from it (shared CPB, cached features), and the
-/// student checkpoint loading into a classifier; teacher errors name the path / key.
-#[test]
-fn distill_from_a_simmim_run_and_load_the_student_into_a_classifier() {
-    use mimlab_models::pretrained::{load_backbone, resolve_init, run_model_section};
-    require_data();
-    let dir = tempfile::tempdir().unwrap();
-    let out_dir = format!("run.output_dir={}", dir.path().to_str().unwrap());
-    let tiny = [
         "model.img_size=32",
         "model.embed_dim=16",
         "model.depths=[1,1]",
@@ -521,7 +511,24 @@ fn distill_from_a_simmim_run_and_load_the_student_into_a_classifier() {
     ));
     assert!(
         e.contains("model.num_classes is 5") && e.contains("10 classes"),
+        "{e}"
+    );
+}
 
+/// A 2-step SimMIM teacher, a 2-step distillation from it (shared CPB, cached features), and the
+/// student checkpoint loading into a classifier; teacher errors name the path / key.
+#[test]
+fn distill_from_a_simmim_run_and_load_the_student_into_a_classifier() {
+    use mimlab_models::pretrained::{load_backbone, resolve_init, run_model_section};
+    require_data();
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = format!("run.output_dir={}", dir.path().to_str().unwrap());
+    let tiny = [
+        "model.img_size=32",
+        "model.embed_dim=16",
+        "model.depths=[1,1]",
+        "model.num_heads=[1,2]",
+        "model.pretrained_window_sizes=[0,0]",
         "data.max_samples=64",
         "train.batch_size=16",
         "train.max_steps=2",
@@ -608,6 +615,7 @@ fn distill_from_a_simmim_run_and_load_the_student_into_a_classifier() {
         e.contains("delete the folder") && e.contains("cache"),
         "{e}"
     );
+}
 
 #[test]
 fn bench_quick_prints_the_selected_rows_with_positive_numbers() {

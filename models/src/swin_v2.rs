@@ -1017,7 +1017,17 @@ impl Block {
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let (rng, moe) = (SharedRng::new(0), MoeCollector::default());
-        Self::new(Arc::new(cfg.clone()), stage, index, res, 0.0, rng, moe, None, vb)
+        Self::new(
+            Arc::new(cfg.clone()),
+            stage,
+            index,
+            res,
+            0.0,
+            rng,
+            moe,
+            None,
+            vb,
+        )
     }
 
     fn geometry(&self, h: usize, w: usize, x: &Tensor) -> candle_core::Result<Arc<Geometry>> {

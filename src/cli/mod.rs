@@ -2,9 +2,9 @@
 pub mod avgdist;
 pub mod bench;
 pub mod config;
+pub mod distill;
 pub mod eval;
 pub mod finetune;
-pub mod distill;
 pub mod model;
 pub mod pretrain;
 pub mod probe;
