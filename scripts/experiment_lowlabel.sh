@@ -4,14 +4,17 @@
 #   2. k-NN and linear probe of the pretrained and of the random encoder (1%, 10%, 100% labels);
 #   3. finetune with 1% and 10% of the labels from the pretrained encoder and from scratch
 #      (same recipe and budget; scratch without layer decay, as the reference scratch recipe);
-#   4. print the table (also written to runs/lowlabel/results.md).
-# Usage: bash scripts/experiment_lowlabel.sh [stage ...]   stages: pretrain probe finetune scratch table
+#   4. feature distillation (issue 8): distill a random-init student from the SimMIM encoder, then
+#      finetune it with the same 1% / 10% recipes;
+#   5. print the table (also written to runs/lowlabel/results.md).
+# Usage: bash scripts/experiment_lowlabel.sh [stage ...]
+#   stages: pretrain probe finetune scratch fd table
 # (default: all). Finished stages are skipped, so an interrupted run can simply be started again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=runs/lowlabel
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(pretrain probe finetune scratch table)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(pretrain probe finetune scratch fd table)
 want() { local s; for s in "${STAGES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
 bash scripts/setup-data.sh >/dev/null
@@ -52,6 +55,16 @@ if want scratch; then
   finetune ft-10pct-scratch configs/finetune/swinv2_nano_fmnist_10pct.yaml --set finetune.layer_decay=1.0
 fi
 
+FD="$OUT/fd-60k"
+if want fd; then
+  if [ ! -e "$FD/checkpoints/step_937.json" ]; then
+    $BIN distill --config configs/fd/swinv2_nano_fmnist_60k.yaml --teacher "$PRE" \
+      --set run.output_dir=$OUT --set run.name=fd-60k
+  fi
+  finetune ft-1pct-fd configs/finetune/swinv2_nano_fmnist_1pct.yaml --init "$FD"
+  finetune ft-10pct-fd configs/finetune/swinv2_nano_fmnist_10pct.yaml --init "$FD"
+fi
+
 if want table; then
   python3 - "$OUT" <<'PY' | tee "$OUT/results.md"
 import json, os, sys
@@ -68,12 +81,13 @@ def pr(kind, frac, key):
     if not j: return "-"
     r = [r for r in j["rows"] if abs(r["label_fraction"] - frac) < 1e-9]
     return f"{r[0][key]:.2f}" if r else "-"
-print("| labels | finetune: SimMIM-pretrained | finetune: scratch | k-NN: pretrained | k-NN: random | linear: pretrained | linear: random |")
-print("|---|---|---|---|---|---|---|")
+print("| labels | finetune: SimMIM-pretrained | finetune: scratch | finetune: FD student | k-NN: pretrained | k-NN: random | linear: pretrained | linear: random |")
+print("|---|---|---|---|---|---|---|---|")
 for frac, tag, n in ((0.01, "1pct", "1% (600)"), (0.1, "10pct", "10% (6,000)"), (1.0, None, "100% (60,000)")):
     ft_p = top1(f"ft-{tag}-pretrained") if tag else "n/a"
     ft_s = top1(f"ft-{tag}-scratch") if tag else "n/a"
-    print(f"| {n} | {ft_p} | {ft_s} | {pr('pretrained', frac, 'knn_top1')} | {pr('random', frac, 'knn_top1')} | {pr('pretrained', frac, 'linear_top1')} | {pr('random', frac, 'linear_top1')} |")
+    ft_f = top1(f"ft-{tag}-fd") if tag else "n/a"
+    print(f"| {n} | {ft_p} | {ft_s} | {ft_f} | {pr('pretrained', frac, 'knn_top1')} | {pr('random', frac, 'knn_top1')} | {pr('pretrained', frac, 'linear_top1')} | {pr('random', frac, 'linear_top1')} |")
 print()
 print("top-1 % on the 10,000 Fashion-MNIST test images.")
 PY
