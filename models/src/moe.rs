@@ -424,6 +424,28 @@ pub struct MoeMlp {
     drop: f64,
 }
 
+/// Exact GELU of the first `loads[i]` rows of slot `i` of `h [A, m, hC]`; the padding rows after
+/// them are passed through unchanged (their fc2 output is multiplied by a zero gate, so any finite
+/// value gives the same result). The erf is the costly part of the expert MLP on the CPU, and a
+/// padded buffer would otherwise pay it for every padding row.
+fn gelu_kept_rows(h: &Tensor, loads: &[usize]) -> candle_core::Result<Tensor> {
+    let (_, m, _) = h.dims3()?;
+    if loads.iter().all(|&n| n == m) {
+        return h.gelu_erf();
+    }
+    let mut parts = Vec::with_capacity(2 * loads.len());
+    for (i, &n) in loads.iter().enumerate() {
+        let slot = h.get(i)?; // (m, hC)
+        if n > 0 {
+            parts.push(slot.narrow(0, 0, n)?.gelu_erf()?);
+        }
+        if n < m {
+            parts.push(slot.narrow(0, n, m - n)?);
+        }
+    }
+    Tensor::cat(&parts, 0)?.reshape(h.shape())
+}
+
 impl MoeMlp {
     /// Builds under `vb` (a block's `mlp.`): keys `_moe_layer.gates.0.wg.weight` and
     /// `_moe_layer.experts.batched_*`; weights N(0, 0.005) (reference `INIT_STD`), biases 0.
@@ -583,8 +605,9 @@ impl MoeMlp {
         let xb = xf.index_select(&tok, 0)?.reshape((na, m, c))?; // (A, m, C)
         let h = xb
             .matmul(&pick(&self.fc1_w)?.t()?)?
-            .broadcast_add(&pick(&self.fc1_b)?)?
-            .gelu_erf()?; // (A, m, hC)
+            .broadcast_add(&pick(&self.fc1_b)?)?; // (A, m, hC)
+        let loads: Vec<usize> = active.iter().map(|&ex| per[ex as usize].len()).collect();
+        let h = gelu_kept_rows(&h, &loads)?;
         let h = crate::swin_v2::dropout(&h, self.drop, rng, train)?;
         let y = h
             .matmul(&pick(&self.fc2_w)?)?
