@@ -6,15 +6,16 @@
 #      (same recipe and budget; scratch without layer decay, as the reference scratch recipe);
 #   4. feature distillation (issue 8): distill a random-init student from the SimMIM encoder, then
 #      finetune it with the same 1% / 10% recipes;
-#   5. print the table (also written to runs/lowlabel/results.md).
+#   5. recipe check: the 1% runs again without Mixup/CutMix (pretrained and scratch);
+#   6. print the table (also written to runs/lowlabel/results.md).
 # Usage: bash scripts/experiment_lowlabel.sh [stage ...]
-#   stages: pretrain probe finetune scratch fd table
+#   stages: pretrain probe finetune scratch fd nomix table
 # (default: all). Finished stages are skipped, so an interrupted run can simply be started again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=runs/lowlabel
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(pretrain probe finetune scratch fd table)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(pretrain probe finetune scratch fd nomix table)
 want() { local s; for s in "${STAGES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
 bash scripts/setup-data.sh >/dev/null
@@ -65,6 +66,12 @@ if want fd; then
   finetune ft-10pct-fd configs/finetune/swinv2_nano_fmnist_10pct.yaml --init "$FD"
 fi
 
+if want nomix; then
+  NOMIX=(--set finetune.mixup=0 --set finetune.cutmix=0)
+  finetune ft-1pct-pretrained-nomix configs/finetune/swinv2_nano_fmnist_1pct.yaml --init "$PRE" "${NOMIX[@]}"
+  finetune ft-1pct-scratch-nomix configs/finetune/swinv2_nano_fmnist_1pct.yaml --set finetune.layer_decay=1.0 "${NOMIX[@]}"
+fi
+
 if want table; then
   python3 - "$OUT" <<'PY' | tee "$OUT/results.md"
 import json, os, sys
@@ -88,6 +95,8 @@ for frac, tag, n in ((0.01, "1pct", "1% (600)"), (0.1, "10pct", "10% (6,000)"), 
     ft_s = top1(f"ft-{tag}-scratch") if tag else "n/a"
     ft_f = top1(f"ft-{tag}-fd") if tag else "n/a"
     print(f"| {n} | {ft_p} | {ft_s} | {ft_f} | {pr('pretrained', frac, 'knn_top1')} | {pr('random', frac, 'knn_top1')} | {pr('pretrained', frac, 'linear_top1')} | {pr('random', frac, 'linear_top1')} |")
+print()
+print(f"Without Mixup/CutMix, 1% labels: pretrained {top1('ft-1pct-pretrained-nomix')}, scratch {top1('ft-1pct-scratch-nomix')}")
 print()
 print("top-1 % on the 10,000 Fashion-MNIST test images.")
 PY
