@@ -1,19 +1,16 @@
 //! `mimlab distill --config C --teacher RUN_DIR|CHECKPOINT [--set ...] [--resume RUN_DIR]`:
 //! feature distillation of the `model:` student from a frozen teacher (architecture.md 5).
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use mimlab_engine::data::{build_dataset, DataLoader, LoaderOptions, Split};
 use mimlab_engine::device::{parse_device, set_cpu_threads};
-use mimlab_engine::trainer::Trainer;
 use mimlab_pretrain::distill::{student_map, Teacher};
 use mimlab_pretrain::distill_objective::{DistillObjective, Targets};
 use mimlab_pretrain::feature_cache::{config_hash, CacheHeader, FeatureCache, CACHE_VERSION};
 
 use super::ConfigArgs;
-use crate::experiment::Experiment;
 
 /// Arguments of `mimlab distill`.
 #[derive(Debug, Args)]
@@ -31,19 +28,7 @@ pub struct DistillArgs {
 
 /// Loads the experiment, the teacher (and its feature cache) and trains the student.
 pub fn run(args: DistillArgs) -> Result<()> {
-    let config_path = match &args.resume {
-        Some(dir) => {
-            let p = dir.join("config.yaml");
-            anyhow::ensure!(
-                p.is_file(),
-                "--resume {}: no config.yaml in that folder",
-                dir.display()
-            );
-            Some(p)
-        }
-        None => args.config.config.clone(),
-    };
-    let mut exp = Experiment::load(config_path.as_deref(), &args.config.sets)?;
+    let mut exp = super::load_experiment(&args.config, args.resume.as_deref())?;
     if let Some(t) = &args.teacher {
         exp.distill.teacher = Some(t.clone());
     }
@@ -78,14 +63,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
     )
     .context("building the distillation dataset")?;
     eprintln!("data: {}", dataset.describe());
-    let opts = LoaderOptions {
-        batch_size: exp.train.batch_size,
-        shuffle: true,
-        drop_last: true,
-        seed: exp.run.seed,
-        workers: exp.data.num_workers,
-        prefetch: exp.data.prefetch_batches,
-    };
+    let opts = super::train_options(&exp);
     let map = student_map(&student);
     let (loader, targets) = match &exp.distill.cache_features {
         None => (DataLoader::new(dataset, opts), Targets::OnTheFly(teacher)),
@@ -138,23 +116,6 @@ pub fn run(args: DistillArgs) -> Result<()> {
         map.0,
         map.1
     );
-    let start = Instant::now();
-    let yaml = exp.to_yaml()?;
-    let mut trainer = Trainer::new(
-        &mut objective,
-        &exp.train,
-        &exp.run,
-        &yaml,
-        args.resume.as_deref(),
-    )?;
-    let summary = trainer.fit(&loader, None)?;
-    println!(
-        "done: {} steps in {:.1}s, loss {:.4} -> {:.4}; run folder {}",
-        summary.steps,
-        start.elapsed().as_secs_f64(),
-        summary.first_loss,
-        summary.last_loss,
-        summary.run_dir.display()
-    );
+    super::train_and_report(&mut objective, &exp, args.resume.as_deref(), &loader, None)?;
     Ok(())
 }

@@ -2,13 +2,11 @@
 //! classification, from a pretrained backbone or (without `--init`) from scratch.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mimlab_engine::data::{build_dataset, DataLoader, Dataset, LoaderOptions, Split};
 use mimlab_engine::device::{parse_device, set_cpu_threads};
-use mimlab_engine::trainer::Trainer;
 use mimlab_finetune::objective::ClassifyObjective;
 use mimlab_models::pretrained::{adapt_to_pretrained, resolve_init, run_model_section, InitSource};
 
@@ -117,17 +115,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     .context("building the finetuning dataset")?;
     eprintln!("data: {}", train_ds.describe());
     let names = class_names(&train_ds, model_cfg.num_classes)?;
-    let loader = DataLoader::new(
-        train_ds,
-        LoaderOptions {
-            batch_size: exp.train.batch_size,
-            shuffle: true,
-            drop_last: true,
-            seed: exp.run.seed,
-            workers: exp.data.num_workers,
-            prefetch: exp.data.prefetch_batches,
-        },
-    );
+    let loader = DataLoader::new(train_ds, super::train_options(&exp));
     anyhow::ensure!(
         loader.batches_per_epoch() > 0,
         "{}: fewer images than train.batch_size = {} (drop_last): lower the batch size",
@@ -158,29 +146,18 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         model_cfg.num_classes,
         exp.finetune.layer_decay
     );
-    let start = Instant::now();
-    let yaml = exp.to_yaml()?;
-    let mut trainer = Trainer::new(
+    let summary = super::train_and_report(
         &mut objective,
-        &exp.train,
-        &exp.run,
-        &yaml,
+        &exp,
         args.resume.as_deref(),
+        &loader,
+        Some(&evals),
     )?;
-    let summary = trainer.fit(&loader, Some(&evals))?;
-    let run_dir = summary.run_dir.clone();
-    drop(trainer);
     let report = objective.report(&evals, &device)?;
-    write_report(&report, &run_dir.join("eval"), &names, "final")?;
+    write_report(&report, &summary.run_dir.join("eval"), &names, "final")?;
     println!(
-        "done: {} steps in {:.1}s, loss {:.4} -> {:.4}; eval top-1 {:.2}% top-5 {:.2}%; run folder {}",
-        summary.steps,
-        start.elapsed().as_secs_f64(),
-        summary.first_loss,
-        summary.last_loss,
-        report.top1,
-        report.top5,
-        run_dir.display()
+        "eval: top-1 {:.2}% top-5 {:.2}% on {} images",
+        report.top1, report.top5, report.samples
     );
     Ok(())
 }

@@ -1,12 +1,10 @@
 //! `mimlab pretrain --config C [--set ...] [--resume RUN_DIR]`: SimMIM pretraining.
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use mimlab_engine::data::{build_dataset, DataLoader, LoaderOptions, Split};
+use mimlab_engine::data::{build_dataset, DataLoader, Split};
 use mimlab_engine::device::{parse_device, set_cpu_threads};
-use mimlab_engine::trainer::Trainer;
 use mimlab_pretrain::objective::SimMimObjective;
 
 use super::ConfigArgs;
@@ -38,17 +36,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     )
     .context("building the pretraining dataset")?;
     eprintln!("data: {}", dataset.describe());
-    let loader = DataLoader::new(
-        dataset,
-        LoaderOptions {
-            batch_size: exp.train.batch_size,
-            shuffle: true,
-            drop_last: true, // as the reference pretraining loader (architecture.md 3.4)
-            seed: exp.run.seed,
-            workers: exp.data.num_workers,
-            prefetch: exp.data.prefetch_batches,
-        },
-    );
+    let loader = DataLoader::new(dataset, super::train_options(&exp));
     let mut objective =
         SimMimObjective::new(&model_cfg, &exp.simmim, &exp.data, exp.run.seed, &device)?;
     eprintln!(
@@ -56,23 +44,6 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         model_cfg.num_params(),
         model_cfg.flops() as f64 / 1e9
     );
-    let start = Instant::now();
-    let yaml = exp.to_yaml()?;
-    let mut trainer = Trainer::new(
-        &mut objective,
-        &exp.train,
-        &exp.run,
-        &yaml,
-        args.resume.as_deref(),
-    )?;
-    let summary = trainer.fit(&loader, None)?;
-    println!(
-        "done: {} steps in {:.1}s, loss {:.4} -> {:.4}; run folder {}",
-        summary.steps,
-        start.elapsed().as_secs_f64(),
-        summary.first_loss,
-        summary.last_loss,
-        summary.run_dir.display()
-    );
+    super::train_and_report(&mut objective, &exp, args.resume.as_deref(), &loader, None)?;
     Ok(())
 }
