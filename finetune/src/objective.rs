@@ -11,7 +11,6 @@ use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::rng::{rng_for, SharedRng};
 use mimlab_engine::trainer::{Objective, StepOutput};
 use mimlab_models::checkpoint::LoadReport;
-use mimlab_models::moe::MOE_NO_DECAY_KEYWORDS;
 use mimlab_models::pretrained::{load_backbone_weights, Head};
 use mimlab_models::swin_v2::{SwinV2, SwinV2Config};
 use rand::rngs::StdRng;
@@ -128,13 +127,6 @@ impl Objective for ClassifyObjective {
         &self.varmap
     }
 
-    fn no_decay_keywords(&self) -> Vec<String> {
-        MOE_NO_DECAY_KEYWORDS
-            .iter()
-            .map(|k| k.to_string())
-            .collect()
-    }
-
     fn lr_scale(&self, name: &str) -> f64 {
         swin_lr_scale(name, &self.model.config().depths, self.cfg.layer_decay)
     }
@@ -162,12 +154,8 @@ impl Objective for ClassifyObjective {
         let (x, targets) = self.mixup.apply(&batch.images, &labels, &p)?;
         let (x, targets) = (x.to_device(device)?, targets.to_device(device)?);
         let logits = self.model.forward(&x, true)?;
-        let mut loss = soft_target_cross_entropy(&logits, &targets)?;
-        let mut metrics = vec![];
-        if let Some((aux, m)) = self.model.take_moe_loss()? {
-            loss = (loss + aux.to_dtype(DType::F32)?)?;
-            metrics = m;
-        }
+        let loss = soft_target_cross_entropy(&logits, &targets)?;
+        let (loss, metrics) = self.model.with_moe_loss(loss)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         // accuracy against each image's own label (under mixing a lower bound of what it learnt)
         let pred: Vec<u32> = logits.argmax(1)?.to_vec1()?;

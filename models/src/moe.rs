@@ -204,10 +204,6 @@ impl MoeConfig {
     }
 }
 
-/// Name fragments of MoE parameters that get no weight decay (reference `no_weight_decay_keywords`
-/// has `fc1_bias`, `fc2_bias`); objectives return them from `no_decay_keywords`.
-pub const MOE_NO_DECAY_KEYWORDS: [&str; 2] = ["batched_fc1_bias", "batched_fc2_bias"];
-
 // ------------------------------------------------------------------------------------------------
 // Routing (CPU, on the [S, E] scores)
 // ------------------------------------------------------------------------------------------------

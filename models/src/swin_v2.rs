@@ -1299,6 +1299,19 @@ impl SwinV2 {
         summarize(&self.take_moe_stats(), self.cfg.moe.aux_loss_weight)
     }
 
+    /// `task_loss` plus the MoE auxiliary loss of the last forward, and the MoE metrics; the task
+    /// loss and no metrics for a dense model (architecture.md 6: the aux loss joins every
+    /// objective's loss).
+    pub fn with_moe_loss(&self, task_loss: Tensor) -> Result<(Tensor, Vec<(String, f64)>)> {
+        match self.take_moe_loss()? {
+            Some((aux, metrics)) => {
+                let aux = aux.to_dtype(task_loss.dtype())?;
+                Ok(((task_loss + aux)?, metrics))
+            }
+            None => Ok((task_loss, vec![])),
+        }
+    }
+
     /// Patch embedding as a matmul (kernel = stride): `[B, Cin, H, W]` -> `[B, H/p, W/p, C]`.
     fn patch_embed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, ci, h, w) = x.dims4()?;

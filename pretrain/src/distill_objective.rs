@@ -7,7 +7,6 @@ use candle_nn::VarMap;
 use mimlab_engine::data::Batch;
 use mimlab_engine::rng::SharedRng;
 use mimlab_engine::trainer::{Objective, StepOutput};
-use mimlab_models::moe::MOE_NO_DECAY_KEYWORDS;
 use mimlab_models::swin_v2::SwinV2Config;
 
 use crate::distill::{student_map, Distill, DistillConfig, Teacher};
@@ -112,13 +111,6 @@ impl Objective for DistillObjective {
         &self.varmap
     }
 
-    fn no_decay_keywords(&self) -> Vec<String> {
-        MOE_NO_DECAY_KEYWORDS
-            .iter()
-            .map(|k| k.to_string())
-            .collect()
-    }
-
     fn set_seed(&mut self, seed: u64) {
         self.rng.reseed(seed);
     }
@@ -126,14 +118,9 @@ impl Objective for DistillObjective {
     fn train_step(&mut self, batch: &Batch, device: &Device) -> Result<StepOutput> {
         let x = batch.images.to_device(device)?;
         let target = self.batch_targets(batch, &x, device)?;
-        let mut loss = self.model.loss(&x, &target, true)?;
-        let mut metrics = vec![];
+        let loss = self.model.loss(&x, &target, true)?;
         // MoE student: loss = smooth-L1 + aux (as in SimMIM)
-        if let Some((aux, m)) = self.model.student.take_moe_loss()? {
-            let aux = aux.to_dtype(loss.dtype())?;
-            loss = (loss + aux)?;
-            metrics = m;
-        }
+        let (loss, mut metrics) = self.model.student.with_moe_loss(loss)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         metrics.insert(0, ("loss".into(), value));
         Ok(StepOutput { loss, metrics })

@@ -9,7 +9,6 @@ use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::log::TbWriter;
 use mimlab_engine::rng::{rng_for, SharedRng};
 use mimlab_engine::trainer::{Objective, StepOutput};
-use mimlab_models::moe::MOE_NO_DECAY_KEYWORDS;
 use mimlab_models::swin_v2::SwinV2Config;
 
 use crate::mask::{MaskGenerator, SimMimConfig};
@@ -103,14 +102,6 @@ impl Objective for SimMimObjective {
         &self.varmap
     }
 
-    fn no_decay_keywords(&self) -> Vec<String> {
-        // Swin-MoE: expert biases are [E, 1, n] (not 1-D, no `.bias` suffix) and get no decay
-        MOE_NO_DECAY_KEYWORDS
-            .iter()
-            .map(|k| k.to_string())
-            .collect()
-    }
-
     fn set_seed(&mut self, seed: u64) {
         self.rng.reseed(seed);
     }
@@ -124,14 +115,9 @@ impl Objective for SimMimObjective {
         );
         let x = batch.images.to_device(device)?;
         let masks = self.batch_masks(batch, device)?;
-        let (mut loss, _) = self.model.forward(&x, &masks, true)?;
-        let mut moe_metrics = vec![];
+        let (loss, _) = self.model.forward(&x, &masks, true)?;
         // MoE: loss = l1 + aux_loss_weight * sum of the layers' aux losses (architecture.md 6)
-        if let Some((aux, m)) = self.model.encoder.take_moe_loss()? {
-            let aux = aux.to_dtype(loss.dtype())?;
-            loss = (loss + aux)?;
-            moe_metrics = m;
-        }
+        let (loss, moe_metrics) = self.model.encoder.with_moe_loss(loss)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let ratio = masks.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let mut metrics = vec![("loss".into(), value), ("mask_ratio".into(), ratio)];
@@ -271,9 +257,24 @@ mod tests {
         let l1 = l1.to_scalar::<f32>().unwrap() as f64;
         assert!(m("moe_aux") >= 0.0 && metric("moe_drop") <= 1.0);
         assert!((m("loss") - (l1 + m("moe_aux"))).abs() < 1e-6);
-        assert!(obj
-            .no_decay_keywords()
-            .contains(&"batched_fc1_bias".to_string()));
+        // the expert biases ([E, 1, n]) get no weight decay, the expert weights do
+        let groups = mimlab_engine::optim::param_groups(
+            obj.varmap(),
+            0.05,
+            &obj.no_decay_keywords(),
+            &|_| 1.0,
+        );
+        let wd = |frag: &str| -> Vec<f64> {
+            groups
+                .iter()
+                .filter(|g| g.name.contains(frag))
+                .map(|g| g.weight_decay)
+                .collect()
+        };
+        assert!(!wd("batched_fc1_bias").is_empty());
+        assert!(wd("batched_fc1_bias").iter().all(|&w| w == 0.0));
+        assert!(wd("batched_fc2_bias").iter().all(|&w| w == 0.0));
+        assert!(wd("batched_fc1_w").iter().all(|&w| w == 0.05));
     }
 
     #[test]

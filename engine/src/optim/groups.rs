@@ -4,13 +4,17 @@ use candle_nn::VarMap;
 use super::ParamGroup;
 
 /// Name fragments that never get weight decay (architecture.md 1.8 / 3.5: the Swin-V2
-/// `no_weight_decay()` names and `no_weight_decay_keywords()`, plus SimMIM's `mask_token`).
-pub const DEFAULT_NO_DECAY_KEYWORDS: [&str; 5] = [
+/// `no_weight_decay()` names and `no_weight_decay_keywords()`, plus SimMIM's `mask_token`, plus the
+/// Swin-MoE expert biases (architecture.md 6: reference keywords `fc1_bias`, `fc2_bias`; they are
+/// `[E, 1, n]`, neither 1-D nor named `.bias`)).
+pub const DEFAULT_NO_DECAY_KEYWORDS: [&str; 7] = [
     "cpb_mlp",
     "logit_scale",
     "relative_position_bias_table",
     "mask_token",
     "absolute_pos_embed",
+    "batched_fc1_bias",
+    "batched_fc2_bias",
 ];
 
 /// Default no-weight-decay rule (architecture.md 1.8): 1-D params, names ending `.bias`, and names
@@ -90,6 +94,13 @@ mod tests {
         ));
         assert!(no_weight_decay("mask_token", 3, &none));
         assert!(no_weight_decay("encoder.mask_token", 3, &none));
+        let expert_bias = "layers.2.blocks.1.mlp._moe_layer.experts.batched_fc2_bias";
+        assert!(no_weight_decay(expert_bias, 3, &none));
+        assert!(!no_weight_decay(
+            "layers.2.blocks.1.mlp._moe_layer.experts.batched_fc2_w",
+            3,
+            &none
+        ));
         assert!(!no_weight_decay("head.weight", 2, &none));
         assert!(no_weight_decay("head.weight", 2, &["head".to_string()]));
         // An empty extra keyword must not match everything.
