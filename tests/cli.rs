@@ -405,6 +405,9 @@ fn finetune_from_simmim_then_eval_and_probe() {
     ft.extend([
         format!("run.output_dir={runs}"),
         "model.num_classes=10".into(),
+        // 48 images = 3 batches: step 3 ends epoch 1 of 2, so the final report reuses the
+        // trainer's end-of-epoch evaluation, which `eval` below must reproduce
+        "data.max_samples=48".into(),
         "train.max_steps=3".into(),
         "train.epochs=2".into(),
         "run.eval_every_epochs=1".into(),
@@ -444,7 +447,7 @@ fn finetune_from_simmim_then_eval_and_probe() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("eval/final.json")).unwrap())
             .unwrap();
-    assert_eq!(report["samples"], 128);
+    assert_eq!(report["samples"], 48);
     let top1 = report["top1"].as_f64().unwrap();
     assert!((0.0..=100.0).contains(&top1));
     assert_eq!(report["classes"][0], "T-shirt/top");
