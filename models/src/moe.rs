@@ -11,10 +11,11 @@
 //! so eval outputs depend on batch composition, as in the reference.
 //!
 //! Dispatch is sparse: routing decisions are made on the CPU from the `[S, E]` scores, the kept
-//! tokens of every expert that received any are gathered (`index_select`) into a `[A, m, C]` buffer
-//! (A active experts, m <= capacity the largest expert load), the A experts run as one batched
-//! matmul, outputs are scaled by their gate and `index_add`-ed back into a zero output. The cost is
-//! about `top_k * S` token-expert evaluations, independent of the number of experts.
+//! assignments (N <= top_k x S token-expert pairs) are gathered (`index_select`) into one `[N, C]`
+//! buffer sorted by expert, with no padding; every expert runs on its own rows through
+//! [`grouped_linear`] (a gemm per row segment), outputs are scaled by their gate and `index_add`-ed
+//! back into a zero output. The experts cost the N token-expert evaluations whatever the number of
+//! experts; only the router (`[S, E]` logits, softmax, top-k) grows with E.
 //!
 //! Checkpoint keys (Swin-MoE layout, under a block's `mlp.`): `_moe_layer.gates.0.wg.weight [E, C]`,
 //! `_moe_layer.experts.batched_fc1_w [E, hC, C]`, `batched_fc1_bias [E, 1, hC]`,
@@ -34,6 +35,7 @@
 //! the raw per-layer [`MoeStats`] instead.
 use std::sync::{Arc, Mutex};
 
+use crate::grouped_linear::{grouped_linear, WeightLayout};
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Tensor, D};
 use candle_nn::{Init, VarBuilder};
@@ -420,28 +422,6 @@ pub struct MoeMlp {
     drop: f64,
 }
 
-/// Exact GELU of the first `loads[i]` rows of slot `i` of `h [A, m, hC]`; the padding rows after
-/// them are passed through unchanged (their fc2 output is multiplied by a zero gate, so any finite
-/// value gives the same result). The erf is the costly part of the expert MLP on the CPU, and a
-/// padded buffer would otherwise pay it for every padding row.
-fn gelu_kept_rows(h: &Tensor, loads: &[usize]) -> candle_core::Result<Tensor> {
-    let (_, m, _) = h.dims3()?;
-    if loads.iter().all(|&n| n == m) {
-        return h.gelu_erf();
-    }
-    let mut parts = Vec::with_capacity(2 * loads.len());
-    for (i, &n) in loads.iter().enumerate() {
-        let slot = h.get(i)?; // (m, hC)
-        if n > 0 {
-            parts.push(slot.narrow(0, 0, n)?.gelu_erf()?);
-        }
-        if n < m {
-            parts.push(slot.narrow(0, n, m - n)?);
-        }
-    }
-    Tensor::cat(&parts, 0)?.reshape(h.shape())
-}
-
 impl MoeMlp {
     /// Builds under `vb` (a block's `mlp.`): keys `_moe_layer.gates.0.wg.weight` and
     /// `_moe_layer.experts.batched_*`; weights N(0, 0.005) (reference `INIT_STD`), biases 0.
@@ -542,35 +522,36 @@ impl MoeMlp {
             Tensor::zeros((), gdt, dev)? // only training uses it
         };
 
-        // slots: kept assignments grouped by expert
-        let mut per: Vec<Vec<usize>> = vec![vec![]; e];
+        // sorted layout: kept assignments expert by expert (slot order within an expert), so
+        // expert e owns rows offsets[e]..offsets[e+1]; dropped assignments get no row
+        let mut offsets = vec![0usize; e + 1];
         for a in 0..s * k {
             if r.kept(a) {
-                per[r.experts[a]].push(a);
+                offsets[r.experts[a] + 1] += 1;
             }
         }
-        let active: Vec<u32> = (0..e as u32)
-            .filter(|&i| !per[i as usize].is_empty())
-            .collect();
-        let m = per.iter().map(Vec::len).max().unwrap_or(0);
-        if active.is_empty() {
+        for i in 0..e {
+            offsets[i + 1] += offsets[i];
+        }
+        let n = offsets[e];
+        if n == 0 {
             return Ok((x.zeros_like()?, r, aux));
         }
-        let na = active.len();
-        let mut tok = vec![0u32; na * m];
-        let pad = (s * e) as u32; // index of the appended zero gate
-        let mut gidx = vec![pad; na * m];
-        for (slot, &ex) in active.iter().enumerate() {
-            for (j, &a) in per[ex as usize].iter().enumerate() {
-                let t = a / k;
-                tok[slot * m + j] = t as u32;
-                gidx[slot * m + j] = (t * e + ex as usize) as u32;
+        let mut tok = vec![0u32; n];
+        let mut gidx = vec![0u32; n];
+        let mut fill = offsets[..e].to_vec();
+        for a in 0..s * k {
+            if r.kept(a) {
+                let ex = r.experts[a];
+                let (t, row) = (a / k, fill[ex]);
+                tok[row] = t as u32;
+                gidx[row] = (t * e + ex) as u32;
+                fill[ex] += 1;
             }
         }
-        let tok = Tensor::from_vec(tok, na * m, dev)?;
-        let gidx = Tensor::from_vec(gidx, na * m, dev)?;
-        let mut gates = Tensor::cat(&[scores.flatten_all()?, Tensor::zeros(1, gdt, dev)?], 0)?
-            .index_select(&gidx, 0)?;
+        let tok = Tensor::from_vec(tok, n, dev)?;
+        let gidx = Tensor::from_vec(gidx, n, dev)?;
+        let mut gates = scores.flatten_all()?.index_select(&gidx, 0)?;
         if self.cfg.normalize_gate && k > 1 {
             // denominator = sum of the token's top-k scores, clamped at eps (tutel)
             let top: Vec<u32> = (0..s * k)
@@ -589,28 +570,14 @@ impl MoeMlp {
                 .maximum(eps)?;
             gates = (gates / denom.index_select(&tok, 0)?)?;
         }
-        let gates = gates.to_dtype(x.dtype())?.unsqueeze(1)?; // (A*m, 1)
+        let gates = gates.to_dtype(x.dtype())?.unsqueeze(1)?; // (N, 1)
 
-        let pick = |w: &Tensor| -> candle_core::Result<Tensor> {
-            if na == e {
-                Ok(w.clone())
-            } else {
-                w.index_select(&Tensor::new(active.as_slice(), dev)?, 0)
-            }
-        };
-        let xb = xf.index_select(&tok, 0)?.reshape((na, m, c))?; // (A, m, C)
-        let h = xb
-            .matmul(&pick(&self.fc1_w)?.t()?)?
-            .broadcast_add(&pick(&self.fc1_b)?)?; // (A, m, hC)
-        let loads: Vec<usize> = active.iter().map(|&ex| per[ex as usize].len()).collect();
-        let h = gelu_kept_rows(&h, &loads)?;
-        let h = crate::swin_v2::dropout(&h, self.drop, rng, train)?;
-        let y = h
-            .matmul(&pick(&self.fc2_w)?)?
-            .broadcast_add(&pick(&self.fc2_b)?)?
-            .reshape((na * m, c))?
-            .broadcast_mul(&gates)?;
-        // padding slots point at token 0 with gate 0: they add exactly 0
+        let xs = xf.index_select(&tok, 0)?; // (N, C)
+        let h = grouped_linear(&xs, &self.fc1_w, &self.fc1_b, &offsets, WeightLayout::OutIn)?;
+        let h = crate::swin_v2::dropout(&h.gelu_erf()?, self.drop, rng, train)?; // (N, hC)
+        let y = grouped_linear(&h, &self.fc2_w, &self.fc2_b, &offsets, WeightLayout::InOut)?
+            .broadcast_mul(&gates)?; // (N, C)
+                                     // a token's k outputs add up; dropped tokens stay 0 (the block's residual carries them)
         let out = Tensor::zeros((s, c), x.dtype(), dev)?.index_add(&tok, &y, 0)?;
         Ok((out.reshape(shape)?, r, aux))
     }
