@@ -6,6 +6,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
+use super::fused;
+
 /// One trainable variable with its own weight decay and lr multiplier.
 #[derive(Clone, Debug)]
 pub struct ParamGroup {
@@ -37,6 +39,8 @@ pub struct AdamW {
     betas: (f64, f64),
     eps: f64,
     step_count: u64,
+    /// Use the in-place CPU kernels where they apply (off only in tests, to compare).
+    fused: bool,
 }
 
 impl AdamW {
@@ -55,14 +59,16 @@ impl AdamW {
             if !seen.insert(p.name.as_str()) {
                 bail!("AdamW: parameter `{}` given twice", p.name);
             }
-            let zeros = p
-                .var
-                .as_tensor()
-                .zeros_like()
-                .with_context(|| format!("AdamW: allocating moments of `{}`", p.name))?;
+            // two buffers of their own: the CPU update writes them in place
+            let zeros = || {
+                p.var
+                    .as_tensor()
+                    .zeros_like()
+                    .with_context(|| format!("AdamW: allocating moments of `{}`", p.name))
+            };
             state.push(Moments {
-                exp_avg: zeros.clone(),
-                exp_avg_sq: zeros,
+                exp_avg: zeros()?,
+                exp_avg_sq: zeros()?,
                 step: 0,
             });
         }
@@ -72,6 +78,7 @@ impl AdamW {
             betas,
             eps,
             step_count: 0,
+            fused: true,
         })
     }
 
@@ -96,12 +103,46 @@ impl AdamW {
             let g = g.detach().to_dtype(p.var.dtype()).with_context(ctx)?;
             s.step += 1;
             let lr = lr_for(p.lr_scale);
-            let mut param = p.var.as_tensor().detach();
-            if p.weight_decay != 0.0 {
-                // param.mul_(1 - lr * weight_decay)
-                param = param
-                    .affine(1.0 - lr * p.weight_decay, 0.0)
+            let bc1 = 1.0 - b1.powf(s.step as f64);
+            let bc2_sqrt = (1.0 - b2.powf(s.step as f64)).sqrt();
+            let step_size = lr / bc1;
+            let decay = (p.weight_decay != 0.0).then_some(1.0 - lr * p.weight_decay);
+            let g = g.contiguous().with_context(ctx)?;
+            let var = p.var.as_tensor();
+            if self.fused && fused::applies(&[var, &s.exp_avg, &s.exp_avg_sq, &g]) {
+                // the same arithmetic in place, one pass per buffer
+                s.exp_avg
+                    .inplace_op2(
+                        &g,
+                        &fused::Ema {
+                            beta: b1,
+                            square: false,
+                        },
+                    )
                     .with_context(ctx)?;
+                s.exp_avg_sq
+                    .inplace_op2(
+                        &g,
+                        &fused::Ema {
+                            beta: b2,
+                            square: true,
+                        },
+                    )
+                    .with_context(ctx)?;
+                let update = fused::Update {
+                    decay,
+                    inv_bc2_sqrt: 1.0 / bc2_sqrt,
+                    eps: self.eps,
+                    step_size,
+                };
+                var.inplace_op3(&s.exp_avg, &s.exp_avg_sq, &update)
+                    .with_context(ctx)?;
+                continue;
+            }
+            let mut param = var.detach();
+            if let Some(decay) = decay {
+                // param.mul_(1 - lr * weight_decay)
+                param = param.affine(decay, 0.0).with_context(ctx)?;
             }
             // exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
             s.exp_avg = ((&s.exp_avg * b1)? + (&g * (1.0 - b1))?)
@@ -110,9 +151,6 @@ impl AdamW {
             s.exp_avg_sq = ((&s.exp_avg_sq * b2)? + (g.sqr()? * (1.0 - b2))?)
                 .with_context(ctx)?
                 .detach();
-            let bc1 = 1.0 - b1.powf(s.step as f64);
-            let bc2_sqrt = (1.0 - b2.powf(s.step as f64)).sqrt();
-            let step_size = lr / bc1;
             // denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + eps
             let denom = s
                 .exp_avg_sq
@@ -137,8 +175,10 @@ impl AdamW {
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for (p, s) in self.params.iter().zip(&self.state) {
-            out.insert(format!("{}.exp_avg", p.name), s.exp_avg.clone());
-            out.insert(format!("{}.exp_avg_sq", p.name), s.exp_avg_sq.clone());
+            // copies: the CPU update keeps writing the moments in place
+            let snapshot = |t: &Tensor| t.copy().expect("copy of a moment buffer");
+            out.insert(format!("{}.exp_avg", p.name), snapshot(&s.exp_avg));
+            out.insert(format!("{}.exp_avg_sq", p.name), snapshot(&s.exp_avg_sq));
             // Invariant: a 1-element CPU tensor from a slice of matching length cannot fail.
             let step = Tensor::new(&[s.step as f64], &candle_core::Device::Cpu)
                 .expect("1-element CPU tensor");
@@ -165,8 +205,10 @@ impl AdamW {
                         want.dims()
                     );
                 }
+                // a buffer of its own (updated in place later), on the parameter's device/dtype
                 t.to_device(want.device())
                     .and_then(|t| t.to_dtype(want.dtype()))
+                    .and_then(|t| t.copy())
                     .with_context(|| format!("optimizer state: moving `{key}`"))
             };
             let step = match tensors.get(&format!("{}.step", p.name)) {
@@ -350,5 +392,87 @@ mod tests {
             assert!(!t.track_op(), "{name} keeps an op graph");
         }
         assert!(!x.as_tensor().track_op() || x.as_tensor().is_variable());
+    }
+
+    /// The in-place CPU kernels give exactly the tensor-op path's parameters and moments (f32,
+    /// weight decay and lr scales, more elements than one parallel chunk).
+    #[test]
+    fn fused_update_is_bit_identical_to_tensor_ops() {
+        let dev = Device::Cpu;
+        let n = 70_000;
+        let make = || {
+            vec![
+                ParamGroup {
+                    name: "w".into(),
+                    var: Var::from_tensor(&Tensor::randn(0f32, 1.0, n, &dev).unwrap()).unwrap(),
+                    weight_decay: 0.05,
+                    lr_scale: 0.7,
+                },
+                ParamGroup {
+                    name: "b".into(),
+                    var: Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap())
+                        .unwrap(),
+                    weight_decay: 0.0,
+                    lr_scale: 1.0,
+                },
+            ]
+        };
+        let pa = make();
+        // same start values in separate buffers
+        let pb: Vec<ParamGroup> = pa
+            .iter()
+            .map(|p| ParamGroup {
+                var: Var::from_tensor(&p.var.as_tensor().copy().unwrap()).unwrap(),
+                ..p.clone()
+            })
+            .collect();
+        let mut fused = AdamW::new(pa.clone(), (0.9, 0.999), 1e-8).unwrap();
+        let mut plain = AdamW::new(pb.clone(), (0.9, 0.999), 1e-8).unwrap();
+        plain.fused = false;
+        for step in 0..3 {
+            let grads = |ps: &[ParamGroup]| {
+                // d/dp sum(p * c) = c, with c = sin(p) * (1 + i + step) fixed
+                let mut loss = Tensor::new(0f32, &dev).unwrap();
+                for (i, p) in ps.iter().enumerate() {
+                    let c = (p.var.as_tensor().sin().unwrap() * (1.0 + i as f64 + step as f64))
+                        .unwrap()
+                        .detach();
+                    let term = (p.var.as_tensor() * c).unwrap().sum_all().unwrap();
+                    loss = (loss + term).unwrap();
+                }
+                loss.backward().unwrap()
+            };
+            fused.step(&grads(&pa), 1e-3).unwrap();
+            plain.step(&grads(&pb), 1e-3).unwrap();
+            let (sa, sb) = (fused.state_tensors(), plain.state_tensors());
+            for (a, b) in pa.iter().zip(&pb) {
+                let va = a
+                    .var
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let vb = b
+                    .var
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                assert_eq!(va, vb, "param {} step {step}", a.name);
+                for m in ["exp_avg", "exp_avg_sq"] {
+                    let key = format!("{}.{m}", a.name);
+                    let ma = sa[&key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let mb = sb[&key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert_eq!(ma, mb, "{key} step {step}");
+                }
+            }
+        }
+        // and the update moved the parameters
+        assert_ne!(
+            pa[0].var.as_tensor().to_vec1::<f32>().unwrap()[..4],
+            make()[0].var.as_tensor().to_vec1::<f32>().unwrap()[..4]
+        );
     }
 }

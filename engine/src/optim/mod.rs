@@ -2,6 +2,7 @@
 //! global-norm gradient clipping and the per-step learning-rate schedules (architecture.md 3.5).
 mod adamw;
 mod clip;
+mod fused;
 mod groups;
 mod schedule;
 
