@@ -695,8 +695,8 @@ impl Linear {
     }
 }
 
-/// LayerNorm (eps 1e-5). candle's fused kernel has no backward, so `train` picks the
-/// differentiable composition.
+/// LayerNorm (eps 1e-5): [`crate::ops::layer_norm`]. Off the CPU outside training, candle's fused
+/// kernel (it has no backward).
 #[derive(Debug, Clone)]
 struct LayerNorm {
     w: Tensor,
@@ -712,11 +712,10 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        if train {
-            candle_nn::ops::layer_norm_slow(x, &self.w, &self.b, 1e-5)
-        } else {
-            candle_nn::ops::layer_norm(&x.contiguous()?, &self.w, &self.b, 1e-5)
+        if !train && !crate::ops::is_fused(x) {
+            return candle_nn::ops::layer_norm(&x.contiguous()?, &self.w, &self.b, 1e-5);
         }
+        crate::ops::layer_norm(x, &self.w, &self.b, 1e-5)
     }
 }
 
