@@ -10,9 +10,11 @@ use rayon::prelude::*;
 
 mod add_bias;
 mod layer_norm;
+mod window_softmax;
 
 pub use add_bias::add_bias;
 pub use layer_norm::layer_norm;
+pub use window_softmax::{window_logits, window_softmax};
 
 /// Whether ops on `x` take the fused path: on the CPU, in f32 or f64.
 pub fn is_fused(x: &Tensor) -> bool {
@@ -21,14 +23,22 @@ pub fn is_fused(x: &Tensor) -> bool {
 
 /// The float math the kernels need, for f32 and f64.
 pub(crate) trait Real: WithDType {
+    fn exp(self) -> Self;
     fn sqrt(self) -> Self;
+    fn fmax(self, other: Self) -> Self;
 }
 
 macro_rules! real {
     ($t:ty) => {
         impl Real for $t {
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
+            }
+            fn fmax(self, other: Self) -> Self {
+                <$t>::max(self, other)
             }
         }
     };
