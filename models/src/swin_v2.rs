@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::{Init, VarBuilder};
 use mimlab_engine::rng::SharedRng;
 
@@ -866,13 +866,9 @@ impl WindowAttention {
         let qkv = linear(x, &self.qkv_w, bias.as_ref())?
             .reshape((bw, n, 3, nh, c / nh))?
             .permute((2, 0, 3, 1, 4))?; // (3, B_, nH, N, hd)
-        let normalize = |t: Tensor| -> candle_core::Result<Tensor> {
-            // F.normalize: x / max(||x||, 1e-12)
-            let norm = t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
-            t.broadcast_div(&norm)
-        };
-        let q = normalize(qkv.i(0)?.contiguous()?)?;
-        let k = normalize(qkv.i(1)?.contiguous()?)?;
+                                        // cosine attention: F.normalize over the head dim
+        let q = crate::ops::normalize(&qkv.i(0)?.contiguous()?)?;
+        let k = crate::ops::normalize(&qkv.i(1)?.contiguous()?)?;
         let v = qkv.i(2)?.contiguous()?;
         let attn = q.matmul(&k.t()?)?; // (B_, nH, N, N)
                                        // clamp(max = ln(1/0.01)) then exp: scale <= 100

@@ -10,10 +10,12 @@ use rayon::prelude::*;
 
 mod add_bias;
 mod layer_norm;
+mod normalize;
 mod window_softmax;
 
 pub use add_bias::add_bias;
 pub use layer_norm::layer_norm;
+pub use normalize::normalize;
 pub use window_softmax::{window_logits, window_softmax};
 
 /// Whether ops on `x` take the fused path: on the CPU, in f32 or f64.
