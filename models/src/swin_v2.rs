@@ -908,7 +908,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, rng: &SharedRng, train: bool) -> candle_core::Result<Tensor> {
-        let h = dropout(&self.fc1.forward(x)?.gelu_erf()?, self.drop, rng, train)?;
+        let h = crate::ops::gelu_erf(&self.fc1.forward(x)?)?;
+        let h = dropout(&h, self.drop, rng, train)?;
         dropout(&self.fc2.forward(&h)?, self.drop, rng, train)
     }
 }

@@ -9,11 +9,13 @@ use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 mod add_bias;
+mod gelu;
 mod layer_norm;
 mod normalize;
 mod window_softmax;
 
 pub use add_bias::add_bias;
+pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
 pub use normalize::normalize;
 pub use window_softmax::{window_logits, window_softmax};
@@ -25,28 +27,40 @@ pub fn is_fused(x: &Tensor) -> bool {
 
 /// The float math the kernels need, for f32 and f64.
 pub(crate) trait Real: WithDType {
+    /// Smallest positive normal value.
+    const MIN_NORMAL: Self;
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
+    fn abs(self) -> Self;
     fn fmax(self, other: Self) -> Self;
+    /// Exact error function (libm `erff` / `erf`, as candle's `gelu_erf`).
+    fn erf(self) -> Self;
 }
 
 macro_rules! real {
-    ($t:ty) => {
+    ($t:ty, $erf:path) => {
         impl Real for $t {
+            const MIN_NORMAL: Self = <$t>::MIN_POSITIVE;
             fn exp(self) -> Self {
                 <$t>::exp(self)
             }
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
             }
+            fn abs(self) -> Self {
+                <$t>::abs(self)
+            }
             fn fmax(self, other: Self) -> Self {
                 <$t>::max(self, other)
+            }
+            fn erf(self) -> Self {
+                $erf(self)
             }
         }
     };
 }
-real!(f32);
-real!(f64);
+real!(f32, libm::erff);
+real!(f64, libm::erf);
 
 /// The contiguous data of a custom op's input.
 fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
