@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::{Init, VarBuilder};
 use mimlab_engine::rng::SharedRng;
 
@@ -603,7 +603,7 @@ pub fn relative_position_index(ws: usize) -> Vec<u32> {
 struct Geometry {
     ws: usize,
     shift: usize,
-    /// `[1, nW, 1, N, N]` in the model dtype, shifted blocks only.
+    /// `[nW, N, N]` in the model dtype, shifted blocks only.
     mask: Option<Tensor>,
     /// `[(2ws-1)^2, 2]` in the model dtype.
     coords: Tensor,
@@ -625,9 +625,7 @@ impl Geometry {
         let (ws, s) = cfg.window_at(h, w);
         let shift = if odd { s } else { 0 };
         let mask = if shift > 0 {
-            let m = shifted_window_mask(h, w, ws, shift, dev)?.to_dtype(dtype)?;
-            let (nw, n, _) = m.dims3()?;
-            Some(m.reshape((1, nw, 1, n, n))?)
+            Some(shifted_window_mask(h, w, ws, shift, dev)?.to_dtype(dtype)?)
         } else {
             None
         };
@@ -695,8 +693,8 @@ impl Linear {
     }
 }
 
-/// LayerNorm (eps 1e-5). candle's fused kernel has no backward, so `train` picks the
-/// differentiable composition.
+/// LayerNorm (eps 1e-5): [`crate::ops::layer_norm`]. Off the CPU outside training, candle's fused
+/// kernel (it has no backward).
 #[derive(Debug, Clone)]
 struct LayerNorm {
     w: Tensor,
@@ -712,20 +710,10 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        if train {
-            candle_nn::ops::layer_norm_slow(x, &self.w, &self.b, 1e-5)
-        } else {
-            candle_nn::ops::layer_norm(&x.contiguous()?, &self.w, &self.b, 1e-5)
+        if !train && !crate::ops::is_fused(x) {
+            return candle_nn::ops::layer_norm(&x.contiguous()?, &self.w, &self.b, 1e-5);
         }
-    }
-}
-
-/// Softmax over the last dim; the fused kernel (no backward) outside training.
-fn softmax(x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-    if train {
-        candle_nn::ops::softmax(x, D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+        crate::ops::layer_norm(x, &self.w, &self.b, 1e-5)
     }
 }
 
@@ -878,26 +866,22 @@ impl WindowAttention {
         let qkv = linear(x, &self.qkv_w, bias.as_ref())?
             .reshape((bw, n, 3, nh, c / nh))?
             .permute((2, 0, 3, 1, 4))?; // (3, B_, nH, N, hd)
-        let normalize = |t: Tensor| -> candle_core::Result<Tensor> {
-            // F.normalize: x / max(||x||, 1e-12)
-            let norm = t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
-            t.broadcast_div(&norm)
-        };
-        let q = normalize(qkv.i(0)?.contiguous()?)?;
-        let k = normalize(qkv.i(1)?.contiguous()?)?;
+                                        // cosine attention: F.normalize over the head dim
+        let q = crate::ops::normalize(&qkv.i(0)?.contiguous()?)?;
+        let k = crate::ops::normalize(&qkv.i(1)?.contiguous()?)?;
         let v = qkv.i(2)?.contiguous()?;
-        let mut attn = q.matmul(&k.t()?)?; // (B_, nH, N, N)
-                                           // clamp(max = ln(1/0.01)) then exp: scale <= 100
+        let attn = q.matmul(&k.t()?)?; // (B_, nH, N, N)
+                                       // clamp(max = ln(1/0.01)) then exp: scale <= 100
         let scale = self.logit_scale.minimum((1.0f64 / 0.01).ln())?.exp()?;
-        attn = crate::ops::add_bias(&attn.broadcast_mul(&scale)?, &self.position_bias(g)?)?;
-        if let Some(mask) = &g.mask {
-            let nw = mask.dim(1)?;
-            attn = attn
-                .reshape((bw / nw, nw, nh, n, n))?
-                .broadcast_add(mask)?
-                .reshape((bw, nh, n, n))?;
-        }
-        let attn = dropout(&softmax(&attn, train)?, self.attn_drop, rng, train)?;
+        let (bias, mask) = (self.position_bias(g)?, g.mask.as_ref());
+        let attn = if train || crate::ops::is_fused(&attn) {
+            crate::ops::window_softmax(&attn, &scale, &bias, mask)?
+        } else {
+            // off the CPU outside training: candle's fused softmax kernel (no backward)
+            let z = crate::ops::window_logits(&attn, &scale, &bias, mask)?;
+            candle_nn::ops::softmax_last_dim(&z.contiguous()?)?
+        };
+        let attn = dropout(&attn, self.attn_drop, rng, train)?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((bw, n, c))?;
         dropout(&self.proj.forward(&out)?, self.proj_drop, rng, train)
     }
@@ -924,7 +908,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, rng: &SharedRng, train: bool) -> candle_core::Result<Tensor> {
-        let h = dropout(&self.fc1.forward(x)?.gelu_erf()?, self.drop, rng, train)?;
+        let h = crate::ops::gelu_erf(&self.fc1.forward(x)?)?;
+        let h = dropout(&h, self.drop, rng, train)?;
         dropout(&self.fc2.forward(&h)?, self.drop, rng, train)
     }
 }
@@ -1329,8 +1314,9 @@ impl SwinV2 {
 
     /// Runs the backbone. `mask`: optional `[B, H/patch, W/patch]` (1 = masked), replaced by
     /// `mask_token` after the patch embedding and its norm (SimMIM 3.2). `train` enables drop path
-    /// and dropout and selects differentiable LayerNorm/softmax (candle's fused eval kernels have
-    /// no backward: call with `train = true` to take gradients).
+    /// and dropout. On the CPU (f32/f64) both modes run the same fused ops, which have a backward;
+    /// elsewhere `train = false` uses candle's fused kernels, which have none (call with
+    /// `train = true` to take gradients).
     pub fn forward_features(
         &self,
         x: &Tensor,
@@ -1625,7 +1611,7 @@ mod tests {
         assert_eq!(blk.geometry.lock().unwrap().len(), 1);
         let g = blk.geometry.lock().unwrap()[&(16, 16)].clone();
         assert_eq!((g.ws, g.shift), (4, 2));
-        assert_eq!(g.mask.as_ref().unwrap().dims(), &[1, 16, 1, 16, 16]);
+        assert_eq!(g.mask.as_ref().unwrap().dims(), &[16, 16, 16]);
         // stage 3 at 64 px is 2x2: window clamped to 2, no shift
         let g3 = m.layers[3].blocks[1].geometry.lock().unwrap()[&(2, 2)].clone();
         assert_eq!((g3.ws, g3.shift), (2, 0));

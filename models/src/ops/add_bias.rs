@@ -1,8 +1,9 @@
-//! Fused ops where candle's composed ones are slow on the CPU.
+//! Bias over the leading dims, with a gemm backward.
 //!
 //! candle's backward of `broadcast_add` sums the gradient over the broadcast (leading) dims with a
 //! scalar per-element index loop (its fast reduction only covers the *last* dims): 22% of a
-//! `swinv2_nano` SimMIM step. [`add_bias`] does the same forward and reduces with one gemm.
+//! `swinv2_nano` SimMIM step before this op. [`add_bias`] does the same forward and reduces with
+//! one gemm.
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// `x + b` with `b` broadcast over the leading dims of `x` (`b`'s shape = the trailing dims of

@@ -1,0 +1,159 @@
+//! Exact (erf) GELU with a one-pass backward.
+//!
+//! candle's `gelu_erf` forward is one pass, but its backward is ~12 tensor ops, one of them a
+//! second `erf` pass, and uses `1/sqrt(2 pi)` rounded to 0.398942 (relative error 7e-7).
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::{dispatch, par_items, slice, storage, Real};
+
+/// `0.5 x (1 + erf(x / sqrt(2)))` with libm's erf (as candle's `gelu_erf`, bitwise the same
+/// forward). Backward: `g * (Phi(x) + x phi(x))`, Phi the normal CDF, phi its density. Off the
+/// fused path: candle's `gelu_erf`.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !super::is_fused(x) {
+        return x.gelu_erf();
+    }
+    x.contiguous()?.apply_op1(GeluErf)
+}
+
+struct GeluErf;
+
+/// Items (scalars) per rayon task: erf costs tens of instructions.
+const ITEM: usize = 16;
+
+fn forward<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    let x = slice::<T>(s, l, "gelu-erf")?;
+    let half = T::from_f64(0.5);
+    let r2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
+    let mut y = vec![T::zero(); x.len()];
+    // items of ITEM scalars: a tail shorter than an item is done after
+    let body = y.len() / ITEM * ITEM;
+    let (yb, yt) = y.split_at_mut(body);
+    let f = |first: usize, out: &mut [T]| {
+        for (o, &v) in out.iter_mut().zip(&x[first..]) {
+            // candle's formula, in its order
+            *o = ((v * r2).erf() + T::one()) * half * v;
+        }
+    };
+    par_items(yb, ITEM, |first, out| f(first * ITEM, out));
+    f(body, yt);
+    Ok(storage(y, l.shape().clone()))
+}
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch!(self.name(), s, forward(s, l))
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op3_no_bwd(
+            y,
+            &grad.contiguous()?,
+            &GeluErfBwd,
+        )?))
+    }
+}
+
+/// `(x, y, grad)` -> `dx`.
+struct GeluErfBwd;
+
+fn backward<T: Real>(
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let x = slice::<T>(s1, l1, "gelu-erf-bwd")?;
+    let y = slice::<T>(s2, l2, "gelu-erf-bwd")?;
+    let g = slice::<T>(s3, l3, "gelu-erf-bwd")?;
+    let half = T::from_f64(0.5);
+    let r2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
+    let neg_half = T::from_f64(-0.5);
+    let inv_sqrt_2pi = T::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+    let mut dx = vec![T::zero(); x.len()];
+    let body = dx.len() / ITEM * ITEM;
+    let (db, dt) = dx.split_at_mut(body);
+    let f = |first: usize, out: &mut [T]| {
+        let rows = x[first..].iter().zip(&y[first..]).zip(&g[first..]);
+        for (o, ((&v, &yv), &gv)) in out.iter_mut().zip(rows) {
+            // Phi(x) = y / x, the forward's own erf, within 2 ulp; where y is 0 or subnormal
+            // (x = 0, or x < ~-5.5 in f32 where erf rounds to -1) the erf again
+            let cdf = if yv.abs() >= T::MIN_NORMAL {
+                yv / v
+            } else {
+                half * ((v * r2).erf() + T::one())
+            };
+            let pdf = (neg_half * v * v).exp() * inv_sqrt_2pi;
+            *o = gv * (cdf + v * pdf);
+        }
+    };
+    par_items(db, ITEM, |first, out| f(first * ITEM, out));
+    f(body, dt);
+    Ok(storage(dx, l1.shape().clone()))
+}
+
+impl CustomOp3 for GeluErfBwd {
+    fn name(&self) -> &'static str {
+        "gelu-erf-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(self.name(), s1, backward((s1, l1), (s2, l2), (s3, l3)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::rel_diff;
+    use candle_core::{DType, Device, Var};
+
+    /// `[6, 16, 37]` (37: a tail after the rayon items) spread over [-12, 12], with exact 0s.
+    fn input(dtype: DType) -> Result<Tensor> {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f64, 3.0, (6, 16, 37), &dev)?.clamp(-12f64, 12f64))?;
+        let keep = x.abs()?.ge(0.05)?.to_dtype(DType::F64)?; // some exact zeros
+        (x * keep)?.to_dtype(dtype)
+    }
+
+    /// `Phi(x) + x phi(x)` from candle's `erf` tensor op, with the exact `1/sqrt(2 pi)`.
+    fn exact_derivative(x: &Tensor) -> Result<Tensor> {
+        let cdf = ((x / 2f64.sqrt())?.erf()? + 1.0)? * 0.5;
+        let pdf = (x.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * std::f64::consts::PI).sqrt());
+        cdf? + (x * pdf?)?
+    }
+
+    #[test]
+    fn gelu_erf_matches_candle() -> Result<()> {
+        for (dtype, grad_tol) in [(DType::F64, 1e-12), (DType::F32, 1e-6)] {
+            let x = Var::from_tensor(&input(dtype)?)?;
+            let r = Tensor::randn(0f64, 1.0, x.shape(), &Device::Cpu)?.to_dtype(dtype)?;
+            let fused = gelu_erf(&x)?;
+            let plain = x.gelu_erf()?;
+            // the same formula and erf: bitwise equal
+            let d = (&fused - &plain)?.abs()?.max_all()?.to_dtype(DType::F64)?;
+            assert_eq!(d.to_scalar::<f64>()?, 0.0, "{dtype:?} forward");
+            let gf = (&fused * &r)?.sum_all()?.backward()?;
+            let dx = gf.get(&x).unwrap();
+            let exact = (exact_derivative(&x)? * &r)?;
+            let d = rel_diff(dx, &exact)?;
+            assert!(d < grad_tol, "{dtype:?} grad vs exact derivative: {d}");
+            // candle's backward differs by its rounded 1/sqrt(2 pi) only
+            let gp = (&plain * &r)?.sum_all()?.backward()?;
+            let d = rel_diff(dx, gp.get(&x).unwrap())?;
+            assert!(d < 2e-6, "{dtype:?} grad vs candle's: {d}");
+        }
+        Ok(())
+    }
+}

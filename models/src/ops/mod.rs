@@ -1,0 +1,201 @@
+//! Fused ops where candle's composed ones are slow on the CPU.
+//!
+//! candle 0.11's fused softmax/LayerNorm kernels have no backward, so training composes them from
+//! ~8 elementwise ops each, and its backward of a broadcast sums over leading dims with a scalar
+//! strided loop. Each op here is a custom op with one forward pass and a hand-written one-pass
+//! backward, on the CPU in f32 and f64; other devices and dtypes fall back to the composed ops.
+//! One op per file; each file's tests compare it with the composed version.
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+mod add_bias;
+mod gelu;
+mod layer_norm;
+mod normalize;
+mod window_softmax;
+
+pub use add_bias::add_bias;
+pub use gelu::gelu_erf;
+pub use layer_norm::layer_norm;
+pub use normalize::normalize;
+pub use window_softmax::{window_logits, window_softmax};
+
+/// Whether ops on `x` take the fused path: on the CPU, in f32 or f64.
+pub fn is_fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// The float math the kernels need, for f32 and f64.
+pub(crate) trait Real: WithDType {
+    /// Smallest positive normal value.
+    const MIN_NORMAL: Self;
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn abs(self) -> Self;
+    fn fmax(self, other: Self) -> Self;
+    /// Exact error function (libm `erff` / `erf`, as candle's `gelu_erf`).
+    fn erf(self) -> Self;
+}
+
+macro_rules! real {
+    ($t:ty, $erf:path) => {
+        impl Real for $t {
+            const MIN_NORMAL: Self = <$t>::MIN_POSITIVE;
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn abs(self) -> Self {
+                <$t>::abs(self)
+            }
+            fn fmax(self, other: Self) -> Self {
+                <$t>::max(self, other)
+            }
+            fn erf(self) -> Self {
+                $erf(self)
+            }
+        }
+    };
+}
+real!(f32, libm::erff);
+real!(f64, libm::erf);
+
+/// The contiguous data of a custom op's input.
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: non-contiguous input")
+    };
+    Ok(&T::cpu_storage_as_slice(s)?[a..b])
+}
+
+/// Runs a kernel generic over [`Real`] on the dtype of `s` (f32 or f64).
+macro_rules! dispatch {
+    ($op:expr, $s:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $s {
+            candle_core::CpuStorage::F32(_) => $f::<f32>($($arg),*),
+            candle_core::CpuStorage::F64(_) => $f::<f64>($($arg),*),
+            other => candle_core::bail!(
+                "{}: f32 or f64 expected, got {:?}",
+                $op,
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        }
+    };
+}
+pub(crate) use dispatch;
+
+/// A tensor of `shape` owning `data`.
+fn storage<T: WithDType>(data: Vec<T>, shape: impl Into<Shape>) -> (CpuStorage, Shape) {
+    (T::to_cpu_storage_owned(data), shape.into())
+}
+
+/// The pieces of a backward op's packed 1-d output, in order, reshaped to `shapes`.
+fn unpack(packed: &Tensor, shapes: &[&Shape]) -> Result<Vec<Tensor>> {
+    let mut at = 0;
+    let mut out = Vec::with_capacity(shapes.len());
+    for s in shapes {
+        let n = s.elem_count();
+        out.push(packed.narrow(0, at, n)?.reshape(*s)?);
+        at += n;
+    }
+    Ok(out)
+}
+
+/// Scalar operations below which a task is not worth handing to rayon (tiny in tests, so that
+/// their small shapes run the multi-task paths and the partial sums).
+const MIN_TASK_WORK: usize = if cfg!(test) { 64 } else { 16 * 1024 };
+/// At most this many tasks per kernel: enough for any core count here, few partial sums.
+const MAX_TASKS: usize = 32;
+
+/// Items per task for `items` items of `work` scalars each. Depends on the sizes only (never on
+/// the thread count), so partial sums combine in the same order on any machine: results are
+/// reproducible.
+fn items_per_task(items: usize, work: usize) -> usize {
+    let by_count = items.div_ceil(MAX_TASKS);
+    let by_work = MIN_TASK_WORK.div_ceil(work.max(1));
+    by_count.max(by_work).clamp(1, items.max(1))
+}
+
+/// Calls `f(first_item, chunk)` on `out` cut into tasks of whole items (`item` scalars each), on
+/// rayon's pool when there are several tasks and threads (else in order on this thread: no
+/// hand-off to a lone worker), and returns the tasks' results in order.
+fn par_items<T, P, F>(out: &mut [T], item: usize, f: F) -> Vec<P>
+where
+    T: Send,
+    P: Send,
+    F: Fn(usize, &mut [T]) -> P + Sync + Send,
+{
+    if out.is_empty() || item == 0 {
+        return Vec::new();
+    }
+    let per = items_per_task(out.len() / item, item);
+    let chunk = per * item;
+    if chunk >= out.len() || rayon::current_num_threads() == 1 {
+        let tasks = out.chunks_mut(chunk).enumerate();
+        return tasks.map(|(t, c)| f(t * per, c)).collect();
+    }
+    out.par_chunks_mut(chunk)
+        .enumerate()
+        .map(|(t, chunk)| f(t * per, chunk))
+        .collect()
+}
+
+/// `sum f(x_i)` with 8 interleaved accumulators, so that it vectorizes (a plain fold is one
+/// serial chain of adds under IEEE rules); the rounding is pairwise-like, no worse than a fold.
+fn lane_sum<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
+    let mut acc = [T::zero(); 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    let mut s = T::zero();
+    for &v in chunks.remainder() {
+        s += f(v);
+    }
+    acc.into_iter().fold(s, |s, a| s + a)
+}
+
+/// `sum a_i b_i`, as [`lane_sum`].
+fn lane_dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let (mut ca, mut cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for ((s, &u), &v) in acc.iter_mut().zip(x).zip(y) {
+            *s += u * v;
+        }
+    }
+    let mut s = T::zero();
+    for (&u, &v) in ca.remainder().iter().zip(cb.remainder()) {
+        s += u * v;
+    }
+    acc.into_iter().fold(s, |s, a| s + a)
+}
+
+/// Sums equal-length partial sums in order.
+fn sum_partials<T: WithDType>(parts: &[Vec<T>], into: &mut [T]) {
+    into.fill(T::zero());
+    for p in parts {
+        for (a, &b) in into.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Comparisons shared by the ops' tests.
+    use candle_core::{Result, Tensor};
+
+    /// Max |a - b| relative to max |b| (the tensor's scale).
+    pub fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        let a = a.to_dtype(candle_core::DType::F64)?;
+        let b = b.to_dtype(candle_core::DType::F64)?;
+        let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        let s = b.abs()?.max_all()?.to_scalar::<f64>()?;
+        Ok(d / s.max(1e-300))
+    }
+}
