@@ -574,7 +574,7 @@ impl MoeMlp {
 
         let xs = xf.index_select(&tok, 0)?; // (N, C)
         let h = grouped_linear(&xs, &self.fc1_w, &self.fc1_b, &offsets, WeightLayout::OutIn)?;
-        let h = crate::swin_v2::dropout(&h.gelu_erf()?, self.drop, rng, train)?; // (N, hC)
+        let h = crate::swin_v2::dropout(&crate::ops::gelu_erf(&h)?, self.drop, rng, train)?; // (N, hC)
         let y = grouped_linear(&h, &self.fc2_w, &self.fc2_b, &offsets, WeightLayout::InOut)?
             .broadcast_mul(&gates)?; // (N, C)
                                      // a token's k outputs add up; dropped tokens stay 0 (the block's residual carries them)

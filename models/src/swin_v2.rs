@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{Init, VarBuilder};
 use mimlab_engine::rng::SharedRng;
 
@@ -859,17 +859,19 @@ impl WindowAttention {
     ) -> candle_core::Result<Tensor> {
         let (bw, n, c) = x.dims3()?;
         let nh = self.num_heads;
-        let bias = match (&self.q_bias, &self.v_bias) {
-            (Some(q), Some(v)) => Some(Tensor::cat(&[q, &q.zeros_like()?, v], 0)?),
-            _ => None,
+        // q, k, v from the three row blocks of the qkv weight (bias: q_bias, none, v_bias), each
+        // `(B_, nH, N, hd)`: three linears instead of one sliced `[3, ...]` output, whose slices'
+        // backward would zero-pad each gradient back to the full `[3, B_, nH, N, hd]`
+        let part = |i: usize, b: Option<&Tensor>| -> candle_core::Result<Tensor> {
+            linear(x, &self.qkv_w.narrow(0, i * c, c)?, b)?
+                .reshape((bw, n, nh, c / nh))?
+                .transpose(1, 2)?
+                .contiguous()
         };
-        let qkv = linear(x, &self.qkv_w, bias.as_ref())?
-            .reshape((bw, n, 3, nh, c / nh))?
-            .permute((2, 0, 3, 1, 4))?; // (3, B_, nH, N, hd)
-                                        // cosine attention: F.normalize over the head dim
-        let q = crate::ops::normalize(&qkv.i(0)?.contiguous()?)?;
-        let k = crate::ops::normalize(&qkv.i(1)?.contiguous()?)?;
-        let v = qkv.i(2)?.contiguous()?;
+        // cosine attention: F.normalize over the head dim
+        let q = crate::ops::normalize(&part(0, self.q_bias.as_ref())?)?;
+        let k = crate::ops::normalize(&part(1, None)?)?;
+        let v = part(2, self.v_bias.as_ref())?;
         let attn = q.matmul(&k.t()?)?; // (B_, nH, N, N)
                                        // clamp(max = ln(1/0.01)) then exp: scale <= 100
         let scale = self.logit_scale.minimum((1.0f64 / 0.01).ln())?.exp()?;
@@ -1039,19 +1041,11 @@ impl Block {
         let (b, h, w, c) = x.dims4()?;
         let g = self.geometry(h, w, x)?;
         let (ws, s) = (g.ws, g.shift);
-        let shifted = if s > 0 {
-            x.roll(-(s as i32), 1)?.roll(-(s as i32), 2)?
-        } else {
-            x.clone()
-        };
+        let shifted = crate::ops::roll2d(&x, -(s as i64), -(s as i64))?;
         let win = window_partition(&shifted, ws)?.reshape(((), ws * ws, c))?; // (B*nW, N, C)
         let a = self.attn.forward(&win, &g, &self.rng, train)?;
         let a = window_reverse(&a.reshape(((), ws, ws, c))?, ws, h, w)?;
-        let a = if s > 0 {
-            a.roll(s as i32, 1)?.roll(s as i32, 2)?
-        } else {
-            a
-        };
+        let a = crate::ops::roll2d(&a, s as i64, s as i64)?;
         debug_assert_eq!(a.dim(0)?, b);
         let x = (x + drop_path(
             &self.norm1.forward(&a, train)?,

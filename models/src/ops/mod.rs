@@ -12,12 +12,14 @@ mod add_bias;
 mod gelu;
 mod layer_norm;
 mod normalize;
+mod roll;
 mod window_softmax;
 
 pub use add_bias::add_bias;
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
 pub use normalize::normalize;
+pub use roll::roll2d;
 pub use window_softmax::{window_logits, window_softmax};
 
 /// Whether ops on `x` take the fused path: on the CPU, in f32 or f64.
