@@ -1041,7 +1041,7 @@ impl Block {
         let (b, h, w, c) = x.dims4()?;
         let g = self.geometry(h, w, x)?;
         let (ws, s) = (g.ws, g.shift);
-        let shifted = crate::ops::roll2d(&x, -(s as i64), -(s as i64))?;
+        let shifted = crate::ops::roll2d(x, -(s as i64), -(s as i64))?;
         let win = window_partition(&shifted, ws)?.reshape(((), ws * ws, c))?; // (B*nW, N, C)
         let a = self.attn.forward(&win, &g, &self.rng, train)?;
         let a = window_reverse(&a.reshape(((), ws, ws, c))?, ws, h, w)?;
