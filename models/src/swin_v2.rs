@@ -872,8 +872,12 @@ impl WindowAttention {
         let q = crate::ops::normalize(&part(0, self.q_bias.as_ref())?)?;
         let k = crate::ops::normalize(&part(1, None)?)?;
         let v = part(2, self.v_bias.as_ref())?;
-        let attn = q.matmul(&k.t()?)?; // (B_, nH, N, N)
-                                       // clamp(max = ln(1/0.01)) then exp: scale <= 100
+        let hd = c / nh;
+        let heads3 = |t: &Tensor, rows: usize, cols: usize| t.reshape((bw * nh, rows, cols));
+        // (B_, nH, N, N); batched over the B_*nH small products (ops::bmm)
+        let attn = crate::ops::bmm(&heads3(&q, n, hd)?, &heads3(&k, n, hd)?.transpose(1, 2)?)?
+            .reshape((bw, nh, n, n))?;
+        // clamp(max = ln(1/0.01)) then exp: scale <= 100
         let scale = self.logit_scale.minimum((1.0f64 / 0.01).ln())?.exp()?;
         let (bias, mask) = (self.position_bias(g)?, g.mask.as_ref());
         let attn = if train || crate::ops::is_fused(&attn) {
@@ -884,7 +888,10 @@ impl WindowAttention {
             candle_nn::ops::softmax_last_dim(&z.contiguous()?)?
         };
         let attn = dropout(&attn, self.attn_drop, rng, train)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((bw, n, c))?;
+        let out = crate::ops::bmm(&heads3(&attn, n, n)?, &heads3(&v, n, hd)?)?
+            .reshape((bw, nh, n, hd))?
+            .transpose(1, 2)?
+            .reshape((bw, n, c))?;
         dropout(&self.proj.forward(&out)?, self.proj_drop, rng, train)
     }
 }

@@ -9,6 +9,7 @@ use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 mod add_bias;
+mod bmm;
 mod gelu;
 mod layer_norm;
 mod normalize;
@@ -16,6 +17,7 @@ mod roll;
 mod window_softmax;
 
 pub use add_bias::add_bias;
+pub use bmm::bmm;
 pub use gelu::gelu_erf;
 pub use layer_norm::layer_norm;
 pub use normalize::normalize;
