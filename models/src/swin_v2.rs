@@ -713,7 +713,10 @@ impl LayerNorm {
         if !train && !crate::ops::is_fused(x) {
             return candle_nn::ops::layer_norm(&x.contiguous()?, &self.w, &self.b, 1e-5);
         }
-        crate::ops::layer_norm(x, &self.w, &self.b, 1e-5)
+        let y = crate::ops::layer_norm(x, &self.w, &self.b, 1e-5)?;
+        // eval: no graph through the norm (as candle's no-backward eval kernel), so a forward
+        // with Var weights does not keep every activation of the network alive until its end
+        Ok(if train { y } else { y.detach() })
     }
 }
 
@@ -880,8 +883,11 @@ impl WindowAttention {
         // clamp(max = ln(1/0.01)) then exp: scale <= 100
         let scale = self.logit_scale.minimum((1.0f64 / 0.01).ln())?.exp()?;
         let (bias, mask) = (self.position_bias(g)?, g.mask.as_ref());
-        let attn = if train || crate::ops::is_fused(&attn) {
+        let attn = if train {
             crate::ops::window_softmax(&attn, &scale, &bias, mask)?
+        } else if crate::ops::is_fused(&attn) {
+            // eval: no graph through the softmax (see LayerNorm::forward)
+            crate::ops::window_softmax(&attn, &scale, &bias, mask)?.detach()
         } else {
             // off the CPU outside training: candle's fused softmax kernel (no backward)
             let z = crate::ops::window_logits(&attn, &scale, &bias, mask)?;
