@@ -1,13 +1,15 @@
 //! Exact (erf) GELU with a one-pass backward.
 //!
 //! candle's `gelu_erf` forward is one pass, but its backward is ~12 tensor ops, one of them a
-//! second `erf` pass, and uses `1/sqrt(2 pi)` rounded to 0.398942 (relative error 7e-7).
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+//! second `erf` pass, and uses `1/sqrt(2 pi)` rounded to 0.398942 (relative error 7e-7). In f32
+//! the erf and exp here are the vectorizable ones of `fast_math` (erf within 6e-7, the formula of
+//! PyTorch's CPU GELU) instead of scalar libm calls, which were 16% of a SimMIM step; f64 is exact.
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::{dispatch, par_items, slice, storage, Real};
 
-/// `0.5 x (1 + erf(x / sqrt(2)))` with libm's erf (as candle's `gelu_erf`, bitwise the same
-/// forward). Backward: `g * (Phi(x) + x phi(x))`, Phi the normal CDF, phi its density. Off the
+/// `0.5 x (1 + erf(x / sqrt(2)))` in candle's order: f64 with libm's erf (bitwise candle's
+/// `gelu_erf`), f32 with `fast_math::erf_f32`. Backward: `g * (Phi(x) + x phi(x))`, Phi the normal CDF, phi its density. Off the
 /// fused path: candle's `gelu_erf`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if !super::is_fused(x) {
@@ -31,8 +33,8 @@ fn forward<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
     let (yb, yt) = y.split_at_mut(body);
     let f = |first: usize, out: &mut [T]| {
         for (o, &v) in out.iter_mut().zip(&x[first..]) {
-            // candle's formula, in its order
-            *o = ((v * r2).erf() + T::one()) * half * v;
+            // candle's formula, in its order; f32 with the vectorizable erf (fast_math)
+            *o = ((v * r2).erf_fast() + T::one()) * half * v;
         }
     };
     par_items(yb, ITEM, |first, out| f(first * ITEM, out));
@@ -49,26 +51,20 @@ impl CustomOp1 for GeluErf {
         dispatch!(self.name(), s, forward(s, l))
     }
 
-    fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op3_no_bwd(
-            y,
-            &grad.contiguous()?,
-            &GeluErfBwd,
-        )?))
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfBwd)?))
     }
 }
 
-/// `(x, y, grad)` -> `dx`.
+/// `(x, grad)` -> `dx`.
 struct GeluErfBwd;
 
 fn backward<T: Real>(
     (s1, l1): (&CpuStorage, &Layout),
     (s2, l2): (&CpuStorage, &Layout),
-    (s3, l3): (&CpuStorage, &Layout),
 ) -> Result<(CpuStorage, Shape)> {
     let x = slice::<T>(s1, l1, "gelu-erf-bwd")?;
-    let y = slice::<T>(s2, l2, "gelu-erf-bwd")?;
-    let g = slice::<T>(s3, l3, "gelu-erf-bwd")?;
+    let g = slice::<T>(s2, l2, "gelu-erf-bwd")?;
     let half = T::from_f64(0.5);
     let r2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
     let neg_half = T::from_f64(-0.5);
@@ -77,16 +73,10 @@ fn backward<T: Real>(
     let body = dx.len() / ITEM * ITEM;
     let (db, dt) = dx.split_at_mut(body);
     let f = |first: usize, out: &mut [T]| {
-        let rows = x[first..].iter().zip(&y[first..]).zip(&g[first..]);
-        for (o, ((&v, &yv), &gv)) in out.iter_mut().zip(rows) {
-            // Phi(x) = y / x, the forward's own erf, within 2 ulp; where y is 0 or subnormal
-            // (x = 0, or x < ~-5.5 in f32 where erf rounds to -1) the erf again
-            let cdf = if yv.abs() >= T::MIN_NORMAL {
-                yv / v
-            } else {
-                half * ((v * r2).erf() + T::one())
-            };
-            let pdf = (neg_half * v * v).exp() * inv_sqrt_2pi;
+        let rows = x[first..].iter().zip(&g[first..]);
+        for (o, (&v, &gv)) in out.iter_mut().zip(rows) {
+            let cdf = half * ((v * r2).erf_fast() + T::one());
+            let pdf = (neg_half * v * v).exp_fast() * inv_sqrt_2pi;
             *o = gv * (cdf + v * pdf);
         }
     };
@@ -95,7 +85,7 @@ fn backward<T: Real>(
     Ok(storage(dx, l1.shape().clone()))
 }
 
-impl CustomOp3 for GeluErfBwd {
+impl CustomOp2 for GeluErfBwd {
     fn name(&self) -> &'static str {
         "gelu-erf-bwd"
     }
@@ -106,10 +96,8 @@ impl CustomOp3 for GeluErfBwd {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(self.name(), s1, backward((s1, l1), (s2, l2), (s3, l3)))
+        dispatch!(self.name(), s1, backward((s1, l1), (s2, l2)))
     }
 }
 
@@ -141,9 +129,15 @@ mod tests {
             let r = Tensor::randn(0f64, 1.0, x.shape(), &Device::Cpu)?.to_dtype(dtype)?;
             let fused = gelu_erf(&x)?;
             let plain = x.gelu_erf()?;
-            // the same formula and erf: bitwise equal
-            let d = (&fused - &plain)?.abs()?.max_all()?.to_dtype(DType::F64)?;
-            assert_eq!(d.to_scalar::<f64>()?, 0.0, "{dtype:?} forward");
+            if dtype == DType::F64 {
+                // the same formula and erf: bitwise equal
+                let d = (&fused - &plain)?.abs()?.max_all()?.to_dtype(DType::F64)?;
+                assert_eq!(d.to_scalar::<f64>()?, 0.0, "{dtype:?} forward");
+            } else {
+                // erf within 6e-7 absolute: |dy| <= 0.5 |x| 6e-7 (+ rounding) over |x| <= 12
+                let d = rel_diff(&fused, &plain)?;
+                assert!(d < 5e-7, "f32 forward vs libm erf: {d}");
+            }
             let gf = (&fused * &r)?.sum_all()?.backward()?;
             let dx = gf.get(&x).unwrap();
             let exact = (exact_derivative(&x)? * &r)?;

@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 mod add_bias;
 mod bmm;
+mod fast_math;
 mod gelu;
 mod layer_norm;
 mod normalize;
@@ -31,40 +32,38 @@ pub fn is_fused(x: &Tensor) -> bool {
 
 /// The float math the kernels need, for f32 and f64.
 pub(crate) trait Real: WithDType {
-    /// Smallest positive normal value.
-    const MIN_NORMAL: Self;
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
-    fn abs(self) -> Self;
     fn fmax(self, other: Self) -> Self;
-    /// Exact error function (libm `erff` / `erf`, as candle's `gelu_erf`).
-    fn erf(self) -> Self;
+    /// Error function. f32: the vectorizable [`fast_math::erf_f32`]; f64: exact (libm `erf`).
+    fn erf_fast(self) -> Self;
+    /// f32: the vectorizable [`fast_math::exp_f32`]; f64: exact.
+    fn exp_fast(self) -> Self;
 }
 
 macro_rules! real {
-    ($t:ty, $erf:path) => {
+    ($t:ty, $erf_fast:path, $exp_fast:path) => {
         impl Real for $t {
-            const MIN_NORMAL: Self = <$t>::MIN_POSITIVE;
             fn exp(self) -> Self {
                 <$t>::exp(self)
             }
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
             }
-            fn abs(self) -> Self {
-                <$t>::abs(self)
-            }
             fn fmax(self, other: Self) -> Self {
                 <$t>::max(self, other)
             }
-            fn erf(self) -> Self {
-                $erf(self)
+            fn erf_fast(self) -> Self {
+                $erf_fast(self)
+            }
+            fn exp_fast(self) -> Self {
+                $exp_fast(self)
             }
         }
     };
 }
-real!(f32, libm::erff);
-real!(f64, libm::erf);
+real!(f32, fast_math::erf_f32, fast_math::exp_f32);
+real!(f64, libm::erf, f64::exp);
 
 /// The contiguous data of a custom op's input.
 fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
