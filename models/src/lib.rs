@@ -1,6 +1,5 @@
 //! Swin-V2 backbone (optionally with mixture-of-experts MLPs) and its checkpoint layouts.
 pub mod checkpoint;
-pub mod grouped_linear;
 pub mod moe;
 pub mod ops;
 pub mod pretrained;

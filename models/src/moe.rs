@@ -35,7 +35,7 @@
 //! the raw per-layer [`MoeStats`] instead.
 use std::sync::{Arc, Mutex};
 
-use crate::grouped_linear::{grouped_linear, WeightLayout};
+use crate::ops::{grouped_linear, WeightLayout};
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Tensor, D};
 use candle_nn::{Init, VarBuilder};

@@ -8,10 +8,13 @@
 //! cut into row tiles that rayon runs in parallel, one single-threaded gemm each, so many small
 //! experts keep both cores busy; the backward is two more grouped gemms (`dx`, `dw`) and a
 //! segment sum (`db`). Other devices use a per-expert loop of candle matmuls (same numbers).
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
 use gemm::Parallelism;
 use rayon::prelude::*;
+
+use super::{dispatch, slice, storage};
 
 /// How the expert weights `w [E, ., .]` are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +118,7 @@ fn weight_view(layout: WeightLayout, k: usize, m: usize) -> (isize, isize) {
 }
 
 fn threads() -> usize {
-    candle_core::utils::get_num_threads().max(1)
+    rayon::current_num_threads()
 }
 
 /// `dst [N, M] (= bias rows if given) += x [N, K] @ W_e` per segment. `w` holds E matrices of
@@ -245,40 +248,30 @@ fn segment_outer<T: WithDType>(
     }
 }
 
-/// Contiguous slice of a storage (the public entry points made every input contiguous).
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("grouped_linear: non-contiguous {what}")
-    };
-    Ok(&T::cpu_storage_as_slice(s)?[a..b])
-}
-
 struct GroupedLinear {
     offsets: Vec<usize>,
     layout: WeightLayout,
 }
 
-impl GroupedLinear {
-    fn fwd<T: WithDType>(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, k) = l1.shape().dims2()?;
-        let m = l3.shape().dims3()?.2;
-        let (x, w, b) = (
-            slice::<T>(s1, l1, "x")?,
-            slice::<T>(s2, l2, "w")?,
-            slice::<T>(s3, l3, "b")?,
-        );
-        let mut out = vec![T::zero(); n * m];
-        segment_gemm(&mut out, x, w, Some(b), &self.offsets, (k, m), self.layout);
-        Ok((T::to_cpu_storage_owned(out), Shape::from((n, m))))
-    }
+fn linear_fwd<T: WithDType>(
+    op: &GroupedLinear,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    s3: &CpuStorage,
+    l3: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (n, k) = l1.shape().dims2()?;
+    let m = l3.shape().dims3()?.2;
+    let (x, w, b) = (
+        slice::<T>(s1, l1, "grouped-linear")?,
+        slice::<T>(s2, l2, "grouped-linear")?,
+        slice::<T>(s3, l3, "grouped-linear")?,
+    );
+    let mut out = vec![T::zero(); n * m];
+    segment_gemm(&mut out, x, w, Some(b), &op.offsets, (k, m), op.layout);
+    Ok(storage(out, (n, m)))
 }
 
 impl CustomOp3 for GroupedLinear {
@@ -295,11 +288,7 @@ impl CustomOp3 for GroupedLinear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match s1.dtype() {
-            DType::F32 => self.fwd::<f32>(s1, l1, s2, l2, s3, l3),
-            DType::F64 => self.fwd::<f64>(s1, l1, s2, l2, s3, l3),
-            dt => candle_core::bail!("grouped-linear: f32 or f64 expected, got {dt:?}"),
-        }
+        dispatch!(self.name(), s1, linear_fwd(self, s1, l1, s2, l2, s3, l3))
     }
 
     fn bwd(
@@ -348,34 +337,35 @@ struct GroupedGradInput {
     layout: WeightLayout,
 }
 
-impl GroupedGradInput {
-    fn run<T: WithDType>(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, m) = l1.shape().dims2()?;
-        let (_, d1, d2) = l2.shape().dims3()?;
-        let k = if self.layout == WeightLayout::InOut {
-            d1
-        } else {
-            d2
-        };
-        let (g, w) = (slice::<T>(s1, l1, "grad")?, slice::<T>(s2, l2, "w")?);
-        // W_e^T as an `[M, K]` matrix is the other layout of the same storage
-        let flipped = match self.layout {
-            WeightLayout::InOut => WeightLayout::OutIn,
-            WeightLayout::OutIn => WeightLayout::InOut,
-        };
-        let mut out = vec![T::zero(); n * k];
-        segment_gemm(&mut out, g, w, None, &self.offsets, (m, k), flipped);
-        Ok((T::to_cpu_storage_owned(out), Shape::from((n, k))))
-    }
+fn grad_input<T: WithDType>(
+    op: &GroupedGradInput,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (n, m) = l1.shape().dims2()?;
+    let (_, d1, d2) = l2.shape().dims3()?;
+    let k = if op.layout == WeightLayout::InOut {
+        d1
+    } else {
+        d2
+    };
+    let (g, w) = (
+        slice::<T>(s1, l1, "grouped-linear-dx")?,
+        slice::<T>(s2, l2, "grouped-linear-dx")?,
+    );
+    // W_e^T as an `[M, K]` matrix is the other layout of the same storage
+    let flipped = match op.layout {
+        WeightLayout::InOut => WeightLayout::OutIn,
+        WeightLayout::OutIn => WeightLayout::InOut,
+    };
+    let mut out = vec![T::zero(); n * k];
+    segment_gemm(&mut out, g, w, None, &op.offsets, (m, k), flipped);
+    Ok(storage(out, (n, k)))
 }
 
-impl candle_core::CustomOp2 for GroupedGradInput {
+impl CustomOp2 for GroupedGradInput {
     fn name(&self) -> &'static str {
         "grouped-linear-dx"
     }
@@ -387,11 +377,7 @@ impl candle_core::CustomOp2 for GroupedGradInput {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match s1.dtype() {
-            DType::F32 => self.run::<f32>(s1, l1, s2, l2),
-            DType::F64 => self.run::<f64>(s1, l1, s2, l2),
-            dt => candle_core::bail!("grouped-linear-dx: f32 or f64 expected, got {dt:?}"),
-        }
+        dispatch!(self.name(), s1, grad_input(self, s1, l1, s2, l2))
     }
 }
 
@@ -402,33 +388,34 @@ struct GroupedGradWeight {
     experts: usize,
 }
 
-impl GroupedGradWeight {
-    fn run<T: WithDType>(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (_, k) = l1.shape().dims2()?;
-        let (_, m) = l2.shape().dims2()?;
-        let (x, g) = (slice::<T>(s1, l1, "x")?, slice::<T>(s2, l2, "grad")?);
-        let mut out = vec![T::zero(); self.experts * k * m];
-        let shape = match self.layout {
-            WeightLayout::InOut => {
-                segment_outer(&mut out, x, g, &self.offsets, k, m);
-                (self.experts, k, m)
-            }
-            WeightLayout::OutIn => {
-                segment_outer(&mut out, g, x, &self.offsets, m, k);
-                (self.experts, m, k)
-            }
-        };
-        Ok((T::to_cpu_storage_owned(out), Shape::from(shape)))
-    }
+fn grad_weight<T: WithDType>(
+    op: &GroupedGradWeight,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (_, k) = l1.shape().dims2()?;
+    let (_, m) = l2.shape().dims2()?;
+    let (x, g) = (
+        slice::<T>(s1, l1, "grouped-linear-dw")?,
+        slice::<T>(s2, l2, "grouped-linear-dw")?,
+    );
+    let mut out = vec![T::zero(); op.experts * k * m];
+    let shape = match op.layout {
+        WeightLayout::InOut => {
+            segment_outer(&mut out, x, g, &op.offsets, k, m);
+            (op.experts, k, m)
+        }
+        WeightLayout::OutIn => {
+            segment_outer(&mut out, g, x, &op.offsets, m, k);
+            (op.experts, m, k)
+        }
+    };
+    Ok(storage(out, shape))
 }
 
-impl candle_core::CustomOp2 for GroupedGradWeight {
+impl CustomOp2 for GroupedGradWeight {
     fn name(&self) -> &'static str {
         "grouped-linear-dw"
     }
@@ -440,11 +427,7 @@ impl candle_core::CustomOp2 for GroupedGradWeight {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match s1.dtype() {
-            DType::F32 => self.run::<f32>(s1, l1, s2, l2),
-            DType::F64 => self.run::<f64>(s1, l1, s2, l2),
-            dt => candle_core::bail!("grouped-linear-dw: f32 or f64 expected, got {dt:?}"),
-        }
+        dispatch!(self.name(), s1, grad_weight(self, s1, l1, s2, l2))
     }
 }
 
