@@ -29,17 +29,42 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
+/// Stack of each compute thread. The step runs on one of them ([`with_cpu_threads`]) and
+/// candle's backward walks the graph recursively, so they get the main thread's headroom and more
+/// (address space only: untouched pages cost nothing).
+const COMPUTE_STACK_BYTES: usize = 64 << 20;
+
 /// Sets the number of CPU threads the math kernels use (0 = leave the default: all cores).
 ///
 /// Call it once at process start: rayon's global pool can only be sized before its first use.
 pub fn set_cpu_threads(n: usize) {
+    // candle 0.11 runs its elementwise ops on its own pool, whose workers spin 25,000 rounds
+    // after each op before they sleep; meanwhile they hold the cores gemm and the fused ops need
+    // (rayon's pool). Sleeping at once measured faster with the step on a rayon worker
+    // (BENCHMARKS.md, "Thread pools"). Read when candle's pool starts, i.e. at its first op.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+    }
+    let mut pool = rayon::ThreadPoolBuilder::new().stack_size(COMPUTE_STACK_BYTES);
     if n > 0 {
         // candle's CPU matmul (gemm) and its rayon-parallel ops both read RAYON_NUM_THREADS.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global();
+        pool = pool.num_threads(n);
     }
+    let _ = pool.build_global();
+}
+
+/// [`set_cpu_threads`], then runs `f` on one of those compute threads and returns its result.
+///
+/// On the main thread, every parallel kernel (gemm, the fused ops) would wake the pool's workers
+/// and sleep until they finish; on a worker, the step's own thread takes part in each kernel
+/// (rayon work stealing). Training, finetuning, distillation, evaluation and `mimlab bench` run
+/// this way.
+pub fn with_cpu_threads<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> R {
+    set_cpu_threads(n);
+    // Called from outside the pool, `rayon::scope` runs its body on a pool worker and blocks the
+    // caller until it returns; called from a worker, it runs inline.
+    rayon::scope(|_| f())
 }
 
 /// Keeps freed tensor buffers in the process instead of returning them to the OS on every op.

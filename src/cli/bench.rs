@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use clap::Args;
 use mimlab_engine::bench::{format_table, measure, Iters, Report, Row};
-use mimlab_engine::device::set_cpu_threads;
+use mimlab_engine::device::with_cpu_threads;
 use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::optim::{param_groups, AdamW};
 use mimlab_engine::rng::{rng_for, SharedRng};
@@ -163,7 +163,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    set_cpu_threads(threads);
     let iters = if args.quick {
         Iters {
             warmup: 0,
@@ -182,15 +181,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         specs.len(),
         cpu_model()
     );
-    let mut rows = vec![];
-    for s in &specs {
-        let row = run_row(s, iters)?;
-        eprintln!(
-            "{:<34} b{:<3} {:>4}px {:>9.1} ms {:>8.1} img/s {:>6.0} MiB",
-            row.name, row.batch, row.img, row.median_ms, row.images_per_s, row.peak_rss_mib
-        );
-        rows.push(row);
-    }
+    // The rows run on a compute thread, as training does (`device::with_cpu_threads`).
+    let rows = with_cpu_threads(threads, || -> Result<Vec<Row>> {
+        let mut rows = vec![];
+        for s in &specs {
+            let row = run_row(s, iters)?;
+            eprintln!(
+                "{:<34} b{:<3} {:>4}px {:>9.1} ms {:>8.1} img/s {:>6.0} MiB",
+                row.name, row.batch, row.img, row.median_ms, row.images_per_s, row.peak_rss_mib
+            );
+            rows.push(row);
+        }
+        Ok(rows)
+    })?;
     print!("{}", format_table(&rows));
     if let Some(p) = &args.json {
         let report = Report {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mimlab_engine::data::{build_dataset, DataLoader, Dataset, LoaderOptions, Split};
-use mimlab_engine::device::{parse_device, set_cpu_threads};
+use mimlab_engine::device::{parse_device, with_cpu_threads};
 use mimlab_finetune::objective::ClassifyObjective;
 use mimlab_models::pretrained::{adapt_to_pretrained, resolve_init, run_model_section, InitSource};
 
@@ -95,71 +95,73 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     if let Some(init) = &args.init {
         exp.finetune.init = Some(init.clone());
     }
-    set_cpu_threads(exp.run.threads);
-    let device = parse_device(&exp.run.device)?;
-    // On resume the weights come from the run's checkpoint; the init was already applied.
-    let init = if args.resume.is_none() {
-        prepare_init(&mut exp)?
-    } else {
-        None
-    };
-    let model_cfg = exp.model.resolve()?;
+    with_cpu_threads(exp.run.threads, move || -> Result<()> {
+        let device = parse_device(&exp.run.device)?;
+        // On resume the weights come from the run's checkpoint; the init was already applied.
+        let init = if args.resume.is_none() {
+            prepare_init(&mut exp)?
+        } else {
+            None
+        };
+        let model_cfg = exp.model.resolve()?;
 
-    let train_ds = build_dataset(
-        &exp.data,
-        Split::Train,
-        model_cfg.img_size,
-        model_cfg.in_chans,
-        true,
-    )
-    .context("building the finetuning dataset")?;
-    eprintln!("data: {}", train_ds.describe());
-    let names = class_names(&train_ds, model_cfg.num_classes)?;
-    let loader = DataLoader::new(train_ds, super::train_options(&exp));
-    anyhow::ensure!(
-        loader.batches_per_epoch() > 0,
-        "{}: fewer images than train.batch_size = {} (drop_last): lower the batch size",
-        loader.dataset().describe(),
-        exp.train.batch_size
-    );
-    let evals = eval_loader(&exp, model_cfg.img_size, model_cfg.in_chans)?;
-    eprintln!("eval: {}", evals.dataset().describe());
+        let train_ds = build_dataset(
+            &exp.data,
+            Split::Train,
+            model_cfg.img_size,
+            model_cfg.in_chans,
+            true,
+        )
+        .context("building the finetuning dataset")?;
+        eprintln!("data: {}", train_ds.describe());
+        let names = class_names(&train_ds, model_cfg.num_classes)?;
+        let loader = DataLoader::new(train_ds, super::train_options(&exp));
+        anyhow::ensure!(
+            loader.batches_per_epoch() > 0,
+            "{}: fewer images than train.batch_size = {} (drop_last): lower the batch size",
+            loader.dataset().describe(),
+            exp.train.batch_size
+        );
+        let evals = eval_loader(&exp, model_cfg.img_size, model_cfg.in_chans)?;
+        eprintln!("eval: {}", evals.dataset().describe());
 
-    let mut objective = ClassifyObjective::new(&model_cfg, &exp.finetune, exp.run.seed, &device)?;
-    match &init {
-        Some(src) => {
-            let r = objective.load_backbone(&src.weights)?;
-            eprintln!(
+        let mut objective =
+            ClassifyObjective::new(&model_cfg, &exp.finetune, exp.run.seed, &device)?;
+        match &init {
+            Some(src) => {
+                let r = objective.load_backbone(&src.weights)?;
+                eprintln!(
                 "init: loaded {} backbone tensors from {} ({:?} layout), head {} newly initialized",
                 r.loaded,
                 src.weights.display(),
                 r.layout,
                 r.missing_allowed.join(", ")
             );
+            }
+            None if args.resume.is_none() => eprintln!("init: none (training from scratch)"),
+            None => {}
         }
-        None if args.resume.is_none() => eprintln!("init: none (training from scratch)"),
-        None => {}
-    }
-    eprintln!(
-        "model: {} params, {} classes, layer decay {}",
-        model_cfg.num_params(),
-        model_cfg.num_classes,
-        exp.finetune.layer_decay
-    );
-    let summary = super::train_and_report(
-        &mut objective,
-        &exp,
-        args.resume.as_deref(),
-        &loader,
-        Some(&evals),
-    )?;
-    let report = objective.report(&evals, &device)?;
-    write_report(&report, &summary.run_dir.join("eval"), &names, "final")?;
-    println!(
-        "eval: top-1 {:.2}% top-5 {:.2}% on {} images",
-        report.top1, report.top5, report.samples
-    );
-    Ok(())
+        eprintln!(
+            "model: {} params, {} classes, layer decay {}",
+            model_cfg.num_params(),
+            model_cfg.num_classes,
+            exp.finetune.layer_decay
+        );
+        let summary = super::train_and_report(
+            &mut objective,
+            &exp,
+            args.resume.as_deref(),
+            &loader,
+            Some(&evals),
+        )?;
+        let report = objective.report(&evals, &device)?;
+        write_report(&report, &summary.run_dir.join("eval"), &names, "final")?;
+        println!(
+            "eval: top-1 {:.2}% top-5 {:.2}% on {} images",
+            report.top1, report.top5, report.samples
+        );
+        Ok(())
+    })
 }
 
 /// Writes `DIR/<stem>.json` and `DIR/<stem>_confusion.png` and prints the per-class table.
