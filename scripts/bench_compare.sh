@@ -5,6 +5,8 @@
 #
 # Usage: bash scripts/bench_compare.sh [--threads N] [any other `mimlab bench` flag, e.g.
 #        --filter simmim --filter 'batch=8' --iters 3]
+#        MIMLAB_BIN=path/to/mimlab bash scripts/bench_compare.sh ...   (another build, e.g. the
+#        one scripts/candle_patched.sh makes; default: cargo build --release)
 # Not part of CI. The venv is ~5.5 GiB (PyPI's torch wheel pulls the CUDA libraries; it runs on
 # the CPU all the same); delete .venv-bench/ to reclaim it. Results: target/bench/*.json.
 set -euo pipefail
@@ -28,8 +30,12 @@ if ! "$venv/bin/python" -c 'import torch, timm' 2>/dev/null; then
     "$venv/bin/pip" install -q torch timm
 fi
 
-cargo build --release --quiet
-bin="${CARGO_TARGET_DIR:-target}/release/mimlab"
+if [[ -n "${MIMLAB_BIN:-}" ]]; then
+    bin="$MIMLAB_BIN"
+else
+    cargo build --release --quiet
+    bin="${CARGO_TARGET_DIR:-target}/release/mimlab"
+fi
 out="${CARGO_TARGET_DIR:-target}/bench"
 mkdir -p "$out"
 
