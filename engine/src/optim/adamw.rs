@@ -398,6 +398,7 @@ mod tests {
     /// weight decay and lr scales, more elements than one parallel chunk).
     #[test]
     fn fused_update_is_bit_identical_to_tensor_ops() {
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let dev = Device::Cpu;
         let n = 70_000;
         let make = || {
@@ -446,25 +447,15 @@ mod tests {
             plain.step(&grads(&pb), 1e-3).unwrap();
             let (sa, sb) = (fused.state_tensors(), plain.state_tensors());
             for (a, b) in pa.iter().zip(&pb) {
-                let va = a
-                    .var
-                    .as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
-                let vb = b
-                    .var
-                    .as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
-                assert_eq!(va, vb, "param {} step {step}", a.name);
+                assert_eq!(
+                    flat(a.var.as_tensor()),
+                    flat(b.var.as_tensor()),
+                    "param {} step {step}",
+                    a.name
+                );
                 for m in ["exp_avg", "exp_avg_sq"] {
                     let key = format!("{}.{m}", a.name);
-                    let ma = sa[&key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                    let mb = sb[&key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let (ma, mb) = (flat(&sa[&key]), flat(&sb[&key]));
                     assert_eq!(ma, mb, "{key} step {step}");
                 }
             }

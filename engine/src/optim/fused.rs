@@ -34,40 +34,12 @@ pub(crate) struct Update {
     pub step_size: f64,
 }
 
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("adamw: non-contiguous operand")
-    };
-    Ok(&T::cpu_storage_as_slice(s)?[a..b])
-}
-
-fn slice_mut<'a, T: WithDType>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [T]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("adamw: non-contiguous operand")
-    };
-    let all: &mut [T] = match s {
-        CpuStorage::F32(v) => bytemuck_f32(v)?,
-        CpuStorage::F64(v) => bytemuck_f64(v)?,
-        _ => candle_core::bail!("adamw: f32 or f64 expected"),
-    };
-    Ok(&mut all[a..b])
-}
-
-// Typed views of the storage vectors (the only dtypes `applies` lets through).
-fn bytemuck_f32<T: WithDType>(v: &mut [f32]) -> Result<&mut [T]> {
-    if T::DTYPE != DType::F32 {
-        candle_core::bail!("adamw: dtype mismatch")
+/// The element range of a contiguous operand in its storage.
+fn range(l: &Layout) -> Result<std::ops::Range<usize>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(a..b),
+        None => candle_core::bail!("adamw: non-contiguous operand"),
     }
-    // SAFETY: T is f32 (checked above), so the slice is reinterpreted as itself.
-    Ok(unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut T, v.len()) })
-}
-
-fn bytemuck_f64<T: WithDType>(v: &mut [f64]) -> Result<&mut [T]> {
-    if T::DTYPE != DType::F64 {
-        candle_core::bail!("adamw: dtype mismatch")
-    }
-    // SAFETY: T is f64 (checked above), so the slice is reinterpreted as itself.
-    Ok(unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut T, v.len()) })
 }
 
 impl Ema {
@@ -97,10 +69,11 @@ impl InplaceOp2 for Ema {
         g: &CpuStorage,
         g_l: &Layout,
     ) -> Result<()> {
-        match dst.dtype() {
-            DType::F32 => self.run::<f32>(slice_mut(dst, dst_l)?, slice(g, g_l)?),
-            DType::F64 => self.run::<f64>(slice_mut(dst, dst_l)?, slice(g, g_l)?),
-            dt => candle_core::bail!("adamw-ema: f32 or f64 expected, got {dt:?}"),
+        let (d, r) = (range(dst_l)?, range(g_l)?);
+        match dst {
+            CpuStorage::F32(p) => self.run(&mut p[d], &f32::cpu_storage_as_slice(g)?[r]),
+            CpuStorage::F64(p) => self.run(&mut p[d], &f64::cpu_storage_as_slice(g)?[r]),
+            _ => candle_core::bail!("adamw-ema: f32 or f64 expected, got {:?}", dst.dtype()),
         }
         Ok(())
     }
@@ -156,10 +129,19 @@ impl InplaceOp3 for Update {
         v: &CpuStorage,
         v_l: &Layout,
     ) -> Result<()> {
-        match dst.dtype() {
-            DType::F32 => self.run::<f32>(slice_mut(dst, dst_l)?, slice(m, m_l)?, slice(v, v_l)?),
-            DType::F64 => self.run::<f64>(slice_mut(dst, dst_l)?, slice(m, m_l)?, slice(v, v_l)?),
-            dt => candle_core::bail!("adamw-update: f32 or f64 expected, got {dt:?}"),
+        let (d, rm, rv) = (range(dst_l)?, range(m_l)?, range(v_l)?);
+        match dst {
+            CpuStorage::F32(p) => self.run(
+                &mut p[d],
+                &f32::cpu_storage_as_slice(m)?[rm],
+                &f32::cpu_storage_as_slice(v)?[rv],
+            ),
+            CpuStorage::F64(p) => self.run(
+                &mut p[d],
+                &f64::cpu_storage_as_slice(m)?[rm],
+                &f64::cpu_storage_as_slice(v)?[rv],
+            ),
+            _ => candle_core::bail!("adamw-update: f32 or f64 expected, got {:?}", dst.dtype()),
         }
         Ok(())
     }
