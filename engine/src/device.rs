@@ -37,11 +37,11 @@ const COMPUTE_STACK_BYTES: usize = 64 << 20;
 /// Sets the number of CPU threads the math kernels use (0 = leave the default: all cores).
 ///
 /// Call it once at process start: rayon's global pool can only be sized before its first use.
-pub fn set_cpu_threads(n: usize) {
+fn set_cpu_threads(n: usize) {
     // candle 0.11 runs its elementwise ops on its own pool, whose workers spin 25,000 rounds
     // after each op before they sleep; meanwhile they hold the cores gemm and the fused ops need
     // (rayon's pool). Sleeping at once measured faster with the step on a rayon worker
-    // (BENCHMARKS.md, "Thread pools"). Read when candle's pool starts, i.e. at its first op.
+    // (BENCHMARKS.md, "Structural changes"). Read when candle's pool starts, i.e. at its first op.
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
     }
@@ -54,7 +54,8 @@ pub fn set_cpu_threads(n: usize) {
     let _ = pool.build_global();
 }
 
-/// [`set_cpu_threads`], then runs `f` on one of those compute threads and returns its result.
+/// Sizes the CPU compute threads (`n`; 0 = all cores), then runs `f` on one of them and returns
+/// its result.
 ///
 /// On the main thread, every parallel kernel (gemm, the fused ops) would wake the pool's workers
 /// and sleep until they finish; on a worker, the step's own thread takes part in each kernel

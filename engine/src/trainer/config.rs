@@ -143,7 +143,8 @@ pub struct RunConfig {
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
     /// CPU threads for the math kernels (0 = all cores). Applied once at process start by the
-    /// binary (`device::set_cpu_threads`), before anything builds rayon's global pool.
+    /// binary (`device::with_cpu_threads`, which also runs the work on one of them), before
+    /// anything builds rayon's global pool.
     pub threads: usize,
     /// Optimizer steps between scalar logs (0 = never).
     pub log_every: u64,
