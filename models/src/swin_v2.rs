@@ -647,20 +647,9 @@ impl Geometry {
 // Small layers
 // ------------------------------------------------------------------------------------------------
 
-/// `x @ w^T + b` over the last dim of any-rank `x`.
+/// `x @ w^T + b` over the last dim of any-rank `x` ([`crate::ops::linear`]).
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let k = dims[dims.len() - 1];
-    let m = x.elem_count() / k;
-    let y = x.reshape((m, k))?.matmul(&w.t()?)?;
-    let y = match b {
-        Some(b) => crate::ops::add_bias(&y, b)?,
-        None => y,
-    };
-    let mut out = dims;
-    let last = out.len() - 1;
-    out[last] = w.dim(0)?;
-    y.reshape(out)
+    crate::ops::linear(x, w, b)
 }
 
 /// `nn.Linear` with the official init (weight N(0, .02), bias 0).
