@@ -499,26 +499,7 @@ impl ModelSection {
     }
 }
 
-// ------------------------------------------------------------------------------------------------
-// Window partition / reverse
-// ------------------------------------------------------------------------------------------------
-
-/// `[B, H, W, C]` -> `[B*nW, ws, ws, C]`, window index = b*nW + row*(W/ws) + col.
-pub fn window_partition(x: &Tensor, ws: usize) -> candle_core::Result<Tensor> {
-    let (b, h, w, c) = x.dims4()?;
-    x.reshape((b, h / ws, ws, w / ws, ws, c))?
-        .permute((0, 1, 3, 2, 4, 5))?
-        .reshape((b * (h / ws) * (w / ws), ws, ws, c))
-}
-
-/// Inverse of [`window_partition`]: `[B*nW, ws, ws, C]` -> `[B, H, W, C]`.
-pub fn window_reverse(w: &Tensor, ws: usize, h: usize, w_: usize) -> candle_core::Result<Tensor> {
-    let (bn, _, _, c) = w.dims4()?;
-    let b = bn / ((h / ws) * (w_ / ws));
-    w.reshape((b, h / ws, w_ / ws, ws, ws, c))?
-        .permute((0, 1, 3, 2, 4, 5))?
-        .reshape((b, h, w_, c))
-}
+pub use crate::ops::{window_partition, window_reverse};
 
 // ------------------------------------------------------------------------------------------------
 // Masks and tables (architecture.md 1.5, 1.6)
@@ -849,26 +830,19 @@ impl WindowAttention {
         rng: &SharedRng,
         train: bool,
     ) -> candle_core::Result<Tensor> {
-        let (bw, n, c) = x.dims3()?;
+        let (_, _, c) = x.dims3()?;
         let nh = self.num_heads;
-        // q, k, v from the three row blocks of the qkv weight (bias: q_bias, none, v_bias), each
-        // `(B_, nH, N, hd)`: three linears instead of one sliced `[3, ...]` output, whose slices'
-        // backward would zero-pad each gradient back to the full `[3, B_, nH, N, hd]`
-        let part = |i: usize, b: Option<&Tensor>| -> candle_core::Result<Tensor> {
-            linear(x, &self.qkv_w.narrow(0, i * c, c)?, b)?
-                .reshape((bw, n, nh, c / nh))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        // cosine attention: F.normalize over the head dim
-        let q = crate::ops::normalize(&part(0, self.q_bias.as_ref())?)?;
-        let k = crate::ops::normalize(&part(1, None)?)?;
-        let v = part(2, self.v_bias.as_ref())?;
         let hd = c / nh;
-        let heads3 = |t: &Tensor, rows: usize, cols: usize| t.reshape((bw * nh, rows, cols));
-        // (B_, nH, N, N); batched over the B_*nH small products (ops::bmm)
-        let attn = crate::ops::bmm(&heads3(&q, n, hd)?, &heads3(&k, n, hd)?.transpose(1, 2)?)?
-            .reshape((bw, nh, n, n))?;
+        // q, k, v `[B_, N, C]` (head h in columns h*hd..) from the three row blocks of the qkv
+        // weight (bias: q_bias, none, v_bias): three linears instead of one sliced `[3, ...]`
+        // output, whose slices' backward would zero-pad each gradient back to the full size
+        let part = |i: usize, b: Option<&Tensor>| linear(x, &self.qkv_w.narrow(0, i * c, c)?, b);
+        // cosine attention: F.normalize over each head's dims
+        let q = crate::ops::normalize_groups(&part(0, self.q_bias.as_ref())?, hd)?;
+        let k = crate::ops::normalize_groups(&part(1, None)?, hd)?;
+        let v = part(2, self.v_bias.as_ref())?;
+        // (B_, nH, N, N): the heads read in place from the token-major q, k (ops::heads_qk)
+        let attn = crate::ops::heads_qk(&q, &k, nh)?;
         // clamp(max = ln(1/0.01)) then exp: scale <= 100
         let scale = self.logit_scale.minimum((1.0f64 / 0.01).ln())?.exp()?;
         let (bias, mask) = (self.position_bias(g)?, g.mask.as_ref());
@@ -883,10 +857,8 @@ impl WindowAttention {
             candle_nn::ops::softmax_last_dim(&z.contiguous()?)?
         };
         let attn = dropout(&attn, self.attn_drop, rng, train)?;
-        let out = crate::ops::bmm(&heads3(&attn, n, n)?, &heads3(&v, n, hd)?)?
-            .reshape((bw, nh, n, hd))?
-            .transpose(1, 2)?
-            .reshape((bw, n, c))?;
+        // (B_, N, C), heads concatenated in the columns
+        let out = crate::ops::heads_av(&attn, &v)?;
         dropout(&self.proj.forward(&out)?, self.proj_drop, rng, train)
     }
 }
@@ -1040,14 +1012,13 @@ impl Block {
 
     /// `x`: `[B, H, W, C]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let (b, h, w, c) = x.dims4()?;
+        let (b, h, w, _) = x.dims4()?;
         let g = self.geometry(h, w, x)?;
         let (ws, s) = (g.ws, g.shift);
-        let shifted = crate::ops::roll2d(x, -(s as i64), -(s as i64))?;
-        let win = window_partition(&shifted, ws)?.reshape(((), ws * ws, c))?; // (B*nW, N, C)
+        // (B*nW, N, C): rolled by -s, cut into windows (one node each way)
+        let win = crate::ops::partition_windows(x, ws, s)?;
         let a = self.attn.forward(&win, &g, &self.rng, train)?;
-        let a = window_reverse(&a.reshape(((), ws, ws, c))?, ws, h, w)?;
-        let a = crate::ops::roll2d(&a, s as i64, s as i64)?;
+        let a = crate::ops::merge_windows(&a, ws, s, (h, w))?;
         debug_assert_eq!(a.dim(0)?, b);
         let x = (x + drop_path(
             &self.norm1.forward(&a, train)?,

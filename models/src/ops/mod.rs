@@ -9,25 +9,25 @@ use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 mod add_bias;
-mod bmm;
 mod fast_math;
 mod gelu;
 mod grouped_linear;
+mod heads;
 mod layer_norm;
 mod linear;
 mod normalize;
-mod roll;
 mod window_softmax;
+mod windows;
 
 pub use add_bias::add_bias;
-pub use bmm::bmm;
 pub use gelu::gelu_erf;
 pub use grouped_linear::{grouped_linear, WeightLayout};
+pub use heads::{heads_av, heads_qk};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
-pub use normalize::normalize;
-pub use roll::roll2d;
+pub use normalize::{normalize, normalize_groups};
 pub use window_softmax::{window_logits, window_softmax};
+pub use windows::{merge_windows, partition_windows, window_partition, window_reverse};
 
 /// Whether ops on `x` take the fused path: on the CPU, in f32 or f64.
 pub fn is_fused(x: &Tensor) -> bool {

@@ -11,14 +11,31 @@ const EPS: f64 = 1e-12;
 /// (also for a zero row, where the composed version's `sqrt` backward gives NaN). Off the fused
 /// path: the composed ops.
 pub fn normalize(x: &Tensor) -> Result<Tensor> {
-    if !super::is_fused(x) {
-        let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(EPS)?;
-        return x.broadcast_div(&norm);
-    }
-    x.contiguous()?.apply_op1(Normalize)
+    normalize_groups(x, x.dims().last().copied().unwrap_or(1))
 }
 
-struct Normalize;
+/// [`normalize`] over each run of `group` consecutive elements of the last dim (which `group`
+/// divides): the heads of a `[B_, N, nH * hd]` q or k with `group = hd`, without a reshape node.
+pub fn normalize_groups(x: &Tensor, group: usize) -> Result<Tensor> {
+    let last = x.dims().last().copied().unwrap_or(1);
+    if group == 0 || last % group != 0 {
+        candle_core::bail!("normalize: groups of {group} in a last dim of {last}")
+    }
+    if !super::is_fused(x) {
+        let mut dims = x.dims().to_vec();
+        dims.pop();
+        dims.extend([last / group, group]);
+        let g = x.reshape(dims)?;
+        let norm = g.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(EPS)?;
+        return g.broadcast_div(&norm)?.reshape(x.shape());
+    }
+    x.contiguous()?.apply_op1(Normalize { c: group })
+}
+
+/// L2 normalization of each run of `c` elements.
+struct Normalize {
+    c: usize,
+}
 
 /// `(max(||row||, eps), whether it was clamped)`.
 fn clamped_norm<T: Real>(row: &[T]) -> (T, bool) {
@@ -31,9 +48,8 @@ fn clamped_norm<T: Real>(row: &[T]) -> (T, bool) {
     }
 }
 
-fn forward<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+fn forward<T: Real>(s: &CpuStorage, l: &Layout, c: usize) -> Result<(CpuStorage, Shape)> {
     let x = slice::<T>(s, l, "normalize")?;
-    let c = l.dims().last().copied().unwrap_or(1);
     let mut y = vec![T::zero(); x.len()];
     par_items(&mut y, c, |first, out| {
         let x = &x[first * c..][..out.len()];
@@ -53,30 +69,32 @@ impl CustomOp1 for Normalize {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        dispatch!(self.name(), s, forward(s, l))
+        dispatch!(self.name(), s, forward(s, l, self.c))
     }
 
     fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(x.apply_op3_no_bwd(
             y,
             &grad.contiguous()?,
-            &NormalizeBwd,
+            &NormalizeBwd { c: self.c },
         )?))
     }
 }
 
-/// `(x, y, grad)` -> `dx`.
-struct NormalizeBwd;
+/// `(x, y, grad)` -> `dx`, runs of `c`.
+struct NormalizeBwd {
+    c: usize,
+}
 
 fn backward<T: Real>(
     (s1, l1): (&CpuStorage, &Layout),
     (s2, l2): (&CpuStorage, &Layout),
     (s3, l3): (&CpuStorage, &Layout),
+    c: usize,
 ) -> Result<(CpuStorage, Shape)> {
     let x = slice::<T>(s1, l1, "normalize-bwd")?;
     let y = slice::<T>(s2, l2, "normalize-bwd")?;
     let g = slice::<T>(s3, l3, "normalize-bwd")?;
-    let c = l1.dims().last().copied().unwrap_or(1);
     let mut dx = vec![T::zero(); x.len()];
     par_items(&mut dx, c, |first, out| {
         let at = first * c..first * c + out.len();
@@ -114,7 +132,11 @@ impl CustomOp3 for NormalizeBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(self.name(), s1, backward((s1, l1), (s2, l2), (s3, l3)))
+        dispatch!(
+            self.name(),
+            s1,
+            backward((s1, l1), (s2, l2), (s3, l3), self.c)
+        )
     }
 }
 
@@ -144,6 +166,28 @@ mod tests {
             let d = rel_diff(gf.get(&x).unwrap(), gp.get(&x).unwrap())?;
             assert!(d < grad_tol, "{dtype:?} grad {d}");
         }
+        Ok(())
+    }
+
+    /// Groups of the last dim (the heads of a `[B_, N, nH * hd]` q) equal the normalization of
+    /// the `[B_, N, nH, hd]` view, forward and backward.
+    #[test]
+    fn groups_match_the_split_view() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (6, 16, 3 * 8), &dev)?)?;
+        let r = Tensor::randn(0f64, 1.0, x.shape(), &dev)?;
+        let fused = normalize_groups(&x, 8)?;
+        let plain = composed(&x.reshape((6, 16, 3, 8))?)?.reshape((6, 16, 24))?;
+        assert!(rel_diff(&fused, &plain)? < 1e-12);
+        let gf = (&fused * &r)?.sum_all()?.backward()?;
+        let gp = (&plain * &r)?.sum_all()?.backward()?;
+        let d = rel_diff(gf.get(&x).unwrap(), gp.get(&x).unwrap())?;
+        assert!(d < 1e-12, "grad {d}");
+        let e = normalize_groups(&x, 5).unwrap_err().to_string();
+        assert!(
+            e.contains("normalize: groups of 5 in a last dim of 24"),
+            "{e}"
+        );
         Ok(())
     }
 
