@@ -4,16 +4,17 @@
 //! -> reshape`: four nodes, and candle's backward starts the gradient of every node's input at
 //! zero and adds into it (`GradStore::or_insert` + `add`), so each reshape costs a zero fill and an
 //! add over the whole activation. candle's matmul also zero-fills its output before gemm
-//! overwrites it, and hands one `M x K x N` gemm to gemm's own rayon split, which reached 55-95
-//! GFLOP/s on 2 cores where the same gemm kernel on row blocks, one block per task, reached 85-115
-//! (`models/examples/gemm_probe.rs`). Here: one node, the bias written as the gemm's initial
-//! output, gemms on row blocks; the backward computes `dx`, `dw` and `db` in one op, `dw` and `db`
-//! as per-block partial sums added in block order.
+//! overwrites it, and gives one `M x K x N` product to gemm's own thread split. Here: one node,
+//! the bias written as the gemm's initial output, single-threaded gemms on row blocks (column
+//! blocks where there are few rows: tiny_w8's last stage at 128 px has 128 token rows against a
+//! 3072 x 768 weight); the backward computes `dx`, `dw` and `db` in one op, `dw` and `db` as
+//! per-row-block partial sums added in block order. `models/examples/gemm_probe.rs` prints the
+//! GFLOP/s of both on the model's shapes.
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{dispatch, is_fused, slice, storage, sum_partials, unpack, Real};
+use super::{dispatch, is_fused, slice, storage, unpack, Real};
 
 /// `x [.., K] @ w[N, K]^T + b[N] -> [.., N]` (PyTorch's `F.linear`). Differentiable in all three.
 /// Off the fused path (other devices, dtypes): `reshape -> matmul -> broadcast_add -> reshape`.
@@ -56,14 +57,25 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
-/// Rows per gemm task. A function of `m` alone, never of the thread count: `dw` and `db` are
-/// partial sums per row block, added in block order, so results are the same on any machine.
-fn rows_per_task(m: usize) -> usize {
-    // at most 16 blocks of whole 16-row microkernel tiles, each at least MIN rows (tests: small
-    // blocks, so that their small shapes run the multi-block paths)
+/// Rows (or columns) per gemm task: at most 16 blocks of whole 16-row microkernel tiles, each at
+/// least 64. A function of the sizes alone, never of the thread count: `dw` and `db` are partial
+/// sums per row block, added in block order, so results are the same on any machine.
+fn per_task(len: usize) -> usize {
+    // tests: small blocks, so that their small shapes run the multi-block paths
     const TILE: usize = if cfg!(test) { 1 } else { 16 };
-    const MIN: usize = if cfg!(test) { 2 } else { 64 };
-    m.div_ceil(16).next_multiple_of(TILE).max(MIN).min(m.max(1))
+    len.div_ceil(16)
+        .next_multiple_of(TILE)
+        .max(MIN_BLOCK)
+        .min(len.max(1))
+}
+
+const MIN_BLOCK: usize = if cfg!(test) { 2 } else { 64 };
+
+/// Whether a `[m, n]` output is cut into row blocks (else column blocks): rows while there are
+/// enough of them, so that a few-token stage (m = 128 rows at tiny_w8's last stage) does not leave
+/// one thread one 64-row gemm over the whole weight.
+fn split_rows(m: usize, n: usize) -> bool {
+    m >= n || m >= 16 * MIN_BLOCK
 }
 
 /// A `[rows, cols]` matrix at `ptr` with row and column strides (in elements).
@@ -74,16 +86,45 @@ struct Mat<T> {
     cs: isize,
 }
 
-/// `dst[m, n] (row-major, rs = n) = (dst if read) + a[m, k] @ b[k, n]`, one thread.
+impl<T> Mat<T> {
+    /// The sub-matrix from row `r` and column `c` on.
+    fn at(self, r: usize, c: usize) -> Self {
+        let off = r as isize * self.rs + c as isize * self.cs;
+        // SAFETY (of later reads): callers only move inside the matrix they were given.
+        Self {
+            ptr: self.ptr.wrapping_offset(off),
+            ..self
+        }
+    }
+}
+
+/// A row-major `[.., ld]` output buffer shared by tasks that write disjoint blocks of it.
+#[derive(Clone, Copy)]
+struct Out<T> {
+    ptr: *mut T,
+    ld: usize,
+}
+
+impl<T> Out<T> {
+    /// The output from element `off` on (a method: a closure calling it captures the whole `Out`,
+    /// which is Sync, where `dst.ptr` would capture the raw pointer alone).
+    fn skip(self, off: usize) -> Self {
+        Self {
+            ptr: self.ptr.wrapping_add(off),
+            ..self
+        }
+    }
+}
+
+/// `dst[m, n] (row stride ld) = (dst if read) + a[m, k] @ b[k, n]`, one thread.
 ///
 /// # Safety
-/// `dst` holds `m * n` elements (initialized if `read`); `a` and `b` with their strides address
-/// `m x k` and `k x n` elements inside live allocations.
+/// `dst` addresses `m` rows of `n` elements `ld` apart (initialized if `read`) that no other
+/// thread touches meanwhile; `a` and `b` with their strides address `m x k` and `k x n` elements
+/// inside live allocations.
 unsafe fn gemm1<T: Real>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut T,
+    (m, n, k): (usize, usize, usize),
+    dst: Out<T>,
     read: bool,
     a: Mat<T>,
     b: Mat<T>,
@@ -92,9 +133,9 @@ unsafe fn gemm1<T: Real>(
         m,
         n,
         k,
-        dst,
+        dst.ptr,
         1,
-        n as isize,
+        dst.ld as isize,
         read,
         a.ptr,
         a.cs,
@@ -111,40 +152,68 @@ unsafe fn gemm1<T: Real>(
     )
 }
 
-/// `x [m, k] @ w[n, k]^T (+ b) -> [m, n]`: row blocks of `x` on rayon, the bias as gemm's
-/// initial output (no zero fill without it).
+/// [`gemm1`] cut into row or column blocks ([`split_rows`], [`per_task`]) on rayon.
+///
+/// # Safety
+/// As [`gemm1`], for the whole `[m, n]` output.
+unsafe fn par_gemm<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: Out<T>,
+    read: bool,
+    a: Mat<T>,
+    b: Mat<T>,
+) {
+    let rows = split_rows(m, n);
+    let per = per_task(if rows { m } else { n });
+    let tasks = if rows { m } else { n }.div_ceil(per);
+    (0..tasks).into_par_iter().for_each(|t| {
+        let at = t * per;
+        // SAFETY: block `t` is rows (or columns) `at..at + len` of the output, disjoint from the
+        // other tasks' blocks, and of `a` (or `b`) inside the caller's matrices.
+        unsafe {
+            if rows {
+                let len = per.min(m - at);
+                let d = dst.skip(at * dst.ld);
+                gemm1((len, n, k), d, read, a.at(at, 0), b)
+            } else {
+                let len = per.min(n - at);
+                let d = dst.skip(at);
+                gemm1((m, len, k), d, read, a, b.at(0, at))
+            }
+        }
+    });
+}
+
+/// `x [m, k] @ w[n, k]^T (+ b) -> [m, n]`, the bias as gemm's initial output (no zero fill
+/// without it).
 fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, (m, k, n): (usize, usize, usize)) -> Vec<T> {
     let mut out: Vec<T> = Vec::with_capacity(m * n);
-    let per = rows_per_task(m);
+    if let Some(b) = b {
+        for _ in 0..m {
+            out.extend_from_slice(b);
+        }
+    }
+    let xm = Mat {
+        ptr: x.as_ptr(),
+        rs: k as isize,
+        cs: 1,
+    };
     let wt = Mat {
         ptr: w.as_ptr(),
         rs: 1,
         cs: k as isize,
     }; // w^T: (kk, j) at j * k + kk
-    out.spare_capacity_mut()[..m * n]
-        .par_chunks_mut(per * n)
-        .enumerate()
-        .for_each(|(t, dst)| {
-            let rows = dst.len() / n;
-            if let Some(b) = b {
-                for row in dst.chunks_exact_mut(n) {
-                    for (d, &v) in row.iter_mut().zip(b) {
-                        d.write(v);
-                    }
-                }
-            }
-            let a = Mat {
-                ptr: x[t * per * k..].as_ptr(),
-                rs: k as isize,
-                cs: 1,
-            };
-            // SAFETY: `dst` is `rows x n` (written above if it is read); `a` is rows
-            // `t*per..t*per+rows` of the contiguous `[m, k]` x, `wt` the contiguous `[n, k]` w.
-            unsafe { gemm1(rows, n, k, dst.as_mut_ptr().cast::<T>(), b.is_some(), a, wt) }
-        });
-    // SAFETY: the chunks cover all `m * n` elements and each was written by its task's gemm
-    // (read_dst = false) or by the bias fill (read_dst = true).
-    unsafe { out.set_len(m * n) };
+    let dst = Out {
+        ptr: out.as_mut_ptr(),
+        ld: n,
+    };
+    // SAFETY: `out` has room for `m x n` (filled with the bias rows when read); `x` is the
+    // contiguous `[m, k]`, `w` the contiguous `[n, k]`.
+    unsafe {
+        par_gemm((m, n, k), dst, b.is_some(), xm, wt);
+        // every element written by the bias fill or a gemm (read_dst = false)
+        out.set_len(m * n);
+    }
     out
 }
 
@@ -156,74 +225,92 @@ fn backward<T: Real>(
     (m, k, n): (usize, usize, usize),
     bias: bool,
 ) -> Vec<T> {
-    let per = rows_per_task(m);
     let nb = if bias { n } else { 0 };
-    let mut dx: Vec<T> = Vec::with_capacity(m * k + n * k + nb);
-    let w_mat = Mat {
+    let mut out: Vec<T> = Vec::with_capacity(m * k + n * k + nb);
+    let xm = Mat {
+        ptr: x.as_ptr(),
+        rs: k as isize,
+        cs: 1,
+    };
+    let wm = Mat {
         ptr: w.as_ptr(),
         rs: k as isize,
         cs: 1,
     };
-    // per row block: dx rows = g rows @ w; partial dw = g_rows^T @ x_rows; partial db = column
-    // sums of g_rows
-    let partials: Vec<(Vec<T>, Vec<T>)> = dx.spare_capacity_mut()[..m * k]
-        .par_chunks_mut(per * k)
-        .enumerate()
-        .map(|(t, dst)| {
-            let rows = dst.len() / k;
-            let (g0, x0) = (&g[t * per * n..], &x[t * per * k..]);
-            let g_rows = Mat {
-                ptr: g0.as_ptr(),
-                rs: n as isize,
-                cs: 1,
-            };
-            // SAFETY: `dst` is `rows x k`, written (read_dst = false); `g_rows` is rows of the
-            // contiguous `[m, n]` g, `w_mat` the contiguous `[n, k]` w.
-            unsafe {
-                gemm1(
-                    rows,
-                    k,
-                    n,
-                    dst.as_mut_ptr().cast::<T>(),
-                    false,
-                    g_rows,
-                    w_mat,
-                )
-            };
-            let mut dw = vec![T::zero(); n * k];
-            let gt = Mat {
-                ptr: g0.as_ptr(),
-                rs: 1,
-                cs: n as isize,
-            }; // (j, r) at r * n + j
-            let x_rows = Mat {
-                ptr: x0.as_ptr(),
-                rs: k as isize,
-                cs: 1,
-            };
-            // SAFETY: `dw` is `n x k` (zeroed, read); `gt` is the `n x rows` transpose of g's
-            // block, `x_rows` the `rows x k` block of x.
-            unsafe { gemm1(n, k, rows, dw.as_mut_ptr(), true, gt, x_rows) };
-            let mut db = vec![T::zero(); nb];
-            if bias {
-                for row in g0[..rows * n].chunks_exact(n) {
-                    for (s, &v) in db.iter_mut().zip(row) {
-                        *s += v;
-                    }
-                }
-            }
-            (dw, db)
-        })
-        .collect();
-    // SAFETY: the chunks cover all `m * k` elements of dx, each written by its gemm.
-    unsafe { dx.set_len(m * k) };
-    let (dws, dbs): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+    let gm = Mat {
+        ptr: g.as_ptr(),
+        rs: n as isize,
+        cs: 1,
+    };
+    let gt = Mat {
+        ptr: g.as_ptr(),
+        rs: 1,
+        cs: n as isize,
+    }; // g^T: (j, r) at r * n + j
+       // dx = g @ w
+       // SAFETY: `out` has room for `m x k` more; `g` is the contiguous `[m, n]`, `w` `[n, k]`.
+    unsafe {
+        par_gemm(
+            (m, k, n),
+            Out {
+                ptr: out.as_mut_ptr(),
+                ld: k,
+            },
+            false,
+            gm,
+            wm,
+        );
+        out.set_len(m * k);
+    }
     let mut tail = vec![T::zero(); n * k + nb];
     let (dw, db) = tail.split_at_mut(n * k);
-    sum_partials(&dws, dw);
-    sum_partials(&dbs, db);
-    dx.extend_from_slice(&tail);
-    dx
+    if split_rows(m, n) && m > per_task(m) {
+        // many rows: per row block, partial dw = g_rows^T @ x_rows and partial db, added in
+        // block order
+        let per = per_task(m);
+        let parts: Vec<(Vec<T>, Vec<T>)> = (0..m.div_ceil(per))
+            .into_par_iter()
+            .map(|t| {
+                let (at, rows) = (t * per, per.min(m - t * per));
+                let mut pw = vec![T::zero(); n * k];
+                let d = Out {
+                    ptr: pw.as_mut_ptr(),
+                    ld: k,
+                };
+                // SAFETY: `pw` is this task's zeroed `n x k`; `gt`, `xm` at row block `t` are
+                // `n x rows` and `rows x k` inside g and x.
+                unsafe { gemm1((n, k, rows), d, true, gt.at(0, at), xm.at(at, 0)) };
+                (pw, column_sums(&g[at * n..(at + rows) * n], nb))
+            })
+            .collect();
+        let (pws, pbs): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+        super::sum_partials(&pws, dw);
+        super::sum_partials(&pbs, db);
+    } else {
+        // few rows: dw = g^T @ x blocked over its own rows or columns
+        let d = Out {
+            ptr: dw.as_mut_ptr(),
+            ld: k,
+        };
+        // SAFETY: `dw` is the zeroed `n x k`; `gt` is `n x m`, `xm` `m x k`.
+        unsafe { par_gemm((n, k, m), d, true, gt, xm) };
+        db.copy_from_slice(&column_sums(g, nb));
+    }
+    out.extend_from_slice(&tail);
+    out
+}
+
+/// Sums of the `nb` columns of the rows of `g` (nothing when `nb` is 0).
+fn column_sums<T: Real>(g: &[T], nb: usize) -> Vec<T> {
+    let mut s = vec![T::zero(); nb];
+    if nb > 0 {
+        for row in g.chunks_exact(nb) {
+            for (a, &v) in s.iter_mut().zip(row) {
+                *a += v;
+            }
+        }
+    }
+    s
 }
 
 struct Linear {
@@ -371,9 +458,11 @@ impl CustomOp3 for LinearBwd {
 }
 
 // SAFETY: a `Mat` points into a slice borrowed for the duration of one kernel call, which the
-// tasks only read.
+// tasks only read; an `Out` into an output whose blocks the tasks write disjointly.
 unsafe impl<T: Sync> Send for Mat<T> {}
 unsafe impl<T: Sync> Sync for Mat<T> {}
+unsafe impl<T: Send> Send for Out<T> {}
+unsafe impl<T: Send> Sync for Out<T> {}
 
 #[cfg(test)]
 mod tests {
@@ -382,41 +471,50 @@ mod tests {
     use candle_core::{DType, Device, Var};
 
     /// Equals the composed `reshape -> matmul -> broadcast_add -> reshape`, forward and all three
-    /// gradients, with and without a bias, over several row blocks (tests use 2-row blocks) and a
-    /// weight that is a row block of a larger one (as q, k, v of the qkv weight).
+    /// gradients, with and without a bias, for outputs cut into row blocks (21 rows, 4 columns)
+    /// and into column blocks (3 rows, 9 columns; tests use 2-row/column blocks), with a weight
+    /// that is a row block of a larger one (as q, k, v of the qkv weight).
     #[test]
     fn matches_composed_linear() -> Result<()> {
         let dev = Device::Cpu;
         for dt in [DType::F64, DType::F32] {
             let tol = if dt == DType::F64 { 1e-13 } else { 1e-5 };
-            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 7, 5), &dev)?.to_dtype(dt)?)?;
             let big = Var::from_tensor(&Tensor::randn(0f64, 1.0, (12, 5), &dev)?.to_dtype(dt)?)?;
-            let b = Var::from_tensor(&Tensor::randn(0f64, 1.0, 4, &dev)?.to_dtype(dt)?)?;
-            let probe = Tensor::randn(0f64, 1.0, (3, 7, 4), &dev)?.to_dtype(dt)?;
-            let w = big.narrow(0, 4, 4)?;
-            for bias in [Some(b.as_tensor()), None] {
-                let fused = linear(&x, &w, bias)?;
-                let y = x.reshape((21, 5))?.matmul(&w.t()?)?;
-                let y = match bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                };
-                let plain = y.reshape((3, 7, 4))?;
-                assert_eq!(fused.dims(), [3, 7, 4]);
-                assert!(rel_diff(&fused, &plain)? < tol, "{dt:?} forward");
-                let gf = (fused * &probe)?.sum_all()?.backward()?;
-                let gp = (plain * &probe)?.sum_all()?.backward()?;
-                let vars: &[&Var] = if bias.is_some() {
-                    &[&x, &big, &b]
-                } else {
-                    &[&x, &big]
-                };
-                for v in vars {
-                    let d = rel_diff(gf.get(v).unwrap(), gp.get(v).unwrap())?;
-                    assert!(d < tol, "{dt:?} gradient {d} (bias {})", bias.is_some());
-                }
-                if bias.is_none() {
-                    assert!(gf.get(&b).is_none(), "no bias, no bias gradient");
+            for (xs, n) in [((3, 7, 5), 4), ((1, 3, 5), 9)] {
+                let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, xs, &dev)?.to_dtype(dt)?)?;
+                let b = Var::from_tensor(&Tensor::randn(0f64, 1.0, n, &dev)?.to_dtype(dt)?)?;
+                let (m, out) = (xs.0 * xs.1, (xs.0, xs.1, n));
+                assert_eq!(split_rows(m, n), n == 4, "both splits under test");
+                let probe = Tensor::randn(0f64, 1.0, out, &dev)?.to_dtype(dt)?;
+                let w = big.narrow(0, 2, n)?;
+                for bias in [Some(b.as_tensor()), None] {
+                    let fused = linear(&x, &w, bias)?;
+                    let y = x.reshape((m, 5))?.matmul(&w.t()?)?;
+                    let y = match bias {
+                        Some(b) => y.broadcast_add(b)?,
+                        None => y,
+                    };
+                    let plain = y.reshape(out)?;
+                    assert_eq!(fused.dims(), [out.0, out.1, out.2]);
+                    assert!(rel_diff(&fused, &plain)? < tol, "{dt:?} forward");
+                    let gf = (fused * &probe)?.sum_all()?.backward()?;
+                    let gp = (plain * &probe)?.sum_all()?.backward()?;
+                    let vars: &[&Var] = if bias.is_some() {
+                        &[&x, &big, &b]
+                    } else {
+                        &[&x, &big]
+                    };
+                    for v in vars {
+                        let d = rel_diff(gf.get(v).unwrap(), gp.get(v).unwrap())?;
+                        assert!(
+                            d < tol,
+                            "{dt:?} {xs:?} gradient {d} (bias {})",
+                            bias.is_some()
+                        );
+                    }
+                    if bias.is_none() {
+                        assert!(gf.get(&b).is_none(), "no bias, no bias gradient");
+                    }
                 }
             }
         }
@@ -424,30 +522,30 @@ mod tests {
     }
 
     /// The blocks depend on the sizes only: forward and backward give the same bits on 1 and on
-    /// 3 threads (tests use 2-row blocks, so there are many).
+    /// 3 threads, for row blocks (37 x 11 outputs) and column blocks (5 x 40).
     #[test]
     fn results_do_not_depend_on_the_thread_count() -> Result<()> {
         let dev = Device::Cpu;
-        let (m, k, n) = (37, 19, 11);
-        let x: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &dev)?.to_vec1()?;
-        let w: Vec<f32> = Tensor::randn(0f32, 1.0, n * k, &dev)?.to_vec1()?;
-        let b: Vec<f32> = Tensor::randn(0f32, 1.0, n, &dev)?.to_vec1()?;
-        let g: Vec<f32> = Tensor::randn(0f32, 1.0, m * n, &dev)?.to_vec1()?;
-        assert!(rows_per_task(m) < m / 4, "several blocks under test");
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("thread pool");
-            pool.install(|| {
-                (
-                    forward(&x, &w, Some(&b), (m, k, n)),
-                    backward(&x, &w, &g, (m, k, n), true),
-                )
-            })
-        };
-        let (one, three) = (run(1), run(3));
-        assert_eq!(one, three);
+        for (m, k, n) in [(37, 19, 11), (5, 19, 40)] {
+            let r =
+                |len: usize| -> Result<Vec<f32>> { Tensor::randn(0f32, 1.0, len, &dev)?.to_vec1() };
+            let (x, w, b, g) = (r(m * k)?, r(n * k)?, r(n)?, r(m * n)?);
+            let blocks = if split_rows(m, n) { m } else { n };
+            assert!(per_task(blocks) < blocks / 4, "several blocks under test");
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("thread pool");
+                pool.install(|| {
+                    (
+                        forward(&x, &w, Some(&b), (m, k, n)),
+                        backward(&x, &w, &g, (m, k, n), true),
+                    )
+                })
+            };
+            assert_eq!(run(1), run(3), "{m}x{k}->{n}");
+        }
         Ok(())
     }
 

@@ -86,7 +86,7 @@ struct Grid {
 
 impl Grid {
     fn new(b: usize, h: usize, w: usize, c: usize, ws: usize, shift: usize) -> Result<Self> {
-        if ws == 0 || h % ws != 0 || w % ws != 0 || shift >= ws.max(1) {
+        if ws == 0 || !h.is_multiple_of(ws) || !w.is_multiple_of(ws) || shift >= ws.max(1) {
             candle_core::bail!(
                 "windows: a {h}x{w} map does not split into {ws}x{ws} windows shifted by {shift}"
             )
