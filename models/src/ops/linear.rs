@@ -198,11 +198,12 @@ fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, (m, k, n): (usize, usize,
         rs: k as isize,
         cs: 1,
     };
+    // w^T: (kk, j) at j * k + kk
     let wt = Mat {
         ptr: w.as_ptr(),
         rs: 1,
         cs: k as isize,
-    }; // w^T: (kk, j) at j * k + kk
+    };
     let dst = Out {
         ptr: out.as_mut_ptr(),
         ld: n,
@@ -242,13 +243,14 @@ fn backward<T: Real>(
         rs: n as isize,
         cs: 1,
     };
+    // g^T: (j, r) at r * n + j
     let gt = Mat {
         ptr: g.as_ptr(),
         rs: 1,
         cs: n as isize,
-    }; // g^T: (j, r) at r * n + j
-       // dx = g @ w
-       // SAFETY: `out` has room for `m x k` more; `g` is the contiguous `[m, n]`, `w` `[n, k]`.
+    };
+    // dx = g @ w
+    // SAFETY: `out` has room for `m x k` more; `g` is the contiguous `[m, n]`, `w` `[n, k]`.
     unsafe {
         par_gemm(
             (m, k, n),
