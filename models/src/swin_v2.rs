@@ -628,11 +628,6 @@ impl Geometry {
 // Small layers
 // ------------------------------------------------------------------------------------------------
 
-/// `x @ w^T + b` over the last dim of any-rank `x` ([`crate::ops::linear`]).
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    crate::ops::linear(x, w, b)
-}
-
 /// `nn.Linear` with the official init (weight N(0, .02), bias 0).
 #[derive(Debug, Clone)]
 struct Linear {
@@ -659,7 +654,7 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        linear(x, &self.w, self.b.as_ref())
+        crate::ops::linear(x, &self.w, self.b.as_ref())
     }
 }
 
@@ -836,7 +831,9 @@ impl WindowAttention {
         // q, k, v `[B_, N, C]` (head h in columns h*hd..) from the three row blocks of the qkv
         // weight (bias: q_bias, none, v_bias): three linears instead of one sliced `[3, ...]`
         // output, whose slices' backward would zero-pad each gradient back to the full size
-        let part = |i: usize, b: Option<&Tensor>| linear(x, &self.qkv_w.narrow(0, i * c, c)?, b);
+        let part = |i: usize, b: Option<&Tensor>| {
+            crate::ops::linear(x, &self.qkv_w.narrow(0, i * c, c)?, b)
+        };
         // cosine attention: F.normalize over each head's dims
         let q = crate::ops::normalize_groups(&part(0, self.q_bias.as_ref())?, hd)?;
         let k = crate::ops::normalize_groups(&part(1, None)?, hd)?;

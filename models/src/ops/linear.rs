@@ -87,6 +87,24 @@ struct Mat<T> {
 }
 
 impl<T> Mat<T> {
+    /// The contiguous row-major matrix in `s` with `ld` elements per row.
+    fn row_major(s: &[T], ld: usize) -> Self {
+        Self {
+            ptr: s.as_ptr(),
+            rs: ld as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of the contiguous row-major matrix in `s` with `ld` elements per row.
+    fn transposed(s: &[T], ld: usize) -> Self {
+        Self {
+            ptr: s.as_ptr(),
+            rs: 1,
+            cs: ld as isize,
+        }
+    }
+
     /// The sub-matrix from row `r` and column `c` on.
     fn at(self, r: usize, c: usize) -> Self {
         let off = r as isize * self.rs + c as isize * self.cs;
@@ -193,17 +211,9 @@ fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, (m, k, n): (usize, usize,
             out.extend_from_slice(b);
         }
     }
-    let xm = Mat {
-        ptr: x.as_ptr(),
-        rs: k as isize,
-        cs: 1,
-    };
+    let xm = Mat::row_major(x, k);
     // w^T: (kk, j) at j * k + kk
-    let wt = Mat {
-        ptr: w.as_ptr(),
-        rs: 1,
-        cs: k as isize,
-    };
+    let wt = Mat::transposed(w, k);
     let dst = Out {
         ptr: out.as_mut_ptr(),
         ld: n,
@@ -228,27 +238,11 @@ fn backward<T: Real>(
 ) -> Vec<T> {
     let nb = if bias { n } else { 0 };
     let mut out: Vec<T> = Vec::with_capacity(m * k + n * k + nb);
-    let xm = Mat {
-        ptr: x.as_ptr(),
-        rs: k as isize,
-        cs: 1,
-    };
-    let wm = Mat {
-        ptr: w.as_ptr(),
-        rs: k as isize,
-        cs: 1,
-    };
-    let gm = Mat {
-        ptr: g.as_ptr(),
-        rs: n as isize,
-        cs: 1,
-    };
+    let xm = Mat::row_major(x, k);
+    let wm = Mat::row_major(w, k);
+    let gm = Mat::row_major(g, n);
     // g^T: (j, r) at r * n + j
-    let gt = Mat {
-        ptr: g.as_ptr(),
-        rs: 1,
-        cs: n as isize,
-    };
+    let gt = Mat::transposed(g, n);
     // dx = g @ w
     // SAFETY: `out` has room for `m x k` more; `g` is the contiguous `[m, n]`, `w` `[n, k]`.
     unsafe {
