@@ -10,4 +10,5 @@ pub mod log;
 pub mod optim;
 pub mod picture;
 pub mod rng;
+pub mod simd;
 pub mod trainer;

@@ -23,22 +23,26 @@ struct GeluErf;
 /// Items (scalars) per rayon task: erf costs tens of instructions.
 const ITEM: usize = 16;
 
-fn forward<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-    let x = slice::<T>(s, l, "gelu-erf")?;
+mimlab_engine::wide_kernel! {
+/// `out[i] = gelu(x[i])`.
+fn fwd_kernel<T: Real>(x: &[T], out: &mut [T]) {
     let half = T::from_f64(0.5);
     let r2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
+    for (o, &v) in out.iter_mut().zip(x) {
+        // candle's formula, in its order; f32 with the vectorizable erf (fast_math)
+        *o = ((v * r2).erf_fast() + T::one()) * half * v;
+    }
+}
+}
+
+fn forward<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    let x = slice::<T>(s, l, "gelu-erf")?;
     let mut y = vec![T::zero(); x.len()];
     // items of ITEM scalars: a tail shorter than an item is done after
     let body = y.len() / ITEM * ITEM;
     let (yb, yt) = y.split_at_mut(body);
-    let f = |first: usize, out: &mut [T]| {
-        for (o, &v) in out.iter_mut().zip(&x[first..]) {
-            // candle's formula, in its order; f32 with the vectorizable erf (fast_math)
-            *o = ((v * r2).erf_fast() + T::one()) * half * v;
-        }
-    };
-    par_items(yb, ITEM, |first, out| f(first * ITEM, out));
-    f(body, yt);
+    par_items(yb, ITEM, |first, out| fwd_kernel(&x[first * ITEM..], out));
+    fwd_kernel(&x[body..], yt);
     Ok(storage(y, l.shape().clone()))
 }
 
@@ -59,29 +63,35 @@ impl CustomOp1 for GeluErf {
 /// `(x, grad)` -> `dx`.
 struct GeluErfBwd;
 
+mimlab_engine::wide_kernel! {
+/// `out[i] = g[i] gelu'(x[i])`.
+fn bwd_kernel<T: Real>(x: &[T], g: &[T], out: &mut [T]) {
+    let half = T::from_f64(0.5);
+    let r2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
+    let neg_half = T::from_f64(-0.5);
+    let inv_sqrt_2pi = T::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+    for (o, (&v, &gv)) in out.iter_mut().zip(x.iter().zip(g)) {
+        let cdf = half * ((v * r2).erf_fast() + T::one());
+        let pdf = (neg_half * v * v).exp_fast() * inv_sqrt_2pi;
+        *o = gv * (cdf + v * pdf);
+    }
+}
+}
+
 fn backward<T: Real>(
     (s1, l1): (&CpuStorage, &Layout),
     (s2, l2): (&CpuStorage, &Layout),
 ) -> Result<(CpuStorage, Shape)> {
     let x = slice::<T>(s1, l1, "gelu-erf-bwd")?;
     let g = slice::<T>(s2, l2, "gelu-erf-bwd")?;
-    let half = T::from_f64(0.5);
-    let r2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
-    let neg_half = T::from_f64(-0.5);
-    let inv_sqrt_2pi = T::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt());
     let mut dx = vec![T::zero(); x.len()];
     let body = dx.len() / ITEM * ITEM;
     let (db, dt) = dx.split_at_mut(body);
-    let f = |first: usize, out: &mut [T]| {
-        let rows = x[first..].iter().zip(&g[first..]);
-        for (o, (&v, &gv)) in out.iter_mut().zip(rows) {
-            let cdf = half * ((v * r2).erf_fast() + T::one());
-            let pdf = (neg_half * v * v).exp_fast() * inv_sqrt_2pi;
-            *o = gv * (cdf + v * pdf);
-        }
-    };
-    par_items(db, ITEM, |first, out| f(first * ITEM, out));
-    f(body, dt);
+    par_items(db, ITEM, |first, out| {
+        let at = first * ITEM;
+        bwd_kernel(&x[at..], &g[at..], out)
+    });
+    bwd_kernel(&x[body..], &g[body..], dt);
     Ok(storage(dx, l1.shape().clone()))
 }
 
@@ -149,5 +159,30 @@ mod tests {
             assert!(d < 2e-6, "{dtype:?} grad vs candle's: {d}");
         }
         Ok(())
+    }
+
+    /// The kernels run 8 lanes wide (AVX2) where the CPU has it; every element must still be
+    /// the bits of the scalar formula computed one element at a time.
+    #[test]
+    fn wide_kernels_give_the_scalar_bits() {
+        let x: Vec<f32> = (0..1037)
+            .map(|i| -12.0 + 24.0 * i as f32 / 1036.0)
+            .collect();
+        let g: Vec<f32> = (0..1037).map(|i| 1.0 - i as f32 / 500.0).collect();
+        let (mut y, mut dx) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        fwd_kernel(&x, &mut y);
+        bwd_kernel(&x, &g, &mut dx);
+        let r2 = std::f32::consts::FRAC_1_SQRT_2;
+        let inv_sqrt_2pi = (1.0 / (2.0 * std::f64::consts::PI).sqrt()) as f32;
+        for i in 0..x.len() {
+            // black_box: one element at a time, not vectorized
+            let v = std::hint::black_box(x[i]);
+            let want = ((v * r2).erf_fast() + 1.0) * 0.5 * v;
+            assert_eq!(y[i].to_bits(), want.to_bits(), "forward at x = {v}");
+            let cdf = 0.5 * ((v * r2).erf_fast() + 1.0);
+            let pdf = (-0.5 * v * v).exp_fast() * inv_sqrt_2pi;
+            let want = g[i] * (cdf + v * pdf);
+            assert_eq!(dx[i].to_bits(), want.to_bits(), "backward at x = {v}");
+        }
     }
 }
