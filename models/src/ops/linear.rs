@@ -258,41 +258,53 @@ fn backward<T: Real>(
         );
         out.set_len(m * k);
     }
-    let mut tail = vec![T::zero(); n * k + nb];
-    let (dw, db) = tail.split_at_mut(n * k);
+    // dw and db go straight after dx in `out`, every element written once: no zero fill, no
+    // copy (gemm with read_dst = false overwrites its block)
+    // SAFETY (of the writes below): `out` has room for `n * k + nb` more after dx.
+    let tail = Out {
+        ptr: unsafe { out.as_mut_ptr().add(m * k) },
+        ld: k,
+    };
     if split_rows(m, n) && m > per_task(m) {
         // many rows: per row block, partial dw = g_rows^T @ x_rows and partial db, added in
         // block order
         let per = per_task(m);
-        let parts: Vec<(Vec<T>, Vec<T>)> = (0..m.div_ceil(per))
+        let parts: Vec<Vec<T>> = (0..m.div_ceil(per))
             .into_par_iter()
             .map(|t| {
                 let (at, rows) = (t * per, per.min(m - t * per));
-                let mut pw = vec![T::zero(); n * k];
+                let mut part = Vec::with_capacity(n * k + nb);
                 let d = Out {
-                    ptr: pw.as_mut_ptr(),
+                    ptr: part.as_mut_ptr(),
                     ld: k,
                 };
-                // SAFETY: `pw` is this task's zeroed `n x k`; `gt`, `xm` at row block `t` are
-                // `n x rows` and `rows x k` inside g and x.
-                unsafe { gemm1((n, k, rows), d, true, gt.at(0, at), xm.at(at, 0)) };
-                (pw, column_sums(&g[at * n..(at + rows) * n], nb))
+                // SAFETY: `part` has room for `n x k`, all written (read_dst = false); `gt`, `xm`
+                // at row block `t` are `n x rows` and `rows x k` inside g and x.
+                unsafe {
+                    gemm1((n, k, rows), d, false, gt.at(0, at), xm.at(at, 0));
+                    part.set_len(n * k);
+                }
+                part.extend(column_sums(&g[at * n..(at + rows) * n], nb));
+                part
             })
             .collect();
-        let (pws, pbs): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
-        super::sum_partials(&pws, dw);
-        super::sum_partials(&pbs, db);
+        // SAFETY: the first partial fills the `n * k + nb` elements after dx, then `out` is full.
+        unsafe {
+            std::ptr::copy_nonoverlapping(parts[0].as_ptr(), tail.ptr, n * k + nb);
+            out.set_len(m * k + n * k + nb);
+        }
+        super::add_partials(&parts[1..], &mut out[m * k..]);
     } else {
         // few rows: dw = g^T @ x blocked over its own rows or columns
-        let d = Out {
-            ptr: dw.as_mut_ptr(),
-            ld: k,
-        };
-        // SAFETY: `dw` is the zeroed `n x k`; `gt` is `n x m`, `xm` `m x k`.
-        unsafe { par_gemm((n, k, m), d, true, gt, xm) };
-        db.copy_from_slice(&column_sums(g, nb));
+        // SAFETY: `tail` has room for the `n x k` dw, all written (read_dst = false); `gt` is
+        // `n x m`, `xm` `m x k`; db's `nb` elements follow, copied in before the length is set.
+        unsafe {
+            par_gemm((n, k, m), tail, false, gt, xm);
+            let db = column_sums(g, nb);
+            std::ptr::copy_nonoverlapping(db.as_ptr(), tail.ptr.add(n * k), nb);
+            out.set_len(m * k + n * k + nb);
+        }
     }
-    out.extend_from_slice(&tail);
     out
 }
 

@@ -48,18 +48,23 @@ pub(crate) trait Real: WithDType {
 macro_rules! real {
     ($t:ty, $erf_fast:path, $exp_fast:path) => {
         impl Real for $t {
+            #[inline(always)]
             fn exp(self) -> Self {
                 <$t>::exp(self)
             }
+            #[inline(always)]
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
             }
+            #[inline(always)]
             fn fmax(self, other: Self) -> Self {
                 <$t>::max(self, other)
             }
+            #[inline(always)]
             fn erf_fast(self) -> Self {
                 $erf_fast(self)
             }
+            #[inline(always)]
             fn exp_fast(self) -> Self {
                 $exp_fast(self)
             }
@@ -183,13 +188,25 @@ fn lane_dot<T: Real>(a: &[T], b: &[T]) -> T {
 }
 
 /// Sums equal-length partial sums in order.
-fn sum_partials<T: WithDType>(parts: &[Vec<T>], into: &mut [T]) {
+fn sum_partials<T: Real>(parts: &[Vec<T>], into: &mut [T]) {
     into.fill(T::zero());
+    add_partials(parts, into);
+}
+
+/// Adds equal-length partial sums to `into`, in order.
+fn add_partials<T: Real>(parts: &[Vec<T>], into: &mut [T]) {
     for p in parts {
-        for (a, &b) in into.iter_mut().zip(p) {
-            *a += b;
-        }
+        add_assign(into, p);
     }
+}
+
+mimlab_engine::wide_kernel! {
+/// `into[i] += p[i]`.
+fn add_assign<T: Real>(into: &mut [T], p: &[T]) {
+    for (a, &b) in into.iter_mut().zip(p) {
+        *a += b;
+    }
+}
 }
 
 #[cfg(test)]
