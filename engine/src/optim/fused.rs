@@ -49,12 +49,31 @@ impl Ema {
         dst.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .for_each(|(d, g)| {
-                for (d, &g) in d.iter_mut().zip(g) {
-                    let g = if square { g * g } else { g };
-                    *d = *d * b + g * c;
+                if square {
+                    ema_sq(d, g, b, c)
+                } else {
+                    ema(d, g, b, c)
                 }
             });
     }
+}
+
+crate::wide_kernel! {
+/// `d = d * b + g * c`.
+fn ema<T: WithDType>(d: &mut [T], g: &[T], b: T, c: T) {
+    for (d, &g) in d.iter_mut().zip(g) {
+        *d = *d * b + g * c;
+    }
+}
+}
+
+crate::wide_kernel! {
+/// `d = d * b + (g * g) * c`.
+fn ema_sq<T: WithDType>(d: &mut [T], g: &[T], b: T, c: T) {
+    for (d, &g) in d.iter_mut().zip(g) {
+        *d = *d * b + (g * g) * c;
+    }
+}
 }
 
 impl InplaceOp2 for Ema {
@@ -89,17 +108,33 @@ impl Update {
         );
         p.par_chunks_mut(CHUNK)
             .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
-            .for_each(|(p, (m, v))| {
-                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                    let q = match decay {
-                        Some(d) => *p * d,
-                        None => *p,
-                    };
-                    let denom = v.sqrt_() * inv + eps;
-                    *p = q - (m / denom) * step;
-                }
+            .for_each(|(p, (m, v))| match decay {
+                Some(d) => update_decay(p, m, v, [d, inv, eps, step]),
+                None => update(p, m, v, [inv, eps, step]),
             });
     }
+}
+
+crate::wide_kernel! {
+/// `p = p * d - (m / (sqrt(v) * inv + eps)) * step`.
+fn update_decay<T: WithDType>(p: &mut [T], m: &[T], v: &[T], k: [T; 4]) {
+    let [d, inv, eps, step] = k;
+    for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+        let denom = v.sqrt_() * inv + eps;
+        *p = *p * d - (m / denom) * step;
+    }
+}
+}
+
+crate::wide_kernel! {
+/// `p = p - (m / (sqrt(v) * inv + eps)) * step`.
+fn update<T: WithDType>(p: &mut [T], m: &[T], v: &[T], k: [T; 3]) {
+    let [inv, eps, step] = k;
+    for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+        let denom = v.sqrt_() * inv + eps;
+        *p -= (m / denom) * step;
+    }
+}
 }
 
 /// `sqrt` for the two float dtypes the kernels take.
@@ -108,6 +143,7 @@ trait Sqrt {
 }
 
 impl<T: WithDType> Sqrt for T {
+    #[inline(always)]
     fn sqrt_(self) -> Self {
         // exact for f32 and f64: f32 -> f64 -> sqrt -> f32 is correctly rounded (double rounding
         // of a square root cannot differ, as f64 has more than 2 * 24 + 2 bits)
