@@ -881,7 +881,12 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, rng: &SharedRng, train: bool) -> candle_core::Result<Tensor> {
-        let h = crate::ops::gelu_erf(&self.fc1.forward(x)?)?;
+        // fc1 + GELU as one node (ops::linear_gelu): no zero-filled gradient of the 4C-wide
+        // pre-activation in the backward
+        let h = match &self.fc1.b {
+            Some(b) => crate::ops::linear_gelu(x, &self.fc1.w, b)?,
+            None => crate::ops::gelu_erf(&self.fc1.forward(x)?)?,
+        };
         let h = dropout(&h, self.drop, rng, train)?;
         dropout(&self.fc2.forward(&h)?, self.drop, rng, train)
     }

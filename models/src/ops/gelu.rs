@@ -37,13 +37,23 @@ fn fwd_kernel<T: Real>(x: &[T], out: &mut [T]) {
 
 fn forward<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
     let x = slice::<T>(s, l, "gelu-erf")?;
+    Ok(storage(of_slice(x), l.shape().clone()))
+}
+
+/// `gelu(x)` elementwise, on rayon's pool.
+pub(crate) fn of_slice<T: Real>(x: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     // items of ITEM scalars: a tail shorter than an item is done after
     let body = y.len() / ITEM * ITEM;
     let (yb, yt) = y.split_at_mut(body);
     par_items(yb, ITEM, |first, out| fwd_kernel(&x[first * ITEM..], out));
     fwd_kernel(&x[body..], yt);
-    Ok(storage(y, l.shape().clone()))
+    y
+}
+
+/// `g * gelu'(x)` (no graph): the backward of [`gelu_erf`] at `x`, for fused ops that end in it.
+pub(crate) fn backward_of(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    x.apply_op2_no_bwd(&g.contiguous()?, &GeluErfBwd)
 }
 
 impl CustomOp1 for GeluErf {
@@ -56,7 +66,7 @@ impl CustomOp1 for GeluErf {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfBwd)?))
+        Ok(Some(backward_of(x, grad)?))
     }
 }
 

@@ -11,6 +11,8 @@
 //! per-row-block partial sums added in block order. `models/examples/gemm_probe.rs` prints the
 //! GFLOP/s of both on the model's shapes.
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use std::sync::Mutex;
+
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -19,19 +21,7 @@ use super::{dispatch, is_fused, slice, storage, unpack, Real};
 /// `x [.., K] @ w[N, K]^T + b[N] -> [.., N]` (PyTorch's `F.linear`). Differentiable in all three.
 /// Off the fused path (other devices, dtypes): `reshape -> matmul -> broadcast_add -> reshape`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let (n, k) = w.dims2()?;
-    let dims = x.dims();
-    if dims.last() != Some(&k) || b.is_some_and(|b| b.dims() != [n]) {
-        candle_core::bail!(
-            "linear: input {:?}, weight {:?}, bias {:?}: expected [.., K], [N, K], [N]",
-            x.dims(),
-            w.dims(),
-            b.map(|b| b.dims().to_vec())
-        )
-    }
-    let mut out = dims.to_vec();
-    *out.last_mut().expect("rank >= 1 checked above") = n;
-    let m = x.elem_count() / k.max(1);
+    let (out, (m, k, n)) = checked_dims(x, w, b)?;
     let fused = is_fused(x)
         && w.dtype() == x.dtype()
         && b.is_none_or(|b| b.dtype() == x.dtype())
@@ -49,12 +39,56 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         k,
         n,
         out: out.into(),
+        gelu: None,
     };
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
         None => x.apply_op2(&w, op),
     }
+}
+
+/// `gelu_erf(linear(x, w, b))` (an MLP's fc1 and its activation) as one graph node, the same
+/// numbers as the two ops. The node keeps the pre-activation for its backward, as the two nodes
+/// did, but candle's backward no longer zero-fills and adds a gradient for it: on the hidden
+/// `[.., 4C]` activation, the largest of a Swin block.
+pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (out, (m, k, n)) = checked_dims(x, w, Some(b))?;
+    let fused = is_fused(x) && w.dtype() == x.dtype() && b.dtype() == x.dtype() && m * n * k > 0;
+    if !fused {
+        return super::gelu_erf(&linear(x, w, Some(b))?);
+    }
+    let op = Linear {
+        m,
+        k,
+        n,
+        out: out.into(),
+        gelu: Some(Mutex::new(None)),
+    };
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+}
+
+/// The output dims and `(m, k, n)` of `x [.., K] @ w[N, K]^T + b[N]`, or an error naming the
+/// three shapes.
+fn checked_dims(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+) -> Result<(Vec<usize>, (usize, usize, usize))> {
+    let (n, k) = w.dims2()?;
+    let dims = x.dims();
+    if dims.last() != Some(&k) || b.is_some_and(|b| b.dims() != [n]) {
+        candle_core::bail!(
+            "linear: input {:?}, weight {:?}, bias {:?}: expected [.., K], [N, K], [N]",
+            x.dims(),
+            w.dims(),
+            b.map(|b| b.dims().to_vec())
+        )
+    }
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("rank >= 1 checked above") = n;
+    Ok((out, (x.elem_count() / k.max(1), k, n)))
 }
 
 /// Rows (or columns) per gemm task: at most 16 blocks of whole 16-row microkernel tiles, each at
@@ -326,6 +360,8 @@ struct Linear {
     k: usize,
     n: usize,
     out: Shape,
+    /// `Some` for [`linear_gelu`]: the forward leaves its pre-activation here for the backward.
+    gelu: Option<Mutex<Option<Tensor>>>,
 }
 
 impl Linear {
@@ -335,6 +371,19 @@ impl Linear {
 
     /// `[dx, dw, db?]` of the inputs `x`, `w`, (`b`).
     fn grads(&self, x: &Tensor, w: &Tensor, g: &Tensor, b: Option<&Tensor>) -> Result<Vec<Tensor>> {
+        let g = match &self.gelu {
+            Some(pre) => {
+                let pre = pre
+                    .lock()
+                    .expect("linear-gelu: pre-activation lock")
+                    .clone();
+                let Some(pre) = pre else {
+                    candle_core::bail!("linear-gelu: backward before forward")
+                };
+                &super::gelu::backward_of(&pre, g)?
+            }
+            None => g,
+        };
         let bwd = LinearBwd {
             m: self.m,
             k: self.k,
@@ -426,7 +475,14 @@ fn run_fwd<T: Real>(
     let x = slice::<T>(s1, l1, "linear")?;
     let w = slice::<T>(s2, l2, "linear")?;
     let b = bias.map(|(s, l)| slice::<T>(s, l, "linear")).transpose()?;
-    Ok(storage(forward(x, w, b, op.dims()), op.out.clone()))
+    let y = forward(x, w, b, op.dims());
+    let Some(pre) = &op.gelu else {
+        return Ok(storage(y, op.out.clone()));
+    };
+    let h = super::gelu::of_slice(&y);
+    let y = Tensor::from_vec(y, op.out.clone(), &candle_core::Device::Cpu)?;
+    *pre.lock().expect("linear-gelu: pre-activation lock") = Some(y);
+    Ok(storage(h, op.out.clone()))
 }
 
 fn run_bwd<T: Real>(
@@ -482,6 +538,39 @@ mod tests {
     /// gradients, with and without a bias, for outputs cut into row blocks (21 rows, 4 columns)
     /// and into column blocks (3 rows, 9 columns; tests use 2-row/column blocks), with a weight
     /// that is a row block of a larger one (as q, k, v of the qkv weight).
+    /// `linear_gelu` gives the bits of `gelu_erf(linear(..))`: forward and the gradients of x,
+    /// w, b (the same kernels; candle's zero-start accumulation adds exact zeros), also on a
+    /// second backward through the same graph (the pre-activation is kept, not taken).
+    #[test]
+    fn linear_gelu_is_linear_then_gelu() -> Result<()> {
+        let dev = Device::Cpu;
+        for dt in [DType::F64, DType::F32] {
+            for (xs, n) in [((3, 7, 5), 4), ((1, 3, 5), 9)] {
+                let x = Var::from_tensor(&(Tensor::randn(0f64, 1.0, xs, &dev)?.to_dtype(dt)?))?;
+                let w = Var::from_tensor(&Tensor::randn(0f64, 1.0, (n, 5), &dev)?.to_dtype(dt)?)?;
+                let b = Var::from_tensor(&Tensor::randn(0f64, 1.0, n, &dev)?.to_dtype(dt)?)?;
+                let probe = Tensor::randn(0f64, 1.0, (xs.0, xs.1, n), &dev)?.to_dtype(dt)?;
+                let fused = linear_gelu(&x, &w, &b)?;
+                let plain = crate::ops::gelu_erf(&linear(&x, &w, Some(&b))?)?;
+                let same = |a: &Tensor, b: &Tensor| -> Result<bool> {
+                    let d = (a - b)?.abs()?.to_dtype(DType::F64)?.max_all()?;
+                    Ok(a.dims() == b.dims() && d.to_scalar::<f64>()? == 0.0)
+                };
+                assert!(same(&fused, &plain)?, "{dt:?} forward");
+                let loss = (&fused * &probe)?.sum_all()?;
+                let gp = (&plain * &probe)?.sum_all()?.backward()?;
+                for pass in 0..2 {
+                    let gf = loss.backward()?;
+                    for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+                        let (a, b) = (gf.get(v).unwrap(), gp.get(v).unwrap());
+                        assert!(same(a, b)?, "{dt:?} d{name}, backward {pass}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn matches_composed_linear() -> Result<()> {
         let dev = Device::Cpu;

@@ -24,7 +24,7 @@ pub use gelu::gelu_erf;
 pub use grouped_linear::{grouped_linear, WeightLayout};
 pub use heads::{heads_av, heads_qk};
 pub use layer_norm::layer_norm;
-pub use linear::linear;
+pub use linear::{linear, linear_gelu};
 pub use normalize::{normalize, normalize_groups};
 pub use window_softmax::{window_logits, window_softmax};
 pub use windows::{merge_windows, partition_windows, window_partition, window_reverse};
