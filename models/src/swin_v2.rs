@@ -712,14 +712,21 @@ pub(crate) fn dropout(
     x * m
 }
 
-/// Stochastic depth on `[B, ...]`: per-sample Bernoulli(keep), scaled by 1/keep (timm DropPath).
-fn drop_path(x: &Tensor, p: f64, rng: &SharedRng, train: bool) -> candle_core::Result<Tensor> {
+/// `x + drop_path(y)`: stochastic depth on `[B, ...]`, per-sample Bernoulli(keep) scaled by 1/keep
+/// (timm DropPath), then the residual add.
+fn residual_drop_path(
+    x: &Tensor,
+    y: &Tensor,
+    p: f64,
+    rng: &SharedRng,
+    train: bool,
+) -> candle_core::Result<Tensor> {
     if !train || p <= 0.0 {
-        return Ok(x.clone());
+        return x + y;
     }
     let keep = 1.0 - p;
     let b = x.dim(0)?;
-    let m: Vec<f32> = rng.with(|g| {
+    let scales: Vec<f32> = rng.with(|g| {
         (0..b)
             .map(|_| {
                 if g.random::<f64>() < keep {
@@ -730,10 +737,9 @@ fn drop_path(x: &Tensor, p: f64, rng: &SharedRng, train: bool) -> candle_core::R
             })
             .collect()
     });
-    let mut shape = vec![1usize; x.rank()];
-    shape[0] = b;
-    let m = Tensor::from_vec(m, shape, x.device())?.to_dtype(x.dtype())?;
-    x.broadcast_mul(&m)
+    // one node (ops::residual): candle's broadcast_mul backward would also build a full-size
+    // gradient for the broadcast scales
+    crate::ops::residual(x, y, &scales)
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1022,12 +1028,8 @@ impl Block {
         let a = self.attn.forward(&win, &g, &self.rng, train)?;
         let a = crate::ops::merge_windows(&a, ws, s, (h, w))?;
         debug_assert_eq!(a.dim(0)?, b);
-        let x = (x + drop_path(
-            &self.norm1.forward(&a, train)?,
-            self.drop_path,
-            &self.rng,
-            train,
-        )?)?;
+        let a = self.norm1.forward(&a, train)?;
+        let x = residual_drop_path(x, &a, self.drop_path, &self.rng, train)?;
         let m = match &self.mlp {
             Ffn::Dense(mlp) => mlp.forward(&x, &self.rng, train)?,
             Ffn::Moe(moe, collector) => {
@@ -1048,7 +1050,7 @@ impl Block {
             }
         };
         let m = self.norm2.forward(&m, train)?;
-        x + drop_path(&m, self.drop_path, &self.rng, train)?
+        residual_drop_path(&x, &m, self.drop_path, &self.rng, train)
     }
 }
 

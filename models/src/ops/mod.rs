@@ -16,6 +16,7 @@ mod heads;
 mod layer_norm;
 mod linear;
 mod normalize;
+mod residual;
 mod window_softmax;
 mod windows;
 
@@ -26,6 +27,7 @@ pub use heads::{heads_av, heads_qk};
 pub use layer_norm::layer_norm;
 pub use linear::{linear, linear_gelu};
 pub use normalize::{normalize, normalize_groups};
+pub use residual::residual;
 pub use window_softmax::{window_logits, window_softmax};
 pub use windows::{merge_windows, partition_windows, window_partition, window_reverse};
 
