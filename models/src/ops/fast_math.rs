@@ -37,6 +37,13 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 /// `erf(x)` for f32: `sign(x) (1 - (a1 t + ... + a5 t^5) e^{-x^2})`, `t = 1 / (1 + p |x|)`.
 #[inline(always)]
 pub(crate) fn erf_f32(x: f32) -> f32 {
+    erf_and_gauss_f32(x).0
+}
+
+/// `(erf(x), e^{-x^2})`: the formula of [`erf_f32`] computes the Gaussian on the way, which
+/// GELU's backward needs as well (its density at `x sqrt 2`).
+#[inline(always)]
+pub(crate) fn erf_and_gauss_f32(x: f32) -> (f32, f32) {
     const P: f32 = 0.327_591_1;
     const A1: f32 = 0.254_829_6;
     const A2: f32 = -0.284_496_74;
@@ -46,7 +53,8 @@ pub(crate) fn erf_f32(x: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + P * a);
     let poly = ((((A5 * t + A4) * t + A3) * t + A2) * t + A1) * t;
-    (1.0 - poly * exp_f32(-a * a)).copysign(x)
+    let gauss = exp_f32(-a * a);
+    ((1.0 - poly * gauss).copysign(x), gauss)
 }
 
 #[cfg(test)]

@@ -78,11 +78,12 @@ mimlab_engine::wide_kernel! {
 fn bwd_kernel<T: Real>(x: &[T], g: &[T], out: &mut [T]) {
     let half = T::from_f64(0.5);
     let r2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
-    let neg_half = T::from_f64(-0.5);
     let inv_sqrt_2pi = T::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt());
     for (o, (&v, &gv)) in out.iter_mut().zip(x.iter().zip(g)) {
-        let cdf = half * ((v * r2).erf_fast() + T::one());
-        let pdf = (neg_half * v * v).exp_fast() * inv_sqrt_2pi;
+        // erf(v / sqrt 2) and e^{-v^2 / 2} from one exp
+        let (erf, gauss) = (v * r2).erf_gauss_fast();
+        let cdf = half * (erf + T::one());
+        let pdf = gauss * inv_sqrt_2pi;
         *o = gv * (cdf + v * pdf);
     }
 }
@@ -189,8 +190,9 @@ mod tests {
             let v = std::hint::black_box(x[i]);
             let want = ((v * r2).erf_fast() + 1.0) * 0.5 * v;
             assert_eq!(y[i].to_bits(), want.to_bits(), "forward at x = {v}");
-            let cdf = 0.5 * ((v * r2).erf_fast() + 1.0);
-            let pdf = (-0.5 * v * v).exp_fast() * inv_sqrt_2pi;
+            let (erf, gauss) = (v * r2).erf_gauss_fast();
+            let cdf = 0.5 * (erf + 1.0);
+            let pdf = gauss * inv_sqrt_2pi;
             let want = g[i] * (cdf + v * pdf);
             assert_eq!(dx[i].to_bits(), want.to_bits(), "backward at x = {v}");
         }

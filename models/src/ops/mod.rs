@@ -38,22 +38,19 @@ pub fn is_fused(x: &Tensor) -> bool {
 
 /// The float math the kernels need, for f32 and f64.
 pub(crate) trait Real: WithDType {
-    fn exp(self) -> Self;
     fn sqrt(self) -> Self;
     fn fmax(self, other: Self) -> Self;
     /// Error function. f32: the vectorizable [`fast_math::erf_f32`]; f64: exact (libm `erf`).
     fn erf_fast(self) -> Self;
     /// f32: the vectorizable [`fast_math::exp_f32`]; f64: exact.
     fn exp_fast(self) -> Self;
+    /// `(erf(x), e^{-x^2})`, as [`Real::erf_fast`] and [`Real::exp_fast`] (f32: one `exp`).
+    fn erf_gauss_fast(self) -> (Self, Self);
 }
 
 macro_rules! real {
-    ($t:ty, $erf_fast:path, $exp_fast:path) => {
+    ($t:ty, $erf_fast:path, $exp_fast:path, $erf_gauss:path) => {
         impl Real for $t {
-            #[inline(always)]
-            fn exp(self) -> Self {
-                <$t>::exp(self)
-            }
             #[inline(always)]
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
@@ -70,11 +67,25 @@ macro_rules! real {
             fn exp_fast(self) -> Self {
                 $exp_fast(self)
             }
+            #[inline(always)]
+            fn erf_gauss_fast(self) -> (Self, Self) {
+                $erf_gauss(self)
+            }
         }
     };
 }
-real!(f32, fast_math::erf_f32, fast_math::exp_f32);
-real!(f64, libm::erf, f64::exp);
+real!(
+    f32,
+    fast_math::erf_f32,
+    fast_math::exp_f32,
+    fast_math::erf_and_gauss_f32
+);
+real!(f64, libm::erf, f64::exp, erf_gauss_f64);
+
+/// `(erf(x), e^{-x^2})` in f64, exact (libm).
+fn erf_gauss_f64(x: f64) -> (f64, f64) {
+    (libm::erf(x), (-x * x).exp())
+}
 
 /// The contiguous data of a custom op's input.
 fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
@@ -158,6 +169,7 @@ where
 
 /// `sum f(x_i)` with 8 interleaved accumulators, so that it vectorizes (a plain fold is one
 /// serial chain of adds under IEEE rules); the rounding is pairwise-like, no worse than a fold.
+#[inline(always)]
 fn lane_sum<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
     let mut acc = [T::zero(); 8];
     let mut chunks = x.chunks_exact(8);
@@ -173,7 +185,22 @@ fn lane_sum<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
     acc.into_iter().fold(s, |s, a| s + a)
 }
 
+/// `max x_i` with 8 lanes, as [`lane_sum`] (max is exact in any order); -inf when empty.
+#[inline(always)]
+fn lane_max<T: Real>(x: &[T]) -> T {
+    let mut acc = [T::from_f64(f64::NEG_INFINITY); 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = a.fmax(v);
+        }
+    }
+    let m = chunks.remainder().iter().fold(acc[0], |m, &v| m.fmax(v));
+    acc[1..].iter().fold(m, |m, &a| m.fmax(a))
+}
+
 /// `sum a_i b_i`, as [`lane_sum`].
+#[inline(always)]
 fn lane_dot<T: Real>(a: &[T], b: &[T]) -> T {
     let mut acc = [T::zero(); 8];
     let (mut ca, mut cb) = (a.chunks_exact(8), b.chunks_exact(8));

@@ -6,7 +6,9 @@
 //! leading-dim reduction.
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-use super::{dispatch, lane_dot, par_items, slice, storage, sum_partials, unpack, Real};
+use super::{
+    dispatch, lane_dot, lane_max, lane_sum, par_items, slice, storage, sum_partials, unpack, Real,
+};
 
 /// `softmax(attn * scale[h] + bias[h] + mask[w])` over the last dim, Swin-V2 window attention.
 ///
@@ -105,18 +107,23 @@ fn softmax_map<T: Real>(y: &mut [T], a: &[T], s: T, bias: &[T], mask: Option<&[T
                 *o += mv;
             }
         }
-        let max = yr
-            .iter()
-            .fold(T::from_f64(f64::NEG_INFINITY), |m, &v| m.fmax(v));
-        let mut sum = T::zero();
-        for o in yr.iter_mut() {
-            *o = (*o - max).exp();
-            sum += *o;
-        }
-        for o in yr.iter_mut() {
-            *o /= sum;
-        }
+        softmax_row(yr);
     }
+}
+
+mimlab_engine::wide_kernel! {
+/// `y = softmax(y)` in place: 8-lane max and sum, f32 with the vectorizable `exp_f32`
+/// (relative error < 3e-7; libm's scalar `expf` was ~2% of a micro SimMIM step).
+fn softmax_row<T: Real>(y: &mut [T]) {
+    let max = lane_max(y);
+    for o in y.iter_mut() {
+        *o = (*o - max).exp_fast();
+    }
+    let sum = lane_sum(y, |v| v);
+    for o in y.iter_mut() {
+        *o /= sum;
+    }
+}
 }
 
 fn forward<T: Real>(
