@@ -1276,11 +1276,11 @@ impl SwinV2 {
         let cols = x
             .reshape((b, ci, hp, p, wp, p))?
             .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b * hp * wp, ci * p * p))?;
+            .reshape((b, hp, wp, ci * p * p))?;
         let wt = self.patch_w.reshape((self.cfg.embed_dim, ci * p * p))?;
-        cols.matmul(&wt.t()?)?
-            .broadcast_add(&self.patch_b)?
-            .reshape((b, hp, wp, self.cfg.embed_dim))
+        // ops::linear: candle's broadcast_add backward would sum the bias gradient over every
+        // patch with its strided reduction
+        crate::ops::linear(&cols, &wt, Some(&self.patch_b))
     }
 
     /// Runs the backbone. `mask`: optional `[B, H/patch, W/patch]` (1 = masked), replaced by
@@ -1322,9 +1322,8 @@ impl SwinV2 {
                 "mask has shape {:?}, expected [{b}, {hp}, {wp}] (one value per patch)",
                 m.dims()
             );
-            let m = m.to_dtype(x.dtype())?.unsqueeze(3)?; // (B, Hp, Wp, 1)
-            let keep = m.affine(-1.0, 1.0)?;
-            x = (x.broadcast_mul(&keep)? + m.broadcast_mul(tok)?)?;
+            // x (1 - m) + tok m as one node (ops::mask_token)
+            x = crate::ops::mask_token(&x, tok, m)?;
         }
         x = dropout(&x, self.cfg.drop_rate, &self.rng, train)?;
         let mut stages = Vec::with_capacity(self.layers.len());
