@@ -7,14 +7,15 @@
 //! mimlab's f32 GELU matches what PyTorch computes on the CPU to the same accuracy.
 
 /// `e^x` for f32 (Cephes `expf`: round-to-nearest range reduction, degree-6 polynomial; relative
-/// error < 3e-7 on [-87, 88]); below -87.3 it returns ~0, above 88.7 it saturates at 88.7's value.
+/// error < 3e-7 on [-87, 88.37]); below -87.3 it returns ~0, above 88.37 it saturates at
+/// e^88.37 ~ 2.4e38 (the clamp keeps n <= 127: at n = 128 the exponent bits would make inf).
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const C1: f32 = 0.693_359_4; // ln 2 split in two for an exact n * ln2
     const C2: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
-    let x = x.clamp(-87.336_55, 88.722_83);
+    let x = x.clamp(-87.336_55, 88.37);
     // t = ROUND + round(x log2 e): n sits in t's low mantissa bits (|n| < 2^22)
     let t = x * LOG2E + ROUND;
     let n = t - ROUND;
@@ -26,7 +27,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5; // Cephes: 5.0000001201e-1, which rounds to 0.5 in f32
     let y = p * r * r + r + 1.0;
-    // 2^n by building the exponent bits (n in [-126, 128] after the clamp). n is read off t's
+    // 2^n by building the exponent bits (n in [-126, 127] after the clamp). n is read off t's
     // bits with integer ops: `n as i32` is a saturating conversion that LLVM leaves scalar, one
     // lane at a time, which kept the GELU loops from vectorizing.
     let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
@@ -89,5 +90,10 @@ mod tests {
         assert!(erf_f32(0.0).abs() < 1e-7);
         assert_eq!(exp_f32(0.0), 1.0);
         assert_eq!(exp_f32(-200.0), exp_f32(-87.336_55));
+        // the top of the range stays finite and saturates (it was inf on [88.38, 88.72])
+        for x in [88.3f32, 88.37, 88.5, 88.72, 1e4] {
+            let e = exp_f32(x);
+            assert!(e.is_finite() && e >= exp_f32(88.3), "exp_f32({x}) = {e}");
+        }
     }
 }
