@@ -552,18 +552,15 @@ mod tests {
                 let probe = Tensor::randn(0f64, 1.0, (xs.0, xs.1, n), &dev)?.to_dtype(dt)?;
                 let fused = linear_gelu(&x, &w, &b)?;
                 let plain = crate::ops::gelu_erf(&linear(&x, &w, Some(&b))?)?;
-                let same = |a: &Tensor, b: &Tensor| -> Result<bool> {
-                    let d = (a - b)?.abs()?.to_dtype(DType::F64)?.max_all()?;
-                    Ok(a.dims() == b.dims() && d.to_scalar::<f64>()? == 0.0)
-                };
-                assert!(same(&fused, &plain)?, "{dt:?} forward");
+                assert_eq!(fused.dims(), plain.dims());
+                assert_eq!(rel_diff(&fused, &plain)?, 0.0, "{dt:?} forward");
                 let loss = (&fused * &probe)?.sum_all()?;
                 let gp = (&plain * &probe)?.sum_all()?.backward()?;
                 for pass in 0..2 {
                     let gf = loss.backward()?;
                     for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
                         let (a, b) = (gf.get(v).unwrap(), gp.get(v).unwrap());
-                        assert!(same(a, b)?, "{dt:?} d{name}, backward {pass}");
+                        assert_eq!(rel_diff(a, b)?, 0.0, "{dt:?} d{name}, backward {pass}");
                     }
                 }
             }

@@ -8,7 +8,7 @@
 //! order).
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::{dispatch, is_fused, par_items, slice, storage, sum_partials, Real};
+use super::{dispatch, is_fused, par_items, slice, storage, sum_partials, unpack, Real};
 
 /// `x * (1 - m) + tok * m` per row of `x [.., C]`: `mask` has one value per row (shape `x`'s
 /// leading dims, or with a trailing 1), `tok` has `C` elements (e.g. `[1, 1, C]`). The output has
@@ -102,10 +102,8 @@ impl CustomOp2 for MaskToken {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let packed = g.contiguous()?.apply_op1_no_bwd(&MaskTokenBwd(self))?;
-        let n = g.elem_count();
-        let dx = packed.narrow(0, 0, n)?.reshape(g.shape())?;
-        let dtok = packed.narrow(0, n, self.c)?.reshape(tok.shape())?;
-        Ok((Some(dx), Some(dtok)))
+        let mut d = unpack(&packed, &[g.shape(), tok.shape()])?.into_iter();
+        Ok((d.next(), d.next()))
     }
 }
 

@@ -138,6 +138,7 @@ impl CustomOp1 for Scale<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::rel_diff;
     use candle_core::{DType, Device, Var};
 
     /// Bitwise the composed `x + y.broadcast_mul(s)`: forward and both gradients, f32 and f64,
@@ -155,16 +156,12 @@ mod tests {
                 let fused = residual(&x, &y, &scales)?;
                 let s = Tensor::from_vec(scales.clone(), (3, 1, 1, 1), &dev)?.to_dtype(dt)?;
                 let plain = (x.as_tensor() + y.broadcast_mul(&s)?)?;
-                let same = |a: &Tensor, b: &Tensor| -> Result<bool> {
-                    let d = (a - b)?.abs()?.to_dtype(DType::F64)?.max_all()?;
-                    Ok(d.to_scalar::<f64>()? == 0.0)
-                };
-                assert!(same(&fused, &plain)?, "{dt:?} {scales:?} forward");
+                assert_eq!(rel_diff(&fused, &plain)?, 0.0, "{dt:?} {scales:?} forward");
                 let gf = (&fused * &probe)?.sum_all()?.backward()?;
                 let gp = (&plain * &probe)?.sum_all()?.backward()?;
                 for (name, v) in [("x", &x), ("y", &y)] {
                     let (a, b) = (gf.get(v).unwrap(), gp.get(v).unwrap());
-                    assert!(same(a, b)?, "{dt:?} {scales:?} d{name}");
+                    assert_eq!(rel_diff(a, b)?, 0.0, "{dt:?} {scales:?} d{name}");
                 }
             }
         }
