@@ -48,30 +48,17 @@ impl Ema {
         let square = self.square;
         dst.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
-            .for_each(|(d, g)| {
-                if square {
-                    ema_sq(d, g, b, c)
-                } else {
-                    ema(d, g, b, c)
-                }
-            });
+            .for_each(|(d, g)| ema(d, g, b, c, square));
     }
 }
 
 crate::wide_kernel! {
-/// `d = d * b + g * c`.
-fn ema<T: WithDType>(d: &mut [T], g: &[T], b: T, c: T) {
+/// `d = d * b + g' * c`, `g' = g * g` if `square` else `g` (the branch is loop-invariant: LLVM
+/// unswitches it).
+fn ema<T: WithDType>(d: &mut [T], g: &[T], b: T, c: T, square: bool) {
     for (d, &g) in d.iter_mut().zip(g) {
+        let g = if square { g * g } else { g };
         *d = *d * b + g * c;
-    }
-}
-}
-
-crate::wide_kernel! {
-/// `d = d * b + (g * g) * c`.
-fn ema_sq<T: WithDType>(d: &mut [T], g: &[T], b: T, c: T) {
-    for (d, &g) in d.iter_mut().zip(g) {
-        *d = *d * b + (g * g) * c;
     }
 }
 }
@@ -100,7 +87,7 @@ impl InplaceOp2 for Ema {
 
 impl Update {
     fn run<T: WithDType>(&self, p: &mut [T], m: &[T], v: &[T]) {
-        let decay = self.decay.map(T::from_f64);
+        let decay = T::from_f64(self.decay.unwrap_or(1.0));
         let (inv, eps, step) = (
             T::from_f64(self.inv_bc2_sqrt),
             T::from_f64(self.eps),
@@ -108,31 +95,18 @@ impl Update {
         );
         p.par_chunks_mut(CHUNK)
             .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
-            .for_each(|(p, (m, v))| match decay {
-                Some(d) => update_decay(p, m, v, [d, inv, eps, step]),
-                None => update(p, m, v, [inv, eps, step]),
-            });
+            .for_each(|(p, (m, v))| update(p, m, v, [decay, inv, eps, step]));
     }
 }
 
 crate::wide_kernel! {
-/// `p = p * d - (m / (sqrt(v) * inv + eps)) * step`.
-fn update_decay<T: WithDType>(p: &mut [T], m: &[T], v: &[T], k: [T; 4]) {
-    let [d, inv, eps, step] = k;
+/// `p = p * decay - (m / (sqrt(v) * inv + eps)) * step` (`decay` 1 without weight decay:
+/// `p * 1 = p` exactly, so the bits equal the tensor path's, which skips the product).
+fn update<T: WithDType>(p: &mut [T], m: &[T], v: &[T], k: [T; 4]) {
+    let [decay, inv, eps, step] = k;
     for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
         let denom = v.sqrt_() * inv + eps;
-        *p = *p * d - (m / denom) * step;
-    }
-}
-}
-
-crate::wide_kernel! {
-/// `p = p - (m / (sqrt(v) * inv + eps)) * step`.
-fn update<T: WithDType>(p: &mut [T], m: &[T], v: &[T], k: [T; 3]) {
-    let [inv, eps, step] = k;
-    for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-        let denom = v.sqrt_() * inv + eps;
-        *p -= (m / denom) * step;
+        *p = *p * decay - (m / denom) * step;
     }
 }
 }
