@@ -42,6 +42,11 @@ enum Cmd {
     Bench(cli::bench::BenchArgs),
 }
 
+/// Freed large blocks (activations, gradients) are kept for the next step instead of going back to
+/// the kernel and faulting in again (`engine/src/alloc.rs`).
+#[global_allocator]
+static ALLOC: mimlab_engine::alloc::CachingAlloc = mimlab_engine::alloc::CachingAlloc;
+
 fn main() {
     let cli = Cli::parse();
     mimlab_engine::device::tune_allocator();

@@ -89,8 +89,10 @@ pub fn time_iters(iters: Iters, mut f: impl FnMut() -> Result<()>) -> Result<Vec
 /// resident set, so that [`peak_rss_mib`] afterwards reports the peak of what follows.
 ///
 /// `malloc_trim` matters because [`crate::device::tune_allocator`] keeps freed buffers in the
-/// process: without it the previous row's buffers would count as this row's baseline.
+/// process: without it the previous row's buffers would count as this row's baseline. The same
+/// for the large blocks [`crate::alloc::CachingAlloc`] keeps.
 pub fn reset_peak_rss() {
+    crate::alloc::release();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free memory to the kernel.
     unsafe {

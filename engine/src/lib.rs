@@ -1,6 +1,7 @@
 //! Shared training machinery of mimlab: the pipeline stages every objective uses.
 //!
 //! data -> (objective, in its own crate) -> optim -> trainer -> log
+pub mod alloc;
 pub mod bench;
 pub mod config;
 pub mod data;
