@@ -1,9 +1,14 @@
 //! GFLOP/s of a linear layer's gemms on the shapes of `swinv2_tiny_window8_256` at 128 px, batch 8
-//! (tokens x in -> out): candle's matmul for the forward `x @ w^T` and the backward's `g @ w` and
+//! (tokens x in -> out; the first three rows: stage 1 at 256 px): candle's matmul for the forward `x @ w^T` and the backward's `g @ w` and
 //! `g^T @ x`, against [`mimlab_models::ops::linear`]'s forward (bias included). Run:
 //! `cargo run --release -p mimlab-models --example gemm_probe -- [THREADS]` (default 2).
 use candle_core::{Device, Result, Tensor};
 use std::time::Instant;
+
+/// As in the `mimlab` binary: outputs of >= 32 MiB (the 32768-row shapes) reuse freed blocks
+/// instead of faulting in fresh pages every call.
+#[global_allocator]
+static ALLOC: mimlab_engine::alloc::CachingAlloc = mimlab_engine::alloc::CachingAlloc;
 
 fn time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
@@ -31,6 +36,9 @@ fn main() -> Result<()> {
             "shape", "x@w^T", "g@w", "g^T@x", "ops::linear"
         );
         for (m, k, n) in [
+            (32768, 96, 384),
+            (32768, 384, 96),
+            (32768, 96, 288),
             (8192, 96, 384),
             (8192, 384, 96),
             (8192, 96, 96),
