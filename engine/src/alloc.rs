@@ -63,7 +63,8 @@ impl BlockCache {
     }
 
     /// Bytes held idle now.
-    pub fn idle_bytes(&self) -> usize {
+    #[cfg(test)]
+    fn idle_bytes(&self) -> usize {
         self.idle().bytes
     }
 

@@ -72,14 +72,15 @@ pub fn with_cpu_threads<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> R {
 ///
 /// glibc hands allocations above its mmap threshold (128 KiB, adapting upwards) back to the kernel
 /// on `free`, so each step page-faults its activations in again. Raising the threshold to glibc's
-/// maximum (32 MiB) and disabling trimming measured 19.3 s -> 16.2 s for 60 steps of
+/// maximum (32 MiB, [`crate::alloc::LARGE`]: blocks from there up are the binary's
+/// `CachingAlloc`'s to keep) and disabling trimming measured 19.3 s -> 16.2 s for 60 steps of
 /// `configs/simmim/swinv2_nano_fmnist.yaml` on 2 cores (sys time 5.0 s -> 1.4 s), same losses.
 /// Call it at process start, before other threads allocate.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called once at start-up.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, crate::alloc::LARGE as i32);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         // One heap for all threads: the step runs on a rayon worker (`with_cpu_threads`), whose
         // own glibc arena would keep a second set of freed activations (tiny_w8 256 px SimMIM
