@@ -204,14 +204,17 @@ unsafe fn gemm1<T: Real>(
     )
 }
 
-/// [`gemm1`] cut into row or column blocks ([`split_rows`], [`per_task`]) on rayon.
+/// [`gemm1`] cut into row or column blocks ([`split_rows`], [`per_task`]) on rayon; with `bias`,
+/// each task first writes the bias into its block of the output (so the fill runs on all threads,
+/// and the gemm reads it back while it is still cached) and adds the product to it.
 ///
 /// # Safety
-/// As [`gemm1`], for the whole `[m, n]` output.
+/// As [`gemm1`], for the whole `[m, n]` output (uninitialized is fine: every element is written);
+/// `bias` has `n` elements.
 unsafe fn par_gemm<T: Real>(
     (m, n, k): (usize, usize, usize),
     dst: Out<T>,
-    read: bool,
+    bias: Option<&[T]>,
     a: Mat<T>,
     b: Mat<T>,
 ) {
@@ -221,30 +224,43 @@ unsafe fn par_gemm<T: Real>(
     (0..tasks).into_par_iter().for_each(|t| {
         let at = t * per;
         // SAFETY: block `t` is rows (or columns) `at..at + len` of the output, disjoint from the
-        // other tasks' blocks, and of `a` (or `b`) inside the caller's matrices.
+        // other tasks' blocks, and of `a` (or `b`) inside the caller's matrices; the bias rows
+        // written below are that block's.
         unsafe {
             if rows {
                 let len = per.min(m - at);
                 let d = dst.skip(at * dst.ld);
-                gemm1((len, n, k), d, read, a.at(at, 0), b)
+                if let Some(bias) = bias {
+                    fill_rows(d, len, bias);
+                }
+                gemm1((len, n, k), d, bias.is_some(), a.at(at, 0), b)
             } else {
                 let len = per.min(n - at);
                 let d = dst.skip(at);
-                gemm1((m, len, k), d, read, a, b.at(0, at))
+                if let Some(bias) = bias {
+                    fill_rows(d, m, &bias[at..at + len]);
+                }
+                gemm1((m, len, k), d, bias.is_some(), a, b.at(0, at))
             }
         }
     });
+}
+
+/// Writes `row` into each of `rows` rows of `dst` (from each row's first element on).
+///
+/// # Safety
+/// `dst` addresses `rows` rows of at least `row.len()` elements `ld` apart.
+unsafe fn fill_rows<T: Real>(dst: Out<T>, rows: usize, row: &[T]) {
+    for r in 0..rows {
+        // SAFETY: row `r` of `dst` has room for `row.len()` elements (caller).
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.ptr.add(r * dst.ld), row.len()) }
+    }
 }
 
 /// `x [m, k] @ w[n, k]^T (+ b) -> [m, n]`, the bias as gemm's initial output (no zero fill
 /// without it).
 fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, (m, k, n): (usize, usize, usize)) -> Vec<T> {
     let mut out: Vec<T> = Vec::with_capacity(m * n);
-    if let Some(b) = b {
-        for _ in 0..m {
-            out.extend_from_slice(b);
-        }
-    }
     let xm = Mat::row_major(x, k);
     // w^T: (kk, j) at j * k + kk
     let wt = Mat::transposed(w, k);
@@ -252,11 +268,11 @@ fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, (m, k, n): (usize, usize,
         ptr: out.as_mut_ptr(),
         ld: n,
     };
-    // SAFETY: `out` has room for `m x n` (filled with the bias rows when read); `x` is the
-    // contiguous `[m, k]`, `w` the contiguous `[n, k]`.
+    // SAFETY: `out` has room for `m x n`; `x` is the contiguous `[m, k]`, `w` the contiguous
+    // `[n, k]`, `b` has `n` elements.
     unsafe {
-        par_gemm((m, n, k), dst, b.is_some(), xm, wt);
-        // every element written by the bias fill or a gemm (read_dst = false)
+        par_gemm((m, n, k), dst, b, xm, wt);
+        // every element written by a task's bias fill or its gemm (read_dst = false)
         out.set_len(m * n);
     }
     out
@@ -286,7 +302,7 @@ fn backward<T: Real>(
                 ptr: out.as_mut_ptr(),
                 ld: k,
             },
-            false,
+            None,
             gm,
             wm,
         );
@@ -333,7 +349,7 @@ fn backward<T: Real>(
         // SAFETY: `tail` has room for the `n x k` dw, all written (read_dst = false); `gt` is
         // `n x m`, `xm` `m x k`; db's `nb` elements follow, copied in before the length is set.
         unsafe {
-            par_gemm((n, k, m), tail, false, gt, xm);
+            par_gemm((n, k, m), tail, None, gt, xm);
             let db = column_sums(g, nb);
             std::ptr::copy_nonoverlapping(db.as_ptr(), tail.ptr.add(n * k), nb);
             out.set_len(m * k + n * k + nb);
