@@ -277,7 +277,8 @@ def main():
               f"{spread:>19} {r['images_per_s']:>9.1f} {r['peak_rss_mib']:>9.0f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(tool="pytorch", threads=threads, rows=rows), f, indent=1)
+            json.dump(dict(tool="pytorch", torch=torch.__version__, threads=threads, rows=rows), f,
+                      indent=1)
 
 
 if __name__ == "__main__":
