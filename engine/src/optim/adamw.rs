@@ -395,9 +395,16 @@ mod tests {
     }
 
     /// The in-place CPU kernels give exactly the tensor-op path's parameters and moments (f32,
-    /// weight decay and lr scales, more elements than one parallel chunk).
+    /// weight decay and lr scales, more elements than one parallel chunk), with each copy of the
+    /// kernels this CPU runs (baseline, AVX2, AVX-512).
     #[test]
     fn fused_update_is_bit_identical_to_tensor_ops() {
+        for level in crate::simd::levels() {
+            crate::simd::with_max_level(level, fused_update_matches_tensor_ops);
+        }
+    }
+
+    fn fused_update_matches_tensor_ops() {
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let dev = Device::Cpu;
         let n = 70_000;

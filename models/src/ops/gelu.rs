@@ -172,10 +172,16 @@ mod tests {
         Ok(())
     }
 
-    /// The kernels run 8 lanes wide (AVX2) where the CPU has it; every element must still be
-    /// the bits of the scalar formula computed one element at a time.
+    /// The kernels run 8 or 16 lanes wide (AVX2, AVX-512) where the CPU has it; every copy must
+    /// give each element the bits of the scalar formula computed one element at a time.
     #[test]
     fn wide_kernels_give_the_scalar_bits() {
+        for level in mimlab_engine::simd::levels() {
+            mimlab_engine::simd::with_max_level(level, kernels_give_the_scalar_bits);
+        }
+    }
+
+    fn kernels_give_the_scalar_bits() {
         let x: Vec<f32> = (0..1037)
             .map(|i| -12.0 + 24.0 * i as f32 / 1036.0)
             .collect();
