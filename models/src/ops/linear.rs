@@ -91,25 +91,52 @@ fn checked_dims(
     Ok((out, (x.elem_count() / k.max(1), k, n)))
 }
 
-/// Rows (or columns) per gemm task: at most 16 blocks of whole 16-row microkernel tiles, each at
-/// least 64. A function of the sizes alone, never of the thread count: `dw` and `db` are partial
-/// sums per row block, added in block order, so results are the same on any machine.
-fn per_task(len: usize) -> usize {
-    // tests: small blocks, so that their small shapes run the multi-block paths
-    const TILE: usize = if cfg!(test) { 1 } else { 16 };
-    len.div_ceil(16)
-        .next_multiple_of(TILE)
-        .max(MIN_BLOCK)
-        .min(len.max(1))
+/// The blocks `[bounds[i], bounds[i + 1])` of `len` rows (or columns) that the forward's and
+/// `dx`'s gemms are cut into: two per rayon thread, or more of at most [`MAX_BLOCK`], at least
+/// [`MIN_BLOCK`] (the last within 16 of it), starting at multiples of 16. Each block's gemm
+/// packs all of the shared operand (the weight, or `x` for column blocks), so fewer blocks pack
+/// less. tiny_w8 at 256 px, batch 8, the linear layers' kernels forward + backward on 2
+/// threads (`models/examples/gemm_probe.rs`): 202 ms with the rule before (16 blocks of at
+/// least 64), 190 ms with this one; blocks of 1,024 or ~370 rows ran some of gemm's shapes at
+/// half speed.
+///
+/// The thread count only moves the block edges, never a result: each output element is one
+/// gemm's dot product over the whole `k`, in gemm's `kc` chunks, which depend on `k` and the
+/// CPU's caches alone, unless a block is at most 64 x 64 (gemm's small-matrix path takes `kc =
+/// min(k, 512)`). Blocks of at least `MIN_BLOCK - 16 > 64` rows or columns never are, and a
+/// dimension too short to cut stays one block whatever the thread count.
+fn blocks(len: usize) -> Vec<usize> {
+    let per = len
+        .div_ceil(2 * rayon::current_num_threads())
+        .min(MAX_BLOCK);
+    let nb = (len / MIN_BLOCK).clamp(1, len.div_ceil(per.max(1)));
+    let mut bounds: Vec<usize> = (0..nb).map(|i| i * len / nb / 16 * 16).collect();
+    bounds.push(len);
+    bounds
 }
 
-const MIN_BLOCK: usize = if cfg!(test) { 2 } else { 64 };
+/// The shortest block [`blocks`] cuts (see there for why it is over 64).
+const MIN_BLOCK: usize = 128;
+/// The longest block [`blocks`] cuts.
+const MAX_BLOCK: usize = 512;
+
+/// Rows per partial sum of `dw` and `db` ([`backward`]): at most 16 partials, each of at least
+/// [`MIN_PARTIAL`] rows. A function of `m` alone, never of the thread count: the partials are
+/// added in block order, so results are the same with any number of threads.
+fn rows_per_partial(m: usize) -> usize {
+    m.div_ceil(16).next_multiple_of(16).max(MIN_PARTIAL)
+}
+
+/// At least this many rows per partial `dw`: fewer, larger partials cost less to write and add
+/// (tiny_w8's stage 3 at 256 px, 2048 rows: 4 partials instead of 16). Small in tests, so that
+/// their small shapes sum several partials.
+const MIN_PARTIAL: usize = if cfg!(test) { 32 } else { 512 };
 
 /// Whether a `[m, n]` output is cut into row blocks (else column blocks): rows while there are
-/// enough of them, so that a few-token stage (m = 128 rows at tiny_w8's last stage) does not leave
-/// one thread one 64-row gemm over the whole weight.
+/// enough of them, so that a few-token stage (m = 512 rows at tiny_w8's last stage at 256 px,
+/// against a 3072 x 768 weight) is cut along the weight's larger side.
 fn split_rows(m: usize, n: usize) -> bool {
-    m >= n || m >= 16 * MIN_BLOCK
+    m >= n || m >= 8 * MIN_BLOCK
 }
 
 /// A `[rows, cols]` matrix at `ptr` with row and column strides (in elements).
@@ -204,9 +231,9 @@ unsafe fn gemm1<T: Real>(
     )
 }
 
-/// [`gemm1`] cut into row or column blocks ([`split_rows`], [`per_task`]) on rayon; with `bias`,
-/// each task first writes the bias into its block of the output (so the fill runs on all threads,
-/// and the gemm reads it back while it is still cached) and adds the product to it.
+/// [`gemm1`] cut into row or column [`blocks`] ([`split_rows`]) on rayon; with `bias`, each task
+/// first writes the bias into its block of the output (so the fill runs on all threads, and the
+/// gemm reads it back while it is still cached) and adds the product to it.
 ///
 /// # Safety
 /// As [`gemm1`], for the whole `[m, n]` output (uninitialized is fine: every element is written);
@@ -219,23 +246,20 @@ unsafe fn par_gemm<T: Real>(
     b: Mat<T>,
 ) {
     let rows = split_rows(m, n);
-    let per = per_task(if rows { m } else { n });
-    let tasks = if rows { m } else { n }.div_ceil(per);
-    (0..tasks).into_par_iter().for_each(|t| {
-        let at = t * per;
-        // SAFETY: block `t` is rows (or columns) `at..at + len` of the output, disjoint from the
+    let bounds = blocks(if rows { m } else { n });
+    bounds.par_windows(2).for_each(|w| {
+        let (at, len) = (w[0], w[1] - w[0]);
+        // SAFETY: the block is rows (or columns) `at..at + len` of the output, disjoint from the
         // other tasks' blocks, and of `a` (or `b`) inside the caller's matrices; the bias rows
         // written below are that block's.
         unsafe {
             if rows {
-                let len = per.min(m - at);
                 let d = dst.skip(at * dst.ld);
                 if let Some(bias) = bias {
                     fill_rows(d, len, bias);
                 }
                 gemm1((len, n, k), d, bias.is_some(), a.at(at, 0), b)
             } else {
-                let len = per.min(n - at);
                 let d = dst.skip(at);
                 if let Some(bias) = bias {
                     fill_rows(d, m, &bias[at..at + len]);
@@ -259,7 +283,12 @@ unsafe fn fill_rows<T: Real>(dst: Out<T>, rows: usize, row: &[T]) {
 
 /// `x [m, k] @ w[n, k]^T (+ b) -> [m, n]`, the bias as gemm's initial output (no zero fill
 /// without it).
-fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, (m, k, n): (usize, usize, usize)) -> Vec<T> {
+pub(crate) fn forward<T: Real>(
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    (m, k, n): (usize, usize, usize),
+) -> Vec<T> {
     let mut out: Vec<T> = Vec::with_capacity(m * n);
     let xm = Mat::row_major(x, k);
     // w^T: (kk, j) at j * k + kk
@@ -279,7 +308,7 @@ fn forward<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, (m, k, n): (usize, usize,
 }
 
 /// `(x [m, k], w [n, k], g [m, n]) -> [dx (m*k) | dw (n*k) | db (n, if bias)]`.
-fn backward<T: Real>(
+pub(crate) fn backward<T: Real>(
     x: &[T],
     w: &[T],
     g: &[T],
@@ -315,10 +344,10 @@ fn backward<T: Real>(
         ptr: unsafe { out.as_mut_ptr().add(m * k) },
         ld: k,
     };
-    if split_rows(m, n) && m > per_task(m) {
+    let per = rows_per_partial(m);
+    if m > per {
         // many rows: per row block, partial dw = g_rows^T @ x_rows and partial db, added in
         // block order
-        let per = per_task(m);
         let parts: Vec<Vec<T>> = (0..m.div_ceil(per))
             .into_par_iter()
             .map(|t| {
@@ -551,9 +580,10 @@ mod tests {
     use candle_core::{DType, Device, Var};
 
     /// Equals the composed `reshape -> matmul -> broadcast_add -> reshape`, forward and all three
-    /// gradients, with and without a bias, for outputs cut into row blocks (21 rows, 4 columns)
-    /// and into column blocks (3 rows, 9 columns; tests use 2-row/column blocks), with a weight
-    /// that is a row block of a larger one (as q, k, v of the qkv weight).
+    /// gradients, with and without a bias, for outputs cut into row blocks (300 rows, 24
+    /// columns) and into column blocks (40 and 20 rows, 300 columns), `dw` from partial sums
+    /// (300 and 40 rows) and from one gemm (20 rows), with a weight that is a row block of a
+    /// larger one (as q, k, v of the qkv weight).
     /// `linear_gelu` gives the bits of `gelu_erf(linear(..))`: forward and the gradients of x,
     /// w, b (the same kernels; candle's zero-start accumulation adds exact zeros), also on a
     /// second backward through the same graph (the pre-activation is kept, not taken).
@@ -589,17 +619,19 @@ mod tests {
         let dev = Device::Cpu;
         for dt in [DType::F64, DType::F32] {
             let tol = if dt == DType::F64 { 1e-13 } else { 1e-5 };
-            let big = Var::from_tensor(&Tensor::randn(0f64, 1.0, (12, 5), &dev)?.to_dtype(dt)?)?;
-            for (xs, n) in [((3, 7, 5), 4), ((1, 3, 5), 9)] {
+            let big = Var::from_tensor(&Tensor::randn(0f64, 1.0, (310, 20), &dev)?.to_dtype(dt)?)?;
+            for (xs, n) in [((3, 100, 20), 24), ((1, 40, 20), 300), ((1, 20, 20), 300)] {
                 let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, xs, &dev)?.to_dtype(dt)?)?;
                 let b = Var::from_tensor(&Tensor::randn(0f64, 1.0, n, &dev)?.to_dtype(dt)?)?;
                 let (m, out) = (xs.0 * xs.1, (xs.0, xs.1, n));
-                assert_eq!(split_rows(m, n), n == 4, "both splits under test");
+                assert_eq!(split_rows(m, n), n == 24, "both splits under test");
+                assert_eq!(m > rows_per_partial(m), m > 20, "both dw paths under test");
+                assert!(blocks(m.max(n)).len() > 2, "several blocks under test");
                 let probe = Tensor::randn(0f64, 1.0, out, &dev)?.to_dtype(dt)?;
                 let w = big.narrow(0, 2, n)?;
                 for bias in [Some(b.as_tensor()), None] {
                     let fused = linear(&x, &w, bias)?;
-                    let y = x.reshape((m, 5))?.matmul(&w.t()?)?;
+                    let y = x.reshape((m, 20))?.matmul(&w.t()?)?;
                     let y = match bias {
                         Some(b) => y.broadcast_add(b)?,
                         None => y,
@@ -631,23 +663,28 @@ mod tests {
         Ok(())
     }
 
-    /// The blocks depend on the sizes only: forward and backward give the same bits on 1 and on
-    /// 3 threads, for row blocks (37 x 11 outputs) and column blocks (5 x 40).
+    /// Forward and backward give the same bits on 1 and on 3 threads (2 and 6 blocks), for row
+    /// blocks (800 x 11 outputs: blocks of few columns) and column blocks (20 x 800), over a
+    /// `k` that gemm sums in two chunks.
     #[test]
     fn results_do_not_depend_on_the_thread_count() -> Result<()> {
         let dev = Device::Cpu;
-        for (m, k, n) in [(37, 19, 11), (5, 19, 40)] {
+        for (m, k, n) in [(800, 600, 11), (20, 600, 800)] {
             let r =
                 |len: usize| -> Result<Vec<f32>> { Tensor::randn(0f32, 1.0, len, &dev)?.to_vec1() };
             let (x, w, b, g) = (r(m * k)?, r(n * k)?, r(n)?, r(m * n)?);
-            let blocks = if split_rows(m, n) { m } else { n };
-            assert!(per_task(blocks) < blocks / 4, "several blocks under test");
             let run = |threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()
                     .expect("thread pool");
                 pool.install(|| {
+                    let cut = blocks(if split_rows(m, n) { m } else { n }).len() - 1;
+                    assert_eq!(
+                        cut,
+                        2 * threads,
+                        "{m}x{k}->{n}: blocks on {threads} threads"
+                    );
                     (
                         forward(&x, &w, Some(&b), (m, k, n)),
                         backward(&x, &w, &g, (m, k, n), true),

@@ -27,6 +27,31 @@ pub use grouped_linear::{grouped_linear, WeightLayout};
 pub use heads::{heads_av, heads_qk};
 pub use layer_norm::layer_norm;
 pub use linear::{linear, linear_gelu};
+
+/// The f32 kernels behind [`linear`] without a graph, for `models/examples/gemm_probe.rs`.
+#[doc(hidden)]
+pub mod probe {
+    /// `x [m, k] @ w[n, k]^T (+ b)`.
+    pub fn linear_forward(
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        mkn: (usize, usize, usize),
+    ) -> Vec<f32> {
+        super::linear::forward(x, w, b, mkn)
+    }
+
+    /// `[dx | dw | db]` of `g [m, n]` at `x`, `w`.
+    pub fn linear_backward(
+        x: &[f32],
+        w: &[f32],
+        g: &[f32],
+        mkn: (usize, usize, usize),
+        bias: bool,
+    ) -> Vec<f32> {
+        super::linear::backward(x, w, g, mkn, bias)
+    }
+}
 pub use mask_token::mask_token;
 pub use normalize::{normalize, normalize_groups};
 pub use residual::residual;
