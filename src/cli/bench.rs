@@ -328,7 +328,8 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
             } else {
                 None
             };
-            // dense: the Swin-V2 block MLP fc1 -> GELU(erf) -> fc2, same init as the experts
+            // dense: the Swin-V2 block MLP fc1 -> GELU(erf) -> fc2 through the ops the model's
+            // `Mlp` uses (fc1 and its GELU as one node), same init as the experts
             let w1 = (Tensor::randn(0f32, 1.0, (hid, c), &dev)? * 0.005)?;
             let b1 = Tensor::zeros(hid, DType::F32, &dev)?;
             let w2 = (Tensor::randn(0f32, 1.0, (c, hid), &dev)? * 0.005)?;
@@ -339,8 +340,8 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
                         m.forward(&x, &rng, false)?;
                     }
                     None => {
-                        let h = x.matmul(&w1.t()?)?.broadcast_add(&b1)?.gelu_erf()?;
-                        h.matmul(&w2.t()?)?.broadcast_add(&b2)?;
+                        let h = mimlab_models::ops::linear_gelu(&x, &w1, &b1)?;
+                        mimlab_models::ops::linear(&h, &w2, Some(&b2))?;
                     }
                 }
                 Ok(())
