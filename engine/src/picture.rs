@@ -252,7 +252,13 @@ pub fn grid(rows: &[Vec<RgbImage>], pad: u32, column_titles: &[&str]) -> RgbImag
         .max()
         .unwrap_or(0)
         .max(column_titles.len()) as u32;
-    let scale = if tw >= 96 { 2 } else { 1 };
+    // titles twice the size on large tiles, where every title fits its column at that size
+    let fits = |scale| {
+        column_titles
+            .iter()
+            .all(|t| text_width(t, scale) <= tw + pad)
+    };
+    let scale = if tw >= 96 && fits(2) { 2 } else { 1 };
     let title_h = if column_titles.iter().any(|t| !t.is_empty()) {
         font::GLYPH_H * scale + 4
     } else {
@@ -941,6 +947,14 @@ mod tests {
         assert_eq!(titled.height, g.height + 11);
         assert_eq!(titled.get(2, 2 + 11), [1, 0, 0]);
         assert!(titled.pixels[..(titled.width * 11 * 3) as usize].contains(&0));
+        // 96 px tiles: titles at twice the size while all of them fit, else at 1x (whole words,
+        // never cut: "predicted" is 9 glyphs, 106 px at 2x)
+        let big = vec![vec![RgbImage::new(96, 96, [0; 3]); 2]];
+        assert_eq!(grid(&big, 4, &["original", "pasted"]).height, 96 + 8 + 18);
+        assert_eq!(
+            grid(&big, 4, &["original", "predicted"]).height,
+            96 + 8 + 11
+        );
     }
 
     #[test]

@@ -19,7 +19,8 @@ use crate::mask::{MaskGenerator, SimMimConfig};
 use crate::simmim::{denorm_targets, pixel_mask, SimMim};
 
 /// Column titles of [`reconstruction_grid`].
-/// (Titles fit a 96 px tile at the built-in font: "reconstruction" would be cut.)
+/// (Short enough for a 96 px tile at the built-in font; `picture::grid` draws them at 2x only
+/// when every title fits at that size.)
 pub const COLUMNS: [&str; 4] = ["original", "masked", "predicted", "pasted"];
 
 /// Grey shown in place of masked pixels (pixel space, 0..1).
