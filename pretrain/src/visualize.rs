@@ -19,9 +19,9 @@ use crate::mask::{MaskGenerator, SimMimConfig};
 use crate::simmim::{denorm_targets, pixel_mask, SimMim};
 
 /// Column titles of [`reconstruction_grid`].
-/// (Short enough for a 96 px tile at the built-in font; `picture::grid` draws them at 2x only
-/// when every title fits at that size.)
-pub const COLUMNS: [&str; 4] = ["original", "masked", "predicted", "pasted"];
+/// (At most 8 characters: `picture::grid` draws titles at 2x on 96 px tiles only when all of
+/// them fit, and "predicted" did not.)
+pub const COLUMNS: [&str; 4] = ["original", "masked", "recon", "pasted"];
 
 /// Grey shown in place of masked pixels (pixel space, 0..1).
 const MASK_GREY: f64 = 0.5;
