@@ -23,52 +23,51 @@ pub enum Level {
 /// The widest level kernels may use ([`with_max_level`]); the CPU may allow less.
 static MAX_LEVEL: AtomicU8 = AtomicU8::new(Level::Avx512 as u8);
 
-/// Whether the AVX2 copies of the kernels run (the CPU check is cached by std).
+/// Whether this CPU has the x86 feature named by the literal (false off x86-64; std caches the
+/// check).
+macro_rules! cpu_has {
+    ($feature:tt) => {{
+        #[cfg(target_arch = "x86_64")]
+        let has = std::arch::is_x86_feature_detected!($feature);
+        #[cfg(not(target_arch = "x86_64"))]
+        let has = false;
+        has
+    }};
+}
+
+/// Whether [`with_max_level`] lets kernels use `level` now.
+#[inline(always)]
+fn allowed(level: Level) -> bool {
+    MAX_LEVEL.load(Ordering::Relaxed) >= level as u8
+}
+
+/// Whether the AVX2 copies of the kernels run.
 #[inline(always)]
 pub fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        MAX_LEVEL.load(Ordering::Relaxed) >= Level::Avx2 as u8
-            && std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    allowed(Level::Avx2) && cpu_has!("avx2")
 }
 
 /// Whether the AVX-512F copies of the kernels run.
 #[inline(always)]
 pub fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        MAX_LEVEL.load(Ordering::Relaxed) >= Level::Avx512 as u8
-            && std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    allowed(Level::Avx512) && cpu_has!("avx512f")
 }
 
 /// The levels this CPU can run, narrowest first (for tests that compare the copies).
 pub fn levels() -> Vec<Level> {
-    let mut levels = vec![Level::Baseline];
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            levels.push(Level::Avx2);
-        }
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            levels.push(Level::Avx512);
-        }
-    }
-    levels
+    [
+        (Level::Baseline, true),
+        (Level::Avx2, cpu_has!("avx2")),
+        (Level::Avx512, cpu_has!("avx512f")),
+    ]
+    .into_iter()
+    .filter_map(|(level, has)| has.then_some(level))
+    .collect()
 }
 
 /// Runs `f` with kernels limited to `level`, for comparing a kernel's copies. Calls are
-/// serialized (so they must not nest), and the limit is process-wide: kernels that other threads run meanwhile take the
-/// narrower copy too, which gives the same bits.
+/// serialized (so they must not nest), and the limit is process-wide: kernels that other
+/// threads run meanwhile take the narrower copy too, which gives the same bits.
 pub fn with_max_level<R>(level: Level, f: impl FnOnce() -> R) -> R {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
