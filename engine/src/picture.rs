@@ -154,7 +154,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// Un-normalizes one CHW image (x*std+mean, clamp to [0,1], *255); 1 channel -> gray RGB.
+/// Un-normalizes one CHW image (x*std+mean, clamp to `[0, 1]`, `*255`); 1 channel -> gray RGB.
 ///
 /// `mean`/`std` are per channel (a single value applies to all; empty means 0 and 1). With 2
 /// channels blue is 0; channels past the third are ignored. Panics if

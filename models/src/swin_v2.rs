@@ -1126,7 +1126,7 @@ pub struct SwinV2 {
 
 impl SwinV2 {
     /// Builds from `vb` (official key names). `mask_token`: also create the SimMIM `mask_token`
-    /// [1,1,C] (N(0,.02)). `rng`: the shared RNG for drop path/dropout.
+    /// `[1, 1, C]` (N(0, .02)). `rng`: the shared RNG for drop path/dropout.
     pub fn new(
         cfg: &SwinV2Config,
         mask_token: bool,
