@@ -92,8 +92,9 @@ fn checked_dims(
 }
 
 /// The blocks `[bounds[i], bounds[i + 1])` of `len` rows (or columns) that the forward's and
-/// `dx`'s gemms are cut into: two per rayon thread, or more of at most [`MAX_BLOCK`], at least
-/// [`MIN_BLOCK`] (the last within 16 of it), starting at multiples of 16. Each block's gemm
+/// `dx`'s gemms are cut into: two per rayon thread, or more of at most [`MAX_BLOCK`], each at
+/// least `MIN_BLOCK - 16` long (edges at multiples of 16, so a block is within 16 of `len / nb`
+/// and `nb <= len / MIN_BLOCK`). Each block's gemm
 /// packs all of the shared operand (the weight, or `x` for column blocks), so fewer blocks pack
 /// less. tiny_w8 at 256 px, batch 8, the linear layers' kernels forward + backward on 2
 /// threads (`models/examples/gemm_probe.rs`): 202 ms with the rule before (16 blocks of at
@@ -109,7 +110,8 @@ fn blocks(len: usize) -> Vec<usize> {
     let per = len
         .div_ceil(2 * rayon::current_num_threads())
         .min(MAX_BLOCK);
-    let nb = (len / MIN_BLOCK).clamp(1, len.div_ceil(per.max(1)));
+    // at least one block, also for len 0 (`clamp` needs its bounds in order)
+    let nb = (len / MIN_BLOCK).min(len.div_ceil(per.max(1))).max(1);
     let mut bounds: Vec<usize> = (0..nb).map(|i| i * len / nb / 16 * 16).collect();
     bounds.push(len);
     bounds
@@ -694,6 +696,32 @@ mod tests {
             assert_eq!(run(1), run(3), "{m}x{k}->{n}");
         }
         Ok(())
+    }
+
+    /// On any thread count, `blocks` covers `0..len` in order with blocks that never take gemm's
+    /// small-matrix path (over 64 long) unless `len` is one block, and none over `MAX_BLOCK + 16`.
+    #[test]
+    fn blocks_cover_the_range_and_stay_over_64() {
+        for threads in [1, 2, 3, 16] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("thread pool");
+            pool.install(|| {
+                for len in (0..3000).chain([8192, 32768]) {
+                    let b = blocks(len);
+                    assert_eq!((b[0], *b.last().unwrap()), (0, len), "{len} on {threads}");
+                    let lens: Vec<usize> = b.windows(2).map(|w| w[1] - w[0]).collect();
+                    if lens.len() > 1 {
+                        assert!(
+                            lens.iter().all(|&l| l > 64 && l <= MAX_BLOCK + 16),
+                            "{lens:?}"
+                        );
+                        assert!(b.iter().all(|&e| e % 16 == 0 || e == len), "{b:?}");
+                    }
+                }
+            });
+        }
     }
 
     #[test]
