@@ -17,6 +17,28 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(
     path: Option<&Path>,
     sets: &[String],
 ) -> Result<T> {
+    load_with_presets(path, sets, &[])
+}
+
+/// A config section whose `preset: NAME` key is one more layer of the merge: the preset's values,
+/// then the files, then `--set` (`model.preset: swinv2_tiny_window8_256` fills every model key
+/// the user does not set). The section's type carries the `preset` key itself, so the written
+/// config records which preset it came from.
+pub struct PresetSection {
+    /// Dotted path of the section, e.g. `model` or `distill.teacher_model`.
+    pub path: &'static str,
+    /// The preset layer for `name` (`None`: the section gave no `preset`), given the keys the user
+    /// set in the section (a preset may adapt to them, e.g. per-stage lists to a new depth).
+    pub expand: fn(name: Option<&str>, user: &Mapping) -> Result<Value>,
+}
+
+/// [`load`] with preset layers for the given sections. A section takes part only where the user's
+/// YAML or `--set` writes it; the preset layer then replaces the section's defaults.
+pub fn load_with_presets<T: Serialize + DeserializeOwned + Default>(
+    path: Option<&Path>,
+    sets: &[String],
+    presets: &[PresetSection],
+) -> Result<T> {
     let mut layered = Layered::default();
     if let Some(path) = path {
         let mut stack = Vec::new();
@@ -26,7 +48,11 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(
         layered.merge_set(set)?;
     }
 
-    let defaults = serde_yaml_ng::to_value(T::default()).context("serializing config defaults")?;
+    let mut defaults =
+        serde_yaml_ng::to_value(T::default()).context("serializing config defaults")?;
+    for preset in presets {
+        layered.apply_preset(preset, &mut defaults)?;
+    }
     check_known_keys(&layered.value, &defaults, &mut Vec::new(), &layered.sources)?;
 
     let mut full = defaults;
@@ -40,9 +66,79 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(
 }
 
 /// The resolved config as YAML text (what runs write to RUN_DIR/config.yaml; loading it again
-/// gives the same T).
+/// gives the same T). Floats are written so that YAML 1.1 readers (PyYAML, which the official
+/// Swin and SimMIM code use) read them as floats too: `1.0e-6`, never `1e-6` (a string there).
 pub fn to_yaml<T: Serialize>(cfg: &T) -> Result<String> {
-    serde_yaml_ng::to_string(cfg).context("serializing config to YAML")
+    let mut value = serde_yaml_ng::to_value(cfg).context("serializing config to YAML")?;
+    // Each float becomes a marker string that the emitter writes plain; the markers are then
+    // replaced by the float's YAML 1.1 spelling. The marker is one that no string of the config
+    // contains.
+    let mut mark = String::from("mimlab-float-");
+    while any_string_contains(&value, &mark) {
+        mark.push('x');
+    }
+    let mut floats = Vec::new();
+    mark_floats(&mut value, &mark, &mut floats);
+    let text = serde_yaml_ng::to_string(&value).context("serializing config to YAML")?;
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find(&mark) {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at + mark.len()..];
+        let end = tail
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(tail.len());
+        let i: usize = tail[..end].parse().context("float marker")?;
+        out.push_str(&yaml11_float(floats[i])?);
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Whether a string (map keys included) anywhere in `v` contains `s`.
+fn any_string_contains(v: &Value, s: &str) -> bool {
+    match v {
+        Value::String(t) => t.contains(s),
+        Value::Sequence(seq) => seq.iter().any(|x| any_string_contains(x, s)),
+        Value::Mapping(map) => map
+            .iter()
+            .any(|(k, x)| any_string_contains(k, s) || any_string_contains(x, s)),
+        Value::Tagged(t) => any_string_contains(&t.value, s),
+        _ => false,
+    }
+}
+
+/// Replaces every float of `v` by `<mark><index into floats>`.
+fn mark_floats(v: &mut Value, mark: &str, floats: &mut Vec<f64>) {
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            floats.push(n.as_f64().unwrap_or(f64::NAN));
+            *v = Value::String(format!("{mark}{}", floats.len() - 1));
+        }
+        Value::Sequence(seq) => seq.iter_mut().for_each(|x| mark_floats(x, mark, floats)),
+        Value::Mapping(map) => map.values_mut().for_each(|x| mark_floats(x, mark, floats)),
+        Value::Tagged(t) => mark_floats(&mut t.value, mark, floats),
+        _ => {}
+    }
+}
+
+/// `x` as a YAML 1.1 float (PyYAML's resolver: a `.` in the mantissa and a signed exponent):
+/// serde_yaml_ng's shortest round-trip text with `1e-6` -> `1.0e-6`, `1e20` -> `1.0e+20`.
+fn yaml11_float(x: f64) -> Result<String> {
+    let text = serde_yaml_ng::to_string(&x).context("serializing a float")?;
+    let text = text.trim_end();
+    let Some(e) = text.find(['e', 'E']) else {
+        return Ok(text.to_string()); // 0.001, 4.0, .inf, .nan: already YAML 1.1 floats
+    };
+    let (mantissa, exponent) = (&text[..e], &text[e + 1..]);
+    let dot = if mantissa.contains('.') { "" } else { ".0" };
+    let sign = if exponent.starts_with(['-', '+']) {
+        ""
+    } else {
+        "+"
+    };
+    Ok(format!("{mantissa}{dot}e{sign}{exponent}"))
 }
 
 /// The user's merged YAML plus, for each dotted key path it set, the file or `--set` that set it.
@@ -128,6 +224,55 @@ impl Layered {
             &source,
             &mut self.sources,
         );
+        Ok(())
+    }
+
+    /// Expands `preset`'s section of the user's YAML into a layer that replaces the section's
+    /// entry in `defaults`. A missing or null section is left alone.
+    fn apply_preset(&self, preset: &PresetSection, defaults: &mut Value) -> Result<()> {
+        let keys: Vec<&str> = preset.path.split('.').collect();
+        let mut user = &self.value;
+        for k in &keys {
+            match user.get(*k) {
+                Some(v) => user = v,
+                None => return Ok(()),
+            }
+        }
+        let Value::Mapping(section) = user else {
+            return Ok(()); // null (an Option left unset) or a wrong type that serde reports
+        };
+        let source = |key: &str| {
+            let full: Vec<String> = keys
+                .iter()
+                .map(|k| k.to_string())
+                .chain([key.into()])
+                .collect();
+            self.source_of(&full).unwrap_or("config").to_string()
+        };
+        let name = match section.get("preset") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.as_str()),
+            Some(other) => bail!(
+                "{}: key `{}.preset`: expected a preset name, got {other:?}",
+                source("preset"),
+                preset.path
+            ),
+        };
+        let layer = (preset.expand)(name, section)
+            .map_err(|e| anyhow!("{}: key `{}.preset`: {e:#}", source("preset"), preset.path))?;
+        let mut slot = defaults;
+        for k in &keys {
+            if !slot.is_mapping() {
+                *slot = Value::Mapping(Mapping::new());
+            }
+            let Value::Mapping(map) = slot else {
+                unreachable!("slot was made a mapping just above");
+            };
+            slot = map
+                .entry(Value::String(k.to_string()))
+                .or_insert(Value::Null);
+        }
+        *slot = layer;
         Ok(())
     }
 
@@ -530,5 +675,183 @@ mod tests {
         let p = write(dir.path(), "config.yaml", &to_yaml(&cfg).unwrap());
         let again: Cfg = load(Some(&p), &[]).unwrap();
         assert_eq!(again, cfg);
+    }
+
+    /// A YAML 1.1 float as PyYAML's resolver matches it (a `.` and a signed exponent), or the
+    /// special values.
+    fn is_yaml11_float(t: &str) -> bool {
+        let t = t.strip_prefix(['-', '+']).unwrap_or(t);
+        if matches!(t, ".inf" | ".nan") {
+            return true;
+        }
+        let (m, e) = match t.find(['e', 'E']) {
+            Some(i) => (&t[..i], Some(&t[i + 1..])),
+            None => (t, None),
+        };
+        let digits = |s: &str| s.chars().all(|c| c.is_ascii_digit());
+        let mantissa_ok = m
+            .split_once('.')
+            .is_some_and(|(a, b)| !(a.is_empty() && b.is_empty()) && digits(a) && digits(b));
+        let exponent_ok =
+            e.is_none_or(|e| e.len() > 1 && e.starts_with(['-', '+']) && digits(&e[1..]));
+        mantissa_ok && exponent_ok
+    }
+
+    #[test]
+    fn to_yaml_writes_floats_that_yaml_1_1_reads_as_floats() {
+        let s = sets(&[
+            "train.lr=1e-6",
+            "model.drop_path=1e20",
+            "train.warmup.start_lr=0.00001",
+        ]);
+        let cfg: Cfg = load(None, &s).unwrap();
+        let yaml = to_yaml(&cfg).unwrap();
+        assert!(yaml.contains("  lr: 1.0e-6\n"), "{yaml}");
+        assert!(yaml.contains("  drop_path: 1.0e+20\n"), "{yaml}");
+        assert!(yaml.contains("    start_lr: 0.00001\n"), "{yaml}");
+        for (x, want) in [
+            (1e-6, "1.0e-6"),
+            (2.5e-7, "2.5e-7"),
+            (1e20, "1.0e+20"),
+            (0.001, "0.001"),
+            (4.0, "4.0"),
+            (-3e-300, "-3.0e-300"),
+            (f64::INFINITY, ".inf"),
+            (f64::NEG_INFINITY, "-.inf"),
+        ] {
+            let t = yaml11_float(x).unwrap();
+            assert_eq!(t, want);
+            assert!(is_yaml11_float(&t), "{t}");
+            assert_eq!(serde_yaml_ng::from_str::<f64>(&t).unwrap(), x, "{t}");
+        }
+        assert_eq!(yaml11_float(f64::NAN).unwrap(), ".nan");
+        assert!(!is_yaml11_float("1e-6") && !is_yaml11_float("1.0e6"));
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "config.yaml", &yaml);
+        assert_eq!(load::<Cfg>(Some(&p), &[]).unwrap(), cfg);
+    }
+
+    #[test]
+    fn a_string_that_looks_like_the_float_marker_stays_a_string() {
+        let cfg: Cfg = load(None, &sets(&["model.name=mimlab-float-0"])).unwrap();
+        let yaml = to_yaml(&cfg).unwrap();
+        let back: Cfg = serde_yaml_ng::from_str(&yaml).unwrap();
+        assert_eq!(back.model.name, "mimlab-float-0");
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Net {
+        preset: Option<String>,
+        width: usize,
+        depths: Vec<usize>,
+        windows: Vec<usize>,
+    }
+    impl Default for Net {
+        fn default() -> Self {
+            Self {
+                preset: Some("small".into()),
+                width: 8,
+                depths: vec![1, 1],
+                windows: vec![0, 0],
+            }
+        }
+    }
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct WithNet {
+        net: Net,
+        teacher: Option<Net>,
+        train: Train,
+    }
+
+    fn net_preset(name: Option<&str>, user: &Mapping) -> Result<Value> {
+        let mut net = match name.unwrap_or("small") {
+            "small" => Net::default(),
+            "big" => Net {
+                preset: Some("big".into()),
+                width: 64,
+                depths: vec![2, 2, 6],
+                windows: vec![12, 12, 6],
+            },
+            other => bail!("unknown preset `{other}`"),
+        };
+        // per-stage lists follow a depth the user changes
+        if let (Some(Value::Sequence(d)), None) = (user.get("depths"), user.get("windows")) {
+            net.windows = vec![0; d.len()];
+        }
+        Ok(serde_yaml_ng::to_value(net)?)
+    }
+
+    const NET_PRESETS: [PresetSection; 2] = [
+        PresetSection {
+            path: "net",
+            expand: net_preset,
+        },
+        PresetSection {
+            path: "teacher",
+            expand: net_preset,
+        },
+    ];
+
+    #[test]
+    fn preset_is_a_layer_under_the_file_and_the_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "x.yaml", "net:\n  preset: big\n  width: 32\n");
+        let cfg: WithNet = load_with_presets(Some(&p), &[], &NET_PRESETS).unwrap();
+        let big = Net {
+            preset: Some("big".into()),
+            width: 32,
+            depths: vec![2, 2, 6],
+            windows: vec![12, 12, 6],
+        };
+        assert_eq!(cfg.net, big);
+        assert_eq!(cfg.teacher, None);
+        let s = sets(&["net.width=16", "net.depths=[1,1]", "teacher.preset=big"]);
+        let cfg: WithNet = load_with_presets(Some(&p), &s, &NET_PRESETS).unwrap();
+        assert_eq!((cfg.net.width, &cfg.net.depths), (16, &vec![1, 1]));
+        assert_eq!(cfg.net.windows, vec![0, 0]);
+        assert_eq!(cfg.teacher.as_ref().map(|t| t.width), Some(64));
+        // no preset named: the section's default preset
+        let cfg: WithNet = load_with_presets(None, &sets(&["net.width=3"]), &NET_PRESETS).unwrap();
+        assert_eq!(
+            cfg.net,
+            Net {
+                width: 3,
+                ..Net::default()
+            }
+        );
+        // the written config loads back to the same values
+        let q = write(dir.path(), "config.yaml", &to_yaml(&cfg).unwrap());
+        let again: WithNet = load_with_presets(Some(&q), &[], &NET_PRESETS).unwrap();
+        assert_eq!(again, cfg);
+    }
+
+    #[test]
+    fn preset_errors_name_the_source_and_unknown_keys_still_get_hints() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "x.yaml", "net:\n  preset: huge\n");
+        let err = load_with_presets::<WithNet>(Some(&p), &[], &NET_PRESETS)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!("{}: key `net.preset`: unknown preset `huge`", p.display())
+        );
+        let err = load_with_presets::<WithNet>(None, &sets(&["teacher.preset=3"]), &NET_PRESETS)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "--set teacher.preset=3: key `teacher.preset`: expected a preset name, got Number(3)"
+        );
+        let s = sets(&["teacher.preset=big", "teacher.widht=4"]);
+        let err = load_with_presets::<WithNet>(None, &s, &NET_PRESETS)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "--set teacher.widht=4: unknown key `teacher.widht` (did you mean `teacher.width`?)"
+        );
     }
 }
