@@ -576,10 +576,7 @@ fn distill_from_a_simmim_run_and_load_the_student_into_a_classifier() {
     assert!(text.contains("done: 2 steps"), "{text}");
     // the student (shared CPB) loads into a per-block classifier: unshared on load
     let src = resolve_init(&dir.path().join("student")).unwrap();
-    let mut cfg = run_model_section(&src.run_config.unwrap())
-        .unwrap()
-        .resolve()
-        .unwrap();
+    let mut cfg = run_model_section(&src.run_config.unwrap()).unwrap();
     assert!(!cfg.shared_cpb);
     cfg.num_classes = 10;
     let (_, vm, report) = load_backbone(&cfg, &src.weights, &candle_core::Device::Cpu).unwrap();

@@ -204,6 +204,7 @@ mod tests {
 
     fn cfg() -> SwinV2Config {
         SwinV2Config {
+            preset: None,
             img_size: 16,
             embed_dim: 8,
             depths: vec![2, 1, 2],

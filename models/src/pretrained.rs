@@ -12,7 +12,7 @@ use mimlab_engine::rng::SharedRng;
 use mimlab_engine::trainer::latest_checkpoint;
 
 use crate::checkpoint::{load_into_varmap, read_safetensors, unshare_cpb, LoadOptions, LoadReport};
-use crate::swin_v2::{ModelSection, SwinV2, SwinV2Config};
+use crate::swin_v2::{SwinV2, SwinV2Config};
 
 /// What a `--init` / `--teacher` path resolved to.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,8 +50,9 @@ pub fn resolve_init(path: &Path) -> Result<InitSource> {
     })
 }
 
-/// The `model:` section of a run's `config.yaml` (the architecture the weights were trained as).
-pub fn run_model_section(config_yaml: &Path) -> Result<ModelSection> {
+/// The `model:` section of a run's `config.yaml` (the architecture the weights were trained as),
+/// validated.
+pub fn run_model_section(config_yaml: &Path) -> Result<SwinV2Config> {
     let text = std::fs::read_to_string(config_yaml)
         .with_context(|| format!("reading {}", config_yaml.display()))?;
     let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
@@ -59,7 +60,9 @@ pub fn run_model_section(config_yaml: &Path) -> Result<ModelSection> {
     let model = doc
         .get("model")
         .with_context(|| format!("{}: no `model:` section", config_yaml.display()))?;
-    serde_yaml_ng::from_value(model.clone())
+    serde_yaml_ng::from_value::<SwinV2Config>(model.clone())
+        .map_err(anyhow::Error::from)
+        .and_then(SwinV2Config::resolved)
         .with_context(|| format!("{}: reading the `model:` section", config_yaml.display()))
 }
 
@@ -233,6 +236,7 @@ mod tests {
 
     fn tiny() -> SwinV2Config {
         SwinV2Config {
+            preset: None,
             img_size: 16,
             patch_size: 2,
             embed_dim: 8,
@@ -298,6 +302,7 @@ mod tests {
         // swinv2_base_patch4_window12to16_192to256: PRETRAINED_WINDOW_SIZES [12, 12, 12, 6]).
         let pre = SwinV2Config::preset("swinv2_base_window12_192")?;
         let mut ft = SwinV2Config {
+            preset: None,
             img_size: 256,
             window_size: 16,
             pretrained_window_sizes: vec![0; 4],
@@ -364,7 +369,7 @@ mod tests {
         assert_eq!(file.run_config, Some(run.join("config.yaml")));
         let m = run_model_section(&run.join("config.yaml"))?;
         assert_eq!(m.preset.as_deref(), Some("swinv2_nano"));
-        assert_eq!(m.img_size, Some(32));
+        assert_eq!(m.img_size, 32);
         let err = resolve_init(&run.join("nope")).unwrap_err().to_string();
         assert!(
             err.contains("nope") && err.contains("no such run folder"),

@@ -16,121 +16,9 @@ use candle_nn::{Init, VarBuilder};
 use mimlab_engine::rng::SharedRng;
 
 use crate::layers::{dropout, residual_drop_path, LayerNorm, Linear, Mlp};
-use crate::moe::{summarize, MoeCollector, MoeConfig, MoeLoss, MoeMlp, MoeStats};
-use serde::{Deserialize, Serialize};
-
+use crate::moe::{summarize, MoeCollector, MoeLoss, MoeMlp, MoeStats};
 mod config;
-pub use config::{SwinV2Config, PRESETS};
-
-/// The `model:` config section: `preset` plus timm-named keys that override it (all optional).
-/// The `model:` config section: `preset` plus timm-named keys that override it (all optional).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelSection {
-    /// Preset name (see [`PRESETS`]); default `swinv2_nano`.
-    pub preset: Option<String>,
-    /// Overrides [`SwinV2Config::img_size`].
-    pub img_size: Option<usize>,
-    /// Overrides [`SwinV2Config::patch_size`].
-    pub patch_size: Option<usize>,
-    /// Overrides [`SwinV2Config::in_chans`].
-    pub in_chans: Option<usize>,
-    /// Overrides [`SwinV2Config::num_classes`].
-    pub num_classes: Option<usize>,
-    /// Overrides [`SwinV2Config::embed_dim`].
-    pub embed_dim: Option<usize>,
-    /// Overrides [`SwinV2Config::depths`].
-    pub depths: Option<Vec<usize>>,
-    /// Overrides [`SwinV2Config::num_heads`].
-    pub num_heads: Option<Vec<usize>>,
-    /// Overrides [`SwinV2Config::window_size`].
-    pub window_size: Option<usize>,
-    /// Overrides [`SwinV2Config::mlp_ratio`].
-    pub mlp_ratio: Option<f64>,
-    /// Overrides [`SwinV2Config::qkv_bias`].
-    pub qkv_bias: Option<bool>,
-    /// Overrides [`SwinV2Config::drop_rate`].
-    pub drop_rate: Option<f64>,
-    /// Overrides [`SwinV2Config::attn_drop_rate`].
-    pub attn_drop_rate: Option<f64>,
-    /// Overrides [`SwinV2Config::drop_path_rate`].
-    pub drop_path_rate: Option<f64>,
-    /// Overrides [`SwinV2Config::pretrained_window_sizes`].
-    pub pretrained_window_sizes: Option<Vec<usize>>,
-    /// Overrides [`SwinV2Config::patch_norm`].
-    pub patch_norm: Option<bool>,
-    /// Overrides [`SwinV2Config::moe`] (the whole section; its own keys default).
-    pub moe: Option<MoeConfig>,
-    /// Overrides [`SwinV2Config::shared_cpb`].
-    pub shared_cpb: Option<bool>,
-}
-
-impl ModelSection {
-    /// The preset (default `swinv2_nano`) with every given key applied, validated.
-    pub fn resolve(&self) -> Result<SwinV2Config> {
-        let name = self.preset.as_deref().unwrap_or("swinv2_nano");
-        let mut c = SwinV2Config::preset(name).context("model.preset")?;
-        macro_rules! over {
-            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
-        }
-        over!(
-            img_size,
-            patch_size,
-            in_chans,
-            num_classes,
-            embed_dim,
-            depths,
-            num_heads,
-            window_size,
-            mlp_ratio,
-            qkv_bias,
-            drop_rate,
-            attn_drop_rate,
-            drop_path_rate,
-            pretrained_window_sizes,
-            patch_norm,
-            moe,
-            shared_cpb
-        );
-        // A depth override without a pretrained-window override keeps "no pretrained windows".
-        if self.pretrained_window_sizes.is_none()
-            && c.pretrained_window_sizes.len() != c.depths.len()
-        {
-            c.pretrained_window_sizes = vec![0; c.depths.len()];
-        }
-        c.validate()?;
-        if c.moe.enabled() {
-            // spell out the derived MoE placement in the resolved config
-            c.moe.blocks = c.moe.effective_blocks(&c.depths);
-        }
-        Ok(c)
-    }
-
-    /// Every field filled in from [`Self::resolve`] (what a run writes into its config.yaml).
-    pub fn resolved(&self) -> Result<ModelSection> {
-        let c = self.resolve()?;
-        Ok(ModelSection {
-            preset: Some(self.preset.clone().unwrap_or_else(|| "swinv2_nano".into())),
-            img_size: Some(c.img_size),
-            patch_size: Some(c.patch_size),
-            in_chans: Some(c.in_chans),
-            num_classes: Some(c.num_classes),
-            embed_dim: Some(c.embed_dim),
-            depths: Some(c.depths),
-            num_heads: Some(c.num_heads),
-            window_size: Some(c.window_size),
-            mlp_ratio: Some(c.mlp_ratio),
-            qkv_bias: Some(c.qkv_bias),
-            drop_rate: Some(c.drop_rate),
-            attn_drop_rate: Some(c.attn_drop_rate),
-            drop_path_rate: Some(c.drop_path_rate),
-            pretrained_window_sizes: Some(c.pretrained_window_sizes),
-            patch_norm: Some(c.patch_norm),
-            moe: Some(c.moe),
-            shared_cpb: Some(c.shared_cpb),
-        })
-    }
-}
+pub use config::{preset_layer, SwinV2Config, PRESETS};
 
 pub use crate::ops::{window_partition, window_reverse};
 
@@ -849,6 +737,7 @@ impl SwinV2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::moe::MoeConfig;
     use candle_nn::VarMap;
     use mimlab_engine::init::seeded_var_builder;
     use rand::Rng;
@@ -857,6 +746,7 @@ mod tests {
     fn block_gradient_matches_finite_differences() -> Result<()> {
         // 8x8 map, window 4, shifted block (odd index), f64.
         let cfg = SwinV2Config {
+            preset: None,
             img_size: 32,
             patch_size: 4,
             in_chans: 3,
@@ -964,6 +854,7 @@ mod tests {
             ..MoeConfig::default()
         };
         let cfg = SwinV2Config {
+            preset: None,
             img_size: 32,
             embed_dim: 16,
             depths: vec![2, 2],
@@ -1028,26 +919,21 @@ mod tests {
         d.forward(&x, false)?;
         assert!(d.take_moe_loss()?.is_none());
 
-        // the section resolves with the placement spelled out; bad blocks name the key
-        let s = ModelSection {
-            depths: Some(vec![2, 2]),
-            num_heads: Some(vec![1, 2]),
-            moe: Some(MoeConfig {
+        // the config resolves with the placement spelled out; bad blocks name the key
+        let two = SwinV2Config {
+            depths: vec![2, 2],
+            num_heads: vec![1, 2],
+            pretrained_window_sizes: vec![0, 0],
+            moe: MoeConfig {
                 num_experts: 2,
                 ..MoeConfig::default()
-            }),
-            ..Default::default()
+            },
+            ..SwinV2Config::default()
         };
-        assert_eq!(s.resolved()?.moe.unwrap().blocks, vec![vec![1], vec![1]]);
-        let bad = ModelSection {
-            moe: Some(MoeConfig {
-                num_experts: 2,
-                blocks: vec![vec![-1], vec![2]],
-                ..MoeConfig::default()
-            }),
-            ..s
-        };
-        let e = format!("{:#}", bad.resolve().unwrap_err());
+        assert_eq!(two.clone().resolved()?.moe.blocks, vec![vec![1], vec![1]]);
+        let mut bad = two;
+        bad.moe.blocks = vec![vec![-1], vec![2]];
+        let e = format!("{:#}", bad.resolved().unwrap_err());
         assert!(
             e.contains("model.moe.blocks[1]: block 2 is out of range"),
             "{e}"

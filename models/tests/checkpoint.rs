@@ -11,6 +11,7 @@ use mimlab_models::swin_v2::{SwinV2, SwinV2Config};
 
 fn cfg() -> SwinV2Config {
     SwinV2Config {
+        preset: None,
         img_size: 16,
         patch_size: 4,
         in_chans: 3,

@@ -15,6 +15,7 @@ fn build(cfg: &SwinV2Config, seed: u64) -> Result<(VarMap, SwinV2)> {
 
 fn small() -> SwinV2Config {
     SwinV2Config {
+        preset: None,
         img_size: 32,
         patch_size: 4,
         in_chans: 3,
@@ -411,39 +412,5 @@ fn config_errors_name_the_key() -> Result<()> {
             .unwrap_err()
     );
     assert!(e.contains("window"), "{e}");
-    Ok(())
-}
-
-#[test]
-fn model_section_resolves_presets_and_overrides() -> Result<()> {
-    let s = ModelSection::default();
-    assert_eq!(s.resolve()?, SwinV2Config::preset("swinv2_nano")?);
-    let s: ModelSection = serde_json::from_str(
-        r#"{"preset": "swinv2_base_window12_192", "drop_path_rate": 0.1, "num_classes": 0}"#,
-    )?;
-    let c = s.resolve()?;
-    assert_eq!(
-        (c.embed_dim, c.window_size, c.num_classes, c.drop_path_rate),
-        (128, 12, 0, 0.1)
-    );
-    let r = s.resolved()?;
-    assert!(r.img_size.is_some() && r.pretrained_window_sizes.is_some());
-    assert_eq!(r.resolve()?, c);
-    let e = serde_json::from_str::<ModelSection>(r#"{"window": 7}"#)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("window"), "{e}");
-    let bad = ModelSection {
-        window_size: Some(5),
-        ..Default::default()
-    };
-    assert!(format!("{:#}", bad.resolve().unwrap_err()).contains("model.window_size"));
-    // depth override without pretrained windows: one 0 per stage
-    let d = ModelSection {
-        depths: Some(vec![2, 2]),
-        num_heads: Some(vec![1, 2]),
-        ..Default::default()
-    };
-    assert_eq!(d.resolve()?.pretrained_window_sizes, vec![0, 0]);
     Ok(())
 }

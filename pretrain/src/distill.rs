@@ -15,7 +15,7 @@ use mimlab_engine::rng::SharedRng;
 use mimlab_models::pretrained::{
     load_backbone, load_backbone_tensors, resolve_init, run_model_section, Head,
 };
-use mimlab_models::swin_v2::{ModelSection, SwinV2, SwinV2Config};
+use mimlab_models::swin_v2::{SwinV2, SwinV2Config};
 use serde::{Deserialize, Serialize};
 
 /// The `distill:` config section.
@@ -27,7 +27,7 @@ pub struct DistillConfig {
     pub teacher: Option<PathBuf>,
     /// Teacher architecture; default: the `model:` section of the teacher run's config.yaml
     /// (required when the teacher is a bare file). Built with drop path 0 and no head.
-    pub teacher_model: Option<ModelSection>,
+    pub teacher_model: Option<SwinV2Config>,
     /// Smooth-L1 threshold (FD: 2.0): `0.5 d^2 / beta` below it, `|d| - beta/2` above.
     pub smooth_l1_beta: f64,
     /// Non-parametric LayerNorm (eps 1e-5) on the teacher features (FD: always on).
@@ -144,12 +144,12 @@ impl Teacher {
     /// run's config.yaml, and loads the backbone (head dropped).
     pub fn load(
         path: &Path,
-        model: Option<&ModelSection>,
+        model: Option<&SwinV2Config>,
         whiten: bool,
         device: &Device,
     ) -> Result<Self> {
         let src = resolve_init(path).context("distill.teacher")?;
-        let section = match (model, &src.run_config) {
+        let mut cfg = match (model, &src.run_config) {
             (Some(m), _) => m.clone(),
             (None, Some(cfg)) => run_model_section(cfg)?,
             (None, None) => bail!(
@@ -158,7 +158,6 @@ impl Teacher {
                 path.display()
             ),
         };
-        let mut cfg = section.resolve().context("the teacher's model section")?;
         cfg.drop_path_rate = 0.0; // asymmetric drop path: none in the teacher
         cfg.drop_rate = 0.0;
         cfg.attn_drop_rate = 0.0;

@@ -140,6 +140,7 @@ mod tests {
 
     fn student_cfg() -> SwinV2Config {
         SwinV2Config {
+            preset: None,
             img_size: 16,
             patch_size: 2,
             embed_dim: 8,
@@ -158,6 +159,7 @@ mod tests {
     /// channels, area-averaged to the student's 4x4 map after its input went 16 -> 32 px.
     fn teacher(seed: u64) -> Teacher {
         let cfg = SwinV2Config {
+            preset: None,
             img_size: 32,
             embed_dim: 12,
             patch_size: 2,

@@ -236,6 +236,7 @@ pub fn denorm_targets(pred: &Tensor, reference: &Tensor, p: usize) -> Result<Ten
 #[cfg(test)]
 pub(crate) fn tiny_setup() -> (SwinV2Config, SimMimConfig) {
     let model = SwinV2Config {
+        preset: None,
         img_size: 32,
         ..SwinV2Config::preset("swinv2_nano").unwrap()
     };

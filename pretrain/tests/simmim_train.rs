@@ -34,6 +34,7 @@ impl BatchSource for Fixed {
 #[test]
 fn training_lowers_the_loss_and_checkpoints_visualize() {
     let model = SwinV2Config {
+        preset: None,
         img_size: 32,
         ..SwinV2Config::preset("swinv2_nano").unwrap()
     };

@@ -223,6 +223,7 @@ fn cpu_model() -> String {
 /// The preset at `img` pixels (windows clamp to the stage maps as the official code does).
 fn preset_at(name: &str, img: usize) -> Result<SwinV2Config> {
     let cfg = SwinV2Config {
+        preset: None,
         img_size: img,
         ..SwinV2Config::preset(name)?
     };

@@ -37,7 +37,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
     )?;
     with_cpu_threads(exp.run.threads, move || -> Result<()> {
         let device = parse_device(&exp.run.device)?;
-        let mut student = exp.model.resolve()?;
+        let mut student = exp.model.clone();
         student.num_classes = 0;
         let teacher = Teacher::load(
             &teacher_path,

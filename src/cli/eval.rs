@@ -40,7 +40,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let exp = Experiment::load(Some(&config), &args.config.sets)?;
     with_cpu_threads(exp.run.threads, move || -> Result<()> {
         let device = parse_device(&exp.run.device)?;
-        let cfg = exp.model.resolve()?;
+        let cfg = exp.model.clone();
         anyhow::ensure!(
         cfg.num_classes > 0,
         "{}: model.num_classes is 0; `eval` needs a classifier (use `mimlab probe` for a backbone)",

@@ -35,16 +35,12 @@ pub fn prepare_init(exp: &mut Experiment) -> Result<Option<InitSource>> {
     };
     let src = resolve_init(&path).context("finetune.init")?;
     if let Some(cfg) = &src.run_config {
-        let pre = run_model_section(cfg)?
-            .resolve()
-            .with_context(|| format!("{}: model section", cfg.display()))?;
-        let mut target = exp.model.resolve()?;
-        let notes = adapt_to_pretrained(&mut target, &pre)
+        let pre = run_model_section(cfg)?;
+        let notes = adapt_to_pretrained(&mut exp.model, &pre)
             .with_context(|| format!("finetune.init {}", path.display()))?;
         for n in notes {
             eprintln!("init: {n}");
         }
-        exp.model.pretrained_window_sizes = Some(target.pretrained_window_sizes);
     } else {
         eprintln!(
             "init: {} is not inside a run folder; the model section is taken as is",
@@ -103,7 +99,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         } else {
             None
         };
-        let model_cfg = exp.model.resolve()?;
+        let model_cfg = exp.model.clone();
 
         let train_ds = build_dataset(
             &exp.data,

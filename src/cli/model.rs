@@ -49,7 +49,7 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
 
 fn info(args: &ConfigArgs) -> Result<()> {
     let exp = Experiment::load(args.config.as_deref(), &args.sets)?;
-    let cfg = exp.model.resolve()?;
+    let cfg = exp.model.clone();
     println!(
         "preset            {}",
         exp.model.preset.as_deref().unwrap_or("-")
@@ -100,7 +100,7 @@ pub fn load_backbone(
 
 fn forward(args: &RunArgs) -> Result<()> {
     let exp = Experiment::load(args.config.config.as_deref(), &args.config.sets)?;
-    let cfg = exp.model.resolve()?;
+    let cfg = exp.model.clone();
     let device = parse_device(&exp.run.device)?;
     let model = load_backbone(&cfg, &args.weights, &device)?;
     let inputs = read_safetensors(&args.input)?;

@@ -25,7 +25,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     let exp = super::load_experiment(&args.config, args.resume.as_deref())?;
     with_cpu_threads(exp.run.threads, move || -> Result<()> {
         let device = parse_device(&exp.run.device)?;
-        let model_cfg = exp.model.resolve()?;
+        let model_cfg = exp.model.clone();
 
         let dataset = build_dataset(
             &exp.data,

@@ -50,7 +50,7 @@ pub fn run(args: ProbeArgs) -> Result<()> {
             anyhow::ensure!(*f > 0.0 && *f <= 1.0, "--fractions: {f} is not in (0, 1]");
         }
         let init = prepare_init(&mut exp)?;
-        let mut cfg = exp.model.resolve()?;
+        let mut cfg = exp.model.clone();
         cfg.num_classes = 0; // the backbone only: pooled features
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, exp.run.seed, DType::F32, &device);

@@ -29,7 +29,7 @@ pub struct VisualizeArgs {
 /// Writes RUN_DIR/pictures/reconstruction.png from the newest checkpoint.
 pub fn run(a: VisualizeArgs) -> Result<()> {
     let exp = Experiment::load(Some(&a.run.join("config.yaml")), &[])?;
-    let cfg = exp.model.resolve()?;
+    let cfg = exp.model.clone();
     let device = parse_device(&exp.run.device)?;
     let weights = latest_checkpoint(&a.run)?;
     let out = a.run.join("pictures").join("reconstruction.png");

@@ -8,9 +8,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::moe::MoeConfig;
 
-/// Hyper-parameters of a Swin-V2 backbone (timm / official names).
+/// Hyper-parameters of a Swin-V2 backbone (timm / official names). This is the `model:` config
+/// section itself: its `preset` is a layer of the config merge ([`preset_layer`]: preset values,
+/// then the files, then `--set`), so every other key overrides the named preset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SwinV2Config {
+    /// The preset the values started from (see [`PRESETS`]); informational once loaded, since
+    /// every key is spelled out. `None` for configs built in code or read from fixtures.
+    #[serde(default)]
+    pub preset: Option<String>,
     /// Training image size (square); other sizes work when the windows divide them.
     pub img_size: usize,
     /// Patch-embedding stride and kernel.
@@ -82,6 +89,7 @@ impl SwinV2Config {
         pretrained_window_sizes: &[usize],
     ) -> Self {
         Self {
+            preset: None,
             img_size,
             patch_size: 4,
             in_chans: 3,
@@ -139,7 +147,10 @@ impl SwinV2Config {
                 PRESETS.join(", ")
             ),
         };
-        Ok(c)
+        Ok(Self {
+            preset: Some(name.to_string()),
+            ..c
+        })
     }
 
     /// Number of stages.
@@ -374,4 +385,40 @@ impl SwinV2Config {
             })
             .collect()
     }
+}
+
+/// The default model section: the `swinv2_nano` preset.
+impl Default for SwinV2Config {
+    fn default() -> Self {
+        // Invariant: `swinv2_nano` is a preset name of `preset` above.
+        Self::preset("swinv2_nano").expect("swinv2_nano is a preset")
+    }
+}
+
+impl SwinV2Config {
+    /// Validated, with the derived MoE placement spelled out (what a run writes into its
+    /// `config.yaml`, so that the file repeats the run).
+    pub fn resolved(mut self) -> Result<Self> {
+        self.validate()?;
+        if self.moe.enabled() {
+            self.moe.blocks = self.moe.effective_blocks(&self.depths);
+        }
+        Ok(self)
+    }
+}
+
+/// The config layer of `model.preset` (default `swinv2_nano`) for a `model:`-like section in
+/// which the user set the keys `user` ([`mimlab_engine::config::PresetSection`]). A depth that
+/// the user changes without giving `pretrained_window_sizes` gets one 0 (none) per stage.
+pub fn preset_layer(
+    name: Option<&str>,
+    user: &serde_yaml_ng::Mapping,
+) -> Result<serde_yaml_ng::Value> {
+    let mut c = SwinV2Config::preset(name.unwrap_or("swinv2_nano"))?;
+    if let (Some(serde_yaml_ng::Value::Sequence(depths)), None) =
+        (user.get("depths"), user.get("pretrained_window_sizes"))
+    {
+        c.pretrained_window_sizes = vec![0; depths.len()];
+    }
+    Ok(serde_yaml_ng::to_value(c)?)
 }
