@@ -78,7 +78,7 @@ fn info(args: &ConfigArgs) -> Result<()> {
 }
 
 /// Builds the configured backbone and loads weights of any supported layout into it.
-pub fn load_backbone(
+fn load_backbone(
     cfg: &SwinV2Config,
     weights: &std::path::Path,
     device: &candle_core::Device,
