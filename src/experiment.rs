@@ -5,8 +5,10 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use mimlab_engine::config::PresetSection;
 use mimlab_engine::data::DataConfig;
+use mimlab_engine::run_dir::InitSource;
 use mimlab_engine::trainer::{RunConfig, TrainConfig};
 use mimlab_finetune::config::FinetuneConfig;
+use mimlab_finetune::init::prepare_init;
 use mimlab_models::swin_v2::{preset_layer, SwinV2Config};
 use mimlab_pretrain::distill::DistillConfig;
 use mimlab_pretrain::mask::SimMimConfig;
@@ -56,6 +58,20 @@ impl Experiment {
             exp.distill.teacher_model = Some(m.resolved().context("distill.teacher_model")?);
         }
         Ok(exp)
+    }
+
+    /// Resolves `finetune.init` (run folder or weights file) for a model about to start from it,
+    /// checking the architecture and carrying the pretraining windows over into `model`
+    /// ([`prepare_init`]). None when there is no init.
+    pub fn apply_init(&mut self) -> Result<Option<InitSource>> {
+        let Some(path) = &self.finetune.init else {
+            return Ok(None);
+        };
+        let init = prepare_init(path, &self.model)?;
+        if let Some(w) = init.pretrained_window_sizes {
+            self.model.pretrained_window_sizes = w;
+        }
+        Ok(Some(init.source))
     }
 
     /// The resolved config as YAML (what `config show` prints and runs write to `config.yaml`).

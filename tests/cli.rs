@@ -522,7 +522,8 @@ fn finetune_from_simmim_then_eval_and_probe() {
 /// student checkpoint loading into a classifier; teacher errors name the path / key.
 #[test]
 fn distill_from_a_simmim_run_and_load_the_student_into_a_classifier() {
-    use mimlab_models::pretrained::{load_backbone, resolve_init, run_model_section};
+    use mimlab_engine::run_dir::resolve_init;
+    use mimlab_pretrain::backbone::{load_backbone, run_model_section};
     require_data();
     let dir = tempfile::tempdir().unwrap();
     let out_dir = format!("run.output_dir={}", dir.path().to_str().unwrap());

@@ -3,7 +3,6 @@
 
 mod font;
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -123,35 +122,15 @@ impl RgbImage {
         Ok(out)
     }
 
-    /// Writes a PNG file atomically (temp file in the same folder, then rename); creates the
-    /// parent folder if needed.
+    /// Writes a PNG file atomically ([`crate::fsutil::write_atomic`]); creates the parent
+    /// folder if needed.
     pub fn save_png(&self, path: &Path) -> Result<()> {
         let bytes = self
             .encode_png()
             .with_context(|| format!("{}: encoding", path.display()))?;
-        write_atomic(path, &bytes)
+        crate::fsutil::ensure_parent(path)?;
+        crate::fsutil::write_atomic(path, &bytes)
     }
-}
-
-/// Writes `bytes` to `path` via a temp file and a rename, so readers never see half a file.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: creating folder", dir.display()))?;
-    }
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!("{}: cannot write: {e}", path.display())
-    })
 }
 
 /// Un-normalizes one CHW image (x*std+mean, clamp to `[0, 1]`, `*255`); 1 channel -> gray RGB.

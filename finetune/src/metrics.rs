@@ -2,8 +2,9 @@
 //! (with its picture).
 use std::path::Path;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Tensor};
+use mimlab_engine::fsutil::write_atomic;
 use mimlab_engine::picture::{heatmap, RgbImage};
 use serde::Serialize;
 
@@ -126,7 +127,7 @@ impl ClassificationReport {
 
     /// Writes `<stem>.json` (the report, with class names) and `<stem>_confusion.png`.
     pub fn write(&self, dir: &Path, stem: &str, class_names: &[String], title: &str) -> Result<()> {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let json = serde_json::json!({
             "samples": self.samples,
             "top1": self.top1,
@@ -136,8 +137,7 @@ impl ClassificationReport {
             "confusion": self.confusion,
         });
         let path = dir.join(format!("{stem}.json"));
-        std::fs::write(&path, serde_json::to_string_pretty(&json)?)
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        write_atomic(&path, serde_json::to_string_pretty(&json)?.as_bytes())?;
         self.confusion_picture(class_names, title)
             .save_png(&dir.join(format!("{stem}_confusion.png")))
     }

@@ -11,8 +11,9 @@ use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::rng::{rng_for, SharedRng};
 use mimlab_engine::trainer::{Objective, StepOutput};
 use mimlab_models::checkpoint::LoadReport;
-use mimlab_models::pretrained::{load_backbone_weights, Head};
+use mimlab_models::pretrained::Head;
 use mimlab_models::swin_v2::{SwinV2, SwinV2Config};
+use mimlab_pretrain::backbone::load_backbone_weights;
 use rand::rngs::StdRng;
 
 use crate::config::FinetuneConfig;

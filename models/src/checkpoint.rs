@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
+use mimlab_engine::fsutil::ensure_parent;
+pub use mimlab_engine::trainer::checkpoint::LoadOptions;
+use mimlab_engine::trainer::checkpoint::{load_into_varmap_renamed, save_tensors, varmap_tensors};
 
 /// Key layout of a Swin-V2 state dict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +60,43 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         candle_core::safetensors::load(path, &Device::Cpu)
             .with_context(|| format!("reading safetensors {}", path.display()))
     }
+}
+
+/// The tensor names of a `*.safetensors` file (from its header, no tensor read) or of a
+/// `*.safetensors.index.json`, sorted.
+pub fn checkpoint_keys(path: &Path) -> Result<Vec<String>> {
+    let json: serde_json::Value = if path.to_string_lossy().ends_with(".json") {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading index {}", path.display()))?;
+        let index: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        index
+            .get("weight_map")
+            .cloned()
+            .with_context(|| format!("{}: no `weight_map` object", path.display()))?
+    } else {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path)
+            .with_context(|| format!("reading safetensors {}", path.display()))?;
+        let mut n = [0u8; 8];
+        f.read_exact(&mut n)
+            .with_context(|| format!("{}: no safetensors header", path.display()))?;
+        let mut header = vec![0u8; u64::from_le_bytes(n) as usize];
+        f.read_exact(&mut header)
+            .with_context(|| format!("{}: truncated safetensors header", path.display()))?;
+        serde_json::from_slice(&header)
+            .with_context(|| format!("{}: safetensors header is not JSON", path.display()))?
+    };
+    let map = json
+        .as_object()
+        .with_context(|| format!("{}: the tensor table is not an object", path.display()))?;
+    let mut keys: Vec<String> = map
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect();
+    keys.sort();
+    Ok(keys)
 }
 
 /// True for the buffers official files carry that are always re-derived (architecture.md 2.1).
@@ -110,7 +150,8 @@ pub fn detect_layout<S: AsRef<str>>(keys: impl IntoIterator<Item = S>) -> Layout
 /// official / timm -> mimlab (= official) keys, following architecture.md 2.1/2.2: strip a
 /// leading `model.`, drop relative_position_index / relative_coords_table / attn_mask / k_bias,
 /// `rpe_mlp` -> `cpb_mlp`, and for timm shift `layers.{i}.downsample` to `layers.{i-1}` and
-/// `head.fc.` -> `head.`. `encoder.`-prefixed SimMIM keys pass through (see `LoadOptions::prefix`).
+/// `head.fc.` -> `head.`. Keys under another prefix (a pretraining objective's) pass through;
+/// the caller names that prefix in `LoadOptions::prefix`.
 pub fn remap_to_mimlab(
     tensors: HashMap<String, Tensor>,
 ) -> Result<(HashMap<String, Tensor>, Layout)> {
@@ -195,18 +236,6 @@ pub fn unshare_cpb(
     Ok(tensors)
 }
 
-/// How [`load_into_varmap`] matches checkpoint tensors to model variables.
-#[derive(Debug, Clone, Default)]
-pub struct LoadOptions {
-    /// Prefix taken off checkpoint keys, e.g. `encoder.` for a SimMIM checkpoint; "" for none.
-    /// Keys without it are unexpected unless `ignore_unexpected` covers them.
-    pub prefix: String,
-    /// Model key prefixes allowed to stay at their init, e.g. `head.`.
-    pub allow_missing: Vec<String>,
-    /// Checkpoint key prefixes silently skipped, e.g. `decoder.`, `mask_token`.
-    pub ignore_unexpected: Vec<String>,
-}
-
 /// What [`load_into_varmap`] did.
 #[derive(Debug, Clone)]
 pub struct LoadReport {
@@ -220,138 +249,36 @@ pub struct LoadReport {
     pub layout: Layout,
 }
 
-fn list(names: &[String]) -> String {
-    let mut s = names
-        .iter()
-        .take(10)
-        .map(|n| format!("`{n}`"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    if names.len() > 10 {
-        s.push_str(&format!(" and {} more", names.len() - 10));
-    }
-    s
-}
-
-/// Copies tensors into the varmap's variables, after taking off `opts.prefix` and remapping
-/// official/timm keys ([`remap_to_mimlab`]; re-derived buffers are dropped). Unknown keys,
-/// missing keys and shape mismatches are errors naming the tensors (both shapes for mismatches);
-/// nothing is written unless every check passes. Values are cast to each variable's dtype/device.
+/// The engine's strict [`mimlab_engine::trainer::checkpoint::load_into_varmap`] (prefix taken
+/// off, missing / unexpected / mis-shaped keys named, nothing written unless every check passes)
+/// with official/timm keys remapped to mimlab's first ([`remap_to_mimlab`]; re-derived buffers
+/// are dropped). Errors name the detected layout.
 pub fn load_into_varmap(
     varmap: &VarMap,
     tensors: HashMap<String, Tensor>,
     opts: &LoadOptions,
 ) -> Result<LoadReport> {
-    let matches = |k: &str, prefixes: &[String]| prefixes.iter().any(|p| k.starts_with(p.as_str()));
-    let mut ignored = Vec::new();
-    let mut unexpected = Vec::new();
-    let mut taken = HashMap::new();
-    for (k, t) in tensors {
-        match k.strip_prefix(opts.prefix.as_str()) {
-            Some(rest) => {
-                taken.insert(rest.to_string(), t);
-            }
-            None if matches(&k, &opts.ignore_unexpected) => ignored.push(k),
-            None => unexpected.push(k),
-        }
-    }
-    let (taken, layout) = remap_to_mimlab(taken)?;
-    // Invariant: the VarMap mutex is only poisoned if another thread panicked while holding it.
-    let data = varmap.data().lock().expect("varmap mutex poisoned");
-    let mut mismatched = Vec::new();
-    let mut to_set = Vec::new();
-    for (k, t) in taken {
-        match data.get(&k) {
-            Some(var) if var.shape() == t.shape() => to_set.push((var.clone(), k, t)),
-            Some(var) => mismatched.push(format!(
-                "{k}: checkpoint {:?} vs model {:?}",
-                t.dims(),
-                var.dims()
-            )),
-            None if matches(&k, &opts.ignore_unexpected) => {
-                ignored.push(format!("{}{k}", opts.prefix))
-            }
-            None => unexpected.push(format!("{}{k}", opts.prefix)),
-        }
-    }
-    let loaded_names: BTreeSet<&str> = to_set.iter().map(|(_, k, _)| k.as_str()).collect();
-    let mut missing = Vec::new();
-    let mut missing_allowed = Vec::new();
-    let mut keys: Vec<&String> = data.keys().collect();
-    keys.sort();
-    for k in keys {
-        if loaded_names.contains(k.as_str())
-            || mismatched.iter().any(|m| m.starts_with(&format!("{k}:")))
-        {
-            continue;
-        }
-        if matches(k, &opts.allow_missing) {
-            missing_allowed.push(k.clone());
-        } else {
-            missing.push(k.clone());
-        }
-    }
-    unexpected.sort();
-    mismatched.sort();
-    let mut errors = Vec::new();
-    if !mismatched.is_empty() {
-        errors.push(format!(
-            "{} shape mismatch(es): {}",
-            mismatched.len(),
-            list(&mismatched)
-        ));
-    }
-    if !missing.is_empty() {
-        errors.push(format!(
-            "{} model tensor(s) missing from the checkpoint: {}",
-            missing.len(),
-            list(&missing)
-        ));
-    }
-    if !unexpected.is_empty() {
-        errors.push(format!(
-            "{} unexpected checkpoint tensor(s) ({layout:?} layout): {}",
-            unexpected.len(),
-            list(&unexpected)
-        ));
-    }
-    if !errors.is_empty() {
-        bail!("checkpoint does not fit the model: {}", errors.join("; "));
-    }
-    let loaded = to_set.len();
-    for (var, k, t) in to_set {
-        let t = t.to_device(var.device())?.to_dtype(var.dtype())?;
-        var.set(&t).with_context(|| format!("setting `{k}`"))?;
-    }
-    ignored.sort();
+    let mut layout = None;
+    let r = load_into_varmap_renamed(varmap, tensors, opts, |t| {
+        let (t, l) = remap_to_mimlab(t)?;
+        layout = Some(l);
+        Ok(t)
+    });
+    let layout = layout.unwrap_or(Layout::Mimlab);
+    let r = r.with_context(|| format!("{layout:?} key layout"))?;
     Ok(LoadReport {
-        loaded,
-        missing_allowed,
-        ignored,
+        loaded: r.loaded,
+        missing_allowed: r.missing_allowed,
+        ignored: r.ignored,
         layout,
     })
 }
 
-/// Writes every variable of `varmap` to `path` (safetensors) atomically: a temporary file in the
-/// same folder, then a rename.
+/// Writes every variable of `varmap` to `path` (safetensors) atomically
+/// ([`mimlab_engine::fsutil::write_atomic_with`]), creating its folder if needed.
 pub fn save_varmap(varmap: &VarMap, path: &Path) -> Result<()> {
-    let tensors: HashMap<String, Tensor> = {
-        let data = varmap.data().lock().expect("varmap mutex poisoned");
-        data.iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect()
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    candle_core::safetensors::save(&tensors, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    ensure_parent(path)?;
+    save_tensors(path, &varmap_tensors(varmap))
 }
 
 #[cfg(test)]

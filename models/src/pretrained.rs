@@ -1,70 +1,19 @@
-//! Starting a model from earlier work: `--init`, `--teacher` and `--weights` accept a run folder
-//! (its newest checkpoint, and its `config.yaml` for the architecture) or a weights file of any
-//! supported layout (a mimlab run's checkpoint, an official or timm Swin-V2 file).
+//! Starting a Swin-V2 from earlier weights: checking a target architecture against the one the
+//! weights were trained as, and loading a backbone from a weights file of any supported layout
+//! (mimlab, official, timm). The caller says which key prefix holds the backbone (a pretraining
+//! objective keeps it under its own prefix; a classifier or an official file under none): this
+//! crate knows no run folders and no objectives.
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::rng::SharedRng;
-use mimlab_engine::trainer::latest_checkpoint;
 
 use crate::checkpoint::{load_into_varmap, read_safetensors, unshare_cpb, LoadOptions, LoadReport};
 use crate::swin_v2::{SwinV2, SwinV2Config};
-
-/// What a `--init` / `--teacher` path resolved to.
-#[derive(Debug, Clone, PartialEq)]
-pub struct InitSource {
-    /// The safetensors file (or sharded index) to read.
-    pub weights: PathBuf,
-    /// The run's resolved `config.yaml`, when the path was a run folder or a file inside one.
-    pub run_config: Option<PathBuf>,
-}
-
-/// A run folder -> its newest complete checkpoint and its `config.yaml`; a file -> itself (and
-/// the `config.yaml` of the run it sits in, `RUN/checkpoints/step_N.safetensors`, if any).
-pub fn resolve_init(path: &Path) -> Result<InitSource> {
-    if path.is_dir() {
-        let weights = latest_checkpoint(path)
-            .with_context(|| format!("{}: not a run folder with checkpoints", path.display()))?;
-        let cfg = path.join("config.yaml");
-        return Ok(InitSource {
-            weights,
-            run_config: cfg.is_file().then_some(cfg),
-        });
-    }
-    if !path.is_file() {
-        bail!("{}: no such run folder or weights file", path.display());
-    }
-    let run_config = path
-        .parent()
-        .filter(|d| d.file_name().is_some_and(|n| n == "checkpoints"))
-        .and_then(Path::parent)
-        .map(|run| run.join("config.yaml"))
-        .filter(|c| c.is_file());
-    Ok(InitSource {
-        weights: path.to_path_buf(),
-        run_config,
-    })
-}
-
-/// The `model:` section of a run's `config.yaml` (the architecture the weights were trained as),
-/// validated.
-pub fn run_model_section(config_yaml: &Path) -> Result<SwinV2Config> {
-    let text = std::fs::read_to_string(config_yaml)
-        .with_context(|| format!("reading {}", config_yaml.display()))?;
-    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
-        .with_context(|| format!("{}: not valid YAML", config_yaml.display()))?;
-    let model = doc
-        .get("model")
-        .with_context(|| format!("{}: no `model:` section", config_yaml.display()))?;
-    serde_yaml_ng::from_value::<SwinV2Config>(model.clone())
-        .map_err(anyhow::Error::from)
-        .and_then(SwinV2Config::resolved)
-        .with_context(|| format!("{}: reading the `model:` section", config_yaml.display()))
-}
 
 /// Checks that `target` (the model about to be trained) has the architecture of `pretrained`
 /// (the run its weights come from), naming the first differing key, and carries the pretraining
@@ -147,13 +96,18 @@ pub enum Head {
     Load,
 }
 
-/// Loads backbone weights into `varmap` (built for a Swin-V2 by [`SwinV2::new`]): a SimMIM run's
-/// `encoder.*` (its `decoder.*` and `mask_token` skipped), a feature-distillation run's
-/// `student.*` (its projector skipped), a classifier run, or an official / timm file (remapped).
-/// Every backbone variable must be loaded; only the head may stay at init (`Head::Reinit`).
-pub fn load_backbone_weights(varmap: &VarMap, weights: &Path, head: Head) -> Result<LoadReport> {
+/// Loads the backbone held under `prefix` in `weights` into `varmap` (built for a Swin-V2 by
+/// [`SwinV2::new`]); official / timm keys are remapped. Keys outside `prefix` (a pretraining
+/// objective's decoder or projector) are skipped and reported as ignored. Every backbone variable
+/// must be loaded; only the head may stay at init (`Head::Reinit`).
+pub fn load_backbone_weights(
+    varmap: &VarMap,
+    weights: &Path,
+    prefix: &str,
+    head: Head,
+) -> Result<LoadReport> {
     let tensors = read_safetensors(weights)?;
-    load_backbone_tensors(varmap, tensors, head)
+    load_backbone_tensors(varmap, tensors, prefix, head)
         .with_context(|| format!("loading {}", weights.display()))
 }
 
@@ -161,12 +115,12 @@ pub fn load_backbone_weights(varmap: &VarMap, weights: &Path, head: Head) -> Res
 pub fn load_backbone_tensors(
     varmap: &VarMap,
     tensors: HashMap<String, Tensor>,
+    prefix: &str,
     head: Head,
 ) -> Result<LoadReport> {
-    let prefix = ["encoder.", "student."]
+    let (tensors, outside): (HashMap<String, Tensor>, HashMap<String, Tensor>) = tensors
         .into_iter()
-        .find(|p| tensors.keys().any(|k| k.starts_with(p)))
-        .unwrap_or("");
+        .partition(|(k, _)| k.starts_with(prefix));
     let (model_has_mask_token, model_shares_cpb) = {
         // Invariant: the VarMap mutex is only poisoned if another thread panicked holding it.
         let data = varmap.data().lock().expect("varmap mutex poisoned");
@@ -175,21 +129,19 @@ pub fn load_backbone_tensors(
             data.contains_key("cpb_mlp.0.weight"),
         )
     };
-    // A shared-CPB student (feature distillation) into a per-block model: copy the MLP into
+    // A shared-CPB checkpoint (feature distillation) into a per-block model: copy the MLP into
     // every block, as FD does with its shared relative position bias for finetuning.
     let tensors = if model_shares_cpb {
         tensors
     } else {
         unshare_cpb(tensors, prefix)?
     };
-    let mut ignore: Vec<String> = vec!["decoder.".into(), "projector.".into(), "teacher.".into()];
+    let mut ignore: Vec<String> = vec![];
+    let mut allow_missing = vec![];
     if !model_has_mask_token {
-        ignore.push(format!("{prefix}mask_token"));
         ignore.push("mask_token".into());
     }
-    let mut allow_missing = vec![];
     if head == Head::Reinit {
-        ignore.push(format!("{prefix}head."));
         ignore.push("head.".into());
         allow_missing.push("head.".into());
     }
@@ -202,29 +154,34 @@ pub fn load_backbone_tensors(
         allow_missing,
         ignore_unexpected: ignore,
     };
-    load_into_varmap(varmap, tensors, &opts)
+    let mut report = load_into_varmap(varmap, tensors, &opts)?;
+    report.ignored.extend(outside.into_keys());
+    report.ignored.sort();
+    Ok(report)
 }
 
-/// Builds `cfg` on `device` and loads backbone weights into it (the head too when the model has
-/// one and the checkpoint carries it with the same shape, else it stays at init).
+/// Builds `cfg` on `device` and loads the backbone held under `prefix` in `weights` into it (the
+/// head too when the model has one and the checkpoint carries it with the same shape, else it
+/// stays at init).
 pub fn load_backbone(
     cfg: &SwinV2Config,
     weights: &Path,
+    prefix: &str,
     device: &Device,
 ) -> Result<(SwinV2, VarMap, LoadReport)> {
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, 0, DType::F32, device);
     let model = SwinV2::new(cfg, false, SharedRng::new(0), vb)?;
     let tensors = read_safetensors(weights)?;
-    let has_head = tensors
-        .keys()
-        .any(|k| k == "head.weight" || k == "head.fc.weight");
+    let has_head = ["head.weight", "head.fc.weight"]
+        .iter()
+        .any(|h| tensors.contains_key(&format!("{prefix}{h}")));
     let head = if cfg.num_classes > 0 && has_head {
         Head::Load
     } else {
         Head::Reinit
     };
-    let report = load_backbone_tensors(&varmap, tensors, head)
+    let report = load_backbone_tensors(&varmap, tensors, prefix, head)
         .with_context(|| format!("loading {}", weights.display()))?;
     Ok((model, varmap, report))
 }
@@ -232,11 +189,9 @@ pub fn load_backbone(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::save_varmap;
 
     fn tiny() -> SwinV2Config {
         SwinV2Config {
-            preset: None,
             img_size: 16,
             patch_size: 2,
             embed_dim: 8,
@@ -287,7 +242,7 @@ mod tests {
             ..tiny()
         };
         let (_, dst) = build(&cls, false, 2);
-        let r = load_backbone_tensors(&dst, tensors, Head::Reinit)?;
+        let r = load_backbone_tensors(&dst, tensors, "encoder.", Head::Reinit)?;
         assert_eq!(r.loaded, n_encoder, "every encoder tensor but mask_token");
         assert_eq!(r.missing_allowed, vec!["head.bias", "head.weight"]);
         assert_eq!(r.ignored, vec!["decoder.0.weight", "encoder.mask_token"]);
@@ -302,7 +257,6 @@ mod tests {
         // swinv2_base_patch4_window12to16_192to256: PRETRAINED_WINDOW_SIZES [12, 12, 12, 6]).
         let pre = SwinV2Config::preset("swinv2_base_window12_192")?;
         let mut ft = SwinV2Config {
-            preset: None,
             img_size: 256,
             window_size: 16,
             pretrained_window_sizes: vec![0; 4],
@@ -341,41 +295,11 @@ mod tests {
             .collect();
         tensors.remove("layers.0.blocks.0.mlp.fc1.weight");
         let (_, dst) = build(&tiny(), false, 2);
-        let err = load_backbone_tensors(&dst, tensors, Head::Reinit).unwrap_err();
+        let err = load_backbone_tensors(&dst, tensors, "", Head::Reinit).unwrap_err();
         assert!(
             format!("{err:#}").contains("`layers.0.blocks.0.mlp.fc1.weight`"),
             "{err:#}"
         );
-    }
-
-    #[test]
-    fn run_folder_resolves_to_its_newest_checkpoint_and_config() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let run = dir.path();
-        std::fs::create_dir_all(run.join("checkpoints"))?;
-        std::fs::write(
-            run.join("config.yaml"),
-            "model:\n  preset: swinv2_nano\n  img_size: 32\n",
-        )?;
-        let (_, vm) = build(&tiny(), false, 1);
-        for s in [5u64, 12] {
-            save_varmap(&vm, &run.join(format!("checkpoints/step_{s}.safetensors")))?;
-            std::fs::write(run.join(format!("checkpoints/step_{s}.json")), "{}")?;
-        }
-        let src = resolve_init(run)?;
-        assert!(src.weights.ends_with("checkpoints/step_12.safetensors"));
-        assert_eq!(src.run_config, Some(run.join("config.yaml")));
-        let file = resolve_init(&run.join("checkpoints/step_5.safetensors"))?;
-        assert_eq!(file.run_config, Some(run.join("config.yaml")));
-        let m = run_model_section(&run.join("config.yaml"))?;
-        assert_eq!(m.preset.as_deref(), Some("swinv2_nano"));
-        assert_eq!(m.img_size, 32);
-        let err = resolve_init(&run.join("nope")).unwrap_err().to_string();
-        assert!(
-            err.contains("nope") && err.contains("no such run folder"),
-            "{err}"
-        );
-        Ok(())
     }
 
     #[test]
@@ -415,7 +339,7 @@ mod tests {
             Tensor::zeros((4, 16), DType::F32, &Device::Cpu)?,
         );
         let (plain, dst) = build(&tiny(), false, 2);
-        let r = load_backbone_tensors(&dst, tensors, Head::Reinit)?;
+        let r = load_backbone_tensors(&dst, tensors, "student.", Head::Reinit)?;
         assert_eq!(r.ignored, vec!["projector.weight"]);
         let w2 = |vm: &VarMap, k: &str| vm.data().lock().unwrap()[k].as_tensor().dims().to_vec();
         assert_eq!(

@@ -208,3 +208,28 @@ fn simmim_encoder_prefix_and_official_buffers() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn checkpoint_keys_come_from_the_header_or_the_index() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (a, _) = model(1, true)?;
+    let mut want: Vec<String> = tensors(&a).into_keys().collect();
+    want.sort();
+    let path = dir.path().join("a.safetensors");
+    save_varmap(&a, &path)?;
+    assert_eq!(checkpoint_keys(&path)?, want);
+    let idx = dir.path().join("a.safetensors.index.json");
+    let map: serde_json::Map<String, serde_json::Value> = want
+        .iter()
+        .map(|k| (k.clone(), "a.safetensors".into()))
+        .collect();
+    std::fs::write(&idx, serde_json::json!({ "weight_map": map }).to_string())?;
+    assert_eq!(checkpoint_keys(&idx)?, want);
+    std::fs::write(dir.path().join("bad.safetensors"), [1u8, 0, 0])?;
+    let e = format!(
+        "{:#}",
+        checkpoint_keys(&dir.path().join("bad.safetensors")).unwrap_err()
+    );
+    assert!(e.contains("bad.safetensors"), "{e}");
+    Ok(())
+}

@@ -1,10 +1,13 @@
 //! AvgDist (SimMIM paper Sec. 3, architecture.md 4): the mean Euclidean distance from each masked
 //! pixel to its nearest visible pixel, averaged over random masks of the official mask rule.
-use anyhow::{ensure, Result};
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 
 use crate::distance::distance_transform;
 use crate::mask::{MaskGenerator, MaskStrategy};
+use mimlab_engine::fsutil::write_atomic;
 use mimlab_engine::picture::{LinePlot, RgbImage, Series};
 use mimlab_engine::rng::rng_for;
 
@@ -149,6 +152,21 @@ pub fn avgdist_csv(rows: &[AvgDistRow]) -> String {
         ));
     }
     s
+}
+
+/// Writes `dir/avgdist.csv` ([`avgdist_csv`]) and `dir/avgdist.png` ([`avgdist_plot`]),
+/// creating `dir`; returns both paths.
+pub fn write_avgdist(
+    dir: &Path,
+    rows: &[AvgDistRow],
+    img_size: usize,
+) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let csv = dir.join("avgdist.csv");
+    write_atomic(&csv, avgdist_csv(rows).as_bytes())?;
+    let png = dir.join("avgdist.png");
+    avgdist_plot(rows, img_size).save_png(&png)?;
+    Ok((csv, png))
 }
 
 /// AvgDist vs mask ratio, one line per (patch size, strategy), like the SimMIM paper figure.

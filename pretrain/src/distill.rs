@@ -3,8 +3,8 @@
 //! map with smooth-L1 (beta 2).
 //!
 //! Parts in reading order: config, whitening, smooth-L1, resampling, the frozen [`Teacher`], the
-//! student model [`Distill`] (`student.*` + `projector.*`, the checkpoint layout
-//! `models::pretrained::load_backbone_tensors` understands).
+//! student model [`Distill`] (`student.*` + `projector.*`: the backbone under
+//! [`crate::backbone::DISTILL_PREFIX`]).
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -12,11 +12,12 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Init, VarBuilder, VarMap};
 use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::rng::SharedRng;
-use mimlab_models::pretrained::{
-    load_backbone, load_backbone_tensors, resolve_init, run_model_section, Head,
-};
+use mimlab_engine::run_dir::resolve_init;
+use mimlab_models::pretrained::{load_backbone_tensors, Head};
 use mimlab_models::swin_v2::{SwinV2, SwinV2Config};
 use serde::{Deserialize, Serialize};
+
+use crate::backbone::{backbone_prefix, load_backbone, run_model_section, DISTILL_PREFIX};
 
 /// The `distill:` config section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -262,7 +263,7 @@ impl Distill {
             "the student is a backbone: num_classes must be 0"
         );
         // The student lives in its own VarMap (backbone key names, so a checkpoint loads with
-        // load_backbone_tensors), then its Vars are registered under `student.` in `varmap`.
+        // load_backbone_tensors), then its Vars are registered under DISTILL_PREFIX in `varmap`.
         let svm = VarMap::new();
         let student = SwinV2::new(
             cfg,
@@ -273,14 +274,16 @@ impl Distill {
         if let Some(p) = init {
             let src = resolve_init(p).context("distill.student_init")?;
             let t = mimlab_models::checkpoint::read_safetensors(&src.weights)?;
-            load_backbone_tensors(&svm, t, Head::Reinit)
+            let keys: Vec<&String> = t.keys().collect();
+            let prefix = backbone_prefix(&keys);
+            load_backbone_tensors(&svm, t, prefix, Head::Reinit)
                 .with_context(|| format!("distill.student_init {}", src.weights.display()))?;
         }
         {
             // Invariant: these mutexes are only poisoned if a thread panicked holding them.
             let mut all = varmap.data().lock().expect("varmap mutex poisoned");
             for (k, v) in svm.data().lock().expect("varmap mutex poisoned").iter() {
-                all.insert(format!("student.{k}"), v.clone());
+                all.insert(format!("{DISTILL_PREFIX}{k}"), v.clone());
             }
         }
         let vb: VarBuilder = seeded_var_builder(varmap, seed, DType::F32, device);

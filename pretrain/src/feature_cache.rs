@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use mimlab_engine::data::DataLoader;
-use mimlab_engine::trainer::checkpoint::{atomic_write, atomic_write_with};
+use mimlab_engine::fsutil::write_atomic;
+use mimlab_engine::trainer::checkpoint::save_tensors;
 use serde::{Deserialize, Serialize};
 
 use crate::distill::Teacher;
@@ -131,11 +132,9 @@ impl FeatureCache {
                 Tensor::from_vec(flat, (c.len(), 5), &Device::Cpu)?,
             );
         }
-        atomic_write_with(&dir.join("features.safetensors"), |tmp| {
-            Ok(candle_core::safetensors::save(&t, tmp)?)
-        })?;
+        save_tensors(&dir.join("features.safetensors"), &t)?;
         let json = serde_json::to_string_pretty(&self.header)?;
-        atomic_write(&dir.join("header.json"), json.as_bytes())
+        write_atomic(&dir.join("header.json"), json.as_bytes())
     }
 
     /// Reads a cache folder and checks it was made for `expected` (teacher, hash, sizes).

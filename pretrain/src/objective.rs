@@ -8,6 +8,7 @@ use mimlab_engine::data::{heldout_images, Batch, DataConfig};
 use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::log::TbWriter;
 use mimlab_engine::rng::{rng_for, SharedRng};
+use mimlab_engine::run_dir::RunDir;
 use mimlab_engine::trainer::{Objective, StepOutput};
 use mimlab_models::swin_v2::SwinV2Config;
 
@@ -138,11 +139,9 @@ impl Objective for SimMimObjective {
             &self.mean,
             &self.std,
         )?;
-        let path = run_dir
-            .join("pictures")
+        let path = RunDir::at(run_dir)
+            .pictures()
             .join(format!("recon_step{step}.png"));
-        std::fs::create_dir_all(path.parent().unwrap_or(run_dir))
-            .with_context(|| format!("creating {}", run_dir.join("pictures").display()))?;
         img.save_png(&path)?;
         tb.add_image("recon", &img, step)
     }

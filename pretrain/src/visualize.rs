@@ -12,7 +12,8 @@ use mimlab_engine::data::{decode_image, heldout_images, DataConfig};
 use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::picture::{from_tensor, grid, RgbImage};
 use mimlab_engine::rng::{rng_for, SharedRng};
-use mimlab_engine::trainer::checkpoint::load_into_varmap;
+use mimlab_engine::run_dir::RunDir;
+use mimlab_engine::trainer::checkpoint::{load_into_varmap, LoadOptions};
 use mimlab_models::swin_v2::SwinV2Config;
 
 use crate::mask::{MaskGenerator, SimMimConfig};
@@ -143,7 +144,8 @@ pub fn visualize_run(
     let model = SimMim::new(model_cfg, cfg, SharedRng::new(seed), vb)?;
     let tensors = candle_core::safetensors::load(weights, &Device::Cpu)
         .with_context(|| format!("reading {}", weights.display()))?;
-    load_into_varmap(&varmap, &tensors, &weights.display().to_string())?;
+    load_into_varmap(&varmap, tensors, &LoadOptions::default())
+        .with_context(|| format!("loading {}", weights.display()))?;
     let (s, c) = (model_cfg.img_size, model_cfg.in_chans);
     let images = match images_dir {
         Some(dir) => folder_images(dir, s, c, data, n)?,
@@ -161,11 +163,31 @@ pub fn visualize_run(
         &data.aug.mean,
         &data.aug.std,
     )?;
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
     img.save_png(out)?;
     Ok(out.to_path_buf())
+}
+
+/// File name of the `mimlab visualize` picture in the run's `pictures/`.
+pub const RECONSTRUCTION_PNG: &str = "reconstruction.png";
+
+/// `mimlab visualize --run RUN`: the run's config and newest checkpoint ->
+/// `RUN/pictures/reconstruction.png` (see [`visualize_run`]). Returns the picture's path.
+#[allow(clippy::too_many_arguments)]
+pub fn visualize_run_dir(
+    run: &RunDir,
+    model_cfg: &SwinV2Config,
+    cfg: &SimMimConfig,
+    data: &DataConfig,
+    images_dir: Option<&Path>,
+    n: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<PathBuf> {
+    let weights = run.latest_weights()?;
+    let out = run.pictures().join(RECONSTRUCTION_PNG);
+    visualize_run(
+        model_cfg, cfg, data, &weights, images_dir, n, seed, &out, device,
+    )
 }
 
 #[cfg(test)]
@@ -219,15 +241,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let vm = VarMap::new();
         tiny_model(&vm);
-        let ckpt = dir.path().join("checkpoints");
-        std::fs::create_dir_all(&ckpt).unwrap();
-        let weights = ckpt.join("step_5.safetensors");
+        let run = RunDir::at(dir.path());
+        std::fs::create_dir_all(run.checkpoints()).unwrap();
+        let weights = run.checkpoint(5).weights;
         vm.save(&weights).unwrap();
-        std::fs::write(ckpt.join("step_5.json"), "{}").unwrap();
-        assert_eq!(
-            mimlab_engine::trainer::latest_checkpoint(dir.path()).unwrap(),
-            weights
-        );
+        std::fs::write(run.checkpoint(5).meta, "{}").unwrap();
+        assert_eq!(run.latest_weights().unwrap(), weights);
         let imgs = dir.path().join("imgs");
         std::fs::create_dir_all(&imgs).unwrap();
         for (i, c) in [[200u8, 30, 30], [20, 90, 240], [10, 10, 10]]

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use mimlab_engine::data::{Batch, DataConfig};
-use mimlab_engine::trainer::latest_checkpoint;
+use mimlab_engine::run_dir::RunDir;
 use mimlab_engine::trainer::{BatchSource, RunConfig, TrainConfig, Trainer};
 use mimlab_models::swin_v2::SwinV2Config;
 use mimlab_pretrain::{visualize_run, SimMimConfig, SimMimObjective};
@@ -79,7 +79,7 @@ fn training_lowers_the_loss_and_checkpoints_visualize() {
     assert_eq!(summary.steps, 8);
     let (first, last) = (summary.first_loss, summary.last_loss);
     assert!(last < 0.5 * first, "loss {first} -> {last}");
-    let weights = latest_checkpoint(&summary.run_dir).unwrap();
+    let weights = RunDir::at(&summary.run_dir).latest_weights().unwrap();
     let imgs = dir.path().join("imgs");
     std::fs::create_dir_all(&imgs).unwrap();
     mimlab_engine::picture::RgbImage::new(40, 40, [90, 160, 30])

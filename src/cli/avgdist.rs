@@ -1,9 +1,9 @@
 //! `mimlab avgdist`: the AvgDist masking analysis of SimMIM (architecture.md section 4).
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use mimlab_pretrain::avgdist::{avgdist_csv, avgdist_plot, avgdist_table};
+use mimlab_pretrain::avgdist::{avgdist_csv, avgdist_table, write_avgdist};
 use mimlab_pretrain::mask::MaskStrategy;
 
 /// Output format on stdout.
@@ -99,11 +99,7 @@ pub fn run(a: AvgDistArgs) -> Result<()> {
             }
         }
     }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let csv_path = a.out.join("avgdist.csv");
-    std::fs::write(&csv_path, &csv).with_context(|| format!("writing {}", csv_path.display()))?;
-    let png_path = a.out.join("avgdist.png");
-    avgdist_plot(&rows, a.img_size).save_png(&png_path)?;
+    let (csv_path, png_path) = write_avgdist(&a.out, &rows, a.img_size)?;
     eprintln!("wrote {} and {}", csv_path.display(), png_path.display());
     Ok(())
 }

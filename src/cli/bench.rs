@@ -6,12 +6,13 @@
 //! only says what each row runs.
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use clap::Args;
 use mimlab_engine::bench::{format_table, measure, Iters, Report, Row};
 use mimlab_engine::device::with_cpu_threads;
+use mimlab_engine::fsutil::write_atomic;
 use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::optim::{param_groups, AdamW};
 use mimlab_engine::rng::{rng_for, SharedRng};
@@ -201,8 +202,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             threads,
             rows,
         };
-        std::fs::write(p, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", p.display()))?;
+        write_atomic(p, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     Ok(())
 }

@@ -5,10 +5,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mimlab_engine::device::{parse_device, with_cpu_threads};
-use mimlab_finetune::objective::evaluate_classifier;
-use mimlab_models::pretrained::{load_backbone, resolve_init};
+use mimlab_engine::run_dir::resolve_init;
+use mimlab_finetune::classify::{eval_loader, evaluate_weights};
 
-use super::finetune::{class_names, eval_loader, write_report};
 use super::ConfigArgs;
 use crate::experiment::Experiment;
 
@@ -42,43 +41,19 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let device = parse_device(&exp.run.device)?;
         let cfg = exp.model.clone();
         anyhow::ensure!(
-        cfg.num_classes > 0,
-        "{}: model.num_classes is 0; `eval` needs a classifier (use `mimlab probe` for a backbone)",
-        config.display()
-    );
-        let loader = eval_loader(&exp, cfg.img_size, cfg.in_chans)?;
-        let names = class_names(loader.dataset(), cfg.num_classes)?;
-        let (model, _, report) = load_backbone(&cfg, &src.weights, &device)?;
-        anyhow::ensure!(
-            report
-                .missing_allowed
-                .iter()
-                .all(|k| !k.starts_with("head.")),
-            "{}: no classification head (`head.weight`) in the weights; evaluate a finetuned run, \
-         or use `mimlab probe` for a backbone",
-            src.weights.display()
+            cfg.num_classes > 0,
+            "{}: model.num_classes is 0; `eval` needs a classifier (use `mimlab probe` for a \
+             backbone)",
+            config.display()
         );
-        eprintln!(
-            "eval: {} with {}",
-            loader.dataset().describe(),
-            src.weights.display()
-        );
-        let (r, loss) = evaluate_classifier(&model, cfg.num_classes, &loader, &device)?;
-        let stem = src
-            .weights
-            .file_stem()
-            .map(|s| format!("eval_{}", s.to_string_lossy()))
-            .unwrap_or_else(|| "eval".into());
-        let out_dir = match (&args.out, &src.run_config) {
-            (Some(o), _) => o.clone(),
-            (None, Some(c)) => c.parent().map(|p| p.join("eval")).unwrap_or_default(),
-            (None, None) => PathBuf::from("eval"),
-        };
-        write_report(&r, &out_dir, &names, &stem)?;
-        println!(
-            "top-1 {:.2}%  top-5 {:.2}%  loss {loss:.4}  ({} images)",
-            r.top1, r.top5, r.samples
-        );
+        let loader = eval_loader(
+            &exp.data,
+            exp.train.batch_size,
+            exp.run.seed,
+            cfg.img_size,
+            cfg.in_chans,
+        )?;
+        evaluate_weights(&src, &cfg, &loader, args.out.as_deref(), &device)?;
         Ok(())
     })
 }

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
-use mimlab_engine::data::{DataLoader, LoaderOptions};
-use mimlab_engine::trainer::{Objective, TrainSummary, Trainer};
+use mimlab_engine::run_dir::RunDir;
+use mimlab_engine::trainer::TrainSession;
 
 use crate::experiment::Experiment;
 
@@ -35,7 +35,7 @@ pub struct ConfigArgs {
 pub fn load_experiment(args: &ConfigArgs, resume: Option<&Path>) -> Result<Experiment> {
     let config_path = match resume {
         Some(dir) => {
-            let p = dir.join("config.yaml");
+            let p = RunDir::at(dir).config();
             anyhow::ensure!(
                 p.is_file(),
                 "--resume {}: no config.yaml in that folder",
@@ -48,39 +48,14 @@ pub fn load_experiment(args: &ConfigArgs, resume: Option<&Path>) -> Result<Exper
     Experiment::load(config_path.as_deref(), &args.sets)
 }
 
-/// The training loader's options: shuffled, last incomplete batch dropped (as the reference
-/// loaders), seeded by the run seed.
-pub fn train_options(exp: &Experiment) -> LoaderOptions {
-    LoaderOptions {
-        batch_size: exp.train.batch_size,
-        shuffle: true,
-        drop_last: true,
-        seed: exp.run.seed,
-        workers: exp.data.num_workers,
-        prefetch: exp.data.prefetch_batches,
-    }
-}
-
-/// Runs the one trainer for `objective` (a new run, or `resume`), writing the resolved config into
-/// the run folder, and prints the summary line.
-pub fn train_and_report<O: Objective>(
-    objective: &mut O,
-    exp: &Experiment,
-    resume: Option<&Path>,
-    loader: &DataLoader,
-    eval: Option<&DataLoader>,
-) -> Result<TrainSummary> {
-    let start = std::time::Instant::now();
-    let yaml = exp.to_yaml()?;
-    let mut trainer = Trainer::new(objective, &exp.train, &exp.run, &yaml, resume)?;
-    let summary = trainer.fit(loader, eval)?;
-    println!(
-        "done: {} steps in {:.1}s, loss {:.4} -> {:.4}; run folder {}",
-        summary.steps,
-        start.elapsed().as_secs_f64(),
-        summary.first_loss,
-        summary.last_loss,
-        summary.run_dir.display()
-    );
-    Ok(summary)
+/// The training run of a command: the experiment's shared sections, its resolved YAML (written
+/// into the run folder) and the folder to resume.
+pub fn session<'a>(exp: &'a Experiment, resume: Option<&'a Path>) -> Result<TrainSession<'a>> {
+    Ok(TrainSession {
+        data: &exp.data,
+        train: &exp.train,
+        run: &exp.run,
+        config_yaml: exp.to_yaml()?,
+        resume,
+    })
 }

@@ -78,12 +78,12 @@ fn info(args: &ConfigArgs) -> Result<()> {
 }
 
 /// Builds the configured backbone and loads weights of any supported layout into it.
-pub fn load_backbone(
+fn load_backbone(
     cfg: &SwinV2Config,
     weights: &std::path::Path,
     device: &candle_core::Device,
 ) -> Result<SwinV2> {
-    let (model, _, report) = mimlab_models::pretrained::load_backbone(cfg, weights, device)?;
+    let (model, _, report) = mimlab_pretrain::backbone::load_backbone(cfg, weights, device)?;
     eprintln!(
         "loaded {} tensors from {} ({:?} layout){}",
         report.loaded,
@@ -122,8 +122,7 @@ fn forward(args: &RunArgs) -> Result<()> {
         .into_iter()
         .map(|(k, v)| Ok((k, v.to_device(&candle_core::Device::Cpu)?)))
         .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&out, &args.output)
-        .with_context(|| format!("writing {}", args.output.display()))?;
+    mimlab_engine::trainer::checkpoint::save_tensors(&args.output, &out)?;
     eprintln!("wrote {} ({})", args.output.display(), {
         let mut k: Vec<_> = out.keys().cloned().collect();
         k.sort();

@@ -1,11 +1,10 @@
 //! `mimlab pretrain --config C [--set ...] [--resume RUN_DIR]`: SimMIM pretraining.
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use mimlab_engine::data::{build_dataset, DataLoader, Split};
 use mimlab_engine::device::{parse_device, with_cpu_threads};
-use mimlab_pretrain::objective::SimMimObjective;
+use mimlab_pretrain::simmim_recipe::pretrain_simmim;
 
 use super::ConfigArgs;
 
@@ -25,26 +24,9 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     let exp = super::load_experiment(&args.config, args.resume.as_deref())?;
     with_cpu_threads(exp.run.threads, move || -> Result<()> {
         let device = parse_device(&exp.run.device)?;
-        let model_cfg = exp.model.clone();
-
-        let dataset = build_dataset(
-            &exp.data,
-            Split::Train,
-            model_cfg.img_size,
-            model_cfg.in_chans,
-            true,
-        )
-        .context("building the pretraining dataset")?;
-        eprintln!("data: {}", dataset.describe());
-        let loader = DataLoader::new(dataset, super::train_options(&exp));
-        let mut objective =
-            SimMimObjective::new(&model_cfg, &exp.simmim, &exp.data, exp.run.seed, &device)?;
-        eprintln!(
-            "model: {} params, {:.2} GFLOPs/image (forward)",
-            model_cfg.num_params(),
-            model_cfg.flops() as f64 / 1e9
-        );
-        super::train_and_report(&mut objective, &exp, args.resume.as_deref(), &loader, None)?;
+        let model = exp.model.clone();
+        let session = super::session(&exp, args.resume.as_deref())?;
+        pretrain_simmim(&session, &model, &exp.simmim, &device)?;
         Ok(())
     })
 }

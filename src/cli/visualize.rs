@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use mimlab_engine::device::parse_device;
-use mimlab_engine::trainer::latest_checkpoint;
-use mimlab_pretrain::visualize::visualize_run;
+use mimlab_engine::run_dir::RunDir;
+use mimlab_pretrain::visualize::visualize_run_dir;
 
 use crate::experiment::Experiment;
 
@@ -28,20 +28,18 @@ pub struct VisualizeArgs {
 
 /// Writes RUN_DIR/pictures/reconstruction.png from the newest checkpoint.
 pub fn run(a: VisualizeArgs) -> Result<()> {
-    let exp = Experiment::load(Some(&a.run.join("config.yaml")), &[])?;
+    let run = RunDir::at(&a.run);
+    let exp = Experiment::load(Some(&run.config()), &[])?;
     let cfg = exp.model.clone();
     let device = parse_device(&exp.run.device)?;
-    let weights = latest_checkpoint(&a.run)?;
-    let out = a.run.join("pictures").join("reconstruction.png");
-    let path = visualize_run(
+    let path = visualize_run_dir(
+        &run,
         &cfg,
         &exp.simmim,
         &exp.data,
-        &weights,
         a.images.as_deref(),
         a.n,
         a.seed,
-        &out,
         &device,
     )?;
     println!("wrote {}", path.display());

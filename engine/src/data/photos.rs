@@ -4,7 +4,7 @@
 //! the fixed held-out photos of `photos/heldout`.
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use rand::rngs::StdRng;
 use rayon::prelude::*;
 
@@ -38,29 +38,22 @@ pub fn load_compact(src: &Path, cache: &Path) -> Result<U8Image> {
 }
 
 fn write_png_atomic(img: &U8Image, path: &Path) -> Result<()> {
-    let dir = path.parent().context("cache path has no folder")?;
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.{}.{:?}.tmp",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id(),
-        std::thread::current().id()
-    ));
+    crate::fsutil::ensure_parent(path)?;
     let color = if img.channels == 3 {
         image::ColorType::Rgb8
     } else {
         image::ColorType::L8
     };
-    image::save_buffer_with_format(
-        &tmp,
-        &img.data,
-        img.width as u32,
-        img.height as u32,
-        color,
-        image::ImageFormat::Png,
-    )?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    crate::fsutil::write_atomic_with(path, |tmp| {
+        Ok(image::save_buffer_with_format(
+            tmp,
+            &img.data,
+            img.width as u32,
+            img.height as u32,
+            color,
+            image::ImageFormat::Png,
+        )?)
+    })
 }
 
 /// Photos held in memory; see the module doc.

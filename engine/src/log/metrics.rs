@@ -37,7 +37,7 @@ impl MetricsLog {
                 }
             }
             if kept.len() != text.len() {
-                crate::picture::write_atomic(path, kept.as_bytes())?;
+                crate::fsutil::write_atomic(path, kept.as_bytes())?;
             }
         }
         let file = File::options()

@@ -1,4 +1,4 @@
-//! Checkpoints of a run folder and the atomic file writes they rely on.
+//! Trainer stage (output): the checkpoints of a run folder, and loading tensors into a `VarMap`.
 //!
 //! Layout of `RUN_DIR/checkpoints/` after optimizer step N (1-based count of completed steps):
 //! - `step_N.safetensors`: the objective's variables, in its own key layout;
@@ -8,10 +8,10 @@
 //! - `latest`: the text `step_N` of the newest complete checkpoint (for people and scripts; resume
 //!   scans the JSON files and takes the highest N).
 //!
-//! Every file is written as `*.tmp` in the same folder, fsynced, then renamed over the target.
+//! Every file is written with [`crate::fsutil::write_atomic`]. The run folder around
+//! `checkpoints/` is [`crate::run_dir::RunDir`].
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -19,7 +19,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
+use crate::fsutil::{write_atomic, write_atomic_with};
 use crate::optim::ScheduleKind;
+use crate::run_dir::LATEST_FILE;
 
 /// Version of the checkpoint layout written by this code.
 pub const FORMAT_VERSION: u32 = 1;
@@ -54,52 +56,9 @@ pub struct CheckpointMeta {
     pub objective: String,
 }
 
-/// Writes `path` atomically: `f` writes `<path>.tmp`, which is fsynced and renamed over `path`.
-/// On any error the tmp file is removed and an existing `path` is left untouched.
-pub fn atomic_write_with(path: &Path, f: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file path", path.display()))?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = path.with_file_name(format!("{file_name}.tmp"));
-    let result = (|| -> Result<()> {
-        f(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        fs::File::open(&tmp)
-            .and_then(|fh| fh.sync_all())
-            .with_context(|| format!("fsync {}", tmp.display()))?;
-        fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} -> {}", tmp.display(), path.display()))?;
-        if let Some(dir) = path.parent() {
-            // Persist the rename; opening a directory for fsync is not possible everywhere.
-            if let Ok(d) = fs::File::open(if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            }) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Writes `bytes` to `path` atomically (see [`atomic_write_with`]).
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    atomic_write_with(path, |tmp| {
-        let mut fh = fs::File::create(tmp)?;
-        fh.write_all(bytes)?;
-        Ok(())
-    })
-}
-
 /// Saves tensors as safetensors, atomically.
 pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    atomic_write_with(path, |tmp| {
+    write_atomic_with(path, |tmp| {
         Ok(candle_core::safetensors::save(tensors, tmp)?)
     })
 }
@@ -113,45 +72,160 @@ pub fn varmap_tensors(varmap: &VarMap) -> HashMap<String, Tensor> {
         .collect()
 }
 
-/// Sets every variable of `varmap` from `tensors` (moved to the variable's device and dtype).
-/// Errors name the first missing, mis-shaped or unexpected key, prefixed by `source`.
+/// How [`load_into_varmap`] matches checkpoint tensors to model variables. The default is an
+/// exact match: every variable loaded, no key left over (what resuming a run needs).
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Prefix taken off checkpoint keys, e.g. the one under which a pretraining objective keeps
+    /// its backbone; "" for none. Keys without it are unexpected unless `ignore_unexpected`
+    /// covers them.
+    pub prefix: String,
+    /// Model key prefixes allowed to stay at their init, e.g. `head.`.
+    pub allow_missing: Vec<String>,
+    /// Checkpoint key prefixes silently skipped, e.g. `decoder.`, `mask_token`.
+    pub ignore_unexpected: Vec<String>,
+}
+
+/// What [`load_into_varmap`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VarmapLoad {
+    /// Variables overwritten from the checkpoint.
+    pub loaded: usize,
+    /// Model variables left at init (covered by `allow_missing`), sorted.
+    pub missing_allowed: Vec<String>,
+    /// Checkpoint keys skipped (covered by `ignore_unexpected`), sorted.
+    pub ignored: Vec<String>,
+}
+
+/// `` `a`, `b` `` (the first 10, then a count).
+fn list(names: &[String]) -> String {
+    let mut s = names
+        .iter()
+        .take(10)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > 10 {
+        s.push_str(&format!(" and {} more", names.len() - 10));
+    }
+    s
+}
+
+fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+/// Sets the variables of `varmap` from `tensors` (exact keys with the default options). Errors
+/// name every missing, unexpected or mis-shaped key (both shapes); nothing is written unless
+/// every check passes. Values are moved to each variable's device and dtype.
 pub fn load_into_varmap(
     varmap: &VarMap,
-    tensors: &HashMap<String, Tensor>,
-    source: &str,
-) -> Result<()> {
+    tensors: HashMap<String, Tensor>,
+    opts: &LoadOptions,
+) -> Result<VarmapLoad> {
+    load_into_varmap_renamed(varmap, tensors, opts, Ok)
+}
+
+/// [`load_into_varmap`] with the keys (prefix already taken off) renamed first by `rename`, e.g.
+/// from another checkpoint layout to the model's.
+pub fn load_into_varmap_renamed(
+    varmap: &VarMap,
+    tensors: HashMap<String, Tensor>,
+    opts: &LoadOptions,
+    rename: impl FnOnce(HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>>,
+) -> Result<VarmapLoad> {
+    let matches = |k: &str, prefixes: &[String]| prefixes.iter().any(|p| k.starts_with(p.as_str()));
+    let mut ignored = Vec::new();
+    let mut unexpected = Vec::new();
+    let mut taken = HashMap::new();
+    for (k, t) in tensors {
+        match k.strip_prefix(opts.prefix.as_str()) {
+            Some(rest) => {
+                taken.insert(rest.to_string(), t);
+            }
+            None if matches(&k, &opts.ignore_unexpected) => ignored.push(k),
+            None => unexpected.push(k),
+        }
+    }
+    let taken = rename(taken)?;
     // Invariant: the VarMap mutex is only poisoned if another thread panicked while holding it.
     let data = varmap.data().lock().expect("varmap mutex poisoned");
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for name in names {
-        let var = &data[name];
-        let t = tensors
-            .get(name)
-            .with_context(|| format!("{source}: missing key `{name}`"))?;
-        if t.dims() != var.dims() {
-            bail!(
-                "{source}: key `{name}` has shape {:?}, the model expects {:?}",
-                t.dims(),
-                var.dims()
-            );
+    let mut mismatched = Vec::new();
+    let mut to_set = Vec::new();
+    for (k, t) in taken {
+        match data.get(&k) {
+            Some(var) if var.shape() == t.shape() => to_set.push((var.clone(), k, t)),
+            Some(var) => mismatched.push((k, t.dims().to_vec(), var.dims().to_vec())),
+            None if matches(&k, &opts.ignore_unexpected) => {
+                ignored.push(format!("{}{k}", opts.prefix))
+            }
+            None => unexpected.push(format!("{}{k}", opts.prefix)),
         }
+    }
+    let seen: std::collections::BTreeSet<&str> = to_set
+        .iter()
+        .map(|(_, k, _)| k.as_str())
+        .chain(mismatched.iter().map(|(k, _, _)| k.as_str()))
+        .collect();
+    let mut missing = Vec::new();
+    let mut missing_allowed = Vec::new();
+    let mut keys: Vec<&String> = data.keys().collect();
+    keys.sort();
+    for k in keys.into_iter().filter(|k| !seen.contains(k.as_str())) {
+        if matches(k, &opts.allow_missing) {
+            missing_allowed.push(k.clone());
+        } else {
+            missing.push(k.clone());
+        }
+    }
+    unexpected.sort();
+    mismatched.sort();
+    let mut errors = Vec::new();
+    if !mismatched.is_empty() {
+        let names: Vec<String> = mismatched.iter().map(|(k, _, _)| k.clone()).collect();
+        let shapes: Vec<String> = mismatched
+            .iter()
+            .take(10)
+            .map(|(k, c, m)| format!("{k}: checkpoint {c:?} vs model {m:?}"))
+            .collect();
+        errors.push(format!(
+            "{} {} ({})",
+            count(names.len(), "shape mismatch"),
+            list(&names),
+            shapes.join(", ")
+        ));
+    }
+    if !missing.is_empty() {
+        errors.push(format!(
+            "{} {}",
+            count(missing.len(), "missing key"),
+            list(&missing)
+        ));
+    }
+    if !unexpected.is_empty() {
+        errors.push(format!(
+            "{} {}",
+            count(unexpected.len(), "unexpected key"),
+            list(&unexpected)
+        ));
+    }
+    if !errors.is_empty() {
+        bail!("checkpoint does not fit the model: {}", errors.join("; "));
+    }
+    let loaded = to_set.len();
+    for (var, k, t) in to_set {
         let t = t
             .to_device(var.device())
             .and_then(|t| t.to_dtype(var.dtype()))
-            .with_context(|| format!("{source}: converting `{name}`"))?;
-        var.set(&t)
-            .with_context(|| format!("{source}: setting `{name}`"))?;
+            .with_context(|| format!("converting `{k}`"))?;
+        var.set(&t).with_context(|| format!("setting `{k}`"))?;
     }
-    let mut extra: Vec<&String> = tensors.keys().filter(|k| !data.contains_key(*k)).collect();
-    extra.sort();
-    if let Some(k) = extra.first() {
-        bail!(
-            "{source}: unexpected key `{k}` ({} keys the model does not have)",
-            extra.len()
-        );
-    }
-    Ok(())
+    ignored.sort();
+    Ok(VarmapLoad {
+        loaded,
+        missing_allowed,
+        ignored,
+    })
 }
 
 /// Paths of checkpoint `step` inside `dir`: (weights, optimizer, meta).
@@ -180,9 +254,9 @@ pub fn save_checkpoint(
         optim.insert(LOSSES_KEY.to_string(), t);
     }
     save_tensors(&o, &optim)?;
-    atomic_write(&j, serde_json::to_string_pretty(meta)?.as_bytes())?;
-    atomic_write(
-        &dir.join("latest"),
+    write_atomic(&j, serde_json::to_string_pretty(meta)?.as_bytes())?;
+    write_atomic(
+        &dir.join(LATEST_FILE),
         format!("step_{}\n", meta.step).as_bytes(),
     )
 }
@@ -276,47 +350,9 @@ pub fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// Weights file of the newest complete checkpoint of a run folder (`RUN_DIR/checkpoints`).
-pub fn latest_checkpoint(run_dir: &Path) -> Result<PathBuf> {
-    let dir = run_dir.join("checkpoints");
-    let steps = list_checkpoints(&dir)?;
-    match steps.last() {
-        Some(&s) => Ok(checkpoint_paths(&dir, s).0),
-        None => bail!(
-            "{}: no complete checkpoint (step_N.json) in this run folder",
-            dir.display()
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn failed_atomic_write_keeps_the_old_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a.json");
-        atomic_write(&p, b"old").unwrap();
-        let err = atomic_write_with(&p, |tmp| {
-            fs::write(tmp, b"half")?;
-            bail!("disk full (injected)")
-        })
-        .unwrap_err();
-        assert!(format!("{err:#}").contains("injected"), "{err:#}");
-        assert_eq!(fs::read(&p).unwrap(), b"old");
-        assert_eq!(
-            fs::read_dir(dir.path()).unwrap().count(),
-            1,
-            "tmp file left behind"
-        );
-        // A target in a folder that does not exist fails without creating anything.
-        let missing = dir.path().join("nope").join("b.json");
-        assert!(atomic_write(&missing, b"x").is_err());
-        assert!(!dir.path().join("nope").exists());
-        atomic_write(&p, b"new").unwrap();
-        assert_eq!(fs::read(&p).unwrap(), b"new");
-    }
 
     #[test]
     fn prune_keeps_newest_and_load_names_bad_keys() {
@@ -369,7 +405,7 @@ mod tests {
                 &Device::Cpu,
             )
             .unwrap();
-        let err = load_into_varmap(&other, &ck.weights, "ck")
+        let err = load_into_varmap(&other, ck.weights.clone(), &LoadOptions::default())
             .unwrap_err()
             .to_string();
         assert!(err.contains("`w`") && err.contains("[2, 3]"), "{err}");
@@ -383,7 +419,7 @@ mod tests {
                 &Device::Cpu,
             )
             .unwrap();
-        let err = load_into_varmap(&other, &ck.weights, "ck")
+        let err = load_into_varmap(&other, ck.weights.clone(), &LoadOptions::default())
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing key `v`"), "{err}");

@@ -9,7 +9,7 @@
 //! An epoch has `batches_per_epoch / accum_steps` optimizer steps; trailing batches that do not
 //! fill a whole accumulation group are skipped, so a step never straddles two epochs.
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
@@ -18,9 +18,11 @@ use candle_core::{DType, Device, Var};
 use super::checkpoint::{self, CheckpointMeta, FORMAT_VERSION};
 use super::{Objective, RunConfig, TrainConfig};
 use crate::data::{Batch, DataLoader};
+use crate::fsutil::write_atomic;
 use crate::log::{MetricsLog, Progress, TbWriter};
 use crate::optim::{clip_grad_norm, grad_norm, param_groups, AdamW, LrSchedule};
 use crate::rng::mix_seed;
+use crate::run_dir::RunDir;
 
 /// What the loop needs from a training loader ([`DataLoader`] implements it; tests and tools
 /// may feed in-memory batches).
@@ -74,7 +76,7 @@ pub struct Trainer<'a, O: Objective> {
     objective: &'a mut O,
     train: TrainConfig,
     run: RunConfig,
-    run_dir: PathBuf,
+    run_dir: RunDir,
     device: Device,
     optimizer: AdamW,
     vars: Vec<Var>,
@@ -106,15 +108,11 @@ impl<'a, O: Objective> Trainer<'a, O> {
         train.validate()?;
         let device = crate::device::parse_device(&run.device)?;
         let run_dir = match resume {
-            Some(dir) => dir.to_path_buf(),
-            None => new_run_dir(run, objective.name())?,
+            Some(dir) => RunDir::at(dir),
+            None => RunDir::new_run(run, objective.name())?,
         };
-        std::fs::create_dir_all(&run_dir)
-            .with_context(|| format!("creating run folder {}", run_dir.display()))?;
-        checkpoint::atomic_write(
-            &run_dir.join("config.yaml"),
-            resolved_config_yaml.as_bytes(),
-        )?;
+        run_dir.create()?;
+        write_atomic(&run_dir.config(), resolved_config_yaml.as_bytes())?;
 
         let keywords = objective.no_decay_keywords();
         let groups = {
@@ -132,24 +130,25 @@ impl<'a, O: Objective> Trainer<'a, O> {
         let mut optimizer = AdamW::new(groups, (train.betas[0], train.betas[1]), train.eps)?;
         let vars = optimizer.vars();
 
-        let ckpt_dir = run_dir.join("checkpoints");
+        let ckpt_dir = run_dir.checkpoints();
         let (mut step, mut epoch, mut batch_in_epoch, mut losses, mut last_lr) =
             (0, 0, 0, vec![], 0.0);
         let mut resumed_batches_per_epoch = None;
         if resume.is_some() {
-            let Some(&latest) = checkpoint::list_checkpoints(&ckpt_dir)?.last() else {
+            let Some(latest) = run_dir.latest_step()? else {
                 bail!("resume: no complete checkpoint in {}", ckpt_dir.display());
             };
             let ck = checkpoint::load_checkpoint(&ckpt_dir, latest)?;
-            let (wpath, opath, _) = checkpoint::checkpoint_paths(&ckpt_dir, latest);
+            let files = run_dir.checkpoint(latest);
             checkpoint::load_into_varmap(
                 objective.varmap(),
-                &ck.weights,
-                &wpath.display().to_string(),
-            )?;
+                ck.weights,
+                &checkpoint::LoadOptions::default(),
+            )
+            .with_context(|| format!("resume: {}", files.weights.display()))?;
             optimizer
                 .load_state(&ck.optim, ck.meta.optimizer_steps)
-                .with_context(|| format!("resume: {}", opath.display()))?;
+                .with_context(|| format!("resume: {}", files.optim.display()))?;
             if ck.meta.objective != objective.name() {
                 bail!(
                     "resume: {} was written by objective `{}`, not `{}`",
@@ -165,11 +164,8 @@ impl<'a, O: Objective> Trainer<'a, O> {
             losses = ck.losses;
             resumed_batches_per_epoch = Some(ck.meta.batches_per_epoch);
         }
-        let tb = TbWriter::create(&run_dir)?;
-        let metrics = MetricsLog::open(
-            &run_dir.join("metrics.jsonl"),
-            resume.is_some().then_some(step),
-        )?;
+        let tb = TbWriter::create(run_dir.events())?;
+        let metrics = MetricsLog::open(&run_dir.metrics(), resume.is_some().then_some(step))?;
         Ok(Self {
             objective,
             train: train.clone(),
@@ -193,7 +189,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
 
     /// The run folder.
     pub fn run_dir(&self) -> &Path {
-        &self.run_dir
+        self.run_dir.root()
     }
 
     /// Trains on `train_loader` until `train.epochs` (or `train.max_steps`), evaluating on
@@ -271,7 +267,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
         }
         if self.step > 0 {
             self.objective
-                .log_images(self.step, &self.run_dir, &mut self.tb)?;
+                .log_images(self.step, self.run_dir.root(), &mut self.tb)?;
         }
         self.tb.flush()?;
         eprintln!(
@@ -279,10 +275,10 @@ impl<'a, O: Objective> Trainer<'a, O> {
             self.objective.name(),
             self.step,
             started.elapsed().as_secs_f64(),
-            self.run_dir.display()
+            self.run_dir.root().display()
         );
         Ok(TrainSummary {
-            run_dir: self.run_dir.clone(),
+            run_dir: self.run_dir.root().to_path_buf(),
             steps: self.step,
             epochs: self.epoch,
             first_loss: self.losses.first().copied().unwrap_or(f64::NAN),
@@ -432,7 +428,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
         }
         if self.run.image_every > 0 && step.is_multiple_of(self.run.image_every) {
             self.objective
-                .log_images(step, &self.run_dir, &mut self.tb)?;
+                .log_images(step, self.run_dir.root(), &mut self.tb)?;
         }
         if self
             .run
@@ -472,7 +468,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
 
     /// Writes `checkpoints/step_<N>.*` for the current position and prunes old ones.
     fn save_checkpoint(&mut self) -> Result<()> {
-        let dir = self.run_dir.join("checkpoints");
+        let dir = self.run_dir.checkpoints();
         let meta = CheckpointMeta {
             format_version: FORMAT_VERSION,
             step: self.step,
@@ -509,31 +505,4 @@ impl LogWindow {
             images: 0,
         }
     }
-}
-
-/// `output_dir/name`, or `output_dir/<objective>-<UTC stamp>[-k]` for an unnamed run; refuses a
-/// named folder that already holds checkpoints (resume it instead).
-fn new_run_dir(run: &RunConfig, objective: &str) -> Result<PathBuf> {
-    if let Some(name) = &run.name {
-        let dir = run.output_dir.join(name);
-        if !checkpoint::list_checkpoints(&dir.join("checkpoints"))?.is_empty() {
-            bail!(
-                "run folder {} already holds checkpoints: resume it, or pick another run.name",
-                dir.display()
-            );
-        }
-        return Ok(dir);
-    }
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let base = format!("{objective}-{}", super::utc_stamp(secs));
-    let mut dir = run.output_dir.join(&base);
-    let mut k = 2;
-    while dir.exists() {
-        dir = run.output_dir.join(format!("{base}-{k}"));
-        k += 1;
-    }
-    Ok(dir)
 }

@@ -4,10 +4,11 @@ pub mod checkpoint;
 mod config;
 mod fit;
 mod objective;
+mod session;
 #[cfg(test)]
 mod tests;
 
-pub use checkpoint::latest_checkpoint;
 pub use config::{utc_stamp, RunConfig, TrainConfig};
 pub use fit::{BatchSource, TrainSummary, Trainer};
 pub use objective::{Objective, StepOutput};
+pub use session::TrainSession;

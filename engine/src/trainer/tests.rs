@@ -15,6 +15,7 @@ use super::*;
 use crate::data::{Batch, DataLoader, Dataset, LoaderOptions, Sample};
 use crate::optim::ScheduleKind;
 use crate::rng::rng_for;
+use crate::run_dir::RunDir;
 
 /// `n` samples x in R^3 with targets from a fixed W, b; shuffled per epoch from (seed, epoch).
 struct ToyData {
@@ -223,7 +224,7 @@ fn loss_falls() {
     let run_dir = dir.path().join("toy-run");
     assert_eq!(s.run_dir, run_dir);
     assert_eq!(
-        std::fs::read_to_string(run_dir.join("config.yaml")).unwrap(),
+        std::fs::read_to_string(RunDir::at(&run_dir).config()).unwrap(),
         "x: 1\n"
     );
     // TensorBoard: train/loss every 2 steps, equal (as f32) to the step's loss.
@@ -250,7 +251,7 @@ fn loss_falls() {
     assert_eq!(losses.len(), 32);
     assert_eq!(losses[0], (2, s.losses[1] as f32));
     // Epoch checkpoints every 8 steps, all 8 kept (keep 10).
-    let ck = run_dir.join("checkpoints");
+    let ck = RunDir::at(&run_dir).checkpoints();
     assert_eq!(
         list_checkpoints(&ck).unwrap(),
         (1..=8).map(|e| e * 8).collect::<Vec<u64>>()
@@ -268,7 +269,7 @@ fn checkpoint_round_trip_is_bit_exact_and_leaves_no_tmp() {
         .fit_source(&data, None)
         .unwrap();
     assert_eq!(s.steps, 3);
-    let ck_dir = s.run_dir.join("checkpoints");
+    let ck_dir = RunDir::at(&s.run_dir).checkpoints();
     assert_eq!(list_checkpoints(&ck_dir).unwrap(), vec![3]);
     let ck = load_checkpoint(&ck_dir, 3).unwrap();
     assert_eq!(
@@ -286,7 +287,12 @@ fn checkpoint_round_trip_is_bit_exact_and_leaves_no_tmp() {
     );
     // Load into a fresh objective: weights bit-equal.
     let fresh = Toy::new();
-    super::checkpoint::load_into_varmap(&fresh.varmap, &ck.weights, "ck").unwrap();
+    super::checkpoint::load_into_varmap(
+        &fresh.varmap,
+        ck.weights.clone(),
+        &super::checkpoint::LoadOptions::default(),
+    )
+    .unwrap();
     assert_eq!(weights_bits(&fresh), weights_bits(&toy));
     assert_ne!(weights_bits(&fresh), weights_bits(&Toy::new()));
     assert!(ck.optim.contains_key("lin.weight.exp_avg_sq"));
@@ -345,8 +351,9 @@ fn nan_stops_without_writing_a_checkpoint() {
     let err = t.fit_source(&data, None).unwrap_err().to_string();
     assert!(err.contains("step 3") && err.contains("NaN"), "{err}");
     assert!(err.contains("without writing a checkpoint"), "{err}");
-    let ck = dir.path().join("toy-run").join("checkpoints");
-    assert_eq!(list_checkpoints(&ck).unwrap(), vec![1, 2]);
+    let run_dir = RunDir::at(dir.path().join("toy-run"));
+    let ck = run_dir.checkpoints();
+    assert_eq!(run_dir.checkpoint_steps().unwrap(), vec![1, 2]);
     let files = files_under(&ck);
     assert!(
         files
@@ -355,7 +362,7 @@ fn nan_stops_without_writing_a_checkpoint() {
         "{files:?}"
     );
     assert_eq!(
-        std::fs::read_to_string(ck.join("latest")).unwrap(),
+        std::fs::read_to_string(run_dir.latest_file()).unwrap(),
         "step_2\n"
     );
 }
@@ -462,7 +469,7 @@ fn data_loader_fit_resumes_exactly_and_evaluates() {
     // metrics.jsonl: train rows every 2 steps, one eval row per epoch (after steps 5 and 10),
     // and the resumed run continues the same file without duplicates.
     for dir in [&a.run_dir, &b.run_dir] {
-        let rows = crate::log::read_metrics(&dir.join("metrics.jsonl")).unwrap();
+        let rows = crate::log::read_metrics(&RunDir::at(dir).metrics()).unwrap();
         let of = |split: &str| -> Vec<u64> {
             rows.iter()
                 .filter(|r| r["split"] == split)

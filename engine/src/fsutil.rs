@@ -1,0 +1,134 @@
+//! Output stage, every writer: the one atomic file write. A durable file (checkpoint, config,
+//! picture, report, cache) is written to a temp file in its own folder, fsynced, renamed over the
+//! target and the folder fsynced, so a reader or a crash never sees half a file.
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, Result};
+
+/// The temp name of `path`: hidden, in the same folder (so the rename stays on one file system),
+/// unique per process and call (two threads may write the same target).
+fn temp_path(path: &Path) -> Result<PathBuf> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .with_context(|| format!("{}: not a file path", path.display()))?
+        .to_string_lossy();
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    Ok(path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id())))
+}
+
+/// Writes `path` atomically through a writer that takes a path (safetensors, image encoders):
+/// `write` creates the temp file, which is then fsynced, renamed over `path`, and the folder
+/// fsynced. The folder must exist (see [`ensure_parent`]). On any error the temp file is removed,
+/// an existing `path` is left as it was, and the error names `path`.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_path(path)?;
+    let result = (|| -> Result<()> {
+        write(&tmp)?;
+        fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .context("fsync of the temp file")?;
+        fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))?;
+        sync_dir(path.parent());
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes `bytes` to `path` atomically (see [`write_atomic_with`]).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| {
+        let mut f = fs::File::create(tmp)?;
+        f.write_all(bytes)?;
+        Ok(())
+    })
+}
+
+/// Creates the folder `path` lives in (and its parents), naming it on error.
+pub fn ensure_parent(path: &Path) -> Result<()> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display())),
+        None => Ok(()),
+    }
+}
+
+/// Persists a rename in `dir` (best effort: not every platform can open a folder for fsync).
+fn sync_dir(dir: Option<&Path>) {
+    let dir = match dir {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::bail;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_content_appears_whole_and_replaces_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.json");
+        write_atomic(&p, b"old").unwrap();
+        let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        write_atomic(&p, &big).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), big);
+        assert_eq!(names(dir.path()), ["a.json"]);
+        write_atomic_with(&dir.path().join("b.bin"), |tmp| {
+            fs::write(tmp, b"via a path")?;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(fs::read(dir.path().join("b.bin")).unwrap(), b"via a path");
+        assert_eq!(names(dir.path()), ["a.json", "b.bin"]);
+    }
+
+    #[test]
+    fn a_failing_writer_leaves_no_partial_target_no_temp_file_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("new.safetensors");
+        let err = write_atomic_with(&p, |tmp| {
+            fs::write(tmp, b"half")?;
+            bail!("disk full (injected)")
+        })
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("injected") && msg.contains(&p.display().to_string()),
+            "{msg}"
+        );
+        assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+        // an existing target keeps its content
+        let q = dir.path().join("old.json");
+        write_atomic(&q, b"old").unwrap();
+        assert!(write_atomic_with(&q, |_| bail!("no")).is_err());
+        assert_eq!(fs::read(&q).unwrap(), b"old");
+        assert_eq!(names(dir.path()), ["old.json"]);
+        // a target in a folder that does not exist fails without creating anything
+        let missing = dir.path().join("nope").join("b.json");
+        let err = format!("{:#}", write_atomic(&missing, b"x").unwrap_err());
+        assert!(err.contains("nope/b.json"), "{err}");
+        assert!(!dir.path().join("nope").exists());
+        ensure_parent(&missing).unwrap();
+        write_atomic(&missing, b"x").unwrap();
+        assert_eq!(fs::read(&missing).unwrap(), b"x");
+    }
+}

@@ -1,0 +1,312 @@
+//! Output stage: the run folder, the one place that knows its layout.
+//!
+//! ```text
+//! RUN_DIR/
+//!   config.yaml                     the fully resolved experiment config
+//!   checkpoints/step_N.*, latest    see `trainer::checkpoint` (step_N.json marks a complete one)
+//!   events.out.tfevents.*           TensorBoard (the run folder itself is the log dir)
+//!   metrics.jsonl                   one JSON object per logged step or evaluation
+//!   pictures/                       PNGs (reconstructions, ...)
+//!   eval/                           reports of `finetune` and `eval`
+//! ```
+//! A weights path given to `--init`, `--teacher`, `--weights` is a run folder (its newest
+//! complete checkpoint) or a file, which may sit in a run's `checkpoints/` ([`resolve_init`]).
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+
+use crate::trainer::checkpoint::{checkpoint_paths, list_checkpoints};
+use crate::trainer::{utc_stamp, RunConfig};
+
+/// File of the resolved config.
+pub const CONFIG_FILE: &str = "config.yaml";
+/// Folder of the checkpoints.
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+/// File in `checkpoints/` naming the newest complete checkpoint (`step_N`).
+pub const LATEST_FILE: &str = "latest";
+/// Folder of the pictures.
+pub const PICTURES_DIR: &str = "pictures";
+/// File of the metric lines.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Folder of the evaluation reports.
+pub const EVAL_DIR: &str = "eval";
+
+/// The three files of checkpoint N.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointFiles {
+    /// `step_N.safetensors`: the objective's variables.
+    pub weights: PathBuf,
+    /// `step_N.optim.safetensors`: AdamW state and the loss history.
+    pub optim: PathBuf,
+    /// `step_N.json`: the meta, written last.
+    pub meta: PathBuf,
+}
+
+/// A run folder (a path; nothing is read or created until asked).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    /// The run folder at `root`.
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// A fresh run folder for `objective` (not created yet): `output_dir/name`, or
+    /// `output_dir/<objective>-<UTC stamp>[-k]` for an unnamed run; refuses a named folder that
+    /// already holds checkpoints (resume it instead).
+    pub fn new_run(run: &RunConfig, objective: &str) -> Result<Self> {
+        if let Some(name) = &run.name {
+            let dir = Self::at(run.output_dir.join(name));
+            if !dir.checkpoint_steps()?.is_empty() {
+                bail!(
+                    "run folder {} already holds checkpoints: resume it, or pick another run.name",
+                    dir.root.display()
+                );
+            }
+            return Ok(dir);
+        }
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let base = format!("{objective}-{}", utc_stamp(secs));
+        let mut dir = run.output_dir.join(&base);
+        let mut k = 2;
+        while dir.exists() {
+            dir = run.output_dir.join(format!("{base}-{k}"));
+            k += 1;
+        }
+        Ok(Self::at(dir))
+    }
+
+    /// The run folder that holds `file` as `RUN/checkpoints/<file>`, if it sits in one.
+    pub fn of_checkpoint_file(file: &Path) -> Option<Self> {
+        file.parent()
+            .filter(|d| d.file_name().is_some_and(|n| n == CHECKPOINTS_DIR))
+            .and_then(Path::parent)
+            .map(Self::at)
+    }
+
+    /// Creates the folder (and its parents).
+    pub fn create(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.root)
+            .with_context(|| format!("creating run folder {}", self.root.display()))
+    }
+
+    /// The folder itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `config.yaml`.
+    pub fn config(&self) -> PathBuf {
+        self.root.join(CONFIG_FILE)
+    }
+
+    /// `checkpoints/`.
+    pub fn checkpoints(&self) -> PathBuf {
+        self.root.join(CHECKPOINTS_DIR)
+    }
+
+    /// The files of checkpoint `step`.
+    pub fn checkpoint(&self, step: u64) -> CheckpointFiles {
+        let (weights, optim, meta) = checkpoint_paths(&self.checkpoints(), step);
+        CheckpointFiles {
+            weights,
+            optim,
+            meta,
+        }
+    }
+
+    /// `checkpoints/latest`.
+    pub fn latest_file(&self) -> PathBuf {
+        self.checkpoints().join(LATEST_FILE)
+    }
+
+    /// Steps of the complete checkpoints, ascending (empty when there are none).
+    pub fn checkpoint_steps(&self) -> Result<Vec<u64>> {
+        list_checkpoints(&self.checkpoints())
+    }
+
+    /// The newest complete checkpoint's step, if any.
+    pub fn latest_step(&self) -> Result<Option<u64>> {
+        Ok(self.checkpoint_steps()?.last().copied())
+    }
+
+    /// Weights file of the newest complete checkpoint; an error naming the folder if none.
+    pub fn latest_weights(&self) -> Result<PathBuf> {
+        match self.latest_step()? {
+            Some(s) => Ok(self.checkpoint(s).weights),
+            None => bail!(
+                "{}: no complete checkpoint (step_N.json) in this run folder",
+                self.checkpoints().display()
+            ),
+        }
+    }
+
+    /// `pictures/`.
+    pub fn pictures(&self) -> PathBuf {
+        self.root.join(PICTURES_DIR)
+    }
+
+    /// `metrics.jsonl`.
+    pub fn metrics(&self) -> PathBuf {
+        self.root.join(METRICS_FILE)
+    }
+
+    /// Folder of the TensorBoard event files (the run folder itself, as TensorBoard's logdir).
+    pub fn events(&self) -> &Path {
+        &self.root
+    }
+
+    /// `eval/`.
+    pub fn eval(&self) -> PathBuf {
+        self.root.join(EVAL_DIR)
+    }
+}
+
+/// What a `--init` / `--teacher` / `--weights` path resolved to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitSource {
+    /// The safetensors file (or sharded index) to read.
+    pub weights: PathBuf,
+    /// The run's resolved `config.yaml`, when the path was a run folder or a file inside one.
+    pub run_config: Option<PathBuf>,
+}
+
+/// A run folder -> its newest complete checkpoint and its `config.yaml`; a file -> itself (and
+/// the `config.yaml` of the run it sits in, `RUN/checkpoints/step_N.safetensors`, if any).
+pub fn resolve_init(path: &Path) -> Result<InitSource> {
+    if path.is_dir() {
+        let run = RunDir::at(path);
+        let weights = run
+            .latest_weights()
+            .with_context(|| format!("{}: not a run folder with checkpoints", path.display()))?;
+        let cfg = run.config();
+        return Ok(InitSource {
+            weights,
+            run_config: cfg.is_file().then_some(cfg),
+        });
+    }
+    if !path.is_file() {
+        bail!("{}: no such run folder or weights file", path.display());
+    }
+    let run_config = RunDir::of_checkpoint_file(path)
+        .map(|run| run.config())
+        .filter(|c| c.is_file());
+    Ok(InitSource {
+        weights: path.to_path_buf(),
+        run_config,
+    })
+}
+
+/// One top-level section (`model:`, `data:`, ...) of a run's `config.yaml`, deserialized.
+pub fn read_config_section<T: DeserializeOwned>(config_yaml: &Path, section: &str) -> Result<T> {
+    let text = std::fs::read_to_string(config_yaml)
+        .with_context(|| format!("reading {}", config_yaml.display()))?;
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
+        .with_context(|| format!("{}: not valid YAML", config_yaml.display()))?;
+    let value = doc
+        .get(section)
+        .with_context(|| format!("{}: no `{section}:` section", config_yaml.display()))?;
+    serde_yaml_ng::from_value(value.clone()).with_context(|| {
+        format!(
+            "{}: reading the `{section}:` section",
+            config_yaml.display()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_names_match_the_documented_ones() {
+        let r = RunDir::at("runs/x");
+        assert_eq!(r.config(), Path::new("runs/x/config.yaml"));
+        assert_eq!(r.metrics(), Path::new("runs/x/metrics.jsonl"));
+        assert_eq!(r.pictures(), Path::new("runs/x/pictures"));
+        assert_eq!(r.eval(), Path::new("runs/x/eval"));
+        assert_eq!(r.events(), Path::new("runs/x"));
+        assert_eq!(r.latest_file(), Path::new("runs/x/checkpoints/latest"));
+        assert_eq!(
+            r.checkpoint(7),
+            CheckpointFiles {
+                weights: "runs/x/checkpoints/step_7.safetensors".into(),
+                optim: "runs/x/checkpoints/step_7.optim.safetensors".into(),
+                meta: "runs/x/checkpoints/step_7.json".into(),
+            }
+        );
+        let f = Path::new("runs/x/checkpoints/step_7.safetensors");
+        assert_eq!(RunDir::of_checkpoint_file(f), Some(r));
+        assert_eq!(
+            RunDir::of_checkpoint_file(Path::new("w/a.safetensors")),
+            None
+        );
+    }
+
+    #[test]
+    fn newest_checkpoint_init_resolution_and_new_run_names() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let run = RunDir::at(dir.path().join("r"));
+        let err = run.latest_weights().unwrap_err().to_string();
+        assert!(err.contains("no complete checkpoint"), "{err}");
+        std::fs::create_dir_all(run.checkpoints())?;
+        std::fs::write(run.config(), "model:\n  img_size: 32\n")?;
+        for s in [5u64, 12] {
+            std::fs::write(run.checkpoint(s).weights, "w")?;
+            std::fs::write(run.checkpoint(s).meta, "{}")?;
+        }
+        // weights without a JSON are not a complete checkpoint
+        std::fs::write(run.checkpoint(20).weights, "w")?;
+        assert_eq!(run.checkpoint_steps()?, vec![5, 12]);
+        assert_eq!(run.latest_weights()?, run.checkpoint(12).weights);
+
+        let src = resolve_init(run.root())?;
+        assert_eq!(src.weights, run.checkpoint(12).weights);
+        assert_eq!(src.run_config, Some(run.config()));
+        let file = resolve_init(&run.checkpoint(5).weights)?;
+        assert_eq!(file.run_config, Some(run.config()));
+        let err = resolve_init(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nope") && err.contains("no such run folder"),
+            "{err}"
+        );
+        #[derive(serde::Deserialize)]
+        struct M {
+            img_size: usize,
+        }
+        let m: M = read_config_section(&run.config(), "model")?;
+        assert_eq!(m.img_size, 32);
+        let err = read_config_section::<M>(&run.config(), "data")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("config.yaml: no `data:` section"), "{err}");
+
+        // a named run folder with checkpoints is refused; unnamed runs never collide
+        let mut cfg = RunConfig {
+            output_dir: dir.path().to_path_buf(),
+            name: Some("r".into()),
+            ..RunConfig::default()
+        };
+        let err = RunDir::new_run(&cfg, "toy").unwrap_err().to_string();
+        assert!(err.contains("already holds checkpoints"), "{err}");
+        cfg.name = None;
+        let a = RunDir::new_run(&cfg, "toy")?;
+        a.create()?;
+        let b = RunDir::new_run(&cfg, "toy")?;
+        assert_ne!(a, b);
+        let name = a.root().file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("toy-") && name.len() == "toy-20231114-221320".len());
+        Ok(())
+    }
+}
