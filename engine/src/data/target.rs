@@ -341,12 +341,7 @@ mod tests {
     #[test]
     fn mask_nearest_resize_uses_pixel_centres() {
         let m = grid(4, 2);
-        let full = CropBox {
-            top: 0,
-            left: 0,
-            height: 2,
-            width: 4,
-        };
+        let full = CropBox::full(2, 4);
         // Up 4 -> 8 columns: centres (x + 0.5) / 2 = 0.25, 0.75, 1.25, ... -> 0,0,1,1,2,2,3,3;
         // rows 2 -> 3: (y + 0.5) * 2/3 = 0.33, 1.0, 1.67 -> rows 0, 1, 1.
         let up = m.resized_crop(full, 8, 3);
@@ -373,16 +368,7 @@ mod tests {
         assert_eq!(rows(&m.resized_crop(cut, 2, 1)), vec![vec![11, 12]]);
         // u16 maps keep their width and values above 255.
         let wide = ClassMap::new(2, 1, ClassIds::U16(vec![300, 7])).unwrap();
-        let w2 = wide.resized_crop(
-            CropBox {
-                top: 0,
-                left: 0,
-                height: 1,
-                width: 2,
-            },
-            4,
-            1,
-        );
+        let w2 = wide.resized_crop(CropBox::full(1, 2), 4, 1);
         assert_eq!(w2.ids(), &ClassIds::U16(vec![300, 300, 7, 7]));
         assert!(ClassMap::new(2, 2, ClassIds::U8(vec![0; 3])).is_err());
     }
