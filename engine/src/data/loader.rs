@@ -342,7 +342,7 @@ impl Drop for EpochIter {
 mod tests {
     use super::*;
     use crate::data::folder::tests::make_folder;
-    use crate::data::{build_dataset, DataConfig, Sample, Split, Target};
+    use crate::data::{build_dataset, BatchTargets, DataConfig, Sample, Split, Target};
     use rand::rngs::StdRng;
     use rand::Rng;
 
@@ -529,6 +529,83 @@ mod tests {
         );
         assert_eq!(batches[0].images.dims(), &[1, 3, 8, 8]);
         assert_eq!(l.skipped(), 1);
+    }
+
+    /// Sample i: one channel of (1 + i % 3) x (2 + i % 4) pixels valued i, one box [0, 0, 1, 1]
+    /// of class i.
+    struct Sizes;
+
+    impl Dataset for Sizes {
+        fn len(&self) -> usize {
+            6
+        }
+        fn get(&self, index: usize, _rng: &mut StdRng) -> Result<Sample> {
+            let (height, width) = (1 + index % 3, 2 + index % 4);
+            let boxes = vec![crate::data::ObjectBox {
+                xyxy: [0.0, 0.0, 1.0, 1.0],
+                class: index as u32,
+                crowd: false,
+            }];
+            Ok(Sample {
+                image: vec![index as f32; height * width],
+                height,
+                width,
+                target: Target::Boxes(boxes),
+            })
+        }
+        fn channels(&self) -> usize {
+            1
+        }
+        fn num_classes(&self) -> Option<usize> {
+            Some(6)
+        }
+        fn class_names(&self) -> Option<Vec<String>> {
+            None
+        }
+        fn describe(&self) -> String {
+            "sizes: 6 samples".into()
+        }
+    }
+
+    #[test]
+    fn loader_pads_samples_of_different_sizes_to_the_multiple() {
+        let o = LoaderOptions {
+            batch_size: 3,
+            shuffle: false,
+            ..opts(0, 2)
+        };
+        let l = DataLoader::new(Arc::new(Sizes), o).pad_to_multiple(4);
+        let batches: Vec<Batch> = l.epoch(0, 0).map(|b| b.unwrap()).collect();
+        // Batch 0: samples 0, 1, 2 of 1x2, 2x3, 3x4 -> largest 3x4 -> 4x4.
+        // Batch 1: samples 3, 4, 5 of 1x5, 2x2, 3x3 -> largest 3x5 -> 4x8.
+        assert_eq!(batches[0].images.dims(), &[3, 1, 4, 4]);
+        assert_eq!(batches[0].valid_sizes, vec![(1, 2), (2, 3), (3, 4)]);
+        assert_eq!(batches[1].images.dims(), &[3, 1, 4, 8]);
+        assert_eq!(batches[1].valid_sizes, vec![(1, 5), (2, 2), (3, 3)]);
+        let img = batches[1].images.get(0).unwrap().flatten_all().unwrap();
+        let img = img.to_vec1::<f32>().unwrap();
+        // Sample 3 fills row 0, columns 0..5 with 3; the rest is padding.
+        let want: Vec<f32> = (0..32).map(|i| if i < 5 { 3.0 } else { 0.0 }).collect();
+        assert_eq!(img, want);
+        let BatchTargets::Boxes(b) = &batches[1].targets else {
+            panic!("{:?}", batches[1].targets)
+        };
+        let classes: Vec<u32> = b.iter().map(|v| v[0].class).collect();
+        assert_eq!(classes, [3, 4, 5]);
+        assert!(batches[1].labels().is_none());
+        // Without a multiple: the largest size only.
+        let l = DataLoader::new(
+            Arc::new(Sizes),
+            LoaderOptions {
+                batch_size: 3,
+                shuffle: false,
+                ..opts(0, 0)
+            },
+        );
+        assert_eq!(
+            l.epoch(0, 1).next().unwrap().unwrap().images.dims(),
+            &[3, 1, 3, 5]
+        );
     }
 
     /// FNV-1a over a batch's dims, image bits, labels and indices (a stable hash: values recorded
