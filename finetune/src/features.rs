@@ -58,7 +58,7 @@ pub fn extract_features(
     let mut dim = 0;
     for batch in loader.epoch(0, 0) {
         let batch = batch?;
-        let y = batch.labels.as_ref().with_context(|| {
+        let y = batch.labels().with_context(|| {
             format!("{}: the dataset has no labels", loader.dataset().describe())
         })?;
         labels.extend(y.to_vec1::<u32>()?);

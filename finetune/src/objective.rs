@@ -121,7 +121,7 @@ pub fn evaluate_classifier(
 }
 
 fn batch_labels(batch: &Batch, loader: &DataLoader) -> Result<Vec<u32>> {
-    let y = batch.labels.as_ref().with_context(|| {
+    let y = batch.labels().with_context(|| {
         format!(
             "{}: classification needs labels",
             loader.dataset().describe()
@@ -151,8 +151,7 @@ impl Objective for ClassifyObjective {
     fn train_step(&mut self, batch: &Batch, device: &Device) -> Result<StepOutput> {
         self.batches += 1;
         let labels = batch
-            .labels
-            .as_ref()
+            .labels()
             .context("classification needs a labelled dataset (the batch has no labels)")?
             .to_vec1::<u32>()?;
         let (_, _, h, w) = batch.images.dims4()?;
@@ -201,6 +200,7 @@ impl Objective for ClassifyObjective {
 mod tests {
     use super::*;
     use candle_core::Tensor;
+    use mimlab_engine::data::BatchTargets;
     use std::collections::BTreeSet;
 
     fn cfg() -> SwinV2Config {
@@ -249,12 +249,8 @@ mod tests {
     fn train_step_is_a_function_of_the_step_seed() -> Result<()> {
         let dev = Device::Cpu;
         let images = Tensor::randn(0f32, 1., (4, 3, 16, 16), &dev)?;
-        let batch = Batch {
-            images,
-            labels: Some(Tensor::new(&[0u32, 1, 2, 3], &dev)?),
-            indices: vec![0, 1, 2, 3],
-            epoch: 0,
-        };
+        let labels = BatchTargets::Classes(Tensor::new(&[0u32, 1, 2, 3], &dev)?);
+        let batch = Batch::new(images, labels, vec![0, 1, 2, 3], 0)?;
         let ft = FinetuneConfig::default();
         let loss = |step_seed: u64| -> Result<(f64, f64)> {
             let mut obj = ClassifyObjective::new(&cfg(), &ft, 3, &dev)?;

@@ -131,7 +131,9 @@ impl Objective for DistillObjective {
 mod tests {
     use super::*;
     use candle_core::backprop::GradStore;
-    use mimlab_engine::data::{build_dataset, DataConfig, DataLoader, LoaderOptions, Split};
+    use mimlab_engine::data::{
+        build_dataset, BatchTargets, DataConfig, DataLoader, LoaderOptions, Split,
+    };
     use mimlab_engine::init::seeded_var_builder;
     use mimlab_engine::trainer::{BatchSource, RunConfig, TrainConfig, Trainer};
     use mimlab_models::swin_v2::SwinV2;
@@ -209,12 +211,8 @@ mod tests {
             start: usize,
         ) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
             Box::new((start..2).map(move |k| {
-                Ok(Batch {
-                    images: Tensor::randn(0f32, 1.0, (2, 1, 16, 16), &Device::Cpu)?,
-                    labels: None,
-                    indices: vec![2 * k, 2 * k + 1],
-                    epoch,
-                })
+                let images = Tensor::randn(0f32, 1.0, (2, 1, 16, 16), &Device::Cpu)?;
+                Batch::new(images, BatchTargets::None, vec![2 * k, 2 * k + 1], epoch)
             }))
         }
     }

@@ -151,17 +151,13 @@ impl Objective for SimMimObjective {
 mod tests {
     use super::*;
     use crate::simmim::tiny_setup;
+    use mimlab_engine::data::BatchTargets;
     use mimlab_engine::log::{read_events, TbEvent};
 
     fn batch(indices: &[usize], epoch: usize) -> Batch {
         let n = indices.len();
         let images = Tensor::randn(0f32, 1.0, (n, 3, 32, 32), &Device::Cpu).unwrap();
-        Batch {
-            images,
-            labels: None,
-            indices: indices.to_vec(),
-            epoch,
-        }
+        Batch::new(images, BatchTargets::None, indices.to_vec(), epoch).unwrap()
     }
 
     fn objective(num_pictures: usize) -> SimMimObjective {

@@ -2,7 +2,7 @@
 //! loss (measured 0.599 -> 0.207), and the run folder gets a checkpoint `visualize_run` loads.
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use mimlab_engine::data::{Batch, DataConfig};
+use mimlab_engine::data::{Batch, BatchTargets, DataConfig};
 use mimlab_engine::run_dir::RunDir;
 use mimlab_engine::trainer::{BatchSource, RunConfig, TrainConfig, Trainer};
 use mimlab_models::swin_v2::SwinV2Config;
@@ -21,13 +21,8 @@ impl BatchSource for Fixed {
         epoch: usize,
         start_batch: usize,
     ) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
-        let b = Batch {
-            images: self.0.clone(),
-            labels: None,
-            indices: vec![0, 1, 2, 3],
-            epoch,
-        };
-        Box::new(std::iter::once(Ok(b)).skip(start_batch))
+        let b = Batch::new(self.0.clone(), BatchTargets::None, vec![0, 1, 2, 3], epoch);
+        Box::new(std::iter::once(b).skip(start_batch))
     }
 }
 

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 
 use super::transforms::{ImageTransform, U8Image};
-use super::{subset, DataConfig, Dataset, Sample, Split};
+use super::{subset, DataConfig, Dataset, Sample, Split, Target};
 
 /// File extensions served (lower case).
 pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
@@ -202,11 +202,11 @@ impl Dataset for FolderDataset {
             }
             Err(e) => return Err(e),
         };
-        let label = self.labels.as_ref().map(|l| l[index]);
-        Ok(Sample {
-            image: self.transform.apply(&img, rng),
-            label,
-        })
+        let target = match &self.labels {
+            Some(l) => Target::Class(l[index]),
+            None => Target::None,
+        };
+        self.transform.apply_with_target(&img, &target, rng)
     }
 
     fn channels(&self) -> usize {
@@ -289,7 +289,7 @@ pub(crate) mod tests {
             .filter_map(|i| {
                 ds.get(i, &mut rng_for(0, &[]))
                     .ok()
-                    .map(|s| s.label.unwrap())
+                    .map(|s| s.label().unwrap())
             })
             .collect();
         assert_eq!(
@@ -334,7 +334,7 @@ pub(crate) mod tests {
         assert_eq!(ds.len(), 4);
         assert_eq!(ds.num_classes(), None);
         let s = ds.get(0, &mut rng_for(1, &[])).unwrap();
-        assert_eq!((s.label, s.image.len()), (None, 36));
+        assert_eq!((&s.target, s.image.len()), (&Target::None, 36));
         // A constant red image in grey: L = (255 * 19595 + 0x8000) >> 16 = 76.
         let aug = &cfg.aug;
         let mean = aug.mean.iter().sum::<f32>() / 3.0;

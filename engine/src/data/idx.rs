@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rand::rngs::StdRng;
 
 use super::transforms::{CropBox, ImageTransform, U8Image};
-use super::{missing_bundled, subset, DataConfig, Dataset, Sample, Split};
+use super::{missing_bundled, subset, DataConfig, Dataset, Sample, Split, Target};
 
 /// An IDX array of u8.
 #[derive(Debug, Clone, PartialEq)]
@@ -189,10 +189,8 @@ impl Dataset for IdxDataset {
             channels: 1,
             data: self.images[i * px..(i + 1) * px].to_vec(),
         };
-        Ok(Sample {
-            image: self.transform.apply(&img, rng),
-            label: Some(self.labels[i] as u32),
-        })
+        self.transform
+            .apply_with_target(&img, &Target::Class(self.labels[i] as u32), rng)
     }
 
     fn crop_params(&self, index: usize, rng: &mut StdRng) -> Result<Option<(CropBox, bool)>> {
@@ -311,7 +309,7 @@ mod tests {
         let ds = IdxDataset::from_arrays("tiny", Split::Eval, images, labels, &cfg, t).unwrap();
         assert_eq!((ds.len(), ds.num_classes(), ds.channels()), (3, Some(3), 3));
         let s = ds.get(2, &mut rng_for(0, &[])).unwrap();
-        assert_eq!(s.label, Some(1));
+        assert_eq!(s.label(), Some(1));
         assert_eq!(s.image, vec![200.0 / 255.0; 48]);
         assert_eq!(
             ds.describe(),

@@ -7,16 +7,19 @@
 //! [`DataLoader::fixed_augmentation`] a sample's augmentation comes from
 //! `rng_for(seed, &[FIXED_AUG_STREAM, index])` instead: the same crop every epoch (cached
 //! teacher features need it).
+//!
+//! Samples of different sizes are padded by [`super::collate`] to the batch's largest size,
+//! rounded up to [`DataLoader::pad_to_multiple`].
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{Device, Tensor};
+use anyhow::{anyhow, Context, Result};
 use rand::seq::SliceRandom;
 
+use super::collate::collate;
 use super::folder::SkippedImage;
 use super::{Batch, Dataset};
 use crate::rng::rng_for;
@@ -48,6 +51,7 @@ pub struct DataLoader {
     opts: LoaderOptions,
     skipped: Arc<AtomicUsize>,
     fixed_aug: bool,
+    pad_multiple: usize,
 }
 
 impl DataLoader {
@@ -60,7 +64,15 @@ impl DataLoader {
             opts,
             skipped: Arc::new(AtomicUsize::new(0)),
             fixed_aug: false,
+            pad_multiple: 1,
         }
+    }
+
+    /// Batches are padded to a height and width that are multiples of `m` (the model's
+    /// requirement, e.g. its patch size; default 1: the largest size in the batch).
+    pub fn pad_to_multiple(mut self, m: usize) -> Self {
+        self.pad_multiple = m.max(1);
+        self
     }
 
     /// Every sample gets the same augmentation (crop, flip) in every epoch, drawn from
@@ -136,6 +148,7 @@ impl DataLoader {
             plan,
             seed: self.opts.seed,
             fixed_aug: self.fixed_aug,
+            pad_multiple: self.pad_multiple,
             epoch,
             skipped: self.skipped.clone(),
         });
@@ -182,6 +195,7 @@ struct Job {
     plan: Vec<Vec<usize>>,
     seed: u64,
     fixed_aug: bool,
+    pad_multiple: usize,
     epoch: usize,
     skipped: Arc<AtomicUsize>,
 }
@@ -191,18 +205,13 @@ impl Job {
     fn make(&self, pos: usize) -> Result<Option<Batch>> {
         let ds = &self.dataset;
         let idx = &self.plan[pos];
-        let mut images = Vec::new();
-        let mut labels = Vec::new();
+        let mut samples = Vec::with_capacity(idx.len());
         let mut indices = Vec::with_capacity(idx.len());
         for &i in idx {
             let mut rng = sample_rng(self.seed, self.fixed_aug, self.epoch, i);
             match ds.get(i, &mut rng) {
                 Ok(s) => {
-                    if images.is_empty() {
-                        images.reserve(s.image.len() * idx.len());
-                    }
-                    images.extend_from_slice(&s.image);
-                    labels.push(s.label);
+                    samples.push(s);
                     indices.push(i);
                 }
                 Err(e) => match e.downcast_ref::<SkippedImage>() {
@@ -214,37 +223,18 @@ impl Job {
                 },
             }
         }
-        let b = indices.len();
-        if b == 0 {
+        if samples.is_empty() {
             return Ok(None);
         }
-        let c = ds.channels();
-        let hw = images.len() / (b * c);
-        let side = (hw as f64).sqrt().round() as usize;
-        if side * side * c * b != images.len() {
-            bail!(
-                "{}: samples are not square {c}-channel images of one size",
-                ds.describe()
-            );
-        }
-        let images = Tensor::from_vec(images, (b, c, side, side), &Device::Cpu)?;
-        let labels = match labels.iter().filter(|l| l.is_some()).count() {
-            0 => None,
-            n if n == b => {
-                let l: Vec<u32> = labels.into_iter().flatten().collect();
-                Some(Tensor::from_vec(l, b, &Device::Cpu)?)
-            }
-            _ => bail!(
-                "{}: some samples of a batch have labels, others not",
-                ds.describe()
-            ),
-        };
-        Ok(Some(Batch {
-            images,
-            labels,
+        let batch = collate(
+            samples,
+            ds.channels(),
+            self.pad_multiple,
             indices,
-            epoch: self.epoch,
-        }))
+            self.epoch,
+        )
+        .with_context(|| ds.describe())?;
+        Ok(Some(batch))
     }
 }
 
@@ -352,7 +342,7 @@ impl Drop for EpochIter {
 mod tests {
     use super::*;
     use crate::data::folder::tests::make_folder;
-    use crate::data::{build_dataset, DataConfig, Sample, Split};
+    use crate::data::{build_dataset, BatchTargets, DataConfig, Sample, Split, Target};
     use rand::rngs::StdRng;
     use rand::Rng;
 
@@ -367,7 +357,9 @@ mod tests {
             let v = index as f32 + rng.random::<f32>();
             Ok(Sample {
                 image: vec![v; 4],
-                label: Some(index as u32 % 3),
+                height: 2,
+                width: 2,
+                target: Target::Class(index as u32 % 3),
             })
         }
         fn channels(&self) -> usize {
@@ -406,7 +398,8 @@ mod tests {
                 let b = b.unwrap();
                 assert_eq!(b.epoch, epoch);
                 let imgs = b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                (b.indices, imgs, b.labels.unwrap().to_vec1::<u32>().unwrap())
+                let labels = b.labels().unwrap().to_vec1::<u32>().unwrap();
+                (b.indices, imgs, labels)
             })
             .collect()
     }
@@ -536,5 +529,184 @@ mod tests {
         );
         assert_eq!(batches[0].images.dims(), &[1, 3, 8, 8]);
         assert_eq!(l.skipped(), 1);
+    }
+
+    /// Sample i: one channel of (1 + i % 3) x (2 + i % 4) pixels valued i, one box [0, 0, 1, 1]
+    /// of class i.
+    struct Sizes;
+
+    impl Dataset for Sizes {
+        fn len(&self) -> usize {
+            6
+        }
+        fn get(&self, index: usize, _rng: &mut StdRng) -> Result<Sample> {
+            let (height, width) = (1 + index % 3, 2 + index % 4);
+            let boxes = vec![crate::data::ObjectBox {
+                xyxy: [0.0, 0.0, 1.0, 1.0],
+                class: index as u32,
+                crowd: false,
+            }];
+            Ok(Sample {
+                image: vec![index as f32; height * width],
+                height,
+                width,
+                target: Target::Boxes(boxes),
+            })
+        }
+        fn channels(&self) -> usize {
+            1
+        }
+        fn num_classes(&self) -> Option<usize> {
+            Some(6)
+        }
+        fn class_names(&self) -> Option<Vec<String>> {
+            None
+        }
+        fn describe(&self) -> String {
+            "sizes: 6 samples".into()
+        }
+    }
+
+    #[test]
+    fn loader_pads_samples_of_different_sizes_to_the_multiple() {
+        let o = LoaderOptions {
+            batch_size: 3,
+            shuffle: false,
+            ..opts(0, 2)
+        };
+        let l = DataLoader::new(Arc::new(Sizes), o).pad_to_multiple(4);
+        let batches: Vec<Batch> = l.epoch(0, 0).map(|b| b.unwrap()).collect();
+        // Batch 0: samples 0, 1, 2 of 1x2, 2x3, 3x4 -> largest 3x4 -> 4x4.
+        // Batch 1: samples 3, 4, 5 of 1x5, 2x2, 3x3 -> largest 3x5 -> 4x8.
+        assert_eq!(batches[0].images.dims(), &[3, 1, 4, 4]);
+        assert_eq!(batches[0].valid_sizes, vec![(1, 2), (2, 3), (3, 4)]);
+        assert_eq!(batches[1].images.dims(), &[3, 1, 4, 8]);
+        assert_eq!(batches[1].valid_sizes, vec![(1, 5), (2, 2), (3, 3)]);
+        let img = batches[1].images.get(0).unwrap().flatten_all().unwrap();
+        let img = img.to_vec1::<f32>().unwrap();
+        // Sample 3 fills row 0, columns 0..5 with 3; the rest is padding.
+        let want: Vec<f32> = (0..32).map(|i| if i < 5 { 3.0 } else { 0.0 }).collect();
+        assert_eq!(img, want);
+        let BatchTargets::Boxes(b) = &batches[1].targets else {
+            panic!("{:?}", batches[1].targets)
+        };
+        let classes: Vec<u32> = b.iter().map(|v| v[0].class).collect();
+        assert_eq!(classes, [3, 4, 5]);
+        assert!(batches[1].labels().is_none());
+        // Without a multiple: the largest size only.
+        let l = DataLoader::new(
+            Arc::new(Sizes),
+            LoaderOptions {
+                batch_size: 3,
+                shuffle: false,
+                ..opts(0, 0)
+            },
+        );
+        assert_eq!(
+            l.epoch(0, 1).next().unwrap().unwrap().images.dims(),
+            &[3, 1, 3, 5]
+        );
+    }
+
+    /// FNV-1a over a batch's dims, image bits, labels and indices (a stable hash: values recorded
+    /// at ada891f, before targets and padding existed).
+    fn batch_hash(b: &Batch) -> u64 {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut eat = |bytes: &[u8]| {
+            for x in bytes {
+                h = (h ^ *x as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for d in b.images.dims() {
+            eat(&(*d as u64).to_le_bytes());
+        }
+        for v in b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap() {
+            eat(&v.to_bits().to_le_bytes());
+        }
+        if let Some(l) = b.labels() {
+            for v in l.to_vec1::<u32>().unwrap() {
+                eat(&v.to_le_bytes());
+            }
+        }
+        for i in &b.indices {
+            eat(&(*i as u64).to_le_bytes());
+        }
+        h
+    }
+
+    /// Hashes of the first two batches of epoch 1 (seed 7, batch 8, shuffled) of each bundled
+    /// dataset and of an image-folder / folder written by `make_folder`, train and eval transform.
+    fn classification_hashes() -> Vec<(String, Vec<u64>)> {
+        let root = crate::data::test_data_root();
+        let dir = tempfile::tempdir().unwrap();
+        make_folder(dir.path());
+        let o = LoaderOptions {
+            batch_size: 8,
+            shuffle: true,
+            drop_last: false,
+            seed: 7,
+            workers: 2,
+            prefetch: 2,
+        };
+        let mut out = Vec::new();
+        for (name, size, chans) in [
+            ("fashion-mnist", 32, 1),
+            ("mnist", 32, 3),
+            ("photos", 24, 3),
+            ("image-folder", 8, 3),
+            ("folder", 6, 1),
+        ] {
+            let cfg = DataConfig {
+                dataset: name.into(),
+                root: root.clone(),
+                path: Some(dir.path().join("cat")),
+                eval_path: Some(dir.path().join("dog")),
+                skip_bad_images: true,
+                max_samples: Some(40),
+                photos_crops_per_epoch: 40,
+                ..Default::default()
+            };
+            let cfg = if name == "image-folder" {
+                DataConfig {
+                    path: Some(dir.path().into()),
+                    eval_path: Some(dir.path().into()),
+                    ..cfg
+                }
+            } else {
+                cfg
+            };
+            for split in [Split::Train, Split::Eval] {
+                let ds = build_dataset(&cfg, split, size, chans, split == Split::Train).unwrap();
+                let l = DataLoader::new(ds, o.clone());
+                let hashes = l
+                    .epoch(1, 0)
+                    .take(2)
+                    .map(|b| batch_hash(&b.unwrap()))
+                    .collect();
+                out.push((format!("{name} {}", split.name()), hashes));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn classification_batches_are_bit_identical_to_before_targets() {
+        // Recorded at ada891f (before targets and padding) by this same function.
+        #[rustfmt::skip]
+        let want: Vec<(&str, Vec<u64>)> = vec![
+            ("fashion-mnist train", vec![0xa5840d6968e4f4fe, 0x388e0dbe9bdcc979]),
+            ("fashion-mnist eval", vec![0xd1e0fa75c1976b3f, 0xd234f95c1ef63ae1]),
+            ("mnist train", vec![0x7b89b5f038a575e5, 0x626dea3335d60d39]),
+            ("mnist eval", vec![0x94c6f1fac1549a6a, 0xe9eda719a44a8ced]),
+            ("photos train", vec![0x8607a8ea54fa736c, 0x43cd918d9f22c42c]),
+            ("photos eval", vec![0x506590620a901412]),
+            ("image-folder train", vec![0xfaed6174d64ce167]),
+            ("image-folder eval", vec![0xfaed6174d64ce167]),
+            ("folder train", vec![0x2f60210c8b69c204]),
+            ("folder eval", vec![0x380e4dcfde9a2087]),
+        ];
+        let got = classification_hashes();
+        let got: Vec<(&str, Vec<u64>)> = got.iter().map(|(n, h)| (n.as_str(), h.clone())).collect();
+        assert_eq!(got, want);
     }
 }

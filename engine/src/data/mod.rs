@@ -1,41 +1,43 @@
-//! Data stage: datasets -> transforms -> batcher (background loader).
+//! Data stage: datasets -> transforms -> batcher (background loader) -> collate.
 //!
-//! Contract used by every objective: a [`Batch`] holds normalized NCHW images on the CPU, optional
-//! labels, and the dataset indices of its samples (objectives derive per-sample randomness, such
-//! as SimMIM masks, from (seed, epoch, index)).
+//! Contract used by every objective:
+//! - A dataset serves [`Sample`]s: a normalized CHW f32 image of its own height and width plus a
+//!   typed [`Target`] (none, a class id, boxes xyxy in pixels with classes and crowd flags, a
+//!   per-pixel class map with 255 = ignore, or boxes and a class map).
+//! - Geometric transforms (`transforms.rs`: resize, random resized crop, flip, scale jitter,
+//!   crop; pad on samples) move the target with the image exactly (`target.rs` states the pixel
+//!   conventions); photometric ones (normalization) leave it alone. All randomness comes from
+//!   the rng the loader derives from (seed, epoch, index).
+//! - The loader collates samples into a [`Batch`] (`collate.rs`): `[B, C, H, W]` images padded
+//!   with 0 on the bottom/right to the largest size rounded up to the multiple the caller asks
+//!   for ([`DataLoader::pad_to_multiple`]), each image's valid (h, w), typed [`BatchTargets`]
+//!   (classes as `[B]` u32, boxes per image, class maps as `[B, H, W]` u32 padded with 255) and
+//!   the dataset indices (objectives derive per-sample randomness, such as SimMIM masks, from
+//!   (seed, epoch, index)). Batches of equal-size images are never padded.
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
+pub mod collate;
 pub mod folder;
 pub mod idx;
 pub mod loader;
 pub mod photos;
 pub mod subset;
+pub mod target;
 pub mod transforms;
 
+pub use collate::{collate, Batch, BatchTargets};
 pub use folder::{decode_image, list_images, FolderDataset, SkippedImage};
 pub use idx::{read_idx, IdxArray, IdxDataset};
 pub use loader::{DataLoader, LoaderOptions};
 pub use photos::PhotosDataset;
-pub use transforms::{CropBox, ImageTransform, U8Image};
-
-/// One batch as the loader yields it.
-#[derive(Debug, Clone)]
-pub struct Batch {
-    /// `[B, C, H, W]` f32, normalized (ImageNet mean/std by default), on the CPU.
-    pub images: Tensor,
-    /// `[B]` u32 class ids, when the dataset has labels.
-    pub labels: Option<Tensor>,
-    /// Dataset index of each sample, in batch order.
-    pub indices: Vec<usize>,
-    /// Epoch this batch belongs to (0-based).
-    pub epoch: usize,
-}
+pub use target::{ClassIds, ClassMap, ObjectBox, Target, IGNORE};
+pub use transforms::{Annotated, CropBox, ImageTransform, U8Image};
 
 /// The dataset names [`build_dataset`] knows.
 pub const DATASETS: [&str; 5] = ["fashion-mnist", "mnist", "photos", "image-folder", "folder"];
@@ -139,10 +141,48 @@ impl Split {
 /// One decoded, transformed sample.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
-    /// Normalized CHW f32.
+    /// Normalized CHW f32, `channels * height * width` values.
     pub image: Vec<f32>,
-    /// Class id, when the dataset has labels.
-    pub label: Option<u32>,
+    /// Rows of the image.
+    pub height: usize,
+    /// Columns of the image.
+    pub width: usize,
+    /// What the sample is labelled with, in pixels of this image.
+    pub target: Target,
+}
+
+impl Sample {
+    /// The class id of a classification sample.
+    pub fn label(&self) -> Option<u32> {
+        self.target.class()
+    }
+
+    /// Padded on the bottom and right to `height x width` (not smaller than now): the image with
+    /// 0 (after normalization), a class map with [`IGNORE`]; boxes keep their coordinates.
+    pub fn pad(self, height: usize, width: usize) -> Result<Self> {
+        ensure!(
+            height >= self.height && width >= self.width,
+            "cannot pad a {}x{} sample to {height}x{width}",
+            self.height,
+            self.width
+        );
+        let channels = self
+            .image
+            .len()
+            .checked_div(self.height * self.width)
+            .unwrap_or(0);
+        Ok(Self {
+            image: collate::pad_planes(
+                &self.image,
+                channels,
+                (self.height, self.width),
+                (height, width),
+            ),
+            height,
+            width,
+            target: self.target.pad(width, height),
+        })
+    }
 }
 
 /// A random-access dataset serving transformed samples.
@@ -153,8 +193,8 @@ pub trait Dataset: Send + Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Sample `index` decoded and transformed into normalized CHW f32; all randomness from `rng`
-    /// (seeded by the loader from (seed, epoch, index)).
+    /// Sample `index` decoded and transformed (normalized CHW f32 of its own size, its target
+    /// moved with it); all randomness from `rng` (seeded by the loader from (seed, epoch, index)).
     fn get(&self, index: usize, rng: &mut StdRng) -> Result<Sample>;
     /// The crop box (in source pixels) and flip flag that `get(index, rng)` would draw from the
     /// same `rng`, for datasets that can tell without decoding (`None`: not known, or no random

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::folder::{decode_image, list_images};
 use super::transforms::{downscale_longer_side, ImageTransform, U8Image};
-use super::{missing_bundled, subset, DataConfig, Dataset, Sample, Split};
+use super::{missing_bundled, subset, DataConfig, Dataset, Sample, Split, Target};
 
 /// Longer side of the in-memory photos.
 pub const COMPACT_SIDE: usize = 512;
@@ -133,10 +133,7 @@ impl Dataset for PhotosDataset {
             );
         }
         let img = &self.photos[index % self.photos.len()];
-        Ok(Sample {
-            image: self.transform.apply(img, rng),
-            label: None,
-        })
+        self.transform.apply_with_target(img, &Target::None, rng)
     }
 
     fn channels(&self) -> usize {

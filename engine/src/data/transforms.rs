@@ -1,15 +1,26 @@
-//! Transforms: decoded u8 image -> (random resized crop | resize + center crop) -> flip ->
-//! normalized CHW f32, as torchvision applies them to PIL images.
+//! Transforms: decoded u8 image (+ its [`Target`]) -> geometric transforms -> normalized CHW f32,
+//! as torchvision applies them to PIL images.
+//!
+//! Classification and pretraining use [`ImageTransform`]: train = random resized crop + flip,
+//! eval = resize of the shorter side + centre crop, to a square. Detection/segmentation pipelines
+//! (mmdet/mmseg style) compose the methods of [`Annotated`]: resize, random resized crop, random
+//! scale (scale jitter), random crop, flip, then normalization into a [`Sample`], whose
+//! [`Sample::pad`] (or the collate) pads bottom/right. Each geometric step moves the target with
+//! the image, by the conventions of `target.rs`; randomness is drawn from the caller's rng in the
+//! order the steps run.
 //!
 //! Resizing is PIL's `Image.resize(..., BILINEAR)` (the algorithm of `ImagingResample`: a triangle
 //! filter widened by the downscale factor, i.e. antialiased, horizontal pass then vertical pass,
 //! each rounded and clamped to u8). PIL uses fixed-point coefficients where this uses f32, so a
-//! pixel may differ from PIL by at most 1 grey level.
+//! pixel may differ from PIL by at most 1 grey level. Output pixel `x` of a crop is centred on
+//! source coordinate `left + (x + 0.5) * crop_w / out_w`; class maps take the nearest pixel to
+//! that same centre.
 use anyhow::{bail, ensure, Result};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use super::AugConfig;
+use super::target::Target;
+use super::{AugConfig, Sample};
 
 /// A decoded image: `height x width x channels` u8, row-major HWC, channels 1 (grey) or 3 (RGB).
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +72,18 @@ pub struct CropBox {
     pub height: usize,
     /// Columns.
     pub width: usize,
+}
+
+impl CropBox {
+    /// The whole `height x width` image.
+    pub fn full(height: usize, width: usize) -> Self {
+        Self {
+            top: 0,
+            left: 0,
+            height,
+            width,
+        }
+    }
 }
 
 /// torchvision `RandomResizedCrop.get_params`: 10 tries of (area scale, log-uniform ratio), then the
@@ -284,6 +307,156 @@ pub fn downscale_longer_side(img: &U8Image, max_side: usize) -> U8Image {
     resize_bilinear(img, full, w, h)
 }
 
+/// mmcv `rescale_size` (mmdet `Resize(scale, keep_ratio=True)`): the largest size with the
+/// aspect ratio of `height x width` whose longer side is at most `long` and shorter side at most
+/// `short`, each side `int(side * factor + 0.5)`. Returns (height, width).
+pub fn rescale_size(height: usize, width: usize, long: usize, short: usize) -> (usize, usize) {
+    let f = (long as f64 / height.max(width) as f64).min(short as f64 / height.min(width) as f64);
+    let side = |v: usize| ((v as f64 * f + 0.5) as usize).max(1);
+    (side(height), side(width))
+}
+
+/// A decoded image with its target; every geometric method moves both (see the module doc),
+/// the `random_*` ones draw their parameters from `rng` in the order they are called. Sizes are
+/// given width first, as [`resize_bilinear`] (PIL) takes them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Annotated {
+    image: U8Image,
+    target: Target,
+}
+
+impl Annotated {
+    /// Pairs `image` with `target`, checking that a class map has the image's size.
+    pub fn new(image: U8Image, target: Target) -> Result<Self> {
+        target.check_size(image.width, image.height)?;
+        Ok(Self { image, target })
+    }
+
+    /// The image.
+    pub fn image(&self) -> &U8Image {
+        &self.image
+    }
+
+    /// The target.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Both parts.
+    pub fn into_parts(self) -> (U8Image, Target) {
+        (self.image, self.target)
+    }
+
+    fn check_box(&self, b: CropBox) -> Result<()> {
+        ensure!(
+            b.top + b.height <= self.image.height
+                && b.left + b.width <= self.image.width
+                && b.height > 0
+                && b.width > 0,
+            "crop {b:?} is not a non-empty part of the {}x{} image",
+            self.image.width,
+            self.image.height
+        );
+        Ok(())
+    }
+
+    /// The region `b` resized to `out_w x out_h` (bilinear image, nearest class map).
+    pub fn resized_crop(self, b: CropBox, out_w: usize, out_h: usize) -> Result<Self> {
+        self.check_box(b)?;
+        Ok(self.resized_crop_unchecked(b, out_w, out_h))
+    }
+
+    fn resized_crop_unchecked(self, b: CropBox, out_w: usize, out_h: usize) -> Self {
+        Self {
+            image: resize_bilinear(&self.image, b, out_w, out_h),
+            target: self.target.resized_crop(b, out_w, out_h),
+        }
+    }
+
+    /// The whole image resized to `out_w x out_h`.
+    pub fn resize(self, out_w: usize, out_h: usize) -> Self {
+        let full = CropBox::full(self.image.height, self.image.width);
+        self.resized_crop_unchecked(full, out_w, out_h)
+    }
+
+    /// The region `b`, without resampling.
+    pub fn crop(self, b: CropBox) -> Result<Self> {
+        self.check_box(b)?;
+        Ok(Self {
+            image: crop(&self.image, b),
+            target: self.target.resized_crop(b, b.width, b.height),
+        })
+    }
+
+    /// Mirrored left-right.
+    pub fn hflip(self) -> Self {
+        Self {
+            target: self.target.hflip(self.image.width),
+            image: hflip(&self.image),
+        }
+    }
+
+    /// torchvision `RandomResizedCrop((out_h, out_w), scale, ratio)`: draws the box
+    /// ([`random_resized_crop_params`]), then resizes it to `out_w x out_h`.
+    pub fn random_resized_crop(
+        self,
+        out_w: usize,
+        out_h: usize,
+        scale: [f64; 2],
+        ratio: [f64; 2],
+        rng: &mut StdRng,
+    ) -> Self {
+        let b = random_resized_crop_params(self.image.height, self.image.width, scale, ratio, rng);
+        self.resized_crop_unchecked(b, out_w, out_h)
+    }
+
+    /// `RandomHorizontalFlip(p)`: one draw, flips when it is below `p`.
+    pub fn random_hflip(self, p: f64, rng: &mut StdRng) -> Self {
+        if rng.random::<f64>() < p {
+            self.hflip()
+        } else {
+            self
+        }
+    }
+
+    /// Scale jitter: one factor `f` uniform in `[range[0], range[1])`, then a resize to
+    /// `int(w * f + 0.5) x int(h * f + 0.5)` (at least 1; mmcv's rounding).
+    pub fn random_scale(self, range: [f64; 2], rng: &mut StdRng) -> Self {
+        let f = uniform(rng, range[0], range[1]);
+        let side = |v: usize| ((v as f64 * f + 0.5) as usize).max(1);
+        let (w, h) = (side(self.image.width), side(self.image.height));
+        self.resize(w, h)
+    }
+
+    /// mmdet/mmseg `RandomCrop((crop_h, crop_w))`: a `min(crop_w, W) x min(crop_h, H)` region at
+    /// offsets drawn uniformly from `0..=H - h` (first) and `0..=W - w`.
+    pub fn random_crop(self, crop_w: usize, crop_h: usize, rng: &mut StdRng) -> Self {
+        let (h, w) = (crop_h.min(self.image.height), crop_w.min(self.image.width));
+        let top = rng.random_range(0..=self.image.height - h);
+        let left = rng.random_range(0..=self.image.width - w);
+        let b = CropBox {
+            top,
+            left,
+            height: h,
+            width: w,
+        };
+        Self {
+            image: crop(&self.image, b),
+            target: self.target.resized_crop(b, w, h),
+        }
+    }
+
+    /// ToTensor + Normalize (photometric: the target is left alone) into a [`Sample`].
+    pub fn normalize(self, in_chans: usize, mean: &[f32], std: &[f32]) -> Sample {
+        Sample {
+            image: to_chw_normalized(&self.image, in_chans, mean, std),
+            height: self.image.height,
+            width: self.image.width,
+            target: self.target,
+        }
+    }
+}
+
 /// Per-channel mean/std for `in_chans` channels: used as given when the lengths match, averaged
 /// over channels for a grey model given RGB statistics, broadcast when one value is given.
 pub fn channel_stats(values: &[f32], in_chans: usize, what: &str) -> Result<Vec<f32>> {
@@ -409,28 +582,57 @@ impl ImageTransform {
 
     /// Spatial part only: the `size x size` u8 image (channels as decoded).
     pub fn apply_spatial(&self, img: &U8Image, rng: &mut StdRng) -> U8Image {
+        self.apply_spatial_with_target(img, &Target::None, rng).0
+    }
+
+    /// Spatial part with the target moved alongside; the same draws as [`Self::apply_spatial`].
+    pub fn apply_spatial_with_target(
+        &self,
+        img: &U8Image,
+        target: &Target,
+        rng: &mut StdRng,
+    ) -> (U8Image, Target) {
         let s = self.size;
         if self.train {
             let (b, flip) = self.train_params(img.height, img.width, rng);
             let out = resize_bilinear(img, b, s, s);
+            let target = target.resized_crop(b, s, s);
             if flip {
-                hflip(&out)
+                (hflip(&out), target.hflip(s))
             } else {
-                out
+                (out, target)
             }
         } else {
             // Official Swin eval: Resize(int(size / crop_pct)) then CenterCrop(size).
             let short = ((s as f64 / self.aug.eval_crop_pct) as usize).max(s);
             let (h, w) = shorter_side_size(img.height, img.width, short);
-            let full = CropBox {
-                top: 0,
-                left: 0,
-                height: img.height,
-                width: img.width,
-            };
+            let full = CropBox::full(img.height, img.width);
             let resized = resize_bilinear(img, full, w, h);
-            crop(&resized, center_crop_box(h, w, s))
+            let center = center_crop_box(h, w, s);
+            let target =
+                target
+                    .resized_crop(full, w, h)
+                    .resized_crop(center, center.width, center.height);
+            (crop(&resized, center), target)
         }
+    }
+
+    /// The whole pipeline with a target: a [`Sample`] of `size x size` whose target moved with
+    /// the image (a class map must have the image's size).
+    pub fn apply_with_target(
+        &self,
+        img: &U8Image,
+        target: &Target,
+        rng: &mut StdRng,
+    ) -> Result<Sample> {
+        target.check_size(img.width, img.height)?;
+        let (out, target) = self.apply_spatial_with_target(img, target, rng);
+        Ok(Sample {
+            image: to_chw_normalized(&out, self.in_chans, &self.mean, &self.std),
+            height: out.height,
+            width: out.width,
+            target,
+        })
     }
 
     /// The whole pipeline: normalized CHW f32 of length [`Self::output_len`].
@@ -443,6 +645,7 @@ impl ImageTransform {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::target::{ClassIds, ClassMap, ObjectBox};
     use crate::rng::rng_for;
 
     fn ramp(w: usize, h: usize) -> U8Image {
@@ -745,5 +948,217 @@ mod tests {
             assert_eq!(t.apply_spatial(&img, &mut rng_for(seed, &[])), want);
         }
         assert!(flips > 0 && flips < 8, "{flips} of 8 flipped");
+    }
+
+    /// 12 x 8 image (pixel = column + 12 * row) with a class map id = 16 * row + column.
+    fn annotated(boxes: Vec<ObjectBox>) -> Annotated {
+        let img = U8Image::new(12, 8, 1, (0..96).map(|i| i as u8).collect()).unwrap();
+        let ids = (0..8)
+            .flat_map(|y| (0..12).map(move |x| (16 * y + x) as u8))
+            .collect();
+        let mask = ClassMap::new(12, 8, ClassIds::U8(ids)).unwrap();
+        Annotated::new(img, Target::BoxesAndMask { boxes, mask }).unwrap()
+    }
+
+    fn ob(xyxy: [f32; 4], class: u32) -> ObjectBox {
+        ObjectBox {
+            xyxy,
+            class,
+            crowd: false,
+        }
+    }
+
+    #[test]
+    fn boxes_and_mask_through_crop_flip_jitter_pad() {
+        // Seed 8 draws the crop rows 1..7, columns 4..12 (6 x 8 at scale 0.5, ratio 1.5 of the
+        // 12 x 8 image: w = round(sqrt(72)) = 8, h = round(sqrt(32)) = 6), then a flip.
+        let mut rng = rng_for(8, &[]);
+        let b = random_resized_crop_params(8, 12, [0.5, 0.5], [1.5, 1.5], &mut rng);
+        assert_eq!(
+            (b, rng.random::<f64>() < 0.5),
+            (
+                CropBox {
+                    top: 1,
+                    left: 4,
+                    height: 6,
+                    width: 8
+                },
+                true
+            )
+        );
+        let crowd = ObjectBox {
+            crowd: true,
+            ..ob([10.0, 6.5, 12.0, 8.0], 4)
+        };
+        let boxes = vec![
+            ob([5.0, 2.0, 9.0, 5.0], 1),
+            ob([2.0, 0.0, 6.0, 3.0], 2),
+            ob([0.0, 0.0, 3.0, 8.0], 3),
+            crowd,
+        ];
+        let mut rng = rng_for(8, &[]);
+        let s = annotated(boxes)
+            .random_resized_crop(16, 12, [0.5, 0.5], [1.5, 1.5], &mut rng)
+            .random_hflip(0.5, &mut rng)
+            // A one-point range keeps the numbers round; the factor is still drawn.
+            .random_scale([0.75, 0.75], &mut rng)
+            .normalize(1, &[0.0], &[1.0]);
+        assert_eq!((s.height, s.width), (9, 12));
+        // Pad to multiples of 8.
+        let s = s.pad(16, 16).unwrap();
+        // Boxes: crop + resize x' = (x - 4) * 2, y' = (y - 1) * 2 (clipped to 16 x 12); flip
+        // x' = 16 - x2, x2' = 16 - x1; jitter * 0.75 (12/16 and 9/12); pad keeps them.
+        // [5, 2, 9, 5] -> [2, 2, 10, 8] -> [6, 2, 14, 8] -> [4.5, 1.5, 10.5, 6]
+        // [2, 0, 6, 3] -> [0, 0, 4, 4] (clipped) -> [12, 0, 16, 4] -> [9, 0, 12, 3]
+        // [0, 0, 3, 8] -> x2 = -2, clipped to 0: no width, dropped
+        // crowd [10, 6.5, 12, 8] -> [12, 11, 16, 12] -> [0, 11, 4, 12] -> [0, 8.25, 3, 9]
+        let want = [
+            ob([4.5, 1.5, 10.5, 6.0], 1),
+            ob([9.0, 0.0, 12.0, 3.0], 2),
+            ObjectBox {
+                crowd: true,
+                ..ob([0.0, 8.25, 3.0, 9.0], 4)
+            },
+        ];
+        assert_eq!(s.target.boxes().unwrap(), &want[..]);
+        // Mask (id = 16 * row + column), pixel centres: after the jitter column x reads flipped
+        // column floor((x + 0.5) * 4/3) = [0, 2, 3, 4, 6, 7, 8, 10, 11, 12, 14, 15][x] of the
+        // 16-wide crop, i.e. its column 15 - that, i.e. source column 4 + (15 - that) / 2:
+        let cols = [11, 10, 10, 9, 8, 8, 7, 6, 6, 5, 4, 4];
+        // rows floor((y + 0.5) * 4/3) = [0, 2, 3, 4, 6, 7, 8, 10, 11] -> source 1 + that / 2:
+        let rows = [1, 2, 2, 3, 4, 4, 5, 6, 6];
+        let m = s.target.mask().unwrap();
+        assert_eq!((m.width(), m.height()), (16, 16));
+        for y in 0..16 {
+            for x in 0..16 {
+                let want = match (rows.get(y), cols.get(x)) {
+                    (Some(r), Some(c)) => 16 * r + c,
+                    _ => 255,
+                };
+                assert_eq!(m.at(x, y), want, "mask pixel ({x}, {y})");
+            }
+        }
+        assert_eq!(
+            (0..12).map(|x| m.at(x, 0)).collect::<Vec<_>>(),
+            [27, 26, 26, 25, 24, 24, 23, 22, 22, 21, 20, 20]
+        );
+        // The image took the same path; padding is 0.
+        let full16 = CropBox::full(12, 16);
+        let img = resize_bilinear(
+            &hflip(&resize_bilinear(&annotated(vec![]).image, b, 16, 12)),
+            full16,
+            12,
+            9,
+        );
+        for y in 0..16 {
+            for x in 0..16 {
+                let want = if y < 9 && x < 12 {
+                    img.at(x, y, 0) as f32 / 255.0
+                } else {
+                    0.0
+                };
+                assert_eq!(s.image[y * 16 + x], want, "image pixel ({x}, {y})");
+            }
+        }
+    }
+
+    #[test]
+    fn transform_moves_targets_with_the_same_draws() {
+        let data: Vec<u8> = (0..20 * 30).map(|i| (i * 7 % 251) as u8).collect();
+        let img = U8Image::new(30, 20, 1, data).unwrap();
+        let boxes = vec![ob([3.0, 2.0, 21.0, 15.0], 1), ob([25.0, 0.0, 30.0, 4.0], 2)];
+        let target = Target::Boxes(boxes.clone());
+        let aug = AugConfig {
+            crop_scale: [0.3, 1.0],
+            ..AugConfig::default()
+        };
+        let t = ImageTransform::new(8, 1, true, &aug).unwrap();
+        for seed in 0..6 {
+            let s = t
+                .apply_with_target(&img, &target, &mut rng_for(seed, &[]))
+                .unwrap();
+            assert_eq!(s.image, t.apply(&img, &mut rng_for(seed, &[])));
+            assert_eq!((s.height, s.width), (8, 8));
+            let (b, flip) = t.train_params(20, 30, &mut rng_for(seed, &[]));
+            let moved = crate::data::target::boxes_resized_crop(&boxes, b, 8, 8);
+            let want = if flip {
+                crate::data::target::boxes_hflip(&moved, 8)
+            } else {
+                moved
+            };
+            assert_eq!(s.target, Target::Boxes(want));
+        }
+        // Eval at crop_pct 0.5 on 40x30: shorter side 32 -> 42x32 (int(32 * 40 / 30)), centre
+        // crop 16 at left round(26 / 2) = 13, top 8. Box [20, 15, 24, 18] -> x 42/40, y 32/30:
+        // [21, 16, 25.2, 19.2] -> minus (13, 8): [8, 8, 12.2, 11.2]; [0, 0, 10, 10] is cut away.
+        let aug = AugConfig {
+            eval_crop_pct: 0.5,
+            ..AugConfig::default()
+        };
+        let t = ImageTransform::new(16, 1, false, &aug).unwrap();
+        let img = U8Image::new(40, 30, 1, vec![0; 1200]).unwrap();
+        let target = Target::Boxes(vec![
+            ob([20.0, 15.0, 24.0, 18.0], 0),
+            ob([0.0, 0.0, 10.0, 10.0], 1),
+        ]);
+        let s = t
+            .apply_with_target(&img, &target, &mut rng_for(0, &[]))
+            .unwrap();
+        let got = s.target.boxes().unwrap();
+        assert_eq!(got.len(), 1);
+        for (g, w) in got[0].xyxy.iter().zip([8.0, 8.0, 12.2, 11.2]) {
+            assert!((g - w).abs() < 1e-5, "{got:?}");
+        }
+        // A class map of another size is an error.
+        let bad = Target::Mask(ClassMap::new(2, 2, ClassIds::U8(vec![0; 4])).unwrap());
+        let err = t
+            .apply_with_target(&img, &bad, &mut rng_for(0, &[]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "class map of 2x2 for an image of 40x30");
+    }
+
+    #[test]
+    fn random_crop_and_rescale_follow_mmdet() {
+        // mmcv rescale_size((w, h), (1333, 800)): factor min(1333 / long, 800 / short).
+        assert_eq!(rescale_size(480, 640, 1333, 800), (800, 1067));
+        assert_eq!(rescale_size(600, 1000, 1333, 800), (800, 1333));
+        // RandomCrop((4, 5)) of 12x8: top from 0..=4, then left from 0..=7.
+        let boxes = vec![ob([0.0, 0.0, 12.0, 8.0], 0), ob([1.0, 1.0, 2.0, 2.0], 1)];
+        for seed in 0..5 {
+            let mut rng = rng_for(seed, &[]);
+            let (top, left) = (rng.random_range(0..=4usize), rng.random_range(0..=7usize));
+            let a = annotated(boxes.clone()).random_crop(5, 4, &mut rng_for(seed, &[]));
+            assert_eq!((a.image().width, a.image().height), (5, 4));
+            assert_eq!(a.image().at(0, 0, 0) as usize, left + 12 * top);
+            assert_eq!(
+                a.target().mask().unwrap().at(0, 0) as usize,
+                left + 16 * top
+            );
+            let b = a.target().boxes().unwrap();
+            assert_eq!(
+                b[0].xyxy,
+                [0.0, 0.0, 5.0, 4.0],
+                "the whole-image box is clipped"
+            );
+            // [1, 1, 2, 2] survives only when the crop starts at or before it.
+            assert_eq!(b.len(), 1 + (top < 2 && left < 2) as usize);
+        }
+        // A crop larger than the image keeps it whole.
+        let a = annotated(boxes.clone()).random_crop(50, 40, &mut rng_for(0, &[]));
+        assert_eq!(a, annotated(boxes.clone()));
+        let err = annotated(boxes)
+            .crop(CropBox {
+                top: 5,
+                left: 0,
+                height: 4,
+                width: 2,
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is not a non-empty part of the 12x8 image"),
+            "{err}"
+        );
     }
 }

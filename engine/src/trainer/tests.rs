@@ -12,7 +12,7 @@ use rand_distr::{Distribution, Normal};
 
 use super::checkpoint::{list_checkpoints, load_checkpoint, varmap_tensors};
 use super::*;
-use crate::data::{Batch, DataLoader, Dataset, LoaderOptions, Sample};
+use crate::data::{Batch, BatchTargets, DataLoader, Dataset, LoaderOptions, Sample, Target};
 use crate::optim::ScheduleKind;
 use crate::rng::rng_for;
 use crate::run_dir::RunDir;
@@ -50,12 +50,7 @@ impl BatchSource for ToyData {
         Box::new(batches.into_iter().skip(start_batch).map(move |indices| {
             let flat: Vec<f32> = indices.iter().flat_map(|&i| self.xs[i]).collect();
             let images = Tensor::from_vec(flat, (indices.len(), 3, 1, 1), &Device::Cpu)?;
-            Ok(Batch {
-                images,
-                labels: None,
-                indices,
-                epoch,
-            })
+            Batch::new(images, BatchTargets::None, indices, epoch)
         }))
     }
 }
@@ -415,7 +410,12 @@ impl Dataset for TinySet {
             .iter()
             .map(|v| v + rng.random_range(-0.05f32..0.05))
             .collect();
-        Ok(Sample { image, label: None })
+        Ok(Sample {
+            image,
+            height: 1,
+            width: 1,
+            target: Target::None,
+        })
     }
     fn channels(&self) -> usize {
         3
