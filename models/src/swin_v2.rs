@@ -6,6 +6,12 @@
 //! WindowAttention, Mlp, Block, PatchMerging, Stage, SwinV2.
 //!
 //! Inside the stages tokens are kept as `[B, H, W, C]` (like timm); `Features` exposes NCHW views.
+//!
+//! Input sizes: the configured `img_size` fixes each stage's window and shift; any input whose
+//! sides are multiples of the patch size runs with them, as timm's `dynamic_img_size=True`: each
+//! block pads its shifted map with zeros to whole windows (bottom, right), masks on the padded
+//! map and crops after the merge, and patch merging pads odd maps. The configured size needs no
+//! padding and runs exactly as before.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -25,7 +31,9 @@ use serde::{Deserialize, Serialize};
 /// Hyper-parameters of a Swin-V2 backbone (timm / official names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SwinV2Config {
-    /// Training image size (square); other sizes work when the windows divide them.
+    /// Configured image size (square). It fixes every stage's window and shift; an input of any
+    /// other size that is a multiple of `patch_size` runs with the same windows, its maps padded
+    /// to whole windows (timm `dynamic_img_size=True`, see [`SwinV2Config::check_resolution`]).
     pub img_size: usize,
     /// Patch-embedding stride and kernel.
     pub patch_size: usize,
@@ -237,22 +245,36 @@ impl SwinV2Config {
                 "model.num_heads[{i}]: {h} heads do not divide stage {i}'s {dim} channels"
             );
         }
-        self.check_resolution(self.img_size, self.img_size)
+        self.check_configured_resolution()
             .context("model.img_size")?;
         self.moe.validate(&self.depths)?;
         Ok(())
     }
 
-    /// Checks that an input of `h` x `w` pixels runs: patches, merges and windows divide.
+    /// Checks that an input of `h` x `w` pixels runs: any positive multiple of the patch size
+    /// ([`Self::size_multiple`]; the model does not pad the image, the data stage does). Maps
+    /// that the windows do not divide are padded to whole windows in each block and odd maps are
+    /// padded before a patch merging (timm `dynamic_img_size=True`); the configured size takes
+    /// no padding.
     pub fn check_resolution(&self, h: usize, w: usize) -> Result<()> {
+        let p = self.size_multiple();
         ensure!(
-            h.is_multiple_of(self.patch_size)
-                && w.is_multiple_of(self.patch_size)
-                && h > 0
-                && w > 0,
-            "image {h}x{w} is not a multiple of the patch size {}",
-            self.patch_size
+            h.is_multiple_of(p) && w.is_multiple_of(p) && h > 0 && w > 0,
+            "image {h}x{w} is not a multiple of the patch size {p} (pad or resize it to one)"
         );
+        Ok(())
+    }
+
+    /// What an input's height and width must be a multiple of: the patch size.
+    pub fn size_multiple(&self) -> usize {
+        self.patch_size
+    }
+
+    /// The configured size splits into whole windows at every stage and into even maps at every
+    /// patch merging (so that it runs without any padding).
+    fn check_configured_resolution(&self) -> Result<()> {
+        let (h, w) = (self.img_size, self.img_size);
+        self.check_resolution(h, w)?;
         let (mut rh, mut rw) = (h / self.patch_size, w / self.patch_size);
         for i in 0..self.num_stages() {
             let (ws, _) = self.window_at(rh, rw);
@@ -271,6 +293,13 @@ impl SwinV2Config {
             }
         }
         Ok(())
+    }
+
+    /// (window, shift of odd blocks) of stage `i`, fixed by the configured `img_size` for every
+    /// input size (timm keeps them too).
+    pub fn stage_window(&self, i: usize) -> (usize, usize) {
+        let r = (self.img_size / self.patch_size) >> i;
+        self.window_at(r, r)
     }
 
     /// (window, shift of odd blocks) of a stage whose map is `rh` x `rw`: official clamp
@@ -579,7 +608,7 @@ pub fn relative_position_index(ws: usize) -> Vec<u32> {
     out
 }
 
-/// Everything a block derives from (resolution, window): built once per resolution.
+/// Everything a block derives from (input map size, its fixed window): built once per map size.
 #[derive(Debug)]
 struct Geometry {
     ws: usize,
@@ -593,20 +622,18 @@ struct Geometry {
 }
 
 impl Geometry {
-    #[allow(clippy::too_many_arguments)]
+    /// `(h, w)`: the block's input map; the shift mask covers it padded to whole windows.
     fn new(
         cfg: &SwinV2Config,
         stage: usize,
-        odd: bool,
-        h: usize,
-        w: usize,
+        (ws, shift): (usize, usize),
+        (h, w): (usize, usize),
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Self> {
-        let (ws, s) = cfg.window_at(h, w);
-        let shift = if odd { s } else { 0 };
+        let (hp, wp) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
         let mask = if shift > 0 {
-            Some(shifted_window_mask(h, w, ws, shift, dev)?.to_dtype(dtype)?)
+            Some(shifted_window_mask(hp, wp, ws, shift, dev)?.to_dtype(dtype)?)
         } else {
             None
         };
@@ -915,7 +942,8 @@ pub struct Block {
     cfg: Arc<SwinV2Config>,
     stage: usize,
     index: usize,
-    odd: bool,
+    /// (window, shift), fixed by the configured map size.
+    window: (usize, usize),
     norm1: LayerNorm,
     attn: WindowAttention,
     norm2: LayerNorm,
@@ -951,21 +979,15 @@ impl Block {
         } else {
             Ffn::Dense(Mlp::new(dim, hid, cfg.drop_rate, vb.pp("mlp"))?)
         };
-        let g = Geometry::new(
-            &cfg,
-            stage,
-            index % 2 == 1,
-            res.0,
-            res.1,
-            vb.dtype(),
-            vb.device(),
-        )?;
+        let (ws, s) = cfg.window_at(res.0, res.1);
+        let window = (ws, if index % 2 == 1 { s } else { 0 });
+        let g = Geometry::new(&cfg, stage, window, res, vb.dtype(), vb.device())?;
         let geometry = Mutex::new(HashMap::from([(res, Arc::new(g))]));
         Ok(Self {
             cfg,
             stage,
             index,
-            odd: index % 2 == 1,
+            window,
             norm1,
             attn,
             norm2,
@@ -976,8 +998,9 @@ impl Block {
         })
     }
 
-    /// Block `index` of stage `stage` of `cfg` on its own (odd index = shifted windows), for a
-    /// `res` token map, variables under `vb` with the official block key names; no drop path.
+    /// Block `index` of stage `stage` of `cfg` on its own (odd index = shifted windows), with the
+    /// window and shift of a `res` token map (it runs on maps of any size), variables under `vb`
+    /// with the official block key names; no drop path.
     pub fn standalone(
         cfg: &SwinV2Config,
         stage: usize,
@@ -1008,9 +1031,8 @@ impl Block {
         let g = Arc::new(Geometry::new(
             &self.cfg,
             self.stage,
-            self.odd,
-            h,
-            w,
+            self.window,
+            (h, w),
             x.dtype(),
             x.device(),
         )?);
@@ -1018,15 +1040,17 @@ impl Block {
         Ok(g)
     }
 
-    /// `x`: `[B, H, W, C]`.
+    /// `x`: `[B, H, W, C]` of any size (padded to whole windows inside, timm
+    /// `SwinTransformerV2Block._attn`).
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let (b, h, w, _) = x.dims4()?;
         let g = self.geometry(h, w, x)?;
         let (ws, s) = (g.ws, g.shift);
-        // (B*nW, N, C): rolled by -s, cut into windows (one node each way)
-        let win = crate::ops::partition_windows(x, ws, s)?;
+        // (B*nW, N, C): rolled by -s, zero-padded to whole windows, cut into windows (one node
+        // each way; no padding where the windows divide the map, as at the configured size)
+        let win = crate::ops::partition_windows_padded(x, ws, s)?;
         let a = self.attn.forward(&win, &g, &self.rng, train)?;
-        let a = crate::ops::merge_windows(&a, ws, s, (h, w))?;
+        let a = crate::ops::merge_windows_cropped(&a, ws, s, (h, w))?;
         debug_assert_eq!(a.dim(0)?, b);
         let a = self.norm1.forward(&a, train)?;
         let x = residual_drop_path(x, &a, self.drop_path, &self.rng, train)?;
@@ -1072,8 +1096,11 @@ impl PatchMerging {
         })
     }
 
-    /// `[B, H, W, C]` -> `[B, H/2, W/2, 2C]`.
+    /// `[B, H, W, C]` -> `[B, ceil(H/2), ceil(W/2), 2C]`; an odd map is padded with zeros at the
+    /// bottom/right first (timm `PatchMerging`).
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let (_, h, w, _) = x.dims4()?;
+        let x = x.pad_with_zeros(1, 0, h % 2)?.pad_with_zeros(2, 0, w % 2)?;
         let (b, h, w, c) = x.dims4()?;
         // cat(x0, x1, x2, x3) = (h even, w even), (h odd, w even), (h even, w odd), (h odd, w odd)
         let x = x
@@ -1283,7 +1310,9 @@ impl SwinV2 {
         crate::ops::linear(&cols, &wt, Some(&self.patch_b))
     }
 
-    /// Runs the backbone. `mask`: optional `[B, H/patch, W/patch]` (1 = masked), replaced by
+    /// Runs the backbone on `x [B, C, H, W]`, H and W any multiples of the patch size (the
+    /// windows of the configured size, padded; see the module header). `mask`: optional
+    /// `[B, H/patch, W/patch]` (1 = masked), replaced by
     /// `mask_token` after the patch embedding and its norm (SimMIM 3.2). `train` enables drop path
     /// and dropout. On the CPU (f32/f64) both modes run the same fused ops, which have a backward;
     /// elsewhere `train = false` uses candle's fused kernels, which have none (call with

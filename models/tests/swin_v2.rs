@@ -405,12 +405,19 @@ fn config_errors_name_the_key() -> Result<()> {
     c.img_size = 30;
     assert!(format!("{:#}", c.validate().unwrap_err()).contains("model.img_size"));
     let (_, m) = build(&small(), 0)?;
+    // any multiple of the patch size runs (8x9 patches: windows padded, odd merge padded) ...
+    let f = m.forward_features(&input(1, 32, 36, 0)?, None, false)?;
+    assert_eq!(f.stages[1].dims(), &[1, 16, 4, 5]);
+    // ... and any other size is an error naming it and the patch size
     let e = format!(
         "{:#}",
-        m.forward_features(&input(1, 32, 36, 0)?, None, false)
+        m.forward_features(&input(1, 32, 38, 0)?, None, false)
             .unwrap_err()
     );
-    assert!(e.contains("window"), "{e}");
+    assert!(
+        e.contains("image 32x38 is not a multiple of the patch size 4"),
+        "{e}"
+    );
     Ok(())
 }
 
@@ -445,5 +452,84 @@ fn model_section_resolves_presets_and_overrides() -> Result<()> {
         ..Default::default()
     };
     assert_eq!(d.resolve()?.pretrained_window_sizes, vec![0, 0]);
+    Ok(())
+}
+
+/// A shifted block (configured 8x8 map, window 4, shift 2) on a 7x10 map, which its windows do
+/// not divide (padded to 8x12, mask on the padded map, cropped back): the backward equals central
+/// finite differences for the input and the attention weights (f64).
+#[test]
+fn padded_shifted_block_gradient_matches_finite_differences() -> Result<()> {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let vb = seeded_var_builder(&vm, 3, DType::F64, &dev);
+    let blk = Block::standalone(&small(), 0, 1, (8, 8), vb)?;
+    // norm1/norm2 start at zero (identity block): every variable re-drawn, in name order
+    let mut vars: Vec<_> = vm.data().lock().unwrap().clone().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut seed = 17u64;
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    };
+    for (name, var) in &vars {
+        let off = if name.contains("norm") { 1.0 } else { 0.0 };
+        let s = if name.contains("logit_scale") {
+            1.0
+        } else {
+            0.5
+        };
+        let v: Vec<f64> = (0..var.elem_count()).map(|_| next() * s + off).collect();
+        var.set(&Tensor::from_vec(v, var.shape(), &dev)?)?;
+    }
+    let (h, w, c) = (7, 10, 8);
+    let xv: Vec<f64> = (0..h * w * c).map(|_| next()).collect();
+    let x = candle_core::Var::from_tensor(&Tensor::from_vec(xv, (1, h, w, c), &dev)?)?;
+    let wt: Vec<f64> = (0..h * w * c).map(|_| next()).collect();
+    let wt = Tensor::from_vec(wt, (1, h, w, c), &dev)?;
+    let loss = |t: &Tensor| -> Result<Tensor> { Ok((blk.forward(t, true)? * &wt)?.sum_all()?) };
+    let grads = loss(x.as_tensor())?.backward()?;
+    let data = vm.data().lock().unwrap().clone();
+    let mut checks: Vec<(String, candle_core::Var)> = [
+        "attn.qkv.weight",
+        "attn.q_bias",
+        "attn.v_bias",
+        "attn.logit_scale",
+        "attn.cpb_mlp.0.weight",
+        "norm1.weight",
+    ]
+    .iter()
+    .map(|k| (k.to_string(), data[*k].clone()))
+    .collect();
+    checks.push(("input".into(), x.clone()));
+    let eps = 1e-5;
+    for (name, var) in checks {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+        // the input's first pixel, one in the wrapped-around shifted region, and the last
+        let picks = [0, (6 * w + 9) * c - 3, base.len() / 2, base.len() - 1];
+        for idx in picks.into_iter().filter(|&i| i < base.len()) {
+            let at = |d: f64| -> Result<f64> {
+                let mut v = base.clone();
+                v[idx] += d;
+                var.set(&Tensor::from_vec(v, var.shape(), &dev)?)?;
+                Ok(loss(x.as_tensor())?.to_scalar::<f64>()?)
+            };
+            let fd = (at(eps)? - at(-eps)?) / (2.0 * eps);
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), &dev)?)?;
+            let rel = (fd - g[idx]).abs() / fd.abs().max(g[idx].abs()).max(1e-3);
+            assert!(
+                rel < 1e-5,
+                "{name}[{idx}]: analytic {} vs numeric {fd} (rel {rel})",
+                g[idx]
+            );
+        }
+    }
     Ok(())
 }
