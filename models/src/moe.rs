@@ -28,7 +28,7 @@
 //! `model.drop_rate` (the reference has `MOE_DROP`), and the fc2 bias is trainable (the reference
 //! freezes it at 0 because its dense MLP has no fc2 bias; a Swin-V2 MLP has one).
 //!
-//! Contract for objectives: after a forward of [`crate::swin_v2::SwinV2`], call
+//! Contract for objectives: after a forward of the Swin-V2 model (`SwinV2`), call
 //! `model.take_moe_loss()?`; it returns `None` for a dense model, otherwise the weighted auxiliary
 //! loss (`aux_loss_weight * sum over MoE layers`, add it to the task loss) and the metrics
 //! `moe_aux`, `moe_drop`, `moe_load_l{i}_max` (see [`summarize`]). `model.take_moe_stats()` gives
@@ -574,7 +574,7 @@ impl MoeMlp {
 
         let xs = xf.index_select(&tok, 0)?; // (N, C)
         let h = grouped_linear(&xs, &self.fc1_w, &self.fc1_b, &offsets, WeightLayout::OutIn)?;
-        let h = crate::swin_v2::dropout(&crate::ops::gelu_erf(&h)?, self.drop, rng, train)?; // (N, hC)
+        let h = crate::layers::dropout(&crate::ops::gelu_erf(&h)?, self.drop, rng, train)?; // (N, hC)
         let y = grouped_linear(&h, &self.fc2_w, &self.fc2_b, &offsets, WeightLayout::InOut)?
             .broadcast_mul(&gates)?; // (N, C)
                                      // a token's k outputs add up; dropped tokens stay 0 (the block's residual carries them)

@@ -362,7 +362,7 @@ mod tests {
         let dev = Device::Cpu;
         let (b, c, ws) = (2, 3, 4);
         for dt in [DType::F32, DType::F64] {
-            for (h, w) in [(9, 6), (5, 13), (2, 3), (1, 1)] {
+            for (h, w) in [(9usize, 6usize), (5, 13), (2, 3), (1, 1)] {
                 let (hp, wp) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
                 let n = b * (hp / ws) * (wp / ws);
                 let x =
