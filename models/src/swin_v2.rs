@@ -396,6 +396,9 @@ enum Ffn {
     Moe(MoeMlp, MoeCollector),
 }
 
+/// Map sizes (padded to whole windows) whose shift masks a block keeps.
+const GEOMETRY_SIZES: usize = 8;
+
 /// One Swin-V2 block (attention + MLP, res-post-norm); public for benchmarks of a block alone.
 #[derive(Debug)]
 pub struct Block {
@@ -404,13 +407,16 @@ pub struct Block {
     index: usize,
     /// (window, shift), fixed by the configured map size.
     window: (usize, usize),
+    /// The configured map size (whole windows), whose geometry stays cached.
+    configured: (usize, usize),
     norm1: LayerNorm,
     attn: WindowAttention,
     norm2: LayerNorm,
     mlp: Ffn,
     drop_path: f64,
     rng: SharedRng,
-    /// Geometry per (H, W); the configured resolution is built at construction.
+    /// Geometry per map size padded to whole windows; the configured one is built at
+    /// construction.
     geometry: Mutex<HashMap<(usize, usize), Arc<Geometry>>>,
 }
 
@@ -448,6 +454,7 @@ impl Block {
             stage,
             index,
             window,
+            configured: res,
             norm1,
             attn,
             norm2,
@@ -482,21 +489,28 @@ impl Block {
         )
     }
 
+    /// The geometry of an `h` x `w` map, cached by its size padded to whole windows (which is
+    /// all it depends on); past [`GEOMETRY_SIZES`] sizes, all but the configured one are dropped.
     fn geometry(&self, h: usize, w: usize, x: &Tensor) -> candle_core::Result<Arc<Geometry>> {
+        let ws = self.window.0;
+        let padded = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
         // Invariant: the mutex is only held inside this function, which cannot panic while held.
         let mut cache = self.geometry.lock().expect("geometry cache poisoned");
-        if let Some(g) = cache.get(&(h, w)) {
+        if let Some(g) = cache.get(&padded) {
             return Ok(g.clone());
         }
         let g = Arc::new(Geometry::new(
             &self.cfg,
             self.stage,
             self.window,
-            (h, w),
+            padded,
             x.dtype(),
             x.device(),
         )?);
-        cache.insert((h, w), g.clone());
+        if cache.len() >= GEOMETRY_SIZES {
+            cache.retain(|k, _| *k == self.configured);
+        }
+        cache.insert(padded, g.clone());
         Ok(g)
     }
 
@@ -1076,6 +1090,23 @@ mod tests {
         let g3 = m.layers[3].blocks[1].geometry.lock().unwrap()[&(2, 2)].clone();
         assert_eq!((g3.ws, g3.shift), (2, 0));
         assert!(g3.mask.is_none());
+        // other sizes: cached by the map padded to whole windows; 17x23 and 20x21 share 20x24
+        let x = |h, w| Tensor::zeros((1, 3, h, w), DType::F32, &Device::Cpu);
+        m.forward(&x(68, 92)?, false)?;
+        m.forward(&x(80, 84)?, false)?;
+        let cache = blk.geometry.lock().unwrap();
+        assert_eq!(cache.len(), 2);
+        assert_eq!(
+            cache[&(20, 24)].mask.as_ref().unwrap().dims(),
+            &[30, 16, 16]
+        );
+        drop(cache);
+        // at most GEOMETRY_SIZES sizes: then all but the configured one go
+        for i in 1..=GEOMETRY_SIZES {
+            m.forward(&x(64, 64 + 16 * i)?, false)?;
+        }
+        let cache = blk.geometry.lock().unwrap();
+        assert!(cache.len() <= GEOMETRY_SIZES && cache.contains_key(&(16, 16)));
         Ok(())
     }
 }
