@@ -876,6 +876,17 @@ mod tests {
     #[test]
     fn block_gradient_matches_finite_differences() -> Result<()> {
         // 8x8 map, window 4, shifted block (odd index), f64.
+        block_gradient_matches_finite_differences_on(8, 8)
+    }
+
+    /// The same block (configured for an 8x8 map: window 4, shift 2) on a 7x10 map, which its
+    /// windows do not divide: padded to 8x12, masked on the padded map, cropped back.
+    #[test]
+    fn padded_shifted_block_gradient_matches_finite_differences() -> Result<()> {
+        block_gradient_matches_finite_differences_on(7, 10)
+    }
+
+    fn block_gradient_matches_finite_differences_on(h: usize, w: usize) -> Result<()> {
         let cfg = SwinV2Config {
             img_size: 32,
             patch_size: 4,
@@ -917,14 +928,14 @@ mod tests {
                 .collect();
             var.set(&Tensor::from_vec(v, var.shape(), &dev)?)?;
         }
-        let xv: Vec<f64> = (0..8 * 8 * 8)
+        let xv: Vec<f64> = (0..h * w * 8)
             .map(|_| rng.random_range(-1.0..1.0))
             .collect();
-        let x = candle_core::Var::from_tensor(&Tensor::from_vec(xv, (1, 8, 8, 8), &dev)?)?;
-        let wv: Vec<f64> = (0..8 * 8 * 8)
+        let x = candle_core::Var::from_tensor(&Tensor::from_vec(xv, (1, h, w, 8), &dev)?)?;
+        let wv: Vec<f64> = (0..h * w * 8)
             .map(|_| rng.random_range(-1.0..1.0))
             .collect();
-        let wt = Tensor::from_vec(wv, (1, 8, 8, 8), &dev)?;
+        let wt = Tensor::from_vec(wv, (1, h, w, 8), &dev)?;
         let loss = |t: &Tensor| -> Result<f64> {
             Ok((blk.forward(t, true)? * &wt)?
                 .sum_all()?

@@ -318,10 +318,6 @@ mod tests {
                 let rolled = x.roll(-s, 1)?.roll(-s, 2)?;
                 let plain = window_partition(&rolled, ws)?.reshape((n, ws * ws, c))?;
                 let fused = partition_windows(&x, ws, shift)?;
-                let same = |a: &Tensor, b: &Tensor| -> Result<bool> {
-                    let d = (a - b)?.abs()?.sum_all()?.to_dtype(DType::F64)?;
-                    Ok(d.to_scalar::<f64>()? == 0.0)
-                };
                 assert!(same(&fused, &plain)?, "{dt:?} partition, shift {shift}");
                 let back = merge_windows(&fused, ws, shift, (h, w))?;
                 assert!(same(&back, &x)?, "{dt:?} round trip, shift {shift}");
