@@ -43,13 +43,13 @@ MODELS = {
 }
 
 
-def randomize(model, gen):
+def randomize(model, gen, logit_scale_max=150.0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("logit_scale"):
                 # ln 2 .. ln 150: some heads above the clamp at ln 100
-                p.copy_(torch.rand(p.shape, generator=gen) * (math.log(150) - math.log(2))
-                        + math.log(2))
+                p.copy_(torch.rand(p.shape, generator=gen)
+                        * (math.log(logit_scale_max) - math.log(2)) + math.log(2))
             elif re.search(r"norm\d?\.weight$|norm\.weight$", name):
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
             elif p.ndim == 1:

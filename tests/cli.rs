@@ -361,6 +361,81 @@ fn model_run_matches_pytorch_fixture() {
     }
 }
 
+/// `mimlab model run` of a model configured at 64 px on inputs of 100x148 and 68x92 (batch 2)
+/// gives timm's `dynamic_img_size=True` logits, pre-logits and features to 2e-5
+/// (scripts/make_dyn_fixtures.py, model A: windows padded, shifted, odd patch merging).
+#[test]
+fn model_run_on_other_sizes_matches_timm() {
+    use candle_core::{DType, Device, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let load = |p: &str| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let inputs = load("tests/fixtures/swinv2_dyn.inputs.safetensors");
+    let reference = load("tests/fixtures/swinv2_dyn_a.io.safetensors");
+    let rel_err = |got: &Tensor, want: &Tensor| -> f32 {
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        max((got - want).unwrap()) / max(want.clone())
+    };
+    let sets: Vec<String> = [
+        "model.preset=swinv2_nano",
+        "model.img_size=64",
+        "model.num_classes=5",
+        "model.embed_dim=8",
+        "model.depths=[2,2]",
+        "model.num_heads=[1,2]",
+        "model.window_size=4",
+        "model.drop_path_rate=0.0",
+    ]
+    .map(String::from)
+    .to_vec();
+    let run = |input: &Path, out: &Path| {
+        [
+            "model",
+            "run",
+            "--weights",
+            "tests/fixtures/swinv2_dyn_a.timm.safetensors",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+    };
+    for size in ["100x148", "68x92"] {
+        let input = dir.path().join(format!("{size}.in.safetensors"));
+        let out = dir.path().join(format!("{size}.out.safetensors"));
+        let x = inputs[size].to_dtype(DType::F32).unwrap();
+        candle_core::safetensors::save(&std::collections::HashMap::from([("input", x)]), &input)
+            .unwrap();
+        let cmd = run(&input, &out);
+        ok(&with_sets(&cmd.each_ref().map(String::as_str), &sets));
+        let got = load(out.to_str().unwrap());
+        for name in ["logits", "pre_logits", "features"] {
+            let mut want = reference[&format!("{size}.{name}")].clone();
+            if name == "features" {
+                want = want.permute((0, 2, 3, 1)).unwrap(); // written NHWC
+            }
+            let g = &got[name];
+            assert_eq!(g.dims(), want.dims(), "{size} {name}");
+            let e = rel_err(g, &want);
+            assert!(e <= 2e-5, "{size} {name}: relative error {e}");
+        }
+    }
+    // a size that is not a multiple of the patch size is refused, naming it
+    let bad = dir.path().join("bad.safetensors");
+    let x = Tensor::zeros((1, 3, 66, 92), DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&std::collections::HashMap::from([("input", x)]), &bad).unwrap();
+    let cmd = run(&bad, &dir.path().join("no.safetensors"));
+    let e = err(&with_sets(&cmd.each_ref().map(String::as_str), &sets));
+    assert!(e.contains("66x92") && e.contains("patch size 4"), "{e}");
+}
+
 /// `--set` pairs as a flat argument list.
 fn with_sets<'a>(cmd: &[&'a str], sets: &'a [String]) -> Vec<&'a str> {
     let mut args: Vec<&str> = cmd.to_vec();

@@ -7,6 +7,12 @@
 //! (re-exported here); linear, layer norm, dropout, drop path and the MLP in [`crate::layers`].
 //!
 //! Inside the stages tokens are kept as `[B, H, W, C]` (like timm); `Features` exposes NCHW views.
+//!
+//! Input sizes: the configured `img_size` fixes each stage's window and shift; any input whose
+//! sides are multiples of the patch size runs with them, as timm's `dynamic_img_size=True`: each
+//! block pads its shifted map with zeros to whole windows (bottom, right), masks on the padded
+//! map and crops after the merge, and patch merging pads odd maps. The configured size needs no
+//! padding and runs exactly as before.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -100,7 +106,7 @@ pub fn relative_position_index(ws: usize) -> Vec<u32> {
     out
 }
 
-/// Everything a block derives from (resolution, window): built once per resolution.
+/// Everything a block derives from (input map size, its fixed window): built once per map size.
 #[derive(Debug)]
 struct Geometry {
     ws: usize,
@@ -114,20 +120,18 @@ struct Geometry {
 }
 
 impl Geometry {
-    #[allow(clippy::too_many_arguments)]
+    /// `(h, w)`: the block's input map; the shift mask covers it padded to whole windows.
     fn new(
         cfg: &SwinV2Config,
         stage: usize,
-        odd: bool,
-        h: usize,
-        w: usize,
+        (ws, shift): (usize, usize),
+        (h, w): (usize, usize),
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Self> {
-        let (ws, s) = cfg.window_at(h, w);
-        let shift = if odd { s } else { 0 };
+        let (hp, wp) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
         let mask = if shift > 0 {
-            Some(shifted_window_mask(h, w, ws, shift, dev)?.to_dtype(dtype)?)
+            Some(shifted_window_mask(hp, wp, ws, shift, dev)?.to_dtype(dtype)?)
         } else {
             None
         };
@@ -280,20 +284,27 @@ enum Ffn {
     Moe(MoeMlp, MoeCollector),
 }
 
+/// Map sizes (padded to whole windows) whose shift masks a block keeps.
+const GEOMETRY_SIZES: usize = 8;
+
 /// One Swin-V2 block (attention + MLP, res-post-norm); public for benchmarks of a block alone.
 #[derive(Debug)]
 pub struct Block {
     cfg: Arc<SwinV2Config>,
     stage: usize,
     index: usize,
-    odd: bool,
+    /// (window, shift), fixed by the configured map size.
+    window: (usize, usize),
+    /// The configured map size (whole windows), whose geometry stays cached.
+    configured: (usize, usize),
     norm1: LayerNorm,
     attn: WindowAttention,
     norm2: LayerNorm,
     mlp: Ffn,
     drop_path: f64,
     rng: SharedRng,
-    /// Geometry per (H, W); the configured resolution is built at construction.
+    /// Geometry per map size padded to whole windows; the configured one is built at
+    /// construction.
     geometry: Mutex<HashMap<(usize, usize), Arc<Geometry>>>,
 }
 
@@ -322,21 +333,16 @@ impl Block {
         } else {
             Ffn::Dense(Mlp::new(dim, hid, cfg.drop_rate, vb.pp("mlp"))?)
         };
-        let g = Geometry::new(
-            &cfg,
-            stage,
-            index % 2 == 1,
-            res.0,
-            res.1,
-            vb.dtype(),
-            vb.device(),
-        )?;
+        let (ws, s) = cfg.window_at(res.0, res.1);
+        let window = (ws, if index % 2 == 1 { s } else { 0 });
+        let g = Geometry::new(&cfg, stage, window, res, vb.dtype(), vb.device())?;
         let geometry = Mutex::new(HashMap::from([(res, Arc::new(g))]));
         Ok(Self {
             cfg,
             stage,
             index,
-            odd: index % 2 == 1,
+            window,
+            configured: res,
             norm1,
             attn,
             norm2,
@@ -347,8 +353,9 @@ impl Block {
         })
     }
 
-    /// Block `index` of stage `stage` of `cfg` on its own (odd index = shifted windows), for a
-    /// `res` token map, variables under `vb` with the official block key names; no drop path.
+    /// Block `index` of stage `stage` of `cfg` on its own (odd index = shifted windows), with the
+    /// window and shift of a `res` token map (it runs on maps of any size), variables under `vb`
+    /// with the official block key names; no drop path.
     pub fn standalone(
         cfg: &SwinV2Config,
         stage: usize,
@@ -370,34 +377,42 @@ impl Block {
         )
     }
 
+    /// The geometry of an `h` x `w` map, cached by its size padded to whole windows (which is
+    /// all it depends on); past [`GEOMETRY_SIZES`] sizes, all but the configured one are dropped.
     fn geometry(&self, h: usize, w: usize, x: &Tensor) -> candle_core::Result<Arc<Geometry>> {
+        let ws = self.window.0;
+        let padded = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
         // Invariant: the mutex is only held inside this function, which cannot panic while held.
         let mut cache = self.geometry.lock().expect("geometry cache poisoned");
-        if let Some(g) = cache.get(&(h, w)) {
+        if let Some(g) = cache.get(&padded) {
             return Ok(g.clone());
         }
         let g = Arc::new(Geometry::new(
             &self.cfg,
             self.stage,
-            self.odd,
-            h,
-            w,
+            self.window,
+            padded,
             x.dtype(),
             x.device(),
         )?);
-        cache.insert((h, w), g.clone());
+        if cache.len() >= GEOMETRY_SIZES {
+            cache.retain(|k, _| *k == self.configured);
+        }
+        cache.insert(padded, g.clone());
         Ok(g)
     }
 
-    /// `x`: `[B, H, W, C]`.
+    /// `x`: `[B, H, W, C]` of any size (padded to whole windows inside, timm
+    /// `SwinTransformerV2Block._attn`).
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let (b, h, w, _) = x.dims4()?;
         let g = self.geometry(h, w, x)?;
         let (ws, s) = (g.ws, g.shift);
-        // (B*nW, N, C): rolled by -s, cut into windows (one node each way)
-        let win = crate::ops::partition_windows(x, ws, s)?;
+        // (B*nW, N, C): rolled by -s, zero-padded to whole windows, cut into windows (one node
+        // each way; no padding where the windows divide the map, as at the configured size)
+        let win = crate::ops::partition_windows_padded(x, ws, s)?;
         let a = self.attn.forward(&win, &g, &self.rng, train)?;
-        let a = crate::ops::merge_windows(&a, ws, s, (h, w))?;
+        let a = crate::ops::merge_windows_cropped(&a, ws, s, (h, w))?;
         debug_assert_eq!(a.dim(0)?, b);
         let a = self.norm1.forward(&a, train)?;
         let x = residual_drop_path(x, &a, self.drop_path, &self.rng, train)?;
@@ -443,8 +458,11 @@ impl PatchMerging {
         })
     }
 
-    /// `[B, H, W, C]` -> `[B, H/2, W/2, 2C]`.
+    /// `[B, H, W, C]` -> `[B, ceil(H/2), ceil(W/2), 2C]`; an odd map is padded with zeros at the
+    /// bottom/right first (timm `PatchMerging`).
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let (_, h, w, _) = x.dims4()?;
+        let x = x.pad_with_zeros(1, 0, h % 2)?.pad_with_zeros(2, 0, w % 2)?;
         let (b, h, w, c) = x.dims4()?;
         // cat(x0, x1, x2, x3) = (h even, w even), (h odd, w even), (h even, w odd), (h odd, w odd)
         let x = x
@@ -654,7 +672,9 @@ impl SwinV2 {
         crate::ops::linear(&cols, &wt, Some(&self.patch_b))
     }
 
-    /// Runs the backbone. `mask`: optional `[B, H/patch, W/patch]` (1 = masked), replaced by
+    /// Runs the backbone on `x [B, C, H, W]`, H and W any multiples of the patch size (the
+    /// windows of the configured size, padded; see the module header). `mask`: optional
+    /// `[B, H/patch, W/patch]` (1 = masked), replaced by
     /// `mask_token` after the patch embedding and its norm (SimMIM 3.2). `train` enables drop path
     /// and dropout. On the CPU (f32/f64) both modes run the same fused ops, which have a backward;
     /// elsewhere `train = false` uses candle's fused kernels, which have none (call with
@@ -745,6 +765,17 @@ mod tests {
     #[test]
     fn block_gradient_matches_finite_differences() -> Result<()> {
         // 8x8 map, window 4, shifted block (odd index), f64.
+        block_gradient_matches_finite_differences_on(8, 8)
+    }
+
+    /// The same block (configured for an 8x8 map: window 4, shift 2) on a 7x10 map, which its
+    /// windows do not divide: padded to 8x12, masked on the padded map, cropped back.
+    #[test]
+    fn padded_shifted_block_gradient_matches_finite_differences() -> Result<()> {
+        block_gradient_matches_finite_differences_on(7, 10)
+    }
+
+    fn block_gradient_matches_finite_differences_on(h: usize, w: usize) -> Result<()> {
         let cfg = SwinV2Config {
             preset: None,
             img_size: 32,
@@ -787,14 +818,14 @@ mod tests {
                 .collect();
             var.set(&Tensor::from_vec(v, var.shape(), &dev)?)?;
         }
-        let xv: Vec<f64> = (0..8 * 8 * 8)
+        let xv: Vec<f64> = (0..h * w * 8)
             .map(|_| rng.random_range(-1.0..1.0))
             .collect();
-        let x = candle_core::Var::from_tensor(&Tensor::from_vec(xv, (1, 8, 8, 8), &dev)?)?;
-        let wv: Vec<f64> = (0..8 * 8 * 8)
+        let x = candle_core::Var::from_tensor(&Tensor::from_vec(xv, (1, h, w, 8), &dev)?)?;
+        let wv: Vec<f64> = (0..h * w * 8)
             .map(|_| rng.random_range(-1.0..1.0))
             .collect();
-        let wt = Tensor::from_vec(wv, (1, 8, 8, 8), &dev)?;
+        let wt = Tensor::from_vec(wv, (1, h, w, 8), &dev)?;
         let loss = |t: &Tensor| -> Result<f64> {
             Ok((blk.forward(t, true)? * &wt)?
                 .sum_all()?
@@ -956,6 +987,23 @@ mod tests {
         let g3 = m.layers[3].blocks[1].geometry.lock().unwrap()[&(2, 2)].clone();
         assert_eq!((g3.ws, g3.shift), (2, 0));
         assert!(g3.mask.is_none());
+        // other sizes: cached by the map padded to whole windows; 17x23 and 20x21 share 20x24
+        let x = |h, w| Tensor::zeros((1, 3, h, w), DType::F32, &Device::Cpu);
+        m.forward(&x(68, 92)?, false)?;
+        m.forward(&x(80, 84)?, false)?;
+        let cache = blk.geometry.lock().unwrap();
+        assert_eq!(cache.len(), 2);
+        assert_eq!(
+            cache[&(20, 24)].mask.as_ref().unwrap().dims(),
+            &[30, 16, 16]
+        );
+        drop(cache);
+        // at most GEOMETRY_SIZES sizes: then all but the configured one go
+        for i in 1..=GEOMETRY_SIZES {
+            m.forward(&x(64, 64 + 16 * i)?, false)?;
+        }
+        let cache = blk.geometry.lock().unwrap();
+        assert!(cache.len() <= GEOMETRY_SIZES && cache.contains_key(&(16, 16)));
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! Candle forward vs PyTorch (timm and the official Swin-Transformer code) on the fixtures of
-//! scripts/make_fixtures.py, for both checkpoint layouts.
+//! scripts/make_fixtures.py, for both checkpoint layouts; and vs timm's `dynamic_img_size=True`
+//! on input sizes other than the configured one (scripts/make_dyn_fixtures.py).
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -90,4 +91,128 @@ fn model_b_matches_timm() -> Result<()> {
 #[test]
 fn model_b_matches_official() -> Result<()> {
     check("swinv2_b", "official", Layout::Official)
+}
+
+/// The inputs of scripts/make_dyn_fixtures.py (`64x64`, `100x148`, `68x92`), f16 on disk (exact
+/// in f32).
+fn dyn_inputs() -> Result<HashMap<String, Tensor>> {
+    read_safetensors(&fixture("swinv2_dyn.inputs.safetensors"))?
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+        .collect()
+}
+
+/// A model of scripts/make_dyn_fixtures.py (configured at 64 px) with its timm weights, built
+/// with `mask_token` (left at its init) and the config changed by `edit`.
+fn dyn_model(
+    model: &str,
+    edit: impl Fn(&mut SwinV2Config),
+) -> Result<(VarMap, SwinV2, HashMap<String, Tensor>)> {
+    let io_path = fixture(&format!("{model}.io.safetensors"));
+    let mut cfg = config_of(&io_path)?;
+    assert_eq!(cfg.img_size, 64);
+    edit(&mut cfg);
+    let vm = VarMap::new();
+    let vb = seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
+    let m = SwinV2::new(&cfg, true, SharedRng::new(0), vb)?;
+    let weights = read_safetensors(&fixture(&format!("{model}.timm.safetensors")))?;
+    let opts = LoadOptions {
+        allow_missing: vec!["mask_token".into()],
+        ..LoadOptions::default()
+    };
+    let report = load_into_varmap(&vm, weights, &opts)?;
+    assert_eq!(report.layout, Layout::Timm);
+    assert_eq!(report.loaded + 1, vm.all_vars().len());
+    Ok((vm, m, read_safetensors(&io_path)?))
+}
+
+/// Logits, pre-logits, the final map and every stage's map at the configured size (64x64) and
+/// at 100x148 and 68x92 (batch 2): timm's numbers to 2e-5 (max |a - b| / max |b|).
+fn check_dynamic(model: &str) -> Result<()> {
+    let inputs = dyn_inputs()?;
+    let (_, m, io) = dyn_model(model, |_| {})?;
+    let stages = m.config().num_stages();
+    for size in ["64x64", "100x148", "68x92"] {
+        let x = &inputs[size];
+        let f = m.forward_features(x, None, false)?;
+        let logits = m.forward(x, false)?;
+        let mut outs = vec![
+            ("logits".to_string(), logits.clone()),
+            ("pre_logits".to_string(), m.pre_logits(&f)?),
+            ("features".to_string(), f.stages[stages - 1].clone()),
+        ];
+        for (i, s) in f.stages[..stages - 1].iter().enumerate() {
+            outs.push((format!("stage{i}"), s.clone()));
+        }
+        for (k, v) in &outs {
+            let want = &io[&format!("{size}.{k}")];
+            let e = rel_err(v, want)?;
+            println!("{model} {size} {k} {:?}: rel err {e:.2e}", want.dims());
+            assert!(e <= 2e-5, "{model} {size} {k}: relative error {e}");
+        }
+        // the training forward (no drop path / dropout here) is the same function
+        let t = m.forward(x, true)?;
+        assert!(rel_err(&t, &logits)? <= 1e-5, "{model} {size} train");
+    }
+    Ok(())
+}
+
+#[test]
+fn dynamic_size_model_a_matches_timm() -> Result<()> {
+    check_dynamic("swinv2_dyn_a")
+}
+
+#[test]
+fn dynamic_size_model_b_matches_timm() -> Result<()> {
+    check_dynamic("swinv2_dyn_b")
+}
+
+/// Training at a size other than the configured one (68x92 for 64 px, batch 2): with drop path
+/// and dropout on and a SimMIM mask over the 17x23 patches, the backward reaches every variable
+/// with finite gradients, and the weights of the padded, shifted windows and of the odd patch
+/// merging get non-zero ones.
+#[test]
+fn training_forward_and_backward_at_other_sizes() -> Result<()> {
+    let inputs = dyn_inputs()?;
+    for model in ["swinv2_dyn_a", "swinv2_dyn_b"] {
+        let (vm, m, _) = dyn_model(model, |c| {
+            c.drop_path_rate = 0.2;
+            c.drop_rate = 0.1;
+        })?;
+        let x = &inputs["68x92"];
+        let mask = Tensor::from_vec(
+            (0..2 * 17 * 23)
+                .map(|i| (i % 3 == 0) as u8 as f32)
+                .collect(),
+            (2, 17, 23),
+            &Device::Cpu,
+        )?;
+        let f = m.forward_features(x, Some(&mask), true)?;
+        assert_eq!(f.stages[0].dims(), &[2, m.config().embed_dim, 17, 23]);
+        let loss = (m.forward(x, true)?.sqr()?.mean_all()? + f.last.sqr()?.mean_all()?)?;
+        let grads = loss.backward()?;
+        let data = vm.data().lock().unwrap();
+        for (k, v) in data.iter() {
+            let g = grads
+                .get(v.as_tensor())
+                .with_context(|| format!("{model}: no gradient for {k}"))?;
+            let finite = g
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .all(|x| x.is_finite());
+            assert!(finite, "{model}: {k} has a non-finite gradient");
+        }
+        for k in [
+            "mask_token",
+            "layers.0.blocks.1.attn.qkv.weight",
+            "layers.0.blocks.1.attn.cpb_mlp.0.weight",
+            "layers.0.downsample.reduction.weight",
+        ] {
+            let g = grads.get(data[k].as_tensor()).context("no gradient")?;
+            let n = g.abs()?.sum_all()?.to_scalar::<f32>()?;
+            assert!(n > 0.0, "{model}: {k} gets no gradient");
+        }
+    }
+    Ok(())
 }

@@ -406,11 +406,18 @@ fn config_errors_name_the_key() -> Result<()> {
     c.img_size = 30;
     assert!(format!("{:#}", c.validate().unwrap_err()).contains("model.img_size"));
     let (_, m) = build(&small(), 0)?;
+    // any multiple of the patch size runs (8x9 patches: windows padded, odd merge padded) ...
+    let f = m.forward_features(&input(1, 32, 36, 0)?, None, false)?;
+    assert_eq!(f.stages[1].dims(), &[1, 16, 4, 5]);
+    // ... and any other size is an error naming it and the patch size
     let e = format!(
         "{:#}",
-        m.forward_features(&input(1, 32, 36, 0)?, None, false)
+        m.forward_features(&input(1, 32, 38, 0)?, None, false)
             .unwrap_err()
     );
-    assert!(e.contains("window"), "{e}");
+    assert!(
+        e.contains("image 32x38 is not a multiple of the patch size 4"),
+        "{e}"
+    );
     Ok(())
 }

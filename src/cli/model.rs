@@ -19,7 +19,8 @@ pub enum ModelCmd {
     /// Parameter count, FLOPs per image and the stage shapes of the configured model.
     Info(#[command(flatten)] ConfigArgs),
     /// Load weights (official, timm or mimlab layout; sharded index too), run the eval forward on
-    /// the tensor `input` of --input, write `logits`, `pre_logits` and `features` (NHWC).
+    /// the tensor `input` of --input (any height and width that are multiples of the patch size),
+    /// write `logits`, `pre_logits` and `features` (NHWC).
     Run(RunArgs),
 }
 
@@ -31,7 +32,8 @@ pub struct RunArgs {
     /// Weights: `*.safetensors` or `*.safetensors.index.json`.
     #[arg(long)]
     pub weights: PathBuf,
-    /// Safetensors file holding `input` [N, C, H, W], already normalized.
+    /// Safetensors file holding `input` [N, C, H, W], already normalized; H and W any multiples
+    /// of the patch size (timm `dynamic_img_size=True` semantics).
     #[arg(long)]
     pub input: PathBuf,
     /// Where to write the outputs.
@@ -60,12 +62,17 @@ fn info(args: &ConfigArgs) -> Result<()> {
         "GFLOPs / image    {:.3} (multiply-adds, forward)",
         cfg.flops() as f64 / 1e9
     );
+    println!(
+        "inputs            any multiple of {} px (the windows of img_size, padded)",
+        cfg.size_multiple()
+    );
     let mut res = cfg.img_size / cfg.patch_size;
     for (i, (&d, &h)) in cfg.depths.iter().zip(&cfg.num_heads).enumerate() {
         let dim = cfg.embed_dim << i;
-        let win = cfg.window_size.min(res);
+        let (win, shift) = cfg.stage_window(i);
         println!(
-            "stage {i}           {d} blocks, dim {dim}, heads {h}, map {res}x{res}, window {win}"
+            "stage {i}           {d} blocks, dim {dim}, heads {h}, map {res}x{res}, window {win}, \
+             shift {shift}"
         );
         res /= 2;
     }

@@ -56,7 +56,10 @@ pub use mask_token::mask_token;
 pub use normalize::{normalize, normalize_groups};
 pub use residual::residual;
 pub use window_softmax::{window_logits, window_softmax};
-pub use windows::{merge_windows, partition_windows, window_partition, window_reverse};
+pub use windows::{
+    merge_windows, merge_windows_cropped, partition_windows, partition_windows_padded,
+    window_partition, window_reverse,
+};
 
 /// Whether ops on `x` take the fused path: on the CPU, in f32 or f64.
 pub fn is_fused(x: &Tensor) -> bool {

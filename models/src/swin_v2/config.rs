@@ -18,7 +18,9 @@ pub struct SwinV2Config {
     /// every key is spelled out. `None` for configs built in code or read from fixtures.
     #[serde(default)]
     pub preset: Option<String>,
-    /// Training image size (square); other sizes work when the windows divide them.
+    /// Configured image size (square). It fixes every stage's window and shift; an input of any
+    /// other size that is a multiple of `patch_size` runs with the same windows, its maps padded
+    /// to whole windows (timm `dynamic_img_size=True`, see [`SwinV2Config::check_resolution`]).
     pub img_size: usize,
     /// Patch-embedding stride and kernel.
     pub patch_size: usize,
@@ -234,22 +236,36 @@ impl SwinV2Config {
                 "model.num_heads[{i}]: {h} heads do not divide stage {i}'s {dim} channels"
             );
         }
-        self.check_resolution(self.img_size, self.img_size)
+        self.check_configured_resolution()
             .context("model.img_size")?;
         self.moe.validate(&self.depths)?;
         Ok(())
     }
 
-    /// Checks that an input of `h` x `w` pixels runs: patches, merges and windows divide.
+    /// Checks that an input of `h` x `w` pixels runs: any positive multiple of the patch size
+    /// ([`Self::size_multiple`]; the model does not pad the image, the data stage does). Maps
+    /// that the windows do not divide are padded to whole windows in each block and odd maps are
+    /// padded before a patch merging (timm `dynamic_img_size=True`); the configured size takes
+    /// no padding.
     pub fn check_resolution(&self, h: usize, w: usize) -> Result<()> {
+        let p = self.size_multiple();
         ensure!(
-            h.is_multiple_of(self.patch_size)
-                && w.is_multiple_of(self.patch_size)
-                && h > 0
-                && w > 0,
-            "image {h}x{w} is not a multiple of the patch size {}",
-            self.patch_size
+            h.is_multiple_of(p) && w.is_multiple_of(p) && h > 0 && w > 0,
+            "image {h}x{w} is not a multiple of the patch size {p} (pad or resize it to one)"
         );
+        Ok(())
+    }
+
+    /// What an input's height and width must be a multiple of: the patch size.
+    pub fn size_multiple(&self) -> usize {
+        self.patch_size
+    }
+
+    /// The configured size splits into whole windows at every stage and into even maps at every
+    /// patch merging (so that it runs without any padding).
+    fn check_configured_resolution(&self) -> Result<()> {
+        let (h, w) = (self.img_size, self.img_size);
+        self.check_resolution(h, w)?;
         let (mut rh, mut rw) = (h / self.patch_size, w / self.patch_size);
         for i in 0..self.num_stages() {
             let (ws, _) = self.window_at(rh, rw);
@@ -268,6 +284,13 @@ impl SwinV2Config {
             }
         }
         Ok(())
+    }
+
+    /// (window, shift of odd blocks) of stage `i`, fixed by the configured `img_size` for every
+    /// input size (timm keeps them too).
+    pub fn stage_window(&self, i: usize) -> (usize, usize) {
+        let r = (self.img_size / self.patch_size) >> i;
+        self.window_at(r, r)
     }
 
     /// (window, shift of odd blocks) of a stage whose map is `rh` x `rw`: official clamp
