@@ -69,7 +69,10 @@ pub fn load_with_presets<T: Serialize + DeserializeOwned + Default>(
 /// gives the same T). Floats are written so that YAML 1.1 readers (PyYAML, which the official
 /// Swin and SimMIM code use) read them as floats too: `1.0e-6`, never `1e-6` (a string there).
 pub fn to_yaml<T: Serialize>(cfg: &T) -> Result<String> {
-    let mut value = serde_yaml_ng::to_value(cfg).context("serializing config to YAML")?;
+    // Through text and back, so each float holds the value its shortest spelling reads back as
+    // (an f32 field's 0.485 stays 0.485, not 0.48500001430511475).
+    let text = serde_yaml_ng::to_string(cfg).context("serializing config to YAML")?;
+    let mut value: Value = serde_yaml_ng::from_str(&text).context("re-reading config YAML")?;
     // Each float becomes a marker string that the emitter writes plain; the markers are then
     // replaced by the float's YAML 1.1 spelling. The marker is one that no string of the config
     // contains.
@@ -725,6 +728,20 @@ mod tests {
             assert_eq!(serde_yaml_ng::from_str::<f64>(&t).unwrap(), x, "{t}");
         }
         assert_eq!(yaml11_float(f64::NAN).unwrap(), ".nan");
+        // f32 fields keep their short spelling
+        #[derive(Serialize)]
+        struct Norm {
+            mean: Vec<f32>,
+            eps: f32,
+        }
+        let norm = Norm {
+            mean: vec![0.485, 0.456],
+            eps: 1e-6,
+        };
+        assert_eq!(
+            to_yaml(&norm).unwrap(),
+            "mean:\n- 0.485\n- 0.456\neps: 1.0e-6\n"
+        );
         assert!(!is_yaml11_float("1e-6") && !is_yaml11_float("1.0e6"));
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "config.yaml", &yaml);
