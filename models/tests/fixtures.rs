@@ -53,7 +53,7 @@ fn check(model: &str, layout: &str, expect: Layout) -> Result<()> {
     let x = &io["input"];
     let f = m.forward_features(x, None, false)?;
     let pre = m.pre_logits(&f)?;
-    let logits = m.forward(x, false)?;
+    let (logits, _) = m.forward(x, false)?;
     let outs: HashMap<&str, Tensor> = HashMap::from([
         ("logits", logits),
         ("pre_logits", pre),
@@ -67,7 +67,7 @@ fn check(model: &str, layout: &str, expect: Layout) -> Result<()> {
         assert!(e <= 1e-4, "{model} {layout} {k}: relative error {e}");
     }
     // train mode without drop path / dropout is the same function (differentiable kernels)
-    let t = m.forward(x, true)?;
+    let (t, _) = m.forward(x, true)?;
     assert!(rel_err(&t, &outs["logits"])? <= 1e-5);
     Ok(())
 }

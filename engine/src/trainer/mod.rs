@@ -10,4 +10,4 @@ mod tests;
 pub use checkpoint::latest_checkpoint;
 pub use config::{utc_stamp, RunConfig, TrainConfig};
 pub use fit::{BatchSource, TrainSummary, Trainer};
-pub use objective::{Objective, StepOutput};
+pub use objective::{AuxLoss, Objective, StepOutput};
