@@ -726,9 +726,9 @@ impl SwinV2 {
     /// Runs the backbone. `mask`: optional `[B, H/patch, W/patch]` (1 = masked), replaced by
     /// `mask_token` after the patch embedding and its norm (SimMIM 3.2). `train` enables drop path
     /// and dropout; the MoE statistics come back in [`Features::moe`] (training objectives hand
-    /// them to the trainer). On the CPU (f32/f64) both modes run the same fused ops, which have a backward;
-    /// elsewhere `train = false` uses candle's fused kernels, which have none (call with
-    /// `train = true` to take gradients).
+    /// them to the trainer). On the CPU (f32/f64) both modes run the same fused ops, which have a
+    /// backward; elsewhere `train = false` uses candle's fused kernels, which have none (call
+    /// with `train = true` to take gradients).
     pub fn forward_features(
         &self,
         x: &Tensor,

@@ -139,7 +139,7 @@ mod tests {
     use mimlab_models::swin_v2::SwinV2;
 
     use crate::feature_cache::CacheHeader;
-    use crate::objective::{assert_aux_gradient, moe_gate_gradients};
+    use crate::objective::tests::{assert_aux_gradient, moe_gate_gradients};
     use mimlab_models::moe::MoeConfig;
 
     fn student_cfg() -> SwinV2Config {

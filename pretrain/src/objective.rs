@@ -150,59 +150,58 @@ impl Objective for SimMimObjective {
     }
 }
 
-/// Test support for the MoE contract: one `train_step` of `obj` on `batch` (step seed 5), and the
-/// gradient on the variable `gate` of the loss the trainer backpropagates
-/// ([`StepOutput::total_loss`]) and of the step's one auxiliary loss alone.
 #[cfg(test)]
-pub(crate) fn moe_gate_gradients(
-    obj: &mut dyn Objective,
-    batch: &Batch,
-    gate: &str,
-) -> (Vec<f32>, Vec<f32>) {
-    obj.set_seed(5);
-    let out = obj.train_step(batch, &Device::Cpu).unwrap();
-    assert_eq!(out.aux.len(), 1, "one MoE auxiliary loss");
-    let var = obj.varmap().data().lock().unwrap()[gate].clone();
-    let grad = |loss: &Tensor| -> Option<Vec<f32>> {
-        let g = loss.backward().unwrap();
-        let g = g.get(var.as_tensor())?;
-        Some(g.flatten_all().unwrap().to_vec1().unwrap())
-    };
-    let total = grad(&out.total_loss().unwrap()).expect("no gate gradient");
-    // candle prunes a branch multiplied by 0 (weight 0): no gradient is a zero gradient
-    let aux = grad(&out.aux[0].value).unwrap_or(vec![0.0; var.elem_count()]);
-    (total, aux)
-}
-
-/// Test support: `with - without == aux` (the gate gradient of a step with the MoE aux weight w,
-/// of the same step with weight 0, and of w * aux alone) to float tolerance, and `aux != 0`.
-#[cfg(test)]
-pub(crate) fn assert_aux_gradient(with: &[f32], without: &[f32], aux: &[f32]) {
-    let scale = with.iter().chain(aux).fold(0f32, |m, v| m.max(v.abs()));
-    let aux_max = aux.iter().fold(0f32, |m, v| m.max(v.abs()));
-    // the tolerance below is 1e-5 * scale: the aux gradient must stand far above it
-    assert!(
-        aux_max > 1e-3 * scale,
-        "aux gate gradient {aux_max} (scale {scale})"
-    );
-    assert_ne!(with, without, "the aux weight changes the gate gradient");
-    for i in 0..aux.len() {
-        let d = with[i] - without[i];
-        assert!(
-            (d - aux[i]).abs() <= 1e-5 * scale,
-            "gate[{i}]: {} - {} = {d}, aux alone {} (scale {scale})",
-            with[i],
-            without[i],
-            aux[i]
-        );
-    }
-}
-
-#[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::simmim::tiny_setup;
     use mimlab_engine::log::{read_events, TbEvent};
+
+    /// Test support for the MoE contract: one `train_step` of `obj` on `batch` (step seed 5),
+    /// and the gradient on the variable `gate` of the loss the trainer backpropagates
+    /// ([`StepOutput::total_loss`]) and of the step's one auxiliary loss alone.
+    pub(crate) fn moe_gate_gradients(
+        obj: &mut dyn Objective,
+        batch: &Batch,
+        gate: &str,
+    ) -> (Vec<f32>, Vec<f32>) {
+        obj.set_seed(5);
+        let out = obj.train_step(batch, &Device::Cpu).unwrap();
+        assert_eq!(out.aux.len(), 1, "one MoE auxiliary loss");
+        let var = obj.varmap().data().lock().unwrap()[gate].clone();
+        let grad = |loss: &Tensor| -> Option<Vec<f32>> {
+            let g = loss.backward().unwrap();
+            let g = g.get(var.as_tensor())?;
+            Some(g.flatten_all().unwrap().to_vec1().unwrap())
+        };
+        let total = grad(&out.total_loss().unwrap()).expect("no gate gradient");
+        // candle prunes a branch multiplied by 0 (weight 0): no gradient is a zero gradient
+        let aux = grad(&out.aux[0].value).unwrap_or(vec![0.0; var.elem_count()]);
+        (total, aux)
+    }
+
+    /// Test support: `with - without == aux` (the gate gradient of a step with the MoE aux
+    /// weight w, of the same step with weight 0, and of w * aux alone) to float tolerance, and
+    /// `aux != 0`.
+    pub(crate) fn assert_aux_gradient(with: &[f32], without: &[f32], aux: &[f32]) {
+        let scale = with.iter().chain(aux).fold(0f32, |m, v| m.max(v.abs()));
+        let aux_max = aux.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // the tolerance below is 1e-5 * scale: the aux gradient must stand far above it
+        assert!(
+            aux_max > 1e-3 * scale,
+            "aux gate gradient {aux_max} (scale {scale})"
+        );
+        assert_ne!(with, without, "the aux weight changes the gate gradient");
+        for i in 0..aux.len() {
+            let d = with[i] - without[i];
+            assert!(
+                (d - aux[i]).abs() <= 1e-5 * scale,
+                "gate[{i}]: {} - {} = {d}, aux alone {} (scale {scale})",
+                with[i],
+                without[i],
+                aux[i]
+            );
+        }
+    }
 
     fn batch(indices: &[usize], epoch: usize) -> Batch {
         let n = indices.len();
