@@ -105,7 +105,7 @@ pub fn evaluate_classifier(
         let batch = batch?;
         let labels = batch_labels(&batch, loader)?;
         let x = batch.images.to_device(device)?;
-        let logits = model.forward(&x, false)?;
+        let (logits, _eval_moe) = model.forward(&x, false)?;
         let t = smoothed_targets(&labels, classes, 0.0, &logits)?;
         let loss = soft_target_cross_entropy(&logits, &t)?;
         loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * labels.len() as f64;
@@ -165,14 +165,13 @@ impl Objective for ClassifyObjective {
         };
         let (x, targets) = self.mixup.apply(&batch.images, &labels, &p)?;
         let (x, targets) = (x.to_device(device)?, targets.to_device(device)?);
-        let logits = self.model.forward(&x, true)?;
+        let (logits, moe) = self.model.forward(&x, true)?;
         let loss = soft_target_cross_entropy(&logits, &targets)?;
-        let (loss, metrics) = self.model.with_moe_loss(loss)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         // accuracy against each image's own label (under mixing a lower bound of what it learnt)
         let pred: Vec<u32> = logits.argmax(1)?.to_vec1()?;
         let hits = pred.iter().zip(&labels).filter(|(a, b)| a == b).count();
-        let mut out = vec![
+        let out = vec![
             ("loss".to_string(), value),
             (
                 "top1".to_string(),
@@ -180,8 +179,12 @@ impl Objective for ClassifyObjective {
             ),
             ("mix_lambda".to_string(), p.lam),
         ];
-        out.extend(metrics);
-        Ok(StepOutput { loss, metrics: out })
+        // MoE: the trainer adds the aux loss to the cross-entropy
+        Ok(StepOutput {
+            loss,
+            aux: moe.aux_losses()?,
+            metrics: out,
+        })
     }
 
     fn evaluate(&mut self, loader: &DataLoader, device: &Device) -> Result<Vec<(String, f64)>> {
@@ -277,6 +280,65 @@ mod tests {
         );
         // at init the head is ~0: the loss is close to ln(4) whatever the mixing
         assert!((a - 4f64.ln()).abs() < 0.2, "{a}");
+        Ok(())
+    }
+
+    #[test]
+    fn moe_gate_gets_the_aux_gradient_without_the_objective_adding_it() -> Result<()> {
+        // The objective only returns the forward's aux loss; the trainer's total_loss adds it.
+        let dev = Device::Cpu;
+        let batch = Batch::new(
+            Tensor::randn(0f32, 1., (4, 3, 16, 16), &dev)?,
+            BatchTargets::Classes(Tensor::new(&[0u32, 1, 2, 3], &dev)?),
+            vec![0, 1, 2, 3],
+            0,
+        )?;
+        // cfg(): depths [2, 1, 2], so the one MoE layer is block 1 of stage 2
+        let gate = "layers.2.blocks.1.mlp._moe_layer.gates.0.wg.weight";
+        let grads = |weight: f64| -> Result<(Vec<f32>, Vec<f32>)> {
+            let c = SwinV2Config {
+                moe: mimlab_models::moe::MoeConfig {
+                    num_experts: 4,
+                    aux_loss_weight: weight,
+                    ..Default::default()
+                },
+                ..cfg()
+            };
+            let mut obj = ClassifyObjective::new(&c, &FinetuneConfig::default(), 3, &dev)?;
+            obj.set_seed(5);
+            let out = obj.train_step(&batch, &dev)?;
+            assert_eq!(out.aux.len(), 1, "one MoE auxiliary loss");
+            let var = obj.varmap.data().lock().unwrap()[gate].clone();
+            let grad = |loss: &Tensor| -> Result<Option<Vec<f32>>> {
+                let g = loss.backward()?;
+                let g = g.get(var.as_tensor());
+                Ok(g.map(|g| g.flatten_all()?.to_vec1()).transpose()?)
+            };
+            let total = grad(&out.total_loss()?)?.context("no gate gradient")?;
+            // candle prunes a branch multiplied by 0 (weight 0): no gradient is a zero gradient
+            let aux = grad(&out.aux[0].value)?.unwrap_or(vec![0.0; var.elem_count()]);
+            Ok((total, aux))
+        };
+        let (with, aux) = grads(1.0)?;
+        let (without, zero) = grads(0.0)?;
+        assert!(zero.iter().all(|v| *v == 0.0));
+        // with - without is the gradient of the aux loss alone, which is not zero
+        let scale = with.iter().chain(&aux).fold(0f32, |m, v| m.max(v.abs()));
+        let aux_max = aux.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // the tolerance below is 1e-5 * scale: the aux gradient must stand far above it
+        assert!(
+            aux_max > 1e-3 * scale,
+            "aux gate gradient {aux_max} (scale {scale})"
+        );
+        assert_ne!(with, without, "the aux weight changes the gate gradient");
+        for i in 0..aux.len() {
+            let d = with[i] - without[i];
+            assert!(
+                (d - aux[i]).abs() <= 1e-5 * scale,
+                "gate[{i}]: {d} vs aux alone {} (scale {scale})",
+                aux[i]
+            );
+        }
         Ok(())
     }
 

@@ -51,7 +51,7 @@ fn main() -> Result<()> {
         })?;
         let vars = vm.all_vars();
         let bwd = time(budget, || {
-            let loss = model.forward(&x, true)?.sqr()?.mean_all()?;
+            let loss = model.forward(&x, true)?.0.sqr()?.mean_all()?;
             let g = loss.backward()?;
             assert!(g.get(vars[0].as_tensor()).is_some());
             Ok(())

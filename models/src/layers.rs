@@ -77,7 +77,14 @@ pub fn dropout(x: &Tensor, p: f64, rng: &SharedRng, train: bool) -> candle_core:
     }
     let keep = 1.0 - p;
     let n = x.elem_count();
-    let m: Vec<f32> = rng.with(|g| {
+    let m = keep_scales(n, keep, rng);
+    let m = Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * m
+}
+
+/// `n` draws from the shared RNG of Bernoulli(keep) scaled by 1/keep: `1/keep` or 0.
+fn keep_scales(n: usize, keep: f64, rng: &SharedRng) -> Vec<f32> {
+    rng.with(|g| {
         (0..n)
             .map(|_| {
                 if g.random::<f64>() < keep {
@@ -87,9 +94,7 @@ pub fn dropout(x: &Tensor, p: f64, rng: &SharedRng, train: bool) -> candle_core:
                 }
             })
             .collect()
-    });
-    let m = Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * m
+    })
 }
 
 /// `x + drop_path(y)`: stochastic depth on `[B, ...]`, per-sample Bernoulli(keep) scaled by 1/keep
@@ -106,17 +111,7 @@ pub fn residual_drop_path(
     }
     let keep = 1.0 - p;
     let b = x.dim(0)?;
-    let scales: Vec<f32> = rng.with(|g| {
-        (0..b)
-            .map(|_| {
-                if g.random::<f64>() < keep {
-                    (1.0 / keep) as f32
-                } else {
-                    0.0
-                }
-            })
-            .collect()
-    });
+    let scales = keep_scales(b, keep, rng);
     // one node (ops::residual): candle's broadcast_mul backward would also build a full-size
     // gradient for the broadcast scales
     crate::ops::residual(x, y, &scales)

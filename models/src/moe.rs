@@ -28,18 +28,19 @@
 //! `model.drop_rate` (the reference has `MOE_DROP`), and the fc2 bias is trainable (the reference
 //! freezes it at 0 because its dense MLP has no fc2 bias; a Swin-V2 MLP has one).
 //!
-//! Contract for objectives: after a forward of the Swin-V2 model (`SwinV2`), call
-//! `model.take_moe_loss()?`; it returns `None` for a dense model, otherwise the weighted auxiliary
-//! loss (`aux_loss_weight * sum over MoE layers`, add it to the task loss) and the metrics
-//! `moe_aux`, `moe_drop`, `moe_load_l{i}_max` (see [`summarize`]). `model.take_moe_stats()` gives
-//! the raw per-layer [`MoeStats`] instead.
-use std::sync::{Arc, Mutex};
-
+//! Contract (values, no side channel): a block's forward returns its layer's [`MoeStats`], and the
+//! backbone's forward returns all of them in block order as a [`MoeAux`] with its output (a field
+//! of the features, the second value of the logits). An objective hands `moe.aux_losses()?` to
+//! the trainer in `StepOutput::aux` (a required field, so it cannot be forgotten) and never adds it
+//! itself: the trainer adds `aux_loss_weight * sum over MoE layers` to the task loss and logs the
+//! metrics `moe_aux`, `moe_drop`, `moe_load_l{i}_max` (see [`summarize`]). A dense model returns
+//! no stats and no loss; a frozen model (a distillation teacher) drops its `MoeAux`.
 use crate::ops::{grouped_linear, WeightLayout};
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use mimlab_engine::rng::SharedRng;
+use mimlab_engine::trainer::AuxLoss;
 use rand::Rng;
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
@@ -353,7 +354,7 @@ pub fn load_importance_loss(
 // Stats collected per forward
 // ------------------------------------------------------------------------------------------------
 
-/// What one MoE layer recorded during the last forward.
+/// What one MoE layer recorded during a forward.
 #[derive(Debug, Clone)]
 pub struct MoeStats {
     /// Stage of the block.
@@ -370,16 +371,29 @@ pub struct MoeStats {
     pub capacity: usize,
 }
 
-/// Weighted aux loss (scalar, attached to the graph) and named metrics of [`summarize`].
-pub type MoeLoss = (Tensor, Vec<(String, f64)>);
+/// The MoE statistics one forward returns with its output: every MoE layer's, in block order
+/// (empty for a dense model), and the weight of their summed auxiliary loss.
+#[derive(Debug, Clone, Default)]
+pub struct MoeAux {
+    /// Per-layer stats, in block order.
+    pub layers: Vec<MoeStats>,
+    /// `model.moe.aux_loss_weight`.
+    pub weight: f64,
+}
 
-/// Per-forward collector shared by a model and its MoE layers.
-pub type MoeCollector = Arc<Mutex<Vec<MoeStats>>>;
+impl MoeAux {
+    /// The trainer's auxiliary losses: none for a dense model, else the one of [`summarize`]
+    /// (`weight * sum over layers`, and its metrics).
+    pub fn aux_losses(&self) -> Result<Vec<AuxLoss>> {
+        Ok(summarize(&self.layers, self.weight)?.into_iter().collect())
+    }
+}
 
-/// Weighted aux loss `weight * sum_l aux_l` and the metrics `moe_aux` (that weighted sum),
-/// `moe_drop` (mean drop fraction over layers) and `moe_load_l{i}_max` (largest expert load
-/// fraction of MoE layer i; 1/E = perfectly balanced). `None` when `stats` is empty.
-pub fn summarize(stats: &[MoeStats], weight: f64) -> Result<Option<MoeLoss>> {
+/// Weighted aux loss `weight * sum_l aux_l` (scalar, attached to the graph) and the metrics
+/// `moe_aux` (that weighted sum), `moe_drop` (mean drop fraction over layers) and
+/// `moe_load_l{i}_max` (largest expert load fraction of MoE layer i; 1/E = perfectly balanced).
+/// `None` when `stats` is empty.
+pub fn summarize(stats: &[MoeStats], weight: f64) -> Result<Option<AuxLoss>> {
     let Some(first) = stats.first() else {
         return Ok(None);
     };
@@ -398,7 +412,10 @@ pub fn summarize(stats: &[MoeStats], weight: f64) -> Result<Option<MoeLoss>> {
         let max = s.load.iter().cloned().fold(0.0, f64::max);
         metrics.push((format!("moe_load_l{i}_max"), max));
     }
-    Ok(Some((total, metrics)))
+    Ok(Some(AuxLoss {
+        value: total,
+        metrics,
+    }))
 }
 
 // ------------------------------------------------------------------------------------------------

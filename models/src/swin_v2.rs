@@ -13,6 +13,8 @@
 //! block pads its shifted map with zeros to whole windows (bottom, right), masks on the padded
 //! map and crops after the merge, and patch merging pads odd maps. The configured size needs no
 //! padding and runs exactly as before.
+//! The MoE statistics of a forward come back with its output ([`Features::moe`], the second value
+//! of [`SwinV2::forward`] and [`Block::forward`]); see [`crate::moe`] for the contract.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -22,7 +24,7 @@ use candle_nn::{Init, VarBuilder};
 use mimlab_engine::rng::SharedRng;
 
 use crate::layers::{dropout, residual_drop_path, LayerNorm, Linear, Mlp};
-use crate::moe::{summarize, MoeCollector, MoeLoss, MoeMlp, MoeStats};
+use crate::moe::{MoeAux, MoeMlp, MoeStats};
 mod config;
 pub use config::{preset_layer, SwinV2Config, PRESETS};
 
@@ -281,7 +283,7 @@ impl WindowAttention {
 #[derive(Debug, Clone)]
 enum Ffn {
     Dense(Mlp),
-    Moe(MoeMlp, MoeCollector),
+    Moe(MoeMlp),
 }
 
 /// Map sizes (padded to whole windows) whose shift masks a block keeps.
@@ -317,7 +319,6 @@ impl Block {
         res: (usize, usize),
         drop_path: f64,
         rng: SharedRng,
-        moe: MoeCollector,
         shared_cpb: Option<&(Linear, Linear)>,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
@@ -328,8 +329,13 @@ impl Block {
         let norm2 = LayerNorm::new(dim, true, vb.pp("norm2"))?;
         let hid = cfg.mlp_hidden(dim);
         let mlp = if cfg.moe.is_moe_block(&cfg.depths, stage, index) {
-            let m = MoeMlp::new(dim, hid, &cfg.moe, cfg.drop_rate, vb.pp("mlp"))?;
-            Ffn::Moe(m, moe)
+            Ffn::Moe(MoeMlp::new(
+                dim,
+                hid,
+                &cfg.moe,
+                cfg.drop_rate,
+                vb.pp("mlp"),
+            )?)
         } else {
             Ffn::Dense(Mlp::new(dim, hid, cfg.drop_rate, vb.pp("mlp"))?)
         };
@@ -363,18 +369,8 @@ impl Block {
         res: (usize, usize),
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
-        let (rng, moe) = (SharedRng::new(0), MoeCollector::default());
-        Self::new(
-            Arc::new(cfg.clone()),
-            stage,
-            index,
-            res,
-            0.0,
-            rng,
-            moe,
-            None,
-            vb,
-        )
+        let rng = SharedRng::new(0);
+        Self::new(Arc::new(cfg.clone()), stage, index, res, 0.0, rng, None, vb)
     }
 
     /// The geometry of an `h` x `w` map, cached by its size padded to whole windows (which is
@@ -403,8 +399,13 @@ impl Block {
     }
 
     /// `x`: `[B, H, W, C]` of any size (padded to whole windows inside, timm
-    /// `SwinTransformerV2Block._attn`).
-    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    /// `SwinTransformerV2Block._attn`) -> `[B, H, W, C]`, and the stats of its MoE layer (`None`
+    /// when dense).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<(Tensor, Option<MoeStats>)> {
         let (b, h, w, _) = x.dims4()?;
         let g = self.geometry(h, w, x)?;
         let (ws, s) = (g.ws, g.shift);
@@ -416,27 +417,24 @@ impl Block {
         debug_assert_eq!(a.dim(0)?, b);
         let a = self.norm1.forward(&a, train)?;
         let x = residual_drop_path(x, &a, self.drop_path, &self.rng, train)?;
-        let m = match &self.mlp {
-            Ffn::Dense(mlp) => mlp.forward(&x, &self.rng, train)?,
-            Ffn::Moe(moe, collector) => {
+        let (m, stats) = match &self.mlp {
+            Ffn::Dense(mlp) => (mlp.forward(&x, &self.rng, train)?, None),
+            Ffn::Moe(moe) => {
                 let (y, r, aux_loss) = moe.forward(&x, &self.rng, train)?;
-                // Invariant: the collector mutex is never held across a panic point.
-                collector
-                    .lock()
-                    .expect("moe stats poisoned")
-                    .push(MoeStats {
-                        stage: self.stage,
-                        block: self.index,
-                        aux_loss,
-                        load: r.load(),
-                        drop_fraction: r.drop_fraction(),
-                        capacity: r.capacity,
-                    });
-                y
+                let stats = MoeStats {
+                    stage: self.stage,
+                    block: self.index,
+                    aux_loss,
+                    load: r.load(),
+                    drop_fraction: r.drop_fraction(),
+                    capacity: r.capacity,
+                };
+                (y, Some(stats))
             }
         };
         let m = self.norm2.forward(&m, train)?;
-        residual_drop_path(&x, &m, self.drop_path, &self.rng, train)
+        let y = residual_drop_path(&x, &m, self.drop_path, &self.rng, train)?;
+        Ok((y, stats))
     }
 }
 
@@ -495,6 +493,8 @@ pub struct Features {
     pub stages: Vec<Tensor>,
     /// `[B, L, C]` tokens after the final norm.
     pub last: Tensor,
+    /// What the MoE layers of this forward recorded (no layers for a dense model).
+    pub moe: MoeAux,
 }
 
 /// The Swin-V2 backbone with an optional linear head and SimMIM mask token.
@@ -509,8 +509,6 @@ pub struct SwinV2 {
     norm: LayerNorm,
     head: Option<Linear>,
     rng: SharedRng,
-    /// Stats of the MoE layers in the last forward (empty for a dense model).
-    moe_stats: MoeCollector,
 }
 
 impl SwinV2 {
@@ -575,25 +573,13 @@ impl SwinV2 {
         let mut k = 0;
         let mut res = (cfg.img_size / p, cfg.img_size / p);
         let mut layers = Vec::with_capacity(cfg.num_stages());
-        let moe_stats = MoeCollector::default();
         for i in 0..cfg.num_stages() {
             let lv = vb.pp("layers").pp(i);
             let mut blocks = Vec::with_capacity(cfg.depths[i]);
             for j in 0..cfg.depths[i] {
                 let bv = lv.pp("blocks").pp(j);
-                let (r, m) = (rng.clone(), moe_stats.clone());
-                let shared = shared_cpb.as_ref();
-                blocks.push(Block::new(
-                    cfg.clone(),
-                    i,
-                    j,
-                    res,
-                    dpr[k],
-                    r,
-                    m,
-                    shared,
-                    bv,
-                )?);
+                let (r, shared) = (rng.clone(), shared_cpb.as_ref());
+                blocks.push(Block::new(cfg.clone(), i, j, res, dpr[k], r, shared, bv)?);
                 k += 1;
             }
             let downsample = if i + 1 < cfg.num_stages() {
@@ -621,40 +607,12 @@ impl SwinV2 {
             norm,
             head,
             rng,
-            moe_stats,
         })
     }
 
     /// The configuration the model was built from.
     pub fn config(&self) -> &SwinV2Config {
         &self.cfg
-    }
-
-    /// Takes the per-layer stats the MoE layers recorded during the last forward (in block order;
-    /// empty for a dense model or when already taken).
-    pub fn take_moe_stats(&self) -> Vec<MoeStats> {
-        // Invariant: the collector mutex is never held across a panic point.
-        std::mem::take(&mut *self.moe_stats.lock().expect("moe stats poisoned"))
-    }
-
-    /// After a forward: `None` for a dense model, else the weighted auxiliary loss
-    /// (`model.moe.aux_loss_weight * sum over MoE layers`, to add to the task loss) and the
-    /// metrics of [`crate::moe::summarize`]. Takes the stats.
-    pub fn take_moe_loss(&self) -> Result<Option<MoeLoss>> {
-        summarize(&self.take_moe_stats(), self.cfg.moe.aux_loss_weight)
-    }
-
-    /// `task_loss` plus the MoE auxiliary loss of the last forward, and the MoE metrics; the task
-    /// loss and no metrics for a dense model (architecture.md 6: the aux loss joins every
-    /// objective's loss).
-    pub fn with_moe_loss(&self, task_loss: Tensor) -> Result<(Tensor, Vec<(String, f64)>)> {
-        match self.take_moe_loss()? {
-            Some((aux, metrics)) => {
-                let aux = aux.to_dtype(task_loss.dtype())?;
-                Ok(((task_loss + aux)?, metrics))
-            }
-            None => Ok((task_loss, vec![])),
-        }
     }
 
     /// Patch embedding as a matmul (kernel = stride): `[B, Cin, H, W]` -> `[B, H/p, W/p, C]`.
@@ -676,9 +634,10 @@ impl SwinV2 {
     /// windows of the configured size, padded; see the module header). `mask`: optional
     /// `[B, H/patch, W/patch]` (1 = masked), replaced by
     /// `mask_token` after the patch embedding and its norm (SimMIM 3.2). `train` enables drop path
-    /// and dropout. On the CPU (f32/f64) both modes run the same fused ops, which have a backward;
-    /// elsewhere `train = false` uses candle's fused kernels, which have none (call with
-    /// `train = true` to take gradients).
+    /// and dropout; the MoE statistics come back in [`Features::moe`] (training objectives hand
+    /// them to the trainer). On the CPU (f32/f64) both modes run the same fused ops, which have a
+    /// backward; elsewhere `train = false` uses candle's fused kernels, which have none (call
+    /// with `train = true` to take gradients).
     pub fn forward_features(
         &self,
         x: &Tensor,
@@ -696,9 +655,6 @@ impl SwinV2 {
     }
 
     fn run(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Features> {
-        if self.cfg.moe.enabled() {
-            self.take_moe_stats(); // stats describe the latest forward only
-        }
         let mut x = self.patch_embed(x)?;
         if let Some(n) = &self.patch_norm {
             x = n.forward(&x, train)?;
@@ -718,9 +674,15 @@ impl SwinV2 {
         }
         x = dropout(&x, self.cfg.drop_rate, &self.rng, train)?;
         let mut stages = Vec::with_capacity(self.layers.len());
+        let mut moe = MoeAux {
+            layers: vec![],
+            weight: self.cfg.moe.aux_loss_weight,
+        };
         for layer in &self.layers {
             for blk in &layer.blocks {
-                x = blk.forward(&x, train)?;
+                let (y, stats) = blk.forward(&x, train)?;
+                x = y;
+                moe.layers.extend(stats);
             }
             match &layer.downsample {
                 Some(ds) => {
@@ -735,7 +697,7 @@ impl SwinV2 {
         }
         let (b, h, w, c) = x.dims4()?;
         let last = x.reshape((b, h * w, c))?;
-        Ok(Features { stages, last })
+        Ok(Features { stages, last, moe })
     }
 
     /// Mean over tokens of the final features: `[B, C]`.
@@ -743,14 +705,16 @@ impl SwinV2 {
         Ok(f.last.mean(1)?)
     }
 
-    /// Logits `[B, num_classes]`, or the pre-logits when `num_classes == 0`.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// Logits `[B, num_classes]` (the pre-logits when `num_classes == 0`) and the MoE statistics
+    /// of the forward.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, MoeAux)> {
         let f = self.forward_features(x, None, train)?;
         let p = self.pre_logits(&f)?;
-        match &self.head {
-            Some(h) => Ok(h.forward(&p)?),
-            None => Ok(p),
-        }
+        let y = match &self.head {
+            Some(h) => h.forward(&p)?,
+            None => p,
+        };
+        Ok((y, f.moe))
     }
 }
 
@@ -760,6 +724,7 @@ mod tests {
     use crate::moe::MoeConfig;
     use candle_nn::VarMap;
     use mimlab_engine::init::seeded_var_builder;
+    use mimlab_engine::trainer::AuxLoss;
     use rand::Rng;
 
     #[test]
@@ -799,8 +764,8 @@ mod tests {
         let dev = Device::Cpu;
         let vm = VarMap::new();
         let vb = seeded_var_builder(&vm, 3, DType::F64, &dev);
-        let (r, m) = (SharedRng::new(0), MoeCollector::default());
-        let blk = Block::new(Arc::new(cfg), 0, 1, (8, 8), 0.0, r, m, None, vb)?;
+        let r = SharedRng::new(0);
+        let blk = Block::new(Arc::new(cfg), 0, 1, (8, 8), 0.0, r, None, vb)?;
         // Re-randomize everything (norm1/norm2 start at zero = identity block).
         let mut rng = mimlab_engine::rng::rng_for(11, &[]);
         // sorted: HashMap order is random per process and would make the draws (and the test) vary
@@ -827,11 +792,11 @@ mod tests {
             .collect();
         let wt = Tensor::from_vec(wv, (1, h, w, 8), &dev)?;
         let loss = |t: &Tensor| -> Result<f64> {
-            Ok((blk.forward(t, true)? * &wt)?
+            Ok((blk.forward(t, true)?.0 * &wt)?
                 .sum_all()?
                 .to_scalar::<f64>()?)
         };
-        let l = (blk.forward(x.as_tensor(), true)? * &wt)?.sum_all()?;
+        let l = (blk.forward(x.as_tensor(), true)?.0 * &wt)?.sum_all()?;
         let grads = l.backward()?;
         let data = vm.data().lock().unwrap().clone();
         let mut checks: Vec<(String, candle_core::Var)> = [
@@ -918,17 +883,22 @@ mod tests {
             (2, 3, 32, 32),
             &Device::Cpu,
         )?;
-        m.forward(&x, true)?;
-        m.forward(&x, true)?; // stats describe the latest forward only
-        let stats = m.take_moe_stats();
+        let (_, first) = m.forward(&x, true)?;
+        let (_, moe) = m.forward(&x, true)?; // each forward returns its own stats
+        assert_eq!(first.layers.len(), 2);
+        let stats = moe.layers;
         assert_eq!(stats.len(), 2);
         assert_eq!((stats[0].stage, stats[0].block), (0, 1));
         // stage 0: S = 2 * 8 * 8 = 128 tokens, capacity int(1.25 * 32) = 40
         assert_eq!(stats[0].capacity, 40);
         assert!((stats[0].load.iter().sum::<f64>() - 1.0).abs() < 1e-12);
-        assert!(m.take_moe_stats().is_empty());
-        let y = m.forward(&x, true)?;
-        let (aux, metrics) = m.take_moe_loss()?.context("MoE is on")?;
+        let (y, moe) = m.forward(&x, true)?;
+        let mut losses = moe.aux_losses()?;
+        assert_eq!(losses.len(), 1);
+        let AuxLoss {
+            value: aux,
+            metrics,
+        } = losses.pop().context("MoE is on")?;
         let names: Vec<&str> = metrics.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             names,
@@ -947,8 +917,8 @@ mod tests {
         let vm = VarMap::new();
         let vb = seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
         let d = SwinV2::new(&dense, false, SharedRng::new(0), vb)?;
-        d.forward(&x, false)?;
-        assert!(d.take_moe_loss()?.is_none());
+        let (_, moe) = d.forward(&x, false)?;
+        assert!(moe.layers.is_empty() && moe.aux_losses()?.is_empty());
 
         // the config resolves with the placement spelled out; bad blocks name the key
         let two = SwinV2Config {

@@ -54,7 +54,7 @@ fn check(model: &str, layout: &str, expect: Layout) -> Result<()> {
     let x = &io["input"];
     let f = m.forward_features(x, None, false)?;
     let pre = m.pre_logits(&f)?;
-    let logits = m.forward(x, false)?;
+    let (logits, _) = m.forward(x, false)?;
     let outs: HashMap<&str, Tensor> = HashMap::from([
         ("logits", logits),
         ("pre_logits", pre),
@@ -68,7 +68,7 @@ fn check(model: &str, layout: &str, expect: Layout) -> Result<()> {
         assert!(e <= 1e-4, "{model} {layout} {k}: relative error {e}");
     }
     // train mode without drop path / dropout is the same function (differentiable kernels)
-    let t = m.forward(x, true)?;
+    let (t, _) = m.forward(x, true)?;
     assert!(rel_err(&t, &outs["logits"])? <= 1e-5);
     Ok(())
 }
@@ -135,7 +135,7 @@ fn check_dynamic(model: &str) -> Result<()> {
     for size in ["64x64", "100x148", "68x92"] {
         let x = &inputs[size];
         let f = m.forward_features(x, None, false)?;
-        let logits = m.forward(x, false)?;
+        let (logits, _) = m.forward(x, false)?;
         let mut outs = vec![
             ("logits".to_string(), logits.clone()),
             ("pre_logits".to_string(), m.pre_logits(&f)?),
@@ -151,7 +151,7 @@ fn check_dynamic(model: &str) -> Result<()> {
             assert!(e <= 2e-5, "{model} {size} {k}: relative error {e}");
         }
         // the training forward (no drop path / dropout here) is the same function
-        let t = m.forward(x, true)?;
+        let (t, _) = m.forward(x, true)?;
         assert!(rel_err(&t, &logits)? <= 1e-5, "{model} {size} train");
     }
     Ok(())
@@ -189,7 +189,7 @@ fn training_forward_and_backward_at_other_sizes() -> Result<()> {
         )?;
         let f = m.forward_features(x, Some(&mask), true)?;
         assert_eq!(f.stages[0].dims(), &[2, m.config().embed_dim, 17, 23]);
-        let loss = (m.forward(x, true)?.sqr()?.mean_all()? + f.last.sqr()?.mean_all()?)?;
+        let loss = (m.forward(x, true)?.0.sqr()?.mean_all()? + f.last.sqr()?.mean_all()?)?;
         let grads = loss.backward()?;
         let data = vm.data().lock().unwrap();
         for (k, v) in data.iter() {

@@ -4,6 +4,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::rng::SharedRng;
+use mimlab_models::moe::MoeAux;
 use mimlab_models::swin_v2::*;
 
 fn build(cfg: &SwinV2Config, seed: u64) -> Result<(VarMap, SwinV2)> {
@@ -160,7 +161,7 @@ fn logit_scale_is_clamped_at_ln_100() -> Result<()> {
         let (vm, m) = build(&cfg, 5)?;
         set_all(&vm, "norm1.weight", 1.0)?; // make the attention branch visible
         set_all(&vm, "logit_scale", ls)?;
-        Ok(m.forward(&x, false)?.flatten_all()?.to_vec1::<f32>()?)
+        Ok(m.forward(&x, false)?.0.flatten_all()?.to_vec1::<f32>()?)
     };
     let at_clamp = run(100f32.ln())?;
     assert_eq!(
@@ -271,7 +272,7 @@ fn drop_path_is_seeded_and_train_only() -> Result<()> {
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
         SwinV2::new(&cfg, true, rng.clone(), vb)?
     };
-    let ev = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let ev = |(t, _): (Tensor, MoeAux)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(ev(m.forward(&x, false)?), ev(m.forward(&x, false)?));
     rng.reseed(42);
     let t1 = ev(m.forward(&x, true)?);
@@ -310,7 +311,7 @@ fn preset_output_shapes_at_two_sizes() -> Result<()> {
             }
             let r = s / cfg.out_stride();
             assert_eq!(f.last.dims(), &[1, r * r, cfg.num_features()]);
-            let logits = m.forward(
+            let (logits, _) = m.forward(
                 &Tensor::zeros((1, 3, s, s), DType::F32, &Device::Cpu)?,
                 false,
             )?;

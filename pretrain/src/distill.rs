@@ -13,8 +13,9 @@ use candle_nn::{Init, VarBuilder, VarMap};
 use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::rng::SharedRng;
 use mimlab_engine::run_dir::resolve_init;
+use mimlab_models::moe::MoeAux;
 use mimlab_models::pretrained::{load_backbone_tensors, Head};
-use mimlab_models::swin_v2::{SwinV2, SwinV2Config};
+use mimlab_models::swin_v2::{Features, SwinV2, SwinV2Config};
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{backbone_prefix, load_backbone, run_model_section, DISTILL_PREFIX};
@@ -212,11 +213,9 @@ impl Teacher {
             cfg.in_chans
         );
         let x = resample_nchw(x, cfg.img_size, cfg.img_size)?;
-        let f = self.model.forward_features(&x, None, false)?;
-        if cfg.moe.enabled() {
-            self.model.take_moe_stats(); // the teacher's aux loss is not trained
-        }
-        let t = f.stages.last().context("teacher has no stages")?; // (B, C_t, h_t, w_t)
+        // a frozen teacher contributes no auxiliary loss: its MoE statistics are dropped here
+        let Features { stages, moe: _, .. } = self.model.forward_features(&x, None, false)?;
+        let t = stages.last().context("teacher has no stages")?; // (B, C_t, h_t, w_t)
         let t = resample_nchw(t, map.0, map.1)?;
         let ct = t.dim(1)?;
         let t = t.flatten_from(2)?.transpose(1, 2)?.contiguous()?; // (B, h*w, C_t)
@@ -303,21 +302,25 @@ impl Distill {
         })
     }
 
-    /// Student tokens after its final norm, projected: `[B, L, C_t]`.
-    pub fn predict(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let z = self.student.forward_features(x, None, train)?.last; // (B, L, C_s)
+    /// Student tokens after its final norm, projected: `[B, L, C_t]`; and the student's MoE
+    /// statistics.
+    pub fn predict(&self, x: &Tensor, train: bool) -> Result<(Tensor, MoeAux)> {
+        let f = self.student.forward_features(x, None, train)?;
+        let z = f.last; // (B, L, C_s)
         let (b, l, c) = z.dims3()?;
         let y = z
             .reshape((b * l, c))?
             .matmul(&self.proj_w.t()?)?
             .broadcast_add(&self.proj_b)?;
-        Ok(y.reshape((b, l, ()))?)
+        Ok((y.reshape((b, l, ()))?, f.moe))
     }
 
-    /// Smooth-L1 between the projected student tokens and `target` `[B, L, C_t]`.
-    pub fn loss(&self, x: &Tensor, target: &Tensor, train: bool) -> Result<Tensor> {
-        let pred = self.predict(x, train)?;
-        smooth_l1(&pred, target, self.beta).context("distillation loss")
+    /// Smooth-L1 between the projected student tokens and `target` `[B, L, C_t]`; and the
+    /// student's MoE statistics.
+    pub fn loss(&self, x: &Tensor, target: &Tensor, train: bool) -> Result<(Tensor, MoeAux)> {
+        let (pred, moe) = self.predict(x, train)?;
+        let loss = smooth_l1(&pred, target, self.beta).context("distillation loss")?;
+        Ok((loss, moe))
     }
 }
 

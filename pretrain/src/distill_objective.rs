@@ -118,12 +118,14 @@ impl Objective for DistillObjective {
     fn train_step(&mut self, batch: &Batch, device: &Device) -> Result<StepOutput> {
         let x = batch.images.to_device(device)?;
         let target = self.batch_targets(batch, &x, device)?;
-        let loss = self.model.loss(&x, &target, true)?;
-        // MoE student: loss = smooth-L1 + aux (as in SimMIM)
-        let (loss, mut metrics) = self.model.student.with_moe_loss(loss)?;
+        let (loss, moe) = self.model.loss(&x, &target, true)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        metrics.insert(0, ("loss".into(), value));
-        Ok(StepOutput { loss, metrics })
+        // MoE student: the trainer adds its aux loss to the smooth-L1 (as in SimMIM)
+        Ok(StepOutput {
+            loss,
+            aux: moe.aux_losses()?,
+            metrics: vec![("loss".into(), value)],
+        })
     }
 }
 
@@ -139,6 +141,8 @@ mod tests {
     use mimlab_models::swin_v2::SwinV2;
 
     use crate::feature_cache::CacheHeader;
+    use crate::objective::tests::{assert_aux_gradient, moe_gate_gradients};
+    use mimlab_models::moe::MoeConfig;
 
     fn student_cfg() -> SwinV2Config {
         SwinV2Config {
@@ -160,12 +164,18 @@ mod tests {
     /// A teacher of another width, input and map size: 32 px, patch 2, embed 12 -> 8x8 map of 24
     /// channels, area-averaged to the student's 4x4 map after its input went 16 -> 32 px.
     fn teacher(seed: u64) -> Teacher {
+        teacher_with(MoeConfig::default(), seed)
+    }
+
+    /// [`teacher`] with MoE layers `moe`.
+    fn teacher_with(moe: MoeConfig, seed: u64) -> Teacher {
         let cfg = SwinV2Config {
             preset: None,
             img_size: 32,
             embed_dim: 12,
             patch_size: 2,
             drop_path_rate: 0.0,
+            moe,
             ..student_cfg()
         };
         let vm = VarMap::new();
@@ -215,6 +225,53 @@ mod tests {
                 Batch::new(images, BatchTargets::None, vec![2 * k, 2 * k + 1], epoch)
             }))
         }
+    }
+
+    /// MoE in block 0 of both stages (the default placement needs odd blocks), aux weight `w`.
+    fn moe(weight: f64) -> MoeConfig {
+        MoeConfig {
+            num_experts: 4,
+            aux_loss_weight: weight,
+            blocks: vec![vec![0], vec![0]],
+            ..MoeConfig::default()
+        }
+    }
+
+    #[test]
+    fn moe_student_gate_gets_the_aux_gradient_and_the_moe_teacher_adds_nothing() -> Result<()> {
+        let b = Random.epoch_batches(0, 0).next().unwrap()?;
+        let grads = |weight: f64| {
+            let student = SwinV2Config {
+                moe: moe(weight),
+                ..student_cfg()
+            };
+            // an MoE teacher too: its forward's aux loss must not reach the step
+            let t = Targets::OnTheFly(teacher_with(moe(1.0), 3));
+            let mut obj =
+                DistillObjective::new(&student, &DistillConfig::default(), t, 1, &Device::Cpu)
+                    .unwrap();
+            obj.set_seed(5);
+            let out = obj.train_step(&b, &Device::Cpu).unwrap();
+            // the student's two MoE layers only
+            let names: Vec<String> = out.into_metrics().into_iter().map(|(k, _)| k).collect();
+            assert_eq!(
+                names,
+                [
+                    "loss",
+                    "moe_aux",
+                    "moe_drop",
+                    "moe_load_l0_max",
+                    "moe_load_l1_max"
+                ]
+            );
+            let gate = "student.layers.1.blocks.0.mlp._moe_layer.gates.0.wg.weight";
+            moe_gate_gradients(&mut obj, &b, gate)
+        };
+        let (with, aux) = grads(1.0);
+        let (without, zero) = grads(0.0);
+        assert!(zero.iter().all(|v| *v == 0.0));
+        assert_aux_gradient(&with, &without, &aux);
+        Ok(())
     }
 
     #[test]

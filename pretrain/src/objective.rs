@@ -116,14 +116,16 @@ impl Objective for SimMimObjective {
         );
         let x = batch.images.to_device(device)?;
         let masks = self.batch_masks(batch, device)?;
-        let (loss, _) = self.model.forward(&x, &masks, true)?;
-        // MoE: loss = l1 + aux_loss_weight * sum of the layers' aux losses (architecture.md 6)
-        let (loss, moe_metrics) = self.model.encoder.with_moe_loss(loss)?;
+        let (loss, _, moe) = self.model.forward(&x, &masks, true)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let ratio = masks.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let mut metrics = vec![("loss".into(), value), ("mask_ratio".into(), ratio)];
-        metrics.extend(moe_metrics);
-        Ok(StepOutput { loss, metrics })
+        let metrics = vec![("loss".into(), value), ("mask_ratio".into(), ratio)];
+        // MoE: the trainer adds aux_loss_weight * sum of the layers' aux losses (architecture.md 6)
+        Ok(StepOutput {
+            loss,
+            aux: moe.aux_losses()?,
+            metrics,
+        })
     }
 
     fn log_images(&mut self, step: u64, run_dir: &Path, tb: &mut TbWriter) -> Result<()> {
@@ -148,11 +150,58 @@ impl Objective for SimMimObjective {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::simmim::tiny_setup;
     use mimlab_engine::data::BatchTargets;
     use mimlab_engine::log::{read_events, TbEvent};
+
+    /// Test support for the MoE contract: one `train_step` of `obj` on `batch` (step seed 5),
+    /// and the gradient on the variable `gate` of the loss the trainer backpropagates
+    /// ([`StepOutput::total_loss`]) and of the step's one auxiliary loss alone.
+    pub(crate) fn moe_gate_gradients(
+        obj: &mut dyn Objective,
+        batch: &Batch,
+        gate: &str,
+    ) -> (Vec<f32>, Vec<f32>) {
+        obj.set_seed(5);
+        let out = obj.train_step(batch, &Device::Cpu).unwrap();
+        assert_eq!(out.aux.len(), 1, "one MoE auxiliary loss");
+        let var = obj.varmap().data().lock().unwrap()[gate].clone();
+        let grad = |loss: &Tensor| -> Option<Vec<f32>> {
+            let g = loss.backward().unwrap();
+            let g = g.get(var.as_tensor())?;
+            Some(g.flatten_all().unwrap().to_vec1().unwrap())
+        };
+        let total = grad(&out.total_loss().unwrap()).expect("no gate gradient");
+        // candle prunes a branch multiplied by 0 (weight 0): no gradient is a zero gradient
+        let aux = grad(&out.aux[0].value).unwrap_or(vec![0.0; var.elem_count()]);
+        (total, aux)
+    }
+
+    /// Test support: `with - without == aux` (the gate gradient of a step with the MoE aux
+    /// weight w, of the same step with weight 0, and of w * aux alone) to float tolerance, and
+    /// `aux != 0`.
+    pub(crate) fn assert_aux_gradient(with: &[f32], without: &[f32], aux: &[f32]) {
+        let scale = with.iter().chain(aux).fold(0f32, |m, v| m.max(v.abs()));
+        let aux_max = aux.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // the tolerance below is 1e-5 * scale: the aux gradient must stand far above it
+        assert!(
+            aux_max > 1e-3 * scale,
+            "aux gate gradient {aux_max} (scale {scale})"
+        );
+        assert_ne!(with, without, "the aux weight changes the gate gradient");
+        for i in 0..aux.len() {
+            let d = with[i] - without[i];
+            assert!(
+                (d - aux[i]).abs() <= 1e-5 * scale,
+                "gate[{i}]: {} - {} = {d}, aux alone {} (scale {scale})",
+                with[i],
+                without[i],
+                aux[i]
+            );
+        }
+    }
 
     fn batch(indices: &[usize], epoch: usize) -> Batch {
         let n = indices.len();
@@ -226,10 +275,11 @@ mod tests {
         let mut obj =
             SimMimObjective::new(&model, &cfg, &DataConfig::default(), 11, &Device::Cpu).unwrap();
         let b = batch(&[3, 7], 1);
-        let out = obj.train_step(&b, &Device::Cpu).unwrap();
-        let metric = |k: &str| out.metrics.iter().find(|(n, _)| n == k).unwrap().1;
+        // the metrics the trainer logs: the objective's, then the aux loss's
+        let metrics = obj.train_step(&b, &Device::Cpu).unwrap().into_metrics();
+        let metric = |k: &str| metrics.iter().find(|(n, _)| n == k).unwrap().1;
         // nano at 32 px (4 stages): block 1 of stages 2 and 3 are MoE layers
-        let names: Vec<&str> = out.metrics.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<&str> = metrics.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
             [
@@ -244,14 +294,17 @@ mod tests {
         // the same masks and (re-seeded) noise: loss - moe_aux is the plain masked L1
         obj.set_seed(5);
         let out = obj.train_step(&b, &Device::Cpu).unwrap();
-        let m = |k: &str| out.metrics.iter().find(|(n, _)| n == k).unwrap().1;
+        // the loss the trainer backpropagates and logs as `loss`
+        let loss = out.total_loss().unwrap().to_scalar::<f32>().unwrap() as f64;
+        let metrics = out.into_metrics();
+        let m = |k: &str| metrics.iter().find(|(n, _)| n == k).unwrap().1;
         let x = b.images.clone();
         let masks = obj.batch_masks(&b, &Device::Cpu).unwrap();
         obj.set_seed(5);
-        let (l1, _) = obj.model.forward(&x, &masks, true).unwrap();
+        let (l1, _, _) = obj.model.forward(&x, &masks, true).unwrap();
         let l1 = l1.to_scalar::<f32>().unwrap() as f64;
         assert!(m("moe_aux") >= 0.0 && metric("moe_drop") <= 1.0);
-        assert!((m("loss") - (l1 + m("moe_aux"))).abs() < 1e-6);
+        assert!((loss - (l1 + m("moe_aux"))).abs() < 1e-6);
         // the expert biases ([E, 1, n]) get no weight decay, the expert weights do
         let groups = mimlab_engine::optim::param_groups(
             obj.varmap(),
@@ -270,6 +323,36 @@ mod tests {
         assert!(wd("batched_fc1_bias").iter().all(|&w| w == 0.0));
         assert!(wd("batched_fc2_bias").iter().all(|&w| w == 0.0));
         assert!(wd("batched_fc1_w").iter().all(|&w| w == 0.05));
+    }
+
+    #[test]
+    fn moe_gate_gets_the_aux_gradient_without_the_objective_adding_it() {
+        // The objective only returns the forward's aux loss; the trainer's total_loss adds it.
+        let (model, cfg) = tiny_setup();
+        let cfg = SimMimConfig {
+            num_pictures: 0,
+            ..cfg
+        };
+        let b = batch(&[3, 7], 1);
+        let grads = |weight: f64| {
+            let model = SwinV2Config {
+                moe: mimlab_models::moe::MoeConfig {
+                    num_experts: 4,
+                    aux_loss_weight: weight,
+                    ..Default::default()
+                },
+                ..model.clone()
+            };
+            let mut obj =
+                SimMimObjective::new(&model, &cfg, &DataConfig::default(), 11, &Device::Cpu)
+                    .unwrap();
+            let gate = "encoder.layers.2.blocks.1.mlp._moe_layer.gates.0.wg.weight";
+            moe_gate_gradients(&mut obj, &b, gate)
+        };
+        let (with, aux) = grads(1.0);
+        let (without, zero) = grads(0.0);
+        assert!(zero.iter().all(|v| *v == 0.0));
+        assert_aux_gradient(&with, &without, &aux);
     }
 
     #[test]

@@ -4,6 +4,7 @@ use anyhow::Context;
 use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use mimlab_engine::rng::SharedRng;
+use mimlab_models::moe::MoeAux;
 use mimlab_models::swin_v2::{SwinV2, SwinV2Config};
 
 use crate::mask::{MaskGenerator, SimMimConfig};
@@ -89,8 +90,14 @@ impl SimMim {
     }
 
     /// `x_rec [B, C, H, W] = pixel_shuffle(decoder(z), stride)`, z the encoder's last stage
-    /// (after the final norm), `mask` `[B, H/patch, W/patch]` f32 with 1 = masked.
-    pub fn reconstruct(&self, x: &Tensor, mask: &Tensor, train: bool) -> anyhow::Result<Tensor> {
+    /// (after the final norm), `mask` `[B, H/patch, W/patch]` f32 with 1 = masked; and the
+    /// encoder's MoE statistics.
+    pub fn reconstruct(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        train: bool,
+    ) -> anyhow::Result<(Tensor, MoeAux)> {
         let f = self.encoder.forward_features(x, Some(mask), train)?;
         // Invariant: Swin-V2 always has at least one stage.
         let z = f.stages.last().context("encoder returned no stages")?;
@@ -102,7 +109,7 @@ impl SimMim {
         let y = mimlab_models::ops::linear(&tokens, &self.decoder_w, Some(&self.decoder_b))
             .context("decoder.0")?
             .permute((0, 3, 1, 2))?; // (B, s*s*C, H/s, W/s)
-        Ok(pixel_shuffle(&y, self.stride)?)
+        Ok((pixel_shuffle(&y, self.stride)?, f.moe))
     }
 
     /// Target the loss compares against: the image, or its local normalization.
@@ -113,18 +120,19 @@ impl SimMim {
         }
     }
 
-    /// (masked L1 loss, x_rec) of a batch of normalized images and model-patch masks.
+    /// (masked L1 loss, x_rec, the encoder's MoE statistics) of a batch of normalized images and
+    /// model-patch masks.
     pub fn forward(
         &self,
         x: &Tensor,
         mask: &Tensor,
         train: bool,
-    ) -> anyhow::Result<(Tensor, Tensor)> {
-        let x_rec = self.reconstruct(x, mask, train)?;
+    ) -> anyhow::Result<(Tensor, Tensor, MoeAux)> {
+        let (x_rec, moe) = self.reconstruct(x, mask, train)?;
         let m = pixel_mask(&mask.to_dtype(x_rec.dtype())?, self.patch_size)?;
         let target = self.target(x)?;
         let loss = masked_l1(&x_rec, &target, &m)?;
-        Ok((loss, x_rec))
+        Ok((loss, x_rec, moe))
     }
 }
 
@@ -284,7 +292,7 @@ mod tests {
         let (_, cfg) = tiny_setup();
         let (vm, m) = build(&cfg);
         let x = images(2, 0);
-        let (loss, x_rec) = m.forward(&x, &masks(2), false).unwrap();
+        let (loss, x_rec, _) = m.forward(&x, &masks(2), false).unwrap();
         assert_eq!(x_rec.dims(), &[2, 3, 32, 32]);
         assert_eq!(loss.dims(), &[] as &[usize]);
         assert!(loss.to_scalar::<f32>().unwrap().is_finite());
@@ -310,8 +318,8 @@ mod tests {
         let noise = images(1, 5)
             .broadcast_mul(&pixel_mask(&mk, 4).unwrap())
             .unwrap();
-        let a = m.reconstruct(&x, &mk, false).unwrap();
-        let b = m.reconstruct(&(&x + noise).unwrap(), &mk, false).unwrap();
+        let a = m.reconstruct(&x, &mk, false).unwrap().0;
+        let b = m.reconstruct(&(&x + noise).unwrap(), &mk, false).unwrap().0;
         let diff = (a - b)
             .unwrap()
             .abs()
@@ -327,7 +335,7 @@ mod tests {
     fn loss_gradient_reaches_encoder_mask_token_and_decoder() {
         let (_, cfg) = tiny_setup();
         let (vm, m) = build(&cfg);
-        let (loss, _) = m.forward(&images(2, 0), &masks(2), true).unwrap();
+        let (loss, _, _) = m.forward(&images(2, 0), &masks(2), true).unwrap();
         let grads = loss.backward().unwrap();
         let data = vm.data().lock().unwrap();
         for key in [
@@ -362,7 +370,7 @@ mod tests {
         };
         let (_, m) = build(&cfg);
         let (x, mk) = (images(1, 0), masks(1));
-        let (loss, x_rec) = m.forward(&x, &mk, false).unwrap();
+        let (loss, x_rec, _) = m.forward(&x, &mk, false).unwrap();
         let want = masked_l1(
             &x_rec,
             &norm_targets(&x, 5).unwrap(),

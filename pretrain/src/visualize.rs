@@ -67,7 +67,9 @@ pub fn reconstruction_grid(
     let dev = images.device();
     let masks = masks.to_dtype(DType::F32)?.to_device(dev)?;
     let x = images.to_dtype(DType::F32)?;
-    let mut x_rec = model.reconstruct(&x, &masks, false)?.to_dtype(DType::F32)?;
+    // pictures: the MoE statistics of this eval forward train nothing
+    let (x_rec, _moe) = model.reconstruct(&x, &masks, false)?;
+    let mut x_rec = x_rec.to_dtype(DType::F32)?;
     if let Some(p) = model.norm_target() {
         x_rec = denorm_targets(&x_rec, &x, p)?;
     }

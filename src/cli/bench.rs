@@ -276,7 +276,7 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
                 .collect();
             let y = Tensor::new(labels, &dev)?;
             Ok(move || {
-                let logits = model.forward(&x, true)?;
+                let (logits, _moe) = model.forward(&x, true)?;
                 let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
                 opt.step(&loss.backward()?, 1e-4)?;
                 Ok(())
@@ -308,7 +308,7 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
             let mask = Tensor::from_vec(m, (batch, g, g), &dev)?;
             let x = images(batch, img, &dev)?;
             Ok(move || {
-                let (loss, _) = model.forward(&x, &mask, true)?;
+                let (loss, _, _moe) = model.forward(&x, &mask, true)?;
                 opt.step(&loss.backward()?, 1e-4)?;
                 Ok(())
             })
@@ -363,7 +363,7 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
             let x = Tensor::randn(0f32, 1.0, (batch, res, res, c), &dev)?;
             let train = s.task == Task::BlockBackward;
             Ok(move || {
-                let y = blk.forward(&x, train)?;
+                let (y, _moe) = blk.forward(&x, train)?;
                 if train {
                     y.sqr()?.mean_all()?.backward()?;
                 }

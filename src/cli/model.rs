@@ -123,7 +123,7 @@ fn forward(args: &RunArgs) -> Result<()> {
     out.insert("pre_logits".into(), pre.clone());
     out.insert("features".into(), last.permute((0, 2, 3, 1))?.contiguous()?);
     if cfg.num_classes > 0 {
-        out.insert("logits".into(), model.forward(&x, false)?);
+        out.insert("logits".into(), model.forward(&x, false)?.0);
     }
     let out: HashMap<String, Tensor> = out
         .into_iter()

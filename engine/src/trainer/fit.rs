@@ -335,8 +335,19 @@ impl<'a, O: Objective> Trainer<'a, O> {
                     out.loss.dims()
                 );
             }
-            let value = out
-                .loss
+            for (i, a) in out.aux.iter().enumerate() {
+                if a.value.elem_count() != 1 {
+                    bail!(
+                        "step {n}: auxiliary loss {i} has shape {:?}, expected a scalar",
+                        a.value.dims()
+                    );
+                }
+            }
+            // the one place auxiliary losses (MoE load balancing) join the task loss
+            let loss = out
+                .total_loss()
+                .with_context(|| format!("step {n}: adding the auxiliary losses"))?;
+            let value = loss
                 .to_dtype(DType::F64)
                 .and_then(|t| t.flatten_all())
                 .and_then(|t| t.to_vec1::<f64>())
@@ -348,9 +359,9 @@ impl<'a, O: Objective> Trainer<'a, O> {
                 );
             }
             let scaled = if accum > 1 {
-                out.loss.affine(1.0 / accum as f64, 0.0)?
+                loss.affine(1.0 / accum as f64, 0.0)?
             } else {
-                out.loss
+                loss
             };
             let mut g = scaled
                 .backward()
@@ -368,7 +379,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
                 }
             }
             loss_sum += value;
-            for (name, x) in out.metrics {
+            for (name, x) in out.into_metrics() {
                 match metrics.iter_mut().find(|(m, _)| *m == name) {
                     Some((_, acc)) => *acc += x,
                     None => metrics.push((name, x)),

@@ -10,5 +10,5 @@ mod tests;
 
 pub use config::{utc_stamp, RunConfig, TrainConfig};
 pub use fit::{BatchSource, TrainSummary, Trainer};
-pub use objective::{Objective, StepOutput};
+pub use objective::{AuxLoss, Objective, StepOutput};
 pub use session::TrainSession;

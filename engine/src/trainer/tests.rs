@@ -63,6 +63,8 @@ struct Toy {
     seed: u64,
     calls: u64,
     nan_at_call: Option<u64>,
+    /// `Some(c)`: the forward also returns the auxiliary loss `c * sum((W - 1)^2)`.
+    aux: Option<f64>,
 }
 
 impl Toy {
@@ -82,6 +84,7 @@ impl Toy {
             seed: 0,
             calls: 0,
             nan_at_call: None,
+            aux: None,
         }
     }
 }
@@ -139,8 +142,20 @@ impl Objective for Toy {
         if self.nan_at_call == Some(self.calls) {
             loss = (loss * f64::NAN)?;
         }
+        let aux = match self.aux {
+            Some(c) => {
+                let value = ((&self.w - 1.0)?.sqr()?.sum_all()? * c)?;
+                let v = value.to_scalar::<f32>()? as f64;
+                vec![AuxLoss {
+                    value,
+                    metrics: vec![("aux_w".into(), v)],
+                }]
+            }
+            None => vec![],
+        };
         Ok(StepOutput {
             loss,
+            aux,
             metrics: vec![("calls".into(), self.calls as f64)],
         })
     }
@@ -485,4 +500,36 @@ fn data_loader_fit_resumes_exactly_and_evaluates() {
             .collect();
         assert!(eval[1] < eval[0], "{eval:?}");
     }
+}
+
+#[test]
+fn the_trainer_adds_auxiliary_losses_and_logs_their_metrics() {
+    // W starts at 0: the aux loss of the first step is c * 6 = 3 and pulls every weight to 1.
+    let run = |aux: Option<f64>| {
+        let dir = tempfile::tempdir().unwrap();
+        let (train, run) = configs(dir.path(), Some(2), 1);
+        let mut toy = Toy { aux, ..Toy::new() };
+        let mut t = Trainer::new(&mut toy, &train, &run, "", None).unwrap();
+        let s = t.fit_source(&ToyData::new(32, 4), None).unwrap();
+        let rows = crate::log::read_metrics(&s.run_dir.join("metrics.jsonl")).unwrap();
+        (s.losses, rows, weights_bits(&toy))
+    };
+    let (plain, plain_rows, plain_w) = run(None);
+    let (with, rows, w) = run(Some(0.5));
+    assert!(
+        (with[0] - (plain[0] + 3.0)).abs() < 1e-6,
+        "{with:?} vs {plain:?}"
+    );
+    assert_ne!(w, plain_w, "the auxiliary loss has a gradient");
+    // the step-2 row: the trainer's loss (task + aux), then the objective's and the aux metrics
+    let row = &rows[0];
+    assert_eq!(row["step"].as_u64(), Some(2));
+    let keys: Vec<&str> = row.keys().map(|k| k.as_str()).collect();
+    assert!(
+        keys.contains(&"aux_w") && keys.contains(&"calls"),
+        "{keys:?}"
+    );
+    assert!(!plain_rows[0].contains_key("aux_w"));
+    assert_eq!(row["loss"].as_f64(), Some(with[1]));
+    assert!(row["aux_w"].as_f64().unwrap() > 0.0);
 }
