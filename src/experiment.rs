@@ -11,7 +11,7 @@ use mimlab_finetune::config::FinetuneConfig;
 use mimlab_finetune::init::prepare_init;
 use mimlab_models::swin_v2::{preset_layer, SwinV2Config};
 use mimlab_pretrain::distill::DistillConfig;
-use mimlab_pretrain::mask::SimMimConfig;
+use mimlab_pretrain::simmim::mask::SimMimConfig;
 use serde::{Deserialize, Serialize};
 
 /// A whole experiment: model, data, optimization, run folder, and the objective's own section.

@@ -1,15 +1,9 @@
-//! Downstream tasks on pretrained backbones: image classification (finetuning and training from
-//! scratch) and the frozen-feature evaluations (k-NN, linear probe), with the recipes the
-//! `finetune`, `eval` and `probe` commands call (`classify`, `probe`, `init`).
+//! Downstream tasks on pretrained backbones, one folder each: [`classify`] (finetuning or training
+//! from scratch, evaluation) and [`probe`] (frozen-feature k-NN and linear probe). Shared by the
+//! tasks: the `finetune:` config section ([`config`]), starting from a pretraining ([`init`]) and
+//! layer-wise lr decay ([`layer_decay`]).
 pub mod classify;
 pub mod config;
-pub mod features;
 pub mod init;
-pub mod knn;
 pub mod layer_decay;
-pub mod linear_probe;
-pub mod loss;
-pub mod metrics;
-pub mod mixup;
-pub mod objective;
 pub mod probe;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use mimlab_pretrain::avgdist::{avgdist_csv, avgdist_table, write_avgdist};
-use mimlab_pretrain::mask::MaskStrategy;
+use mimlab_pretrain::simmim::mask::MaskStrategy;
 
 /// Output format on stdout.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq)]

@@ -18,7 +18,7 @@ use mimlab_engine::optim::{param_groups, AdamW};
 use mimlab_engine::rng::{rng_for, SharedRng};
 use mimlab_models::moe::{MoeConfig, MoeMlp};
 use mimlab_models::swin_v2::{Block, SwinV2, SwinV2Config};
-use mimlab_pretrain::mask::{MaskGenerator, SimMimConfig};
+use mimlab_pretrain::simmim::mask::{MaskGenerator, SimMimConfig};
 use mimlab_pretrain::simmim::SimMim;
 
 /// Arguments of `mimlab bench`.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use mimlab_engine::device::{parse_device, with_cpu_threads};
-use mimlab_pretrain::distill_recipe::distill;
+use mimlab_pretrain::distill::recipe::distill;
 
 use super::ConfigArgs;
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use mimlab_engine::device::{parse_device, with_cpu_threads};
-use mimlab_pretrain::simmim_recipe::pretrain_simmim;
+use mimlab_pretrain::simmim::recipe::pretrain_simmim;
 
 use super::ConfigArgs;
 

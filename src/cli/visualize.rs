@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::Args;
 use mimlab_engine::device::parse_device;
 use mimlab_engine::run_dir::RunDir;
-use mimlab_pretrain::visualize::visualize_run_dir;
+use mimlab_pretrain::simmim::visualize::visualize_run_dir;
 
 use crate::experiment::Experiment;
 

@@ -1,12 +1,14 @@
 //! AvgDist (SimMIM paper Sec. 3, architecture.md 4): the mean Euclidean distance from each masked
 //! pixel to its nearest visible pixel, averaged over random masks of the official mask rule.
+pub mod distance;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 
-use crate::distance::distance_transform;
-use crate::mask::{MaskGenerator, MaskStrategy};
+use crate::avgdist::distance::distance_transform;
+use crate::simmim::mask::{MaskGenerator, MaskStrategy};
 use mimlab_engine::fsutil::write_atomic;
 use mimlab_engine::picture::{LinePlot, RgbImage, Series};
 use mimlab_engine::rng::rng_for;

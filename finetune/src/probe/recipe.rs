@@ -18,9 +18,9 @@ use mimlab_pretrain::backbone::load_backbone_weights;
 
 use crate::classify::eval_loader;
 use crate::config::FinetuneConfig;
-use crate::features::extract_features;
-use crate::knn::knn_evaluate;
-use crate::linear_probe::{linear_probe, ProbeConfig};
+use crate::probe::features::extract_features;
+use crate::probe::knn::knn_evaluate;
+use crate::probe::linear_probe::{linear_probe, ProbeConfig};
 
 /// What a probe run reads besides the model and its weights.
 #[derive(Debug, Clone, Copy)]

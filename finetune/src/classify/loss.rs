@@ -24,7 +24,7 @@ pub fn smoothed_targets(
     smoothing: f64,
     like: &Tensor,
 ) -> Result<Tensor> {
-    let t = crate::mixup::mix_targets(labels, classes, 1.0, smoothing)?;
+    let t = crate::classify::mixup::mix_targets(labels, classes, 1.0, smoothing)?;
     Ok(Tensor::from_vec(t, (labels.len(), classes), like.device())?.to_dtype(DType::F32)?)
 }
 

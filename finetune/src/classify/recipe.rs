@@ -11,9 +11,9 @@ use mimlab_engine::trainer::TrainSession;
 use mimlab_models::swin_v2::SwinV2Config;
 use mimlab_pretrain::backbone::load_backbone;
 
+use crate::classify::metrics::ClassificationReport;
+use crate::classify::objective::{evaluate_classifier, ClassifyObjective};
 use crate::config::FinetuneConfig;
-use crate::metrics::ClassificationReport;
-use crate::objective::{evaluate_classifier, ClassifyObjective};
 
 /// The labelled eval split (eval transform, dataset order), in batches of twice the training
 /// batch size.

@@ -16,7 +16,7 @@ use mimlab_engine::run_dir::RunDir;
 use mimlab_engine::trainer::checkpoint::{load_into_varmap, LoadOptions};
 use mimlab_models::swin_v2::SwinV2Config;
 
-use crate::mask::{MaskGenerator, SimMimConfig};
+use crate::simmim::mask::{MaskGenerator, SimMimConfig};
 use crate::simmim::{denorm_targets, pixel_mask, SimMim};
 
 /// Column titles of [`reconstruction_grid`].

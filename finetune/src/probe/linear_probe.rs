@@ -7,10 +7,10 @@ use mimlab_engine::optim::{AdamW, LrSchedule, ParamGroup, ScheduleKind};
 use mimlab_engine::rng::rng_for;
 use rand::seq::SliceRandom;
 
-use crate::features::FeatureSet;
-use crate::loss::soft_target_cross_entropy;
-use crate::metrics::{ClassificationReport, Confusion};
-use crate::mixup::mix_targets;
+use crate::classify::loss::soft_target_cross_entropy;
+use crate::classify::metrics::{ClassificationReport, Confusion};
+use crate::classify::mixup::mix_targets;
+use crate::probe::features::FeatureSet;
 
 /// Linear-probe training knobs.
 #[derive(Debug, Clone, PartialEq)]

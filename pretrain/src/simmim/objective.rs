@@ -12,9 +12,9 @@ use mimlab_engine::run_dir::RunDir;
 use mimlab_engine::trainer::{Objective, StepOutput};
 use mimlab_models::swin_v2::SwinV2Config;
 
-use crate::mask::{MaskGenerator, SimMimConfig};
+use crate::simmim::mask::{MaskGenerator, SimMimConfig};
+use crate::simmim::visualize::{picture_masks, reconstruction_grid};
 use crate::simmim::SimMim;
-use crate::visualize::{picture_masks, reconstruction_grid};
 
 /// Stream tag of training masks: sample `index` of `epoch` uses `rng_for(seed, [epoch, index,
 /// MASK_STREAM])`, so a sample's mask does not depend on batch composition or resume point.

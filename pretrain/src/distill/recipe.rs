@@ -8,9 +8,9 @@ use mimlab_engine::data::{DataLoader, LoaderOptions};
 use mimlab_engine::trainer::{TrainSession, TrainSummary};
 use mimlab_models::swin_v2::SwinV2Config;
 
+use crate::distill::feature_cache::{config_hash, CacheHeader, FeatureCache, CACHE_VERSION};
+use crate::distill::objective::{DistillObjective, Targets};
 use crate::distill::{student_map, DistillConfig, Teacher};
-use crate::distill_objective::{DistillObjective, Targets};
-use crate::feature_cache::{config_hash, CacheHeader, FeatureCache, CACHE_VERSION};
 
 /// Distills the frozen teacher at `teacher_path` (run folder or weights file) into `student`
 /// (a backbone: `num_classes` is set to 0) on the train split of `session.data`.

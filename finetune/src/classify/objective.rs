@@ -16,11 +16,11 @@ use mimlab_models::swin_v2::{SwinV2, SwinV2Config};
 use mimlab_pretrain::backbone::load_backbone_weights;
 use rand::rngs::StdRng;
 
+use crate::classify::loss::{smoothed_targets, soft_target_cross_entropy};
+use crate::classify::metrics::{ClassificationReport, Confusion};
+use crate::classify::mixup::Mixup;
 use crate::config::FinetuneConfig;
 use crate::layer_decay::swin_lr_scale;
-use crate::loss::{smoothed_targets, soft_target_cross_entropy};
-use crate::metrics::{ClassificationReport, Confusion};
-use crate::mixup::Mixup;
 
 /// Stream tag of the per-step Mixup/CutMix draws (`rng_for(step seed, [MIX_STREAM])`).
 pub const MIX_STREAM: u64 = 0x00D1_C3B0;
@@ -158,7 +158,7 @@ impl Objective for ClassifyObjective {
         let p = if self.cfg.mixing() {
             self.mixup.draw(h, w, &mut self.mix_rng)?
         } else {
-            crate::mixup::MixParams {
+            crate::classify::mixup::MixParams {
                 lam: 1.0,
                 cutmix_box: None,
             }

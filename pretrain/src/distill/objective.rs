@@ -9,8 +9,8 @@ use mimlab_engine::rng::SharedRng;
 use mimlab_engine::trainer::{Objective, StepOutput};
 use mimlab_models::swin_v2::SwinV2Config;
 
+use crate::distill::feature_cache::FeatureCache;
 use crate::distill::{student_map, Distill, DistillConfig, Teacher};
-use crate::feature_cache::FeatureCache;
 
 /// Where the regression targets come from.
 pub enum Targets {
@@ -140,8 +140,8 @@ mod tests {
     use mimlab_engine::trainer::{BatchSource, RunConfig, TrainConfig, Trainer};
     use mimlab_models::swin_v2::SwinV2;
 
-    use crate::feature_cache::CacheHeader;
-    use crate::objective::tests::{assert_aux_gradient, moe_gate_gradients};
+    use crate::distill::feature_cache::CacheHeader;
+    use crate::simmim::objective::tests::{assert_aux_gradient, moe_gate_gradients};
     use mimlab_models::moe::MoeConfig;
 
     fn student_cfg() -> SwinV2Config {
@@ -362,7 +362,7 @@ mod tests {
         };
         let t = teacher(3);
         let header = CacheHeader {
-            version: crate::feature_cache::CACHE_VERSION,
+            version: crate::distill::feature_cache::CACHE_VERSION,
             teacher_weights: "teacher.safetensors".into(),
             config_hash: "abc".into(),
             num_samples: 0,

@@ -4,8 +4,8 @@ use candle_core::Device;
 use mimlab_engine::trainer::{TrainSession, TrainSummary};
 use mimlab_models::swin_v2::SwinV2Config;
 
-use crate::mask::SimMimConfig;
-use crate::objective::SimMimObjective;
+use crate::simmim::mask::SimMimConfig;
+use crate::simmim::objective::SimMimObjective;
 
 /// Pretrains `model` with SimMIM on the train split of `session.data`.
 pub fn pretrain_simmim(

@@ -7,7 +7,7 @@ use mimlab_engine::rng::SharedRng;
 use mimlab_models::moe::MoeAux;
 use mimlab_models::swin_v2::{SwinV2, SwinV2Config};
 
-use crate::mask::{MaskGenerator, SimMimConfig};
+use crate::simmim::mask::{MaskGenerator, SimMimConfig};
 
 /// SimMIM: encoder (key prefix `encoder.`) + linear pixel head (`decoder.0`), official layout.
 pub struct SimMim {
@@ -272,7 +272,8 @@ mod tests {
     }
 
     fn masks(n: usize) -> Tensor {
-        let g = MaskGenerator::new(32, 8, 4, 0.6, crate::mask::MaskStrategy::Random).unwrap();
+        let g =
+            MaskGenerator::new(32, 8, 4, 0.6, crate::simmim::mask::MaskStrategy::Random).unwrap();
         let v: Vec<f32> = (0..n)
             .flat_map(|i| g.generate(&mut rng_for(1, &[i as u64])))
             .map(f32::from)

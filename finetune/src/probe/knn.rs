@@ -3,8 +3,8 @@
 //! weight `exp(sim / T)`.
 use rayon::prelude::*;
 
-use crate::features::FeatureSet;
-use crate::metrics::{ClassificationReport, Confusion};
+use crate::classify::metrics::{ClassificationReport, Confusion};
+use crate::probe::features::FeatureSet;
 
 fn normalized(set: &FeatureSet) -> Vec<f32> {
     let mut out = set.features.clone();
