@@ -8,7 +8,7 @@
 //! `rng_for(seed, &[FIXED_AUG_STREAM, index])` instead: the same crop every epoch (cached
 //! teacher features need it).
 //!
-//! Samples of different sizes are padded by [`super::collate`] to the batch's largest size,
+//! Samples of different sizes are padded by [`super::collate()`] to the batch's largest size,
 //! rounded up to [`DataLoader::pad_to_multiple`].
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;

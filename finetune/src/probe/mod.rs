@@ -2,7 +2,7 @@
 //! linear probe, fit on the same class-balanced label fractions as low-label finetuning.
 //!
 //! - [`features`]: pooled features over a loader; [`knn`]: DINO's weighted k-NN;
-//! - [`linear_probe`]: standardized features + linear softmax head; [`recipe`]: `mimlab probe`.
+//! - [`mod@linear_probe`]: standardized features + linear softmax head; [`recipe`]: `mimlab probe`.
 pub mod features;
 pub mod knn;
 pub mod linear_probe;
