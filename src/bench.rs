@@ -1,0 +1,389 @@
+//! Benchmark recipe of `mimlab bench`: the rows (inference, a finetuning step and a SimMIM
+//! pretraining step for the CPU presets and `swinv2_tiny_window8_256`, plus the MoE MLP and one
+//! Swin-V2 block alone), their selection by filter, running them and the JSON report.
+//! `scripts/bench_pytorch.py` measures the same rows with PyTorch + timm.
+//!
+//! The measuring (timing, median, spread, peak RSS, table) is [`mimlab_engine::bench`]; this file
+//! only says what each row runs.
+use std::path::Path;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use mimlab_engine::bench::{measure, Iters, Report, Row};
+use mimlab_engine::device::with_cpu_threads;
+use mimlab_engine::fsutil::write_atomic;
+use mimlab_engine::init::seeded_var_builder;
+use mimlab_engine::optim::{param_groups, AdamW};
+use mimlab_engine::rng::{rng_for, SharedRng};
+use mimlab_models::moe::{MoeConfig, MoeMlp};
+use mimlab_models::swin_v2::{Block, SwinV2, SwinV2Config};
+use mimlab_pretrain::simmim::mask::{MaskGenerator, SimMimConfig};
+use mimlab_pretrain::simmim::SimMim;
+
+/// What a row runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Task {
+    /// Eval forward with the classifier head, no gradients.
+    Inference,
+    /// Classifier forward (train mode), cross-entropy, backward, AdamW step.
+    Finetune,
+    /// SimMIM: mask token + random masks, linear pixel head, masked L1, backward, AdamW step.
+    Simmim,
+    /// MoE MLP (8 experts, top-1) alone, eval forward on stage-1 sized tokens.
+    Moe { experts: usize },
+    /// One shifted Swin-V2 block of `swinv2_tiny_window8_256` stage 0, eval forward.
+    BlockForward,
+    /// The same block, train forward + backward (no optimizer).
+    BlockBackward,
+}
+
+/// One row of the table: `name` is `preset/task` or `layer/variant`.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    name: String,
+    preset: &'static str,
+    task: Task,
+    batch: usize,
+    img: usize,
+}
+
+/// Presets, their two image sizes and two batch sizes (batch 8 everywhere: the acceptance row).
+const PRESETS: &[(&str, [usize; 2], [usize; 2])] = &[
+    ("swinv2_nano", [32, 64], [8, 32]),
+    ("swinv2_micro", [64, 128], [8, 16]),
+    ("swinv2_tiny_window8_256", [128, 256], [4, 8]),
+];
+
+/// MoE rows: 64 images of 8x8 tokens at 96 channels (hidden 384), like the MoE bench.
+const MOE_TOKENS: (usize, usize, usize, usize) = (64, 8, 96, 384);
+
+fn specs() -> Vec<Spec> {
+    let mut out = vec![];
+    for &(preset, imgs, batches) in PRESETS {
+        for img in imgs {
+            for batch in batches {
+                for (task, t) in [
+                    (Task::Inference, "inference"),
+                    (Task::Finetune, "finetune"),
+                    (Task::Simmim, "simmim"),
+                ] {
+                    out.push(Spec {
+                        name: format!("{preset}/{t}"),
+                        preset,
+                        task,
+                        batch,
+                        img,
+                    });
+                }
+            }
+        }
+    }
+    let (b, side, _, _) = MOE_TOKENS;
+    for (task, n) in [
+        (Task::Moe { experts: 0 }, "mlp/dense"),
+        (Task::Moe { experts: 8 }, "mlp/moe_e8_top1"),
+    ] {
+        out.push(Spec {
+            name: n.into(),
+            preset: "",
+            task,
+            batch: b,
+            img: side * 4,
+        });
+    }
+    for (task, n) in [
+        (Task::BlockForward, "block/tiny_w8_s0_shifted_fwd"),
+        (Task::BlockBackward, "block/tiny_w8_s0_shifted_fwd_bwd"),
+    ] {
+        out.push(Spec {
+            name: n.into(),
+            preset: "swinv2_tiny_window8_256",
+            task,
+            batch: 8,
+            img: 256,
+        });
+    }
+    out
+}
+
+/// The rows `filters` selects (all when empty), in table order.
+fn selected(filters: &[String]) -> Vec<Spec> {
+    specs()
+        .into_iter()
+        .filter(|s| {
+            let key = Row::key(&s.name, s.img, s.batch);
+            filters.is_empty() || filters.iter().any(|f| key.contains(f.as_str()))
+        })
+        .collect()
+}
+
+impl Spec {
+    /// The row's `NAME img=IMG batch=B` (what `--filter` matches and `--list` prints).
+    pub fn key(&self) -> String {
+        Row::key(&self.name, self.img, self.batch)
+    }
+}
+
+/// The rows `filters` selects (all when empty), in table order; an error when none matches.
+pub fn select(filters: &[String]) -> Result<Vec<Spec>> {
+    let specs = selected(filters);
+    anyhow::ensure!(
+        !specs.is_empty(),
+        "--filter {:?} matches no row (see `mimlab bench --list`)",
+        filters
+    );
+    Ok(specs)
+}
+
+/// Iterations of a row: `quick` = one timed call and no warm-up; else `warmup` untimed calls and
+/// exactly `timed` timed ones, or (None) at least 3 within a ~2 s budget.
+pub fn iters(quick: bool, warmup: usize, timed: Option<usize>) -> Iters {
+    if quick {
+        Iters {
+            warmup: 0,
+            timed: 1,
+            budget_s: 0.0,
+        }
+    } else {
+        Iters {
+            warmup,
+            timed: timed.unwrap_or(3),
+            budget_s: if timed.is_some() { 0.0 } else { 2.0 },
+        }
+    }
+}
+
+/// Runs `specs` on `threads` compute threads (0 = all cores), one line per row on stderr as it
+/// finishes; the report holds the rows in order.
+pub fn run(specs: &[Spec], threads: usize, iters: Iters) -> Result<Report> {
+    let threads = if threads > 0 {
+        threads
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
+    eprintln!(
+        "mimlab bench: {} rows, {threads} threads, {}",
+        specs.len(),
+        cpu_model()
+    );
+    // The rows run on a compute thread, as training does (`device::with_cpu_threads`).
+    let rows = with_cpu_threads(threads, || -> Result<Vec<Row>> {
+        let mut rows = vec![];
+        for s in specs {
+            let row = run_row(s, iters)?;
+            eprintln!(
+                "{:<34} b{:<3} {:>4}px {:>9.1} ms {:>8.1} img/s {:>6.0} MiB",
+                row.name, row.batch, row.img, row.median_ms, row.images_per_s, row.peak_rss_mib
+            );
+            rows.push(row);
+        }
+        Ok(rows)
+    })?;
+    Ok(Report {
+        tool: "mimlab".into(),
+        threads,
+        rows,
+    })
+}
+
+/// Writes `report` as pretty JSON (the schema `scripts/bench_pytorch.py` writes) to `path`.
+pub fn write_json(report: &Report, path: &Path) -> Result<()> {
+    write_atomic(path, serde_json::to_string_pretty(report)?.as_bytes())
+}
+
+/// The CPU's model name from `/proc/cpuinfo` (empty elsewhere).
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// The preset at `img` pixels (windows clamp to the stage maps as the official code does).
+fn preset_at(name: &str, img: usize) -> Result<SwinV2Config> {
+    let cfg = SwinV2Config {
+        preset: None,
+        img_size: img,
+        ..SwinV2Config::preset(name)?
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Uniform-ish random images `[B, 3, img, img]`, seeded.
+fn images(batch: usize, img: usize, dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::randn(0f32, 1.0, (batch, 3, img, img), dev)?)
+}
+
+/// AdamW over every variable (timm/SimMIM defaults: betas (0.9, 0.999), eps 1e-8, wd 0.05).
+fn adamw(vm: &VarMap) -> Result<AdamW> {
+    AdamW::new(param_groups(vm, 0.05, &[], &|_| 1.0), (0.9, 0.999), 1e-8)
+}
+
+fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
+    let dev = Device::Cpu;
+    let (batch, img) = (s.batch, s.img);
+    match s.task {
+        Task::Inference => measure(&s.name, batch, img, iters, || {
+            let cfg = preset_at(s.preset, img)?;
+            let vm = VarMap::new();
+            let model = SwinV2::new(
+                &cfg,
+                false,
+                SharedRng::new(0),
+                seeded_var_builder(&vm, 0, DType::F32, &dev),
+            )?;
+            let x = images(batch, img, &dev)?;
+            Ok(move || {
+                model.forward(&x, false)?;
+                Ok(())
+            })
+        }),
+        Task::Finetune => measure(&s.name, batch, img, iters, || {
+            let cfg = preset_at(s.preset, img)?;
+            let vm = VarMap::new();
+            let model = SwinV2::new(
+                &cfg,
+                false,
+                SharedRng::new(0),
+                seeded_var_builder(&vm, 0, DType::F32, &dev),
+            )?;
+            let mut opt = adamw(&vm)?;
+            let x = images(batch, img, &dev)?;
+            let labels: Vec<u32> = (0..batch as u32)
+                .map(|i| i * 7 % cfg.num_classes as u32)
+                .collect();
+            let y = Tensor::new(labels, &dev)?;
+            Ok(move || {
+                let (logits, _moe) = model.forward(&x, true)?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+                opt.step(&loss.backward()?, 1e-4)?;
+                Ok(())
+            })
+        }),
+        Task::Simmim => measure(&s.name, batch, img, iters, || {
+            let cfg = preset_at(s.preset, img)?;
+            // official mask patch 32 where the image has room for a grid of them
+            let sim = SimMimConfig {
+                mask_patch_size: (img / 4).min(32),
+                num_pictures: 0,
+                ..SimMimConfig::default()
+            };
+            let vm = VarMap::new();
+            let model = SimMim::new(
+                &cfg,
+                &sim,
+                SharedRng::new(0),
+                seeded_var_builder(&vm, 0, DType::F32, &dev),
+            )?;
+            let mut opt = adamw(&vm)?;
+            let gen = MaskGenerator::for_model(&cfg, &sim)?;
+            let g = gen.grid();
+            let mut rng = rng_for(0, &[]);
+            let m: Vec<f32> = (0..batch)
+                .flat_map(|_| gen.generate(&mut rng))
+                .map(f32::from)
+                .collect();
+            let mask = Tensor::from_vec(m, (batch, g, g), &dev)?;
+            let x = images(batch, img, &dev)?;
+            Ok(move || {
+                let (loss, _, _moe) = model.forward(&x, &mask, true)?;
+                opt.step(&loss.backward()?, 1e-4)?;
+                Ok(())
+            })
+        }),
+        Task::Moe { experts } => measure(&s.name, batch, img, iters, || {
+            let (b, side, c, hid) = MOE_TOKENS;
+            let x = Tensor::randn(0f32, 1.0, (b * side * side, c), &dev)?;
+            let vm = VarMap::new();
+            let vb = seeded_var_builder(&vm, 0, DType::F32, &dev);
+            let rng = SharedRng::new(0);
+            let moe = if experts > 0 {
+                let cfg = MoeConfig {
+                    num_experts: experts,
+                    top_k: 1,
+                    ..MoeConfig::default()
+                };
+                Some(MoeMlp::new(c, hid, &cfg, 0.0, vb.clone())?)
+            } else {
+                None
+            };
+            // dense: the Swin-V2 block MLP fc1 -> GELU(erf) -> fc2 through the ops the model's
+            // `Mlp` uses (fc1 and its GELU as one node), same init as the experts
+            let w1 = (Tensor::randn(0f32, 1.0, (hid, c), &dev)? * 0.005)?;
+            let b1 = Tensor::zeros(hid, DType::F32, &dev)?;
+            let w2 = (Tensor::randn(0f32, 1.0, (c, hid), &dev)? * 0.005)?;
+            let b2 = Tensor::zeros(c, DType::F32, &dev)?;
+            Ok(move || {
+                match &moe {
+                    Some(m) => {
+                        m.forward(&x, &rng, false)?;
+                    }
+                    None => {
+                        let h = mimlab_models::ops::linear_gelu(&x, &w1, &b1)?;
+                        mimlab_models::ops::linear(&h, &w2, Some(&b2))?;
+                    }
+                }
+                Ok(())
+            })
+        }),
+        Task::BlockForward | Task::BlockBackward => measure(&s.name, batch, img, iters, || {
+            let cfg = preset_at(s.preset, img)?;
+            let res = img / cfg.patch_size;
+            let vm = VarMap::new();
+            let blk = Block::standalone(
+                &cfg,
+                0,
+                1,
+                (res, res),
+                seeded_var_builder(&vm, 0, DType::F32, &dev),
+            )?;
+            let c = cfg.embed_dim;
+            let x = Tensor::randn(0f32, 1.0, (batch, res, res, c), &dev)?;
+            let train = s.task == Task::BlockBackward;
+            Ok(move || {
+                let (y, _moe) = blk.forward(&x, train)?;
+                if train {
+                    y.sqr()?.mean_all()?.backward()?;
+                }
+                Ok(())
+            })
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_row_has_batch_8_and_a_valid_resolution() {
+        for &(preset, imgs, batches) in PRESETS {
+            assert!(batches.contains(&8), "{preset}");
+            for img in imgs {
+                preset_at(preset, img).unwrap();
+            }
+        }
+        assert_eq!(specs().len(), PRESETS.len() * 2 * 2 * 3 + 4);
+    }
+
+    #[test]
+    fn filters_select_by_name_size_and_batch() {
+        let keys = |f: &[&str]| -> Vec<String> {
+            let f: Vec<String> = f.iter().map(|s| s.to_string()).collect();
+            selected(&f)
+                .iter()
+                .map(|s| Row::key(&s.name, s.img, s.batch))
+                .collect()
+        };
+        assert_eq!(keys(&["nano/simmim img=64 batch=8"]).len(), 1);
+        assert_eq!(keys(&["nano"]).len(), 12);
+        assert_eq!(keys(&["img=256 batch=8", "mlp/"]).len(), 3 + 2 + 2);
+    }
+}
