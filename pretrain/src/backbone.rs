@@ -2,14 +2,16 @@
 //! (`--init`, `--teacher`, `--weights`; resolved by `engine::run_dir::resolve_init`), the key
 //! prefix under which the objective that wrote it keeps the backbone (SimMIM `encoder.`,
 //! feature distillation `student.`, a classifier or an official / timm file none), and the
-//! architecture from the run's `config.yaml`. The models crate loads what it is told.
+//! architecture from the run's `config.yaml`. The models crate loads what it is told. Also the
+//! eval forward over saved tensors and the description of `mimlab model run` / `model info`.
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use mimlab_engine::run_dir::read_config_section;
-use mimlab_models::checkpoint::{checkpoint_keys, LoadReport};
+use mimlab_models::checkpoint::{checkpoint_keys, read_safetensors, LoadReport};
 use mimlab_models::pretrained::{self, Head};
 use mimlab_models::swin_v2::{preset_layer, SwinV2, SwinV2Config};
 
@@ -49,6 +51,70 @@ pub fn load_backbone(
 ) -> Result<(SwinV2, VarMap, LoadReport)> {
     let prefix = backbone_prefix_of(weights)?;
     pretrained::load_backbone(cfg, weights, prefix, device)
+}
+
+/// The eval forward of `model` (on `device`) over the tensor `input` of the safetensors file
+/// `input` (`[N, C, H, W]`, already normalized; H and W any multiples of the patch size): the
+/// outputs `pre_logits` `[N, C]`, `features` (the last stage, NHWC) and, when the model has a
+/// head, `logits`, all on the CPU.
+pub fn run_backbone(
+    model: &SwinV2,
+    input: &Path,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let inputs = read_safetensors(input)?;
+    let x = inputs
+        .get("input")
+        .with_context(|| format!("{}: no tensor named `input`", input.display()))?
+        .to_dtype(DType::F32)?
+        .to_device(device)?;
+    let feats = model.forward_features(&x, None, false)?;
+    let pre = model.pre_logits(&feats)?;
+    let last = feats.stages.last().context("model has no stages")?;
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    out.insert("pre_logits".into(), pre.clone());
+    out.insert("features".into(), last.permute((0, 2, 3, 1))?.contiguous()?);
+    if model.config().num_classes > 0 {
+        out.insert("logits".into(), model.forward(&x, false)?.0);
+    }
+    out.into_iter()
+        .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?)))
+        .collect()
+}
+
+/// What `mimlab model info` prints of `cfg`, one line each: preset, image size, parameters,
+/// GFLOPs per image, accepted input sizes, each stage's blocks / dim / heads / map / window and
+/// the output features.
+pub fn describe_backbone(cfg: &SwinV2Config) -> Vec<String> {
+    let mut lines = vec![
+        format!("preset            {}", cfg.preset.as_deref().unwrap_or("-")),
+        format!("img_size          {}", cfg.img_size),
+        format!("parameters        {}", cfg.num_params()),
+        format!(
+            "GFLOPs / image    {:.3} (multiply-adds, forward)",
+            cfg.flops() as f64 / 1e9
+        ),
+        format!(
+            "inputs            any multiple of {} px (the windows of img_size, padded)",
+            cfg.size_multiple()
+        ),
+    ];
+    let mut res = cfg.img_size / cfg.patch_size;
+    for (i, (&d, &h)) in cfg.depths.iter().zip(&cfg.num_heads).enumerate() {
+        let dim = cfg.embed_dim << i;
+        let (win, shift) = cfg.stage_window(i);
+        lines.push(format!(
+            "stage {i}           {d} blocks, dim {dim}, heads {h}, map {res}x{res}, window {win}, \
+             shift {shift}"
+        ));
+        res /= 2;
+    }
+    lines.push(format!(
+        "features          {} channels at stride {}",
+        cfg.num_features(),
+        cfg.out_stride()
+    ));
+    lines
 }
 
 /// The `model:` section of a run's `config.yaml` (the architecture its weights were trained as),
@@ -158,6 +224,39 @@ mod tests {
         let m = run_model_section(&c)?;
         assert_eq!(m.preset.as_deref(), Some("swinv2_nano"));
         assert_eq!((m.img_size, m.embed_dim), (32, 32));
+        Ok(())
+    }
+
+    #[test]
+    fn run_backbone_gives_nhwc_features_and_names_a_missing_input() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (cfg, _) = tiny_setup();
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = seeded_var_builder(&vm, 0, DType::F32, &dev);
+        let model = SwinV2::new(&cfg, false, SharedRng::new(0), vb)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &dev)?;
+        let p = dir.path().join("in.safetensors");
+        candle_core::safetensors::save(&HashMap::from([("x", x.clone())]), &p)?;
+        let e = run_backbone(&model, &p, &dev).unwrap_err().to_string();
+        assert!(e.contains("no tensor named `input`"), "{e}");
+        candle_core::safetensors::save(&HashMap::from([("input", x)]), &p)?;
+        let out = run_backbone(&model, &p, &dev)?;
+        let (side, c) = (32 / cfg.out_stride(), cfg.num_features());
+        assert_eq!(out["features"].dims(), [2, side, side, c]);
+        assert_eq!(out["pre_logits"].dims(), [2, c]);
+        assert_eq!(out["logits"].dims(), [2, cfg.num_classes]);
+        // pre-logits: the mean of the last stage's map
+        let diff = (out["features"].mean((1, 2))? - &out["pre_logits"])?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+
+        let lines = describe_backbone(&cfg);
+        assert_eq!(lines.len(), 6 + cfg.depths.len());
+        assert_eq!(lines[1], "img_size          32");
+        assert_eq!(lines[2], format!("parameters        {}", cfg.num_params()));
         Ok(())
     }
 }
