@@ -221,6 +221,19 @@ fn images(batch: usize, img: usize, dev: &Device) -> Result<Tensor> {
     Ok(Tensor::randn(0f32, 1.0, (batch, 3, img, img), dev)?)
 }
 
+/// The preset's classifier at `img` pixels, seeded, with its variables.
+fn classifier(preset: &str, img: usize, dev: &Device) -> Result<(SwinV2Config, VarMap, SwinV2)> {
+    let cfg = preset_at(preset, img)?;
+    let vm = VarMap::new();
+    let model = SwinV2::new(
+        &cfg,
+        false,
+        SharedRng::new(0),
+        seeded_var_builder(&vm, 0, DType::F32, dev),
+    )?;
+    Ok((cfg, vm, model))
+}
+
 /// AdamW over every variable (timm/SimMIM defaults: betas (0.9, 0.999), eps 1e-8, wd 0.05).
 fn adamw(vm: &VarMap) -> Result<AdamW> {
     AdamW::new(param_groups(vm, 0.05, &[], &|_| 1.0), (0.9, 0.999), 1e-8)
@@ -231,14 +244,7 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
     let (batch, img) = (s.batch, s.img);
     match s.task {
         Task::Inference => measure(&s.name, batch, img, iters, || {
-            let cfg = preset_at(s.preset, img)?;
-            let vm = VarMap::new();
-            let model = SwinV2::new(
-                &cfg,
-                false,
-                SharedRng::new(0),
-                seeded_var_builder(&vm, 0, DType::F32, &dev),
-            )?;
+            let (_, _vm, model) = classifier(s.preset, img, &dev)?;
             let x = images(batch, img, &dev)?;
             Ok(move || {
                 model.forward(&x, false)?;
@@ -246,14 +252,7 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
             })
         }),
         Task::Finetune => measure(&s.name, batch, img, iters, || {
-            let cfg = preset_at(s.preset, img)?;
-            let vm = VarMap::new();
-            let model = SwinV2::new(
-                &cfg,
-                false,
-                SharedRng::new(0),
-                seeded_var_builder(&vm, 0, DType::F32, &dev),
-            )?;
+            let (cfg, vm, model) = classifier(s.preset, img, &dev)?;
             let mut opt = adamw(&vm)?;
             let x = images(batch, img, &dev)?;
             let labels: Vec<u32> = (0..batch as u32)
