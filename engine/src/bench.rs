@@ -1,7 +1,7 @@
 //! Benchmark machinery shared by `mimlab bench` and the PyTorch comparison: warm-up and timed
 //! iterations, median and spread, peak resident memory per row, the table and its JSON rows.
 //!
-//! The row *definitions* (which model, which step) live with the `mimlab bench` subcommand; this
+//! The row *definitions* (which model, which step) live in the binary crate's `src/bench.rs`; this
 //! module only measures. Benchmarks measure, tests assert: nothing here judges a number.
 use std::time::Instant;
 
