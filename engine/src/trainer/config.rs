@@ -272,7 +272,8 @@ mod tests {
 
     #[test]
     fn non_finite_hyperparameters_are_refused_by_key() {
-        let cases: [(&str, fn(&mut TrainConfig, f64)); 7] = [
+        type Set = fn(&mut TrainConfig, f64);
+        let cases: [(&str, Set); 7] = [
             ("train.base_lr", |t, v| t.base_lr = v),
             ("train.min_lr", |t, v| t.min_lr = v),
             ("train.weight_decay", |t, v| t.weight_decay = v),
