@@ -15,7 +15,7 @@
 //! system's file lock, so it dies with the process (a `kill -9` leaves no stale lock behind).
 //! A weights path given to `--init`, `--teacher`, `--weights` is a run folder (its newest
 //! complete checkpoint) or a file, which may sit in a run's `checkpoints/` ([`resolve_init`]).
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -55,7 +55,14 @@ pub struct CheckpointFiles {
 /// process dies).
 #[derive(Debug)]
 pub struct RunLock {
-    _file: std::fs::File,
+    file: std::fs::File,
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        // best effort: a released lock names no holder (the lock itself goes with the file)
+        let _ = self.file.set_len(0);
+    }
 }
 
 /// A run folder (a path; nothing is read or created until asked).
@@ -136,8 +143,17 @@ impl RunDir {
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
+                // The holder writes its pid right after taking the lock: give it a moment.
                 let mut text = String::new();
-                let _ = file.read_to_string(&mut text);
+                for _ in 0..20 {
+                    text.clear();
+                    let _ = file.seek(SeekFrom::Start(0));
+                    let _ = file.read_to_string(&mut text);
+                    if !text.trim().is_empty() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
                 let holder = match text.trim() {
                     "" => "pid unknown".to_string(),
                     pid => format!("pid {pid}"),
@@ -156,7 +172,7 @@ impl RunDir {
         file.set_len(0)
             .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
             .with_context(|| format!("writing {}", path.display()))?;
-        Ok(RunLock { _file: file })
+        Ok(RunLock { file })
     }
 
     /// The run folder that holds `file` as `RUN/checkpoints/<file>`, if it sits in one.
@@ -426,6 +442,7 @@ mod tests {
         };
         assert_eq!(RunDir::new_run(&cfg, "toy").unwrap_err().to_string(), err);
         drop(held);
+        assert_eq!(std::fs::read_to_string(run.root().join(".lock"))?, "");
         let (again, _l) = RunDir::new_run(&cfg, "toy")?;
         assert_eq!(again, run);
         Ok(())
