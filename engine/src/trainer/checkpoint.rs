@@ -560,23 +560,21 @@ mod tests {
         }
     }
 
-    fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
+    use crate::fsutil::dir_names as names;
+
+    /// `{"w": [1, 2]}`.
+    fn one_tensor() -> HashMap<String, Tensor> {
+        HashMap::from([(
+            "w".to_string(),
+            Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap(),
+        )])
     }
 
     #[test]
     fn pruning_deletes_orphan_pieces_and_temp_files_of_any_step() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let w = HashMap::from([(
-            "w".to_string(),
-            Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap(),
-        )]);
+        let w = one_tensor();
         for step in [2u64, 3] {
             save_checkpoint(d, &w, &HashMap::new(), &[], &toy_meta(step)).unwrap();
         }
@@ -669,10 +667,7 @@ mod tests {
     fn resume_reads_the_newest_intact_checkpoint_and_names_each_corrupt_one() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let w = HashMap::from([(
-            "w".to_string(),
-            Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap(),
-        )]);
+        let w = one_tensor();
         assert!(load_newest_intact(d).unwrap().is_none());
         for step in 1..=3u64 {
             save_checkpoint(d, &w, &HashMap::new(), &[], &toy_meta(step)).unwrap();
