@@ -69,19 +69,22 @@ fn sync_dir(dir: Option<&Path>) {
     }
 }
 
+/// The sorted names in `dir` (tests of the writers).
+#[cfg(test)]
+pub(crate) fn dir_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 #[cfg(test)]
 mod tests {
+    use super::dir_names as names;
     use super::*;
     use anyhow::bail;
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
 
     #[test]
     fn the_content_appears_whole_and_replaces_the_old_one() {

@@ -8,9 +8,14 @@
 //!   metrics.jsonl                   one JSON object per logged step or evaluation
 //!   pictures/                       PNGs (reconstructions, ...)
 //!   eval/                           reports of `finetune` and `eval`
+//!   .lock                           held by the run writing the folder (its pid inside)
 //! ```
+//! One run at a time writes a run folder: a training run holds an exclusive lock on `.lock`
+//! ([`RunDir::lock`]) from before it writes anything until it ends; the lock is the operating
+//! system's file lock, so it dies with the process (a `kill -9` leaves no stale lock behind).
 //! A weights path given to `--init`, `--teacher`, `--weights` is a run folder (its newest
 //! complete checkpoint) or a file, which may sit in a run's `checkpoints/` ([`resolve_init`]).
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -32,6 +37,8 @@ pub const PICTURES_DIR: &str = "pictures";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 /// Folder of the evaluation reports.
 pub const EVAL_DIR: &str = "eval";
+/// File locked by the run writing the folder.
+pub const LOCK_FILE: &str = ".lock";
 
 /// The three files of checkpoint N.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +49,20 @@ pub struct CheckpointFiles {
     pub optim: PathBuf,
     /// `step_N.json`: the meta, written last.
     pub meta: PathBuf,
+}
+
+/// The exclusive lock on a run folder ([`RunDir::lock`]); released when dropped (or when the
+/// process dies).
+#[derive(Debug)]
+pub struct RunLock {
+    file: std::fs::File,
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        // best effort: a released lock names no holder (the lock itself goes with the file)
+        let _ = self.file.set_len(0);
+    }
 }
 
 /// A run folder (a path; nothing is read or created until asked).
@@ -56,32 +77,102 @@ impl RunDir {
         Self { root: root.into() }
     }
 
-    /// A fresh run folder for `objective` (not created yet): `output_dir/name`, or
-    /// `output_dir/<objective>-<UTC stamp>[-k]` for an unnamed run; refuses a named folder that
-    /// already holds checkpoints (resume it instead).
-    pub fn new_run(run: &RunConfig, objective: &str) -> Result<Self> {
+    /// A fresh run folder for `objective`, created and locked: `output_dir/name`, or
+    /// `output_dir/<objective>-<UTC stamp>[-k]` for an unnamed run (created with `create_dir`,
+    /// so two runs started in the same second never share one). Refuses a named folder that
+    /// another run holds, or that already holds checkpoints (resume it instead).
+    pub fn new_run(run: &RunConfig, objective: &str) -> Result<(Self, RunLock)> {
         if let Some(name) = &run.name {
             let dir = Self::at(run.output_dir.join(name));
+            dir.create()?;
+            let lock = dir.lock()?;
             if !dir.checkpoint_steps()?.is_empty() {
                 bail!(
                     "run folder {} already holds checkpoints: resume it, or pick another run.name",
                     dir.root.display()
                 );
             }
-            return Ok(dir);
+            return Ok((dir, lock));
         }
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let base = format!("{objective}-{}", utc_stamp(secs));
-        let mut dir = run.output_dir.join(&base);
-        let mut k = 2;
-        while dir.exists() {
-            dir = run.output_dir.join(format!("{base}-{k}"));
-            k += 1;
+        Self::create_unique(&run.output_dir, &base)
+    }
+
+    /// Creates and locks `parent/base`, or `parent/base-k` for the first k >= 2 not taken.
+    fn create_unique(parent: &Path, base: &str) -> Result<(Self, RunLock)> {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        for k in 1u32.. {
+            let name = if k == 1 {
+                base.to_string()
+            } else {
+                format!("{base}-{k}")
+            };
+            let dir = Self::at(parent.join(name));
+            match std::fs::create_dir(&dir.root) {
+                Ok(()) => {
+                    let lock = dir.lock()?;
+                    return Ok((dir, lock));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("creating run folder {}", dir.root.display()))
+                }
+            }
         }
-        Ok(Self::at(dir))
+        unreachable!("u32 suffixes exhausted")
+    }
+
+    /// Takes the run folder's exclusive lock (`.lock`, created if needed, with this process's
+    /// pid written in) for as long as the returned value lives. The folder must exist. Fails at
+    /// once, naming the folder and the holder's pid, when another run holds it.
+    pub fn lock(&self) -> Result<RunLock> {
+        let path = self.root.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening the run folder lock {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                // The holder writes its pid right after taking the lock: give it a moment.
+                let mut text = String::new();
+                for _ in 0..20 {
+                    text.clear();
+                    let _ = file.seek(SeekFrom::Start(0));
+                    let _ = file.read_to_string(&mut text);
+                    if !text.trim().is_empty() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                let holder = match text.trim() {
+                    "" => "pid unknown".to_string(),
+                    pid => format!("pid {pid}"),
+                };
+                bail!(
+                    "run folder {} is in use by another run ({holder}, holding {}): wait for it \
+                     to end, or pick another run.name",
+                    self.root.display(),
+                    path.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()))
+            }
+        }
+        file.set_len(0)
+            .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(RunLock { file })
     }
 
     /// The run folder that holds `file` as `RUN/checkpoints/<file>`, if it sits in one.
@@ -301,12 +392,59 @@ mod tests {
         let err = RunDir::new_run(&cfg, "toy").unwrap_err().to_string();
         assert!(err.contains("already holds checkpoints"), "{err}");
         cfg.name = None;
-        let a = RunDir::new_run(&cfg, "toy")?;
-        a.create()?;
-        let b = RunDir::new_run(&cfg, "toy")?;
+        let (a, _la) = RunDir::new_run(&cfg, "toy")?;
+        let (b, _lb) = RunDir::new_run(&cfg, "toy")?;
         assert_ne!(a, b);
+        assert!(a.root().is_dir() && b.root().is_dir());
         let name = a.root().file_name().unwrap().to_string_lossy().into_owned();
         assert!(name.starts_with("toy-") && name.len() == "toy-20231114-221320".len());
+        Ok(())
+    }
+
+    #[test]
+    fn unnamed_runs_of_the_same_second_get_their_own_folders() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let stamp = "toy-20231114-221320";
+        let (a, _la) = RunDir::create_unique(dir.path(), stamp)?;
+        let (b, _lb) = RunDir::create_unique(dir.path(), stamp)?;
+        let (c, _lc) = RunDir::create_unique(dir.path(), stamp)?;
+        assert_eq!(a.root(), dir.path().join(stamp));
+        assert_eq!(b.root(), dir.path().join(format!("{stamp}-2")));
+        assert_eq!(c.root(), dir.path().join(format!("{stamp}-3")));
+        Ok(())
+    }
+
+    #[test]
+    fn a_locked_run_folder_refuses_a_second_run_until_released() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let run = RunDir::at(dir.path().join("conc"));
+        run.create()?;
+        let held = run.lock()?;
+        let pid = std::process::id();
+        assert_eq!(
+            std::fs::read_to_string(run.root().join(".lock"))?,
+            format!("{pid}\n")
+        );
+        let err = run.lock().unwrap_err().to_string();
+        let folder = run.root().display();
+        assert_eq!(
+            err,
+            format!(
+                "run folder {folder} is in use by another run (pid {pid}, holding \
+                 {folder}/.lock): wait for it to end, or pick another run.name"
+            )
+        );
+        // a named new run on the held folder is refused the same way
+        let cfg = RunConfig {
+            output_dir: dir.path().to_path_buf(),
+            name: Some("conc".into()),
+            ..RunConfig::default()
+        };
+        assert_eq!(RunDir::new_run(&cfg, "toy").unwrap_err().to_string(), err);
+        drop(held);
+        assert_eq!(std::fs::read_to_string(run.root().join(".lock"))?, "");
+        let (again, _l) = RunDir::new_run(&cfg, "toy")?;
+        assert_eq!(again, run);
         Ok(())
     }
 }

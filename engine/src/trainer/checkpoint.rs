@@ -8,6 +8,12 @@
 //! - `latest`: the text `step_N` of the newest complete checkpoint (for people and scripts; resume
 //!   scans the JSON files and takes the highest N).
 //!
+//! Nothing holding a NaN or an infinity is ever written ([`save_checkpoint`] refuses). A kill
+//! between two of these writes leaves pieces of a step without its JSON, and a kill inside a
+//! write leaves a hidden `*.tmp`: [`prune_checkpoints`] (after every save) deletes every piece
+//! that does not belong to a kept complete checkpoint. Resume ([`load_newest_intact`]) takes the
+//! newest checkpoint that reads back whole and warns about each newer one it skips.
+//!
 //! Every file is written with [`crate::fsutil::write_atomic`]. The run folder around
 //! `checkpoints/` is [`crate::run_dir::RunDir`].
 use std::collections::HashMap;
@@ -237,7 +243,39 @@ pub fn checkpoint_paths(dir: &Path, step: u64) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
-/// Writes one complete checkpoint (tensors first, JSON last, then `latest`).
+/// The name of the first tensor (in name order) that holds a NaN or an infinity, if any.
+pub fn first_non_finite<'a>(
+    tensors: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
+) -> Result<Option<String>> {
+    let mut floats: Vec<(&String, &Tensor)> = tensors
+        .into_iter()
+        .filter(|(_, t)| t.dtype().is_float())
+        .collect();
+    floats.sort_by(|a, b| a.0.cmp(b.0));
+    // x - x is 0 for a finite x and NaN otherwise; the sum keeps a NaN (no overflow possible).
+    let sums = floats
+        .iter()
+        .map(|(_, t)| t.sub(t)?.sum_all()?.to_dtype(DType::F32))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let one_device = sums
+        .windows(2)
+        .all(|w| w[0].device().same_device(w[1].device()));
+    let values: Vec<f32> = if one_device && !sums.is_empty() {
+        Tensor::stack(&sums, 0)?.to_vec1()? // one device sync for all
+    } else {
+        sums.iter()
+            .map(|t| t.to_scalar::<f32>())
+            .collect::<candle_core::Result<_>>()?
+    };
+    Ok(floats
+        .iter()
+        .zip(values)
+        .find(|(_, v)| !v.is_finite())
+        .map(|((k, _), _)| (*k).clone()))
+}
+
+/// Writes one complete checkpoint (tensors first, JSON last, then `latest`). Refuses, before
+/// writing anything, a checkpoint whose tensors or lr are not finite.
 pub fn save_checkpoint(
     dir: &Path,
     weights: &HashMap<String, Tensor>,
@@ -245,6 +283,19 @@ pub fn save_checkpoint(
     losses: &[f64],
     meta: &CheckpointMeta,
 ) -> Result<()> {
+    let bad = match first_non_finite(weights)? {
+        Some(k) => Some(format!("weight `{k}`")),
+        None => first_non_finite(optim)?.map(|k| format!("optimizer state `{k}`")),
+    };
+    let bad = bad.or_else(|| (!meta.lr.is_finite()).then(|| format!("lr {}", meta.lr)));
+    if let Some(what) = bad {
+        bail!(
+            "step {}: {what} is not finite (NaN or infinity); checkpoint not written, the \
+             previous one in {} stays",
+            meta.step,
+            dir.display()
+        );
+    }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let (w, o, j) = checkpoint_paths(dir, meta.step);
     save_tensors(&w, weights)?;
@@ -331,23 +382,91 @@ pub fn load_checkpoint(dir: &Path, step: u64) -> Result<LoadedCheckpoint> {
     })
 }
 
-/// Deletes all but the newest `keep` (at least 1) checkpoints; the JSON goes first so a
-/// half-deleted checkpoint is never taken for a complete one.
-pub fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
+/// The newest checkpoint in `dir` that reads back whole (JSON, both tensor files, finite
+/// values), newest first. Each newer checkpoint that does not is named on stderr with the reason,
+/// loudly, since the run then goes back to an older step. None if `dir` has no complete one;
+/// an error naming every checkpoint and its fault if none reads back.
+pub fn load_newest_intact(dir: &Path) -> Result<Option<LoadedCheckpoint>> {
     let steps = list_checkpoints(dir)?;
-    let keep = keep.max(1);
-    if steps.len() <= keep {
-        return Ok(());
-    }
-    for &s in &steps[..steps.len() - keep] {
-        let (w, o, j) = checkpoint_paths(dir, s);
-        for p in [j, w, o] {
-            if p.exists() {
-                fs::remove_file(&p).with_context(|| format!("deleting {}", p.display()))?;
+    let mut faults = vec![];
+    for &step in steps.iter().rev() {
+        let read = load_checkpoint(dir, step).and_then(|ck| {
+            match first_non_finite(ck.weights.iter().chain(ck.optim.iter()))? {
+                Some(k) => bail!("`{k}` is not finite (NaN or infinity)"),
+                None => Ok(ck),
+            }
+        });
+        match read {
+            Ok(ck) => {
+                if let Some(&newest) = steps.last().filter(|&&n| n != step) {
+                    eprintln!(
+                        "WARNING: resuming {} from step_{step}, not from the newest step_{newest} \
+                         (see above); the newer checkpoint files will be replaced",
+                        dir.display()
+                    );
+                }
+                return Ok(Some(ck));
+            }
+            Err(e) => {
+                let fault = format!("step_{step} is corrupt: {e:#}");
+                eprintln!(
+                    "WARNING: {}: {fault}; trying the previous checkpoint",
+                    dir.display()
+                );
+                faults.push(fault);
             }
         }
     }
+    if faults.is_empty() {
+        return Ok(None);
+    }
+    bail!(
+        "{}: no checkpoint reads back whole: {}",
+        dir.display(),
+        faults.join("; ")
+    )
+}
+
+/// Keeps the newest `keep` (at least 1) complete checkpoints at or before step `newest` and
+/// deletes every other piece of a checkpoint in `dir`: older checkpoints (JSON first, so a
+/// half-deleted one is never taken for a complete one), pieces a crash left without their JSON,
+/// checkpoints after `newest` (a corrupt future a resume fell back from) and leftover `*.tmp`
+/// files. Only the run that holds the run folder's lock may call it (a `*.tmp` of another
+/// writer would be taken for a leftover).
+pub fn prune_checkpoints(dir: &Path, keep: usize, newest: u64) -> Result<()> {
+    let complete: Vec<u64> = list_checkpoints(dir)?
+        .into_iter()
+        .filter(|&s| s <= newest)
+        .collect();
+    let kept = &complete[complete.len().saturating_sub(keep.max(1))..];
+    let mut doomed: Vec<(u8, PathBuf)> = vec![];
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            doomed.push((1, path));
+        } else if let Some(step) = piece_step(&name) {
+            if !kept.contains(&step) {
+                doomed.push((u8::from(!name.ends_with(".json")), path));
+            }
+        }
+    }
+    doomed.sort(); // every JSON before any tensor file
+    for (_, p) in doomed {
+        fs::remove_file(&p).with_context(|| format!("deleting {}", p.display()))?;
+    }
     Ok(())
+}
+
+/// N of a checkpoint piece `step_N.json`, `step_N.safetensors`, `step_N.optim.safetensors`.
+fn piece_step(name: &str) -> Option<u64> {
+    let rest = name.strip_prefix("step_")?;
+    let (n, ext) = rest.split_once('.')?;
+    let n = n.parse().ok()?;
+    matches!(ext, "json" | "safetensors" | "optim.safetensors").then_some(n)
 }
 
 #[cfg(test)]
@@ -383,7 +502,7 @@ mod tests {
             };
             let losses: Vec<f64> = (0..step).map(|i| i as f64 * 0.5).collect();
             save_checkpoint(dir.path(), &weights, &HashMap::new(), &losses, &meta).unwrap();
-            prune_checkpoints(dir.path(), 2).unwrap();
+            prune_checkpoints(dir.path(), 2, step).unwrap();
         }
         assert_eq!(list_checkpoints(dir.path()).unwrap(), vec![3, 4]);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2 * 3 + 1);
@@ -423,5 +542,156 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing key `v`"), "{err}");
+    }
+
+    fn toy_meta(step: u64) -> CheckpointMeta {
+        CheckpointMeta {
+            format_version: FORMAT_VERSION,
+            step,
+            epoch: 0,
+            batch_in_epoch: 0,
+            optimizer_steps: step,
+            lr: 0.1,
+            seed: 0,
+            schedule: ScheduleKind::Cosine,
+            losses: 0,
+            batches_per_epoch: 10,
+            objective: "toy".into(),
+        }
+    }
+
+    use crate::fsutil::dir_names as names;
+
+    /// `{"w": [1, 2]}`.
+    fn one_tensor() -> HashMap<String, Tensor> {
+        HashMap::from([(
+            "w".to_string(),
+            Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap(),
+        )])
+    }
+
+    #[test]
+    fn pruning_deletes_orphan_pieces_and_temp_files_of_any_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let w = one_tensor();
+        for step in [2u64, 3] {
+            save_checkpoint(d, &w, &HashMap::new(), &[], &toy_meta(step)).unwrap();
+        }
+        // what kills left behind: weights without a JSON (after and before the kept ones), an
+        // optimizer file alone, a half-pruned old step, temp files of a dead writer
+        for f in [
+            "step_4.safetensors",
+            "step_1.safetensors",
+            "step_1.optim.safetensors",
+            "step_0.optim.safetensors",
+            ".step_4.json.4242.0.tmp",
+            ".step_4.optim.safetensors.4242.1.tmp",
+        ] {
+            fs::write(d.join(f), b"x").unwrap();
+        }
+        fs::write(d.join("README"), b"not ours").unwrap();
+        assert_eq!(list_checkpoints(d).unwrap(), vec![2, 3]);
+        prune_checkpoints(d, 2, 3).unwrap();
+        let kept = [
+            "README",
+            "latest",
+            "step_2.json",
+            "step_2.optim.safetensors",
+            "step_2.safetensors",
+            "step_3.json",
+            "step_3.optim.safetensors",
+            "step_3.safetensors",
+        ];
+        assert_eq!(names(d), kept);
+        // a checkpoint after the current step (a corrupt one resume fell back from) goes too
+        save_checkpoint(d, &w, &HashMap::new(), &[], &toy_meta(5)).unwrap();
+        prune_checkpoints(d, 1, 3).unwrap();
+        assert_eq!(list_checkpoints(d).unwrap(), vec![3]);
+        assert_eq!(
+            names(d),
+            [
+                "README",
+                "latest",
+                "step_3.json",
+                "step_3.optim.safetensors",
+                "step_3.safetensors"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_non_finite_checkpoint_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
+        let good = HashMap::from([("a".to_string(), t(&[1., 2.])), ("b".to_string(), t(&[3.]))]);
+        save_checkpoint(d, &good, &HashMap::new(), &[], &toy_meta(1)).unwrap();
+        let before = names(d);
+        let nan_w = HashMap::from([
+            ("a".to_string(), t(&[1., f32::NAN])),
+            ("b".to_string(), t(&[3.])),
+        ]);
+        let err = save_checkpoint(d, &nan_w, &HashMap::new(), &[], &toy_meta(2)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "step 2: weight `a` is not finite (NaN or infinity); checkpoint not written, the \
+                 previous one in {} stays",
+                d.display()
+            )
+        );
+        let inf_m = HashMap::from([("b.exp_avg_sq".to_string(), t(&[f32::INFINITY]))]);
+        let err = save_checkpoint(d, &good, &inf_m, &[], &toy_meta(2)).unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("step 2: optimizer state `b.exp_avg_sq` is not finite"));
+        let mut meta = toy_meta(2);
+        meta.lr = f64::NAN;
+        let err = save_checkpoint(d, &good, &HashMap::new(), &[], &meta).unwrap_err();
+        assert!(
+            err.to_string().starts_with("step 2: lr NaN is not finite"),
+            "{err}"
+        );
+        assert_eq!(names(d), before);
+        assert_eq!(fs::read_to_string(d.join("latest")).unwrap(), "step_1\n");
+        // bf16 weights are checked too; integer tensors are skipped
+        let bf = t(&[f32::NEG_INFINITY]).to_dtype(DType::BF16).unwrap();
+        let ints = Tensor::new(&[7u32], &Device::Cpu).unwrap();
+        let mixed = HashMap::from([("z".to_string(), bf), ("i".to_string(), ints)]);
+        assert_eq!(first_non_finite(&mixed).unwrap(), Some("z".to_string()));
+        assert_eq!(first_non_finite(&good).unwrap(), None);
+    }
+
+    #[test]
+    fn resume_reads_the_newest_intact_checkpoint_and_names_each_corrupt_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let w = one_tensor();
+        assert!(load_newest_intact(d).unwrap().is_none());
+        for step in 1..=3u64 {
+            save_checkpoint(d, &w, &HashMap::new(), &[], &toy_meta(step)).unwrap();
+        }
+        let (w3, o2, _) = (checkpoint_paths(d, 3).0, checkpoint_paths(d, 2).1, ());
+        let len = fs::metadata(&w3).unwrap().len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&w3)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        fs::remove_file(&o2).unwrap();
+        assert_eq!(load_newest_intact(d).unwrap().unwrap().meta.step, 1);
+        fs::write(checkpoint_paths(d, 1).2, b"{\"step\": ").unwrap();
+        let err = format!("{:#}", load_newest_intact(d).err().unwrap());
+        for part in [
+            "no checkpoint reads back whole: step_3 is corrupt: reading ",
+            "step_3.safetensors",
+            "; step_2 is corrupt: reading ",
+            "step_2.optim.safetensors",
+            "; step_1 is corrupt: parsing ",
+        ] {
+            assert!(err.contains(part), "{part} not in {err}");
+        }
     }
 }

@@ -72,6 +72,31 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Rejects values the loop cannot run with, naming the key.
     pub fn validate(&self) -> Result<()> {
+        // NaN or infinity here poisons every weight at the first step (and an lr of NaN cannot
+        // even be written into a checkpoint's JSON).
+        let floats = [
+            ("train.base_lr", self.base_lr),
+            ("train.warmup_lr", self.warmup_lr),
+            ("train.min_lr", self.min_lr),
+            ("train.warmup_epochs", self.warmup_epochs),
+            ("train.gamma", self.gamma),
+            ("train.weight_decay", self.weight_decay),
+            ("train.betas[0]", self.betas[0]),
+            ("train.betas[1]", self.betas[1]),
+            ("train.eps", self.eps),
+        ];
+        let extra = self.clip_grad.map(|c| ("train.clip_grad".to_string(), c));
+        let milestones = self.milestones.iter().enumerate();
+        for (key, v) in floats
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .chain(extra)
+            .chain(milestones.map(|(i, m)| (format!("train.milestones[{i}]"), *m)))
+        {
+            if !v.is_finite() {
+                bail!("{key} must be a finite number, got {v}");
+            }
+        }
         if self.epochs == 0 {
             bail!("train.epochs must be > 0");
         }
@@ -243,5 +268,41 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("train.accum_steps"));
+    }
+
+    #[test]
+    fn non_finite_hyperparameters_are_refused_by_key() {
+        type Set = fn(&mut TrainConfig, f64);
+        let cases: [(&str, Set); 7] = [
+            ("train.base_lr", |t, v| t.base_lr = v),
+            ("train.min_lr", |t, v| t.min_lr = v),
+            ("train.weight_decay", |t, v| t.weight_decay = v),
+            ("train.betas[1]", |t, v| t.betas[1] = v),
+            ("train.eps", |t, v| t.eps = v),
+            ("train.clip_grad", |t, v| t.clip_grad = Some(v)),
+            ("train.milestones[0]", |t, v| t.milestones = vec![v]),
+        ];
+        for (key, set) in cases {
+            for (v, shown) in [(f64::NAN, "NaN"), (f64::INFINITY, "inf")] {
+                let mut t = TrainConfig::default();
+                set(&mut t, v);
+                assert_eq!(
+                    t.validate().unwrap_err().to_string(),
+                    format!("{key} must be a finite number, got {shown}")
+                );
+            }
+        }
+        // as a user writes them in YAML
+        let t: TrainConfig = serde_yaml_ng::from_str("base_lr: .nan\n").unwrap();
+        assert_eq!(
+            t.validate().unwrap_err().to_string(),
+            "train.base_lr must be a finite number, got NaN"
+        );
+        let t: TrainConfig = serde_yaml_ng::from_str("warmup_lr: -.inf\n").unwrap();
+        assert_eq!(
+            t.validate().unwrap_err().to_string(),
+            "train.warmup_lr must be a finite number, got -inf"
+        );
+        TrainConfig::default().validate().unwrap();
     }
 }

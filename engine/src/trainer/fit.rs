@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::checkpoint::{self, CheckpointMeta, FORMAT_VERSION};
 use super::{Objective, RunConfig, TrainConfig};
@@ -22,7 +22,7 @@ use crate::fsutil::write_atomic;
 use crate::log::{MetricsLog, Progress, TbWriter};
 use crate::optim::{clip_grad_norm, grad_norm, param_groups, AdamW, LrSchedule};
 use crate::rng::mix_seed;
-use crate::run_dir::RunDir;
+use crate::run_dir::{RunDir, RunLock};
 
 /// What the loop needs from a training loader ([`DataLoader`] implements it; tests and tools
 /// may feed in-memory batches).
@@ -77,9 +77,13 @@ pub struct Trainer<'a, O: Objective> {
     train: TrainConfig,
     run: RunConfig,
     run_dir: RunDir,
+    /// Held until the trainer is dropped: no other run writes this folder meanwhile.
+    _lock: RunLock,
     device: Device,
     optimizer: AdamW,
     vars: Vec<Var>,
+    /// The optimized variables by name (for naming a non-finite one).
+    named_vars: Vec<(String, Tensor)>,
     /// Completed optimizer steps.
     step: u64,
     /// Current epoch and the loader batches of it already consumed.
@@ -107,11 +111,21 @@ impl<'a, O: Objective> Trainer<'a, O> {
     ) -> Result<Self> {
         train.validate()?;
         let device = crate::device::parse_device(&run.device)?;
-        let run_dir = match resume {
-            Some(dir) => RunDir::at(dir),
+        // The run folder's lock is taken before anything in it is read or written.
+        let (run_dir, lock) = match resume {
+            Some(dir) => {
+                let run_dir = RunDir::at(dir);
+                if !run_dir.root().is_dir() {
+                    bail!(
+                        "resume: no complete checkpoint in {} (no such folder)",
+                        run_dir.checkpoints().display()
+                    );
+                }
+                let lock = run_dir.lock()?;
+                (run_dir, lock)
+            }
             None => RunDir::new_run(run, objective.name())?,
         };
-        run_dir.create()?;
         write_atomic(&run_dir.config(), resolved_config_yaml.as_bytes())?;
 
         let keywords = objective.no_decay_keywords();
@@ -129,17 +143,32 @@ impl<'a, O: Objective> Trainer<'a, O> {
         }
         let mut optimizer = AdamW::new(groups, (train.betas[0], train.betas[1]), train.eps)?;
         let vars = optimizer.vars();
+        let named_vars = {
+            let ids: std::collections::HashSet<_> =
+                vars.iter().map(|v| v.as_tensor().id()).collect();
+            // Invariant: the VarMap mutex is only poisoned if another thread panicked holding it.
+            let data = objective
+                .varmap()
+                .data()
+                .lock()
+                .expect("varmap mutex poisoned");
+            data.iter()
+                .filter(|(_, v)| ids.contains(&v.as_tensor().id()))
+                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                .collect()
+        };
 
         let ckpt_dir = run_dir.checkpoints();
         let (mut step, mut epoch, mut batch_in_epoch, mut losses, mut last_lr) =
             (0, 0, 0, vec![], 0.0);
         let mut resumed_batches_per_epoch = None;
         if resume.is_some() {
-            let Some(latest) = run_dir.latest_step()? else {
+            let Some(ck) = checkpoint::load_newest_intact(&ckpt_dir)
+                .with_context(|| format!("resume: {}", run_dir.root().display()))?
+            else {
                 bail!("resume: no complete checkpoint in {}", ckpt_dir.display());
             };
-            let ck = checkpoint::load_checkpoint(&ckpt_dir, latest)?;
-            let files = run_dir.checkpoint(latest);
+            let files = run_dir.checkpoint(ck.meta.step);
             checkpoint::load_into_varmap(
                 objective.varmap(),
                 ck.weights,
@@ -171,9 +200,11 @@ impl<'a, O: Objective> Trainer<'a, O> {
             train: train.clone(),
             run: run.clone(),
             run_dir,
+            _lock: lock,
             device,
             optimizer,
             vars,
+            named_vars,
             step,
             epoch,
             batch_in_epoch,
@@ -400,6 +431,17 @@ impl<'a, O: Objective> Trainer<'a, O> {
         self.optimizer
             .step_with(&grads, &|scale| sched.lr_scaled(step, scale))
             .with_context(|| format!("step {n}: optimizer"))?;
+        // A finite loss and gradient can still overflow the weights (a huge lr): stop before
+        // anything of this step is logged or checkpointed.
+        if let Some(name) =
+            checkpoint::first_non_finite(self.named_vars.iter().map(|(k, t)| (k, t)))
+                .with_context(|| format!("step {n}: checking the updated weights"))?
+        {
+            bail!(
+                "step {n}: weight `{name}` is not finite after the update (lr {lr:.3e}); \
+                 stopping without writing a checkpoint"
+            );
+        }
         for (_, x) in metrics.iter_mut() {
             *x /= accum as f64;
         }
@@ -497,7 +539,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
         let optim = self.optimizer.state_tensors();
         checkpoint::save_checkpoint(&dir, &weights, &optim, &self.losses, &meta)
             .with_context(|| format!("checkpoint of step {}", self.step))?;
-        checkpoint::prune_checkpoints(&dir, self.run.keep_checkpoints)?;
+        checkpoint::prune_checkpoints(&dir, self.run.keep_checkpoints, self.step)?;
         self.last_checkpoint = Some(self.step);
         Ok(())
     }

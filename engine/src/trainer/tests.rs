@@ -473,6 +473,7 @@ fn data_loader_fit_resumes_exactly_and_evaluates() {
     let mut first = Toy::new();
     let mut t = Trainer::new(&mut first, &train7, &run, "", None).unwrap();
     let b1 = t.fit(&train_data, Some(&eval_data)).unwrap();
+    drop(t); // the run folder stays locked while its trainer lives
     let (train12, run) = configs(split_dir.path(), Some(12), 1);
     let mut second = Toy::new();
     let mut t = Trainer::new(&mut second, &train12, &run, "", Some(&b1.run_dir)).unwrap();
@@ -532,4 +533,132 @@ fn the_trainer_adds_auxiliary_losses_and_logs_their_metrics() {
     assert!(!plain_rows[0].contains_key("aux_w"));
     assert_eq!(row["loss"].as_f64(), Some(with[1]));
     assert!(row["aux_w"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn weights_made_infinite_by_the_update_stop_the_run_before_any_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut train, mut run) = configs(dir.path(), None, 1);
+    // finite in f64, so validate accepts it; the first update overflows f32 weights
+    (train.base_lr, train.warmup_lr, train.min_lr) = (1e39, 1e39, 1e39);
+    run.checkpoint_every_steps = Some(1);
+    let data = ToyData::new(20, 4);
+    let mut toy = Toy::new();
+    let mut t = Trainer::new(&mut toy, &train, &run, "", None).unwrap();
+    let err = t.fit_source(&data, None).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "step 1: weight `lin.bias` is not finite after the update (lr 1.000e39); stopping \
+         without writing a checkpoint"
+    );
+    drop(t);
+    let run_dir = RunDir::at(dir.path().join("toy-run"));
+    assert!(!run_dir.checkpoints().exists());
+    assert!(
+        !run_dir.metrics().exists()
+            || std::fs::read_to_string(run_dir.metrics())
+                .unwrap()
+                .is_empty()
+    );
+}
+
+#[test]
+fn a_second_trainer_on_a_running_folder_fails_naming_it_and_the_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, run) = configs(dir.path(), Some(2), 1);
+    let data = ToyData::new(8, 4);
+    let mut first = Toy::new();
+    let mut running = Trainer::new(&mut first, &train, &run, "first\n", None).unwrap();
+    let folder = dir.path().join("toy-run");
+    let expected = format!(
+        "run folder {f} is in use by another run (pid {pid}, holding {f}/.lock): wait for it \
+         to end, or pick another run.name",
+        f = folder.display(),
+        pid = std::process::id()
+    );
+    let mut second = Toy::new();
+    let err = Trainer::new(&mut second, &train, &run, "second\n", None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert_eq!(err, expected);
+    // --resume of the running run is refused the same way
+    let err = Trainer::new(&mut second, &train, &run, "second\n", Some(&folder))
+        .err()
+        .unwrap()
+        .to_string();
+    assert_eq!(err, expected);
+    // the second run wrote nothing
+    assert_eq!(
+        std::fs::read_to_string(RunDir::at(&folder).config()).unwrap(),
+        "first\n"
+    );
+    running.fit_source(&data, None).unwrap();
+    drop(running);
+    // once the first run has ended, its folder can be resumed
+    let (train3, _) = configs(dir.path(), Some(3), 1);
+    let s = Trainer::new(&mut second, &train3, &run, "", Some(&folder))
+        .unwrap()
+        .fit_source(&data, None)
+        .unwrap();
+    assert_eq!(s.steps, 3);
+}
+
+#[test]
+fn resume_falls_back_from_a_truncated_newest_checkpoint_and_prune_clears_orphans() {
+    let data = ToyData::new(20, 4); // 5 batches per epoch
+    let whole_dir = tempfile::tempdir().unwrap();
+    let (train6, run) = configs(whole_dir.path(), Some(6), 1);
+    let mut whole = Toy::new();
+    let a = Trainer::new(&mut whole, &train6, &run, "", None)
+        .unwrap()
+        .fit_source(&data, None)
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (train4, mut run) = configs(dir.path(), Some(4), 1);
+    run.checkpoint_every_steps = Some(1);
+    let mut first = Toy::new();
+    let b1 = Trainer::new(&mut first, &train4, &run, "", None)
+        .unwrap()
+        .fit_source(&data, None)
+        .unwrap();
+    let rd = RunDir::at(&b1.run_dir);
+    assert_eq!(rd.checkpoint_steps().unwrap(), vec![1, 2, 3, 4]);
+    // the newest weights file is cut short, as by a full disk outside mimlab's writes
+    let w4 = rd.checkpoint(4).weights;
+    let len = std::fs::metadata(&w4).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&w4).unwrap();
+    f.set_len(len - 7).unwrap();
+    drop(f);
+    // orphans of earlier kills: weights without JSON, an optimizer file alone, temp files
+    let ck = rd.checkpoints();
+    std::fs::copy(rd.checkpoint(1).weights, ck.join("step_9.safetensors")).unwrap();
+    std::fs::write(ck.join("step_7.optim.safetensors"), b"x").unwrap();
+    std::fs::write(ck.join(".step_8.json.999.0.tmp"), b"{").unwrap();
+    std::fs::write(ck.join("notes.txt"), b"mine").unwrap();
+
+    let mut second = Toy::new();
+    let mut t = Trainer::new(&mut second, &train6, &run, "", Some(&b1.run_dir)).unwrap();
+    let b = t.fit_source(&data, None).unwrap();
+    drop(t);
+    // resumed from step 3: the same run as an uninterrupted one
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a.losses), bits(&b.losses));
+    assert_eq!(weights_bits(&whole), weights_bits(&second));
+    // keep 10: steps 1..=6 complete, every orphan piece gone, the user's file kept
+    assert_eq!(
+        rd.checkpoint_steps().unwrap(),
+        (1..=6).collect::<Vec<u64>>()
+    );
+    let mut files = files_under(&ck);
+    files.sort();
+    let mut expected: Vec<String> = (1..=6)
+        .flat_map(|s| ["json", "optim.safetensors", "safetensors"].map(|e| format!("step_{s}.{e}")))
+        .chain(["latest".to_string(), "notes.txt".to_string()])
+        .collect();
+    expected.sort();
+    assert_eq!(files, expected);
+    let ck4 = load_checkpoint(&ck, 4).unwrap();
+    assert_eq!(ck4.meta.step, 4);
 }
