@@ -194,7 +194,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             rows.push(row);
         }
         Ok(rows)
-    })?;
+    })??;
     print!("{}", format_table(&rows));
     if let Some(p) = &args.json {
         let report = Report {
