@@ -100,6 +100,28 @@ impl TrainConfig {
                 bail!("train.betas[{i}] must lie in [0, 1), got {b}");
             }
         }
+        self.validate_signs_and_order()
+    }
+
+    /// Learning rates and weight decay are not negative; the warmup fits in the schedule.
+    fn validate_signs_and_order(&self) -> Result<()> {
+        for (key, v) in [
+            ("base_lr", self.base_lr),
+            ("warmup_lr", self.warmup_lr),
+            ("min_lr", self.min_lr),
+            ("weight_decay", self.weight_decay),
+        ] {
+            if v < 0.0 {
+                bail!("train.{key} must be >= 0, got {v}");
+            }
+        }
+        if self.warmup_epochs > self.epochs as f64 {
+            bail!(
+                "train.warmup_epochs ({}) must not exceed train.epochs ({})",
+                self.warmup_epochs,
+                self.epochs
+            );
+        }
         Ok(())
     }
 
@@ -178,6 +200,24 @@ impl Default for RunConfig {
     }
 }
 
+impl RunConfig {
+    /// Rejects a `run.name` that is empty or leaves `run.output_dir` (a path separator or `..`).
+    pub fn validate(&self) -> Result<()> {
+        if let Some(name) = &self.name {
+            if name.is_empty() {
+                bail!("run.name must not be empty (leave it unset for a timestamped name)");
+            }
+            if name.contains(['/', '\\']) || name == "." || name == ".." {
+                bail!(
+                    "run.name `{name}` must be a folder name inside run.output_dir, without `/`, \
+                     `\\`, `.` or `..`"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `YYYYmmdd-HHMMSS` in UTC for seconds since the Unix epoch (no date crate needed).
 pub fn utc_stamp(unix_seconds: u64) -> String {
     let days = (unix_seconds / 86_400) as i64;
@@ -243,5 +283,62 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("train.accum_steps"));
+    }
+
+    #[test]
+    fn negative_rates_and_a_warmup_past_the_end_are_named() {
+        let err = |t: TrainConfig| t.validate().unwrap_err().to_string();
+        let d = TrainConfig::default;
+        assert_eq!(
+            err(TrainConfig {
+                base_lr: -1e-3,
+                ..d()
+            }),
+            "train.base_lr must be >= 0, got -0.001"
+        );
+        assert_eq!(
+            err(TrainConfig {
+                weight_decay: -0.05,
+                ..d()
+            }),
+            "train.weight_decay must be >= 0, got -0.05"
+        );
+        assert_eq!(
+            err(TrainConfig {
+                epochs: 3,
+                warmup_epochs: 3.5,
+                ..d()
+            }),
+            "train.warmup_epochs (3.5) must not exceed train.epochs (3)"
+        );
+    }
+
+    #[test]
+    fn run_names_stay_inside_the_output_dir() {
+        let err = |name: &str| {
+            let run = RunConfig {
+                name: Some(name.into()),
+                ..RunConfig::default()
+            };
+            run.validate().unwrap_err().to_string()
+        };
+        assert_eq!(
+            err(""),
+            "run.name must not be empty (leave it unset for a timestamped name)"
+        );
+        for bad in ["../..", "..", "a/b", "."] {
+            assert_eq!(
+                err(bad),
+                format!(
+                    "run.name `{bad}` must be a folder name inside run.output_dir, without `/`, \
+                     `\\`, `.` or `..`"
+                )
+            );
+        }
+        let ok = RunConfig {
+            name: Some("conc..2".into()),
+            ..RunConfig::default()
+        };
+        ok.validate().unwrap();
     }
 }
