@@ -103,7 +103,7 @@ impl TrainConfig {
         self.validate_signs_and_order()
     }
 
-    /// Learning rates and weight decay are not negative; the warmup fits in the schedule.
+    /// Learning rates and weight decay are not negative.
     fn validate_signs_and_order(&self) -> Result<()> {
         for (key, v) in [
             ("base_lr", self.base_lr),
@@ -115,14 +115,21 @@ impl TrainConfig {
                 bail!("train.{key} must be >= 0, got {v}");
             }
         }
-        if self.warmup_epochs > self.epochs as f64 {
-            bail!(
-                "train.warmup_epochs ({}) must not exceed train.epochs ({})",
-                self.warmup_epochs,
-                self.epochs
-            );
-        }
         Ok(())
+    }
+
+    /// Settings that run but are most likely a mistake, one line each (printed at config load):
+    /// a warmup longer than the run (the default warmup of 10 epochs with `train.epochs` lowered
+    /// is common, so it is a warning, not an error).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.warmup_epochs > self.epochs as f64 {
+            w.push(format!(
+                "train.warmup_epochs ({}) exceeds train.epochs ({}): the whole run is warmup",
+                self.warmup_epochs, self.epochs
+            ));
+        }
+        w
     }
 
     /// Multiplier of every lr: `batch_size * accum_steps / lr_scale_batch` (architecture.md 3.5:
@@ -286,7 +293,7 @@ mod tests {
     }
 
     #[test]
-    fn negative_rates_and_a_warmup_past_the_end_are_named() {
+    fn negative_rates_are_errors_and_a_warmup_past_the_end_a_warning() {
         let err = |t: TrainConfig| t.validate().unwrap_err().to_string();
         let d = TrainConfig::default;
         assert_eq!(
@@ -303,14 +310,17 @@ mod tests {
             }),
             "train.weight_decay must be >= 0, got -0.05"
         );
+        let long_warmup = TrainConfig {
+            epochs: 3,
+            warmup_epochs: 3.5,
+            ..d()
+        };
+        long_warmup.validate().unwrap();
         assert_eq!(
-            err(TrainConfig {
-                epochs: 3,
-                warmup_epochs: 3.5,
-                ..d()
-            }),
-            "train.warmup_epochs (3.5) must not exceed train.epochs (3)"
+            long_warmup.warnings(),
+            ["train.warmup_epochs (3.5) exceeds train.epochs (3): the whole run is warmup"]
         );
+        assert!(d().warnings().is_empty());
     }
 
     #[test]
