@@ -252,7 +252,7 @@ impl SwinV2Config {
     fn check_sizes(&self, mem: u64) -> Result<()> {
         let mem_f = mem as f64;
         let gib = |bytes: f64| format!("{:.1} GiB", bytes / (1u64 << 30) as f64);
-        let over = |bytes: f64| !(bytes <= mem_f);
+        let over = |bytes: f64| bytes.is_nan() || bytes > mem_f;
         let n = self.num_stages();
         let widest = self.embed_dim as f64 * 2f64.powi(n as i32 - 1);
         // One attention layer of the widest stage: qkv + proj, 4 C^2 weights.
