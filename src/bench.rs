@@ -179,7 +179,7 @@ pub fn run(specs: &[Spec], threads: usize, iters: Iters) -> Result<Report> {
             rows.push(row);
         }
         Ok(rows)
-    })?;
+    })??;
     Ok(Report {
         tool: "mimlab".into(),
         threads,

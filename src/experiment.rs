@@ -54,6 +54,11 @@ impl Experiment {
         let mut exp: Experiment =
             mimlab_engine::config::load_with_presets(path, sets, &MODEL_PRESETS)?;
         exp.model = exp.model.resolved()?;
+        exp.train.validate()?;
+        for w in exp.train.warnings() {
+            eprintln!("warning: {w}");
+        }
+        exp.run.validate()?;
         if let Some(m) = exp.distill.teacher_model.take() {
             exp.distill.teacher_model = Some(m.resolved().context("distill.teacher_model")?);
         }

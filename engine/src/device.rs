@@ -37,7 +37,9 @@ const COMPUTE_STACK_BYTES: usize = 64 << 20;
 /// Sets the number of CPU threads the math kernels use (0 = leave the default: all cores).
 ///
 /// Call it once at process start: rayon's global pool can only be sized before its first use.
-fn set_cpu_threads(n: usize) {
+/// A pool that already exists is kept; threads that cannot be started (a memory or process limit)
+/// are an error naming `run.threads`.
+fn set_cpu_threads(n: usize) -> Result<()> {
     // candle 0.11 runs its elementwise ops on its own pool, whose workers spin 25,000 rounds
     // after each op before they sleep; meanwhile they hold the cores gemm and the fused ops need
     // (rayon's pool). Sleeping at once measured faster with the step on a rayon worker
@@ -51,7 +53,29 @@ fn set_cpu_threads(n: usize) {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         pool = pool.num_threads(n);
     }
-    let _ = pool.build_global();
+    check_pool_build(pool.build_global(), n)
+}
+
+/// The global pool's build result as mimlab reports it: a pool built earlier in the process is
+/// fine (it is the one the kernels use), failing to start its threads is not.
+fn check_pool_build(built: Result<(), rayon::ThreadPoolBuildError>, n: usize) -> Result<()> {
+    match built {
+        Ok(()) => Ok(()),
+        // Only an I/O error (the threads could not be spawned) has a source; "already
+        // initialized" has none.
+        Err(e) if std::error::Error::source(&e).is_none() => Ok(()),
+        Err(e) => {
+            let count = if n == 0 {
+                "one per core".to_string()
+            } else {
+                n.to_string()
+            };
+            bail!(
+                "run.threads: cannot start {count} compute threads ({e}); \
+                 lower run.threads or raise the process's memory/thread limits"
+            )
+        }
+    }
 }
 
 /// Sizes the CPU compute threads (`n`; 0 = all cores), then runs `f` on one of them and returns
@@ -60,12 +84,12 @@ fn set_cpu_threads(n: usize) {
 /// On the main thread, every parallel kernel (gemm, the fused ops) would wake the pool's workers
 /// and sleep until they finish; on a worker, the step's own thread takes part in each kernel
 /// (rayon work stealing). Training, finetuning, distillation, evaluation and `mimlab bench` run
-/// this way.
-pub fn with_cpu_threads<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> R {
-    set_cpu_threads(n);
+/// this way. An error when the compute threads cannot be started.
+pub fn with_cpu_threads<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
+    set_cpu_threads(n)?;
     // Called from outside the pool, `rayon::scope` runs its body on a pool worker and blocks the
     // caller until it returns; called from a worker, it runs inline.
-    rayon::scope(|_| f())
+    Ok(rayon::scope(|_| f()))
 }
 
 /// Keeps freed tensor buffers in the process instead of returning them to the OS on every op.
@@ -100,5 +124,29 @@ mod tests {
         assert!(err.contains("run.device") && err.contains("tpu"), "{err}");
         let err = parse_device("cuda:x").unwrap_err().to_string();
         assert!(err.contains("cuda:x"), "{err}");
+    }
+
+    #[test]
+    fn a_pool_whose_threads_cannot_start_is_an_error_naming_run_threads() {
+        let built = rayon::ThreadPoolBuilder::new()
+            .num_threads(200)
+            .spawn_handler(|_| Err(std::io::Error::other("Resource temporarily unavailable")))
+            .build()
+            .map(|_| ());
+        let err = check_pool_build(built, 200).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "run.threads: cannot start 200 compute threads (Resource temporarily unavailable); \
+             lower run.threads or raise the process's memory/thread limits"
+        );
+    }
+
+    #[test]
+    fn a_global_pool_built_earlier_is_kept() {
+        // Whichever of these builds comes second finds the pool there already.
+        let _ = rayon::ThreadPoolBuilder::new().build_global();
+        let again = rayon::ThreadPoolBuilder::new().build_global();
+        assert!(again.is_err());
+        check_pool_build(again, 3).unwrap();
     }
 }

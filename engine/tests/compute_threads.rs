@@ -21,7 +21,8 @@ fn with_cpu_threads_runs_on_a_compute_thread_with_a_deep_stack() {
             }
         }
         (rayon::current_thread_index(), recurse(8 * 1024))
-    });
+    })
+    .unwrap();
     assert!(index.is_some(), "the closure ran off the pool");
     assert_eq!(depth, 8 * 1024);
     assert_eq!(rayon::current_num_threads(), 2);

@@ -81,7 +81,18 @@ pub fn checkpoint_keys(path: &Path) -> Result<Vec<String>> {
         let mut n = [0u8; 8];
         f.read_exact(&mut n)
             .with_context(|| format!("{}: no safetensors header", path.display()))?;
-        let mut header = vec![0u8; u64::from_le_bytes(n) as usize];
+        // The header must fit the file (and safetensors' 100 MB cap): a foreign file's first
+        // 8 bytes read as a length aborted the process on allocating it.
+        let len = u64::from_le_bytes(n);
+        let file_len = f.metadata().map_or(0, |m| m.len());
+        if len > file_len.saturating_sub(8) || len > 100_000_000 {
+            bail!(
+                "{}: safetensors header of {len} bytes does not fit the {file_len}-byte file \
+                 (not a safetensors file?)",
+                path.display()
+            );
+        }
+        let mut header = vec![0u8; len as usize];
         f.read_exact(&mut header)
             .with_context(|| format!("{}: truncated safetensors header", path.display()))?;
         serde_json::from_slice(&header)
@@ -288,6 +299,22 @@ mod tests {
 
     fn t(shape: &[usize]) -> Tensor {
         Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn a_file_that_is_not_safetensors_is_an_error_not_an_abort() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.safetensors");
+        std::fs::write(&p, "notsafetensors\n").unwrap();
+        let err = checkpoint_keys(&p).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{}: safetensors header of 8387222449782288238 bytes does not fit the 15-byte \
+                 file (not a safetensors file?)",
+                p.display()
+            )
+        );
     }
 
     #[test]

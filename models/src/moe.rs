@@ -148,6 +148,22 @@ impl MoeConfig {
             .sum()
     }
 
+    /// Checks that one MoE layer of width `dim` (MLP hidden size `hidden`) fits its f32 weights
+    /// (gate and experts) in `mem` bytes; the error names `model.moe.num_experts`.
+    pub fn check_size(&self, dim: usize, hidden: usize, mem: u64) -> Result<()> {
+        let (d, h) = (dim as f64, hidden as f64);
+        let bytes = self.num_experts as f64 * (d + 2.0 * d * h + h + d) * 4.0;
+        ensure!(
+            bytes <= mem as f64,
+            "model.moe.num_experts: {} experts of {dim}x{hidden} MLPs need {:.1} GiB of weights in \
+             one MoE layer, more than this machine's memory ({:.1} GiB)",
+            self.num_experts,
+            bytes / (1u64 << 30) as f64,
+            mem as f64 / (1u64 << 30) as f64
+        );
+        Ok(())
+    }
+
     /// Checks the section against the stage depths; errors name the `model.moe.*` key.
     pub fn validate(&self, depths: &[usize]) -> Result<()> {
         ensure!(

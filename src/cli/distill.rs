@@ -38,5 +38,5 @@ pub fn run(args: DistillArgs) -> Result<()> {
         let session = super::session(&exp, args.resume.as_deref())?;
         distill(&session, &student, &exp.distill, &teacher, &device)?;
         Ok(())
-    })
+    })?
 }

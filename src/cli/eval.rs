@@ -55,5 +55,5 @@ pub fn run(args: EvalArgs) -> Result<()> {
         )?;
         evaluate_weights(&src, &cfg, &loader, args.out.as_deref(), &device)?;
         Ok(())
-    })
+    })?
 }

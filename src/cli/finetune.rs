@@ -41,5 +41,5 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         let session = super::session(&exp, args.resume.as_deref())?;
         finetune_classifier(&session, &model, &exp.finetune, init.as_ref(), &device)?;
         Ok(())
-    })
+    })?
 }

@@ -28,5 +28,5 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         let session = super::session(&exp, args.resume.as_deref())?;
         pretrain_simmim(&session, &model, &exp.simmim, &device)?;
         Ok(())
-    })
+    })?
 }

@@ -46,5 +46,5 @@ pub fn run(args: ProbeArgs) -> Result<()> {
         let model = exp.model.clone();
         probe_backbone(&setup, &model, init.as_ref(), args.out.as_deref(), &device)?;
         Ok(())
-    })
+    })?
 }

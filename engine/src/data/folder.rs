@@ -1,6 +1,7 @@
 //! Image files on disk: decoding (JPEG/PNG) and the `image-folder` (one sub-folder per class,
 //! sorted names = class ids, as torchvision's ImageFolder) and `folder` (flat or nested,
 //! unlabelled) datasets. Files are decoded on every `get`, on the loader's worker threads.
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -57,8 +58,40 @@ fn is_image(p: &Path) -> bool {
 }
 
 /// Image files under `dir`, recursively, in sorted path order (hidden entries skipped).
+///
+/// A directory reached a second time (a symlink loop, or two links to one folder) is listed once;
+/// each link skipped that way gets a warning on stderr.
 pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
+    let (files, skipped) = walk_images(dir)?;
+    for link in skipped {
+        eprintln!(
+            "warning: {}: skipped, it leads to a folder already listed (a directory link loop?)",
+            link.display()
+        );
+    }
+    Ok(files)
+}
+
+/// The image files under `dir` and the directory paths skipped because their folder (by
+/// canonical path) was already walked.
+fn walk_images(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let mut files = Vec::new();
+    let mut skipped = Vec::new();
+    let mut visited = HashSet::new();
+    let canonical = dir
+        .canonicalize()
+        .with_context(|| format!("listing {}", dir.display()))?;
+    visited.insert(canonical);
+    walk_into(dir, &mut visited, &mut files, &mut skipped)?;
+    Ok((files, skipped))
+}
+
+fn walk_into(
+    dir: &Path,
+    visited: &mut HashSet<PathBuf>,
+    files: &mut Vec<PathBuf>,
+    skipped: &mut Vec<PathBuf>,
+) -> Result<()> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("listing {}", dir.display()))?
         .map(|e| e.map(|e| e.path()))
@@ -73,12 +106,19 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
             continue;
         }
         if p.is_dir() {
-            out.extend(list_images(&p)?);
+            let canonical = p
+                .canonicalize()
+                .with_context(|| format!("listing {}", p.display()))?;
+            if visited.insert(canonical) {
+                walk_into(&p, visited, files, skipped)?;
+            } else {
+                skipped.push(p);
+            }
         } else if is_image(&p) {
-            out.push(p);
+            files.push(p);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Images from a folder, with class labels (`image-folder`) or without (`folder`).
@@ -318,6 +358,28 @@ pub(crate) mod tests {
             err,
             "data.eval_path is not set: the image-folder dataset needs its eval folder"
         );
+    }
+
+    #[test]
+    fn a_directory_link_loop_is_listed_once_and_the_link_is_named() {
+        // root/{a.png, sub/{b.png, c.png, up -> ..}}: following `up` again and again listed
+        // these 3 files 123 times (until the path grew too long).
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        for p in ["a.png", "sub/b.png", "sub/c.png"] {
+            write_png(&root.join(p), 2, 2, [1, 2, 3]);
+        }
+        let up = root.join("sub/up");
+        std::os::unix::fs::symlink("..", &up).unwrap();
+        let (files, skipped) = walk_images(&root).unwrap();
+        let expect: Vec<PathBuf> = ["a.png", "sub/b.png", "sub/c.png"]
+            .iter()
+            .map(|p| root.join(p))
+            .collect();
+        assert_eq!(files, expect);
+        assert_eq!(skipped, vec![up]);
+        assert_eq!(list_images(&root).unwrap(), expect);
     }
 
     #[test]

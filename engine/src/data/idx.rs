@@ -47,7 +47,10 @@ pub fn parse_idx(bytes: &[u8], name: &str) -> Result<IdxArray> {
         .chunks_exact(4)
         .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
         .collect();
-    let n: usize = dims.iter().product();
+    // Checked: a crafted header ([4, 2^31, 2^31]) wraps an unchecked product to 0.
+    let Some(n) = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) else {
+        bail!("{name}: IDX dims {dims:?} hold more elements than a usize counts");
+    };
     ensure!(
         bytes.len() - header == n,
         "{name}: IDX dims {dims:?} need {n} bytes of data, found {}",
@@ -257,6 +260,22 @@ mod tests {
         }
         b.extend_from_slice(data);
         b
+    }
+
+    #[test]
+    fn dims_whose_product_overflows_are_an_error_naming_the_file() {
+        // 4 * 2^31 * 2^31 = 2^64: a wrapping product reads it as 0 bytes of data.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("train-images-idx3-ubyte");
+        std::fs::write(&path, idx_bytes(&[4, 1 << 31, 1 << 31], &[])).unwrap();
+        let err = read_idx(&path).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{}: IDX dims [4, 2147483648, 2147483648] hold more elements than a usize counts",
+                path.display()
+            )
+        );
     }
 
     #[test]

@@ -125,7 +125,36 @@ impl TrainConfig {
                 bail!("train.betas[{i}] must lie in [0, 1), got {b}");
             }
         }
+        self.validate_signs_and_order()
+    }
+
+    /// Learning rates and weight decay are not negative.
+    fn validate_signs_and_order(&self) -> Result<()> {
+        for (key, v) in [
+            ("base_lr", self.base_lr),
+            ("warmup_lr", self.warmup_lr),
+            ("min_lr", self.min_lr),
+            ("weight_decay", self.weight_decay),
+        ] {
+            if v < 0.0 {
+                bail!("train.{key} must be >= 0, got {v}");
+            }
+        }
         Ok(())
+    }
+
+    /// Settings that run but are most likely a mistake, one line each (printed at config load):
+    /// a warmup longer than the run (the default warmup of 10 epochs with `train.epochs` lowered
+    /// is common, so it is a warning, not an error).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.warmup_epochs > self.epochs as f64 {
+            w.push(format!(
+                "train.warmup_epochs ({}) exceeds train.epochs ({}): the whole run is warmup",
+                self.warmup_epochs, self.epochs
+            ));
+        }
+        w
     }
 
     /// Multiplier of every lr: `batch_size * accum_steps / lr_scale_batch` (architecture.md 3.5:
@@ -200,6 +229,24 @@ impl Default for RunConfig {
             keep_checkpoints: 2,
             eval_every_epochs: 1,
         }
+    }
+}
+
+impl RunConfig {
+    /// Rejects a `run.name` that is empty or leaves `run.output_dir` (a path separator or `..`).
+    pub fn validate(&self) -> Result<()> {
+        if let Some(name) = &self.name {
+            if name.is_empty() {
+                bail!("run.name must not be empty (leave it unset for a timestamped name)");
+            }
+            if name.contains(['/', '\\']) || name == "." || name == ".." {
+                bail!(
+                    "run.name `{name}` must be a folder name inside run.output_dir, without `/`, \
+                     `\\`, `.` or `..`"
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -304,5 +351,65 @@ mod tests {
             "train.warmup_lr must be a finite number, got -inf"
         );
         TrainConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn negative_rates_are_errors_and_a_warmup_past_the_end_a_warning() {
+        let err = |t: TrainConfig| t.validate().unwrap_err().to_string();
+        let d = TrainConfig::default;
+        assert_eq!(
+            err(TrainConfig {
+                base_lr: -1e-3,
+                ..d()
+            }),
+            "train.base_lr must be >= 0, got -0.001"
+        );
+        assert_eq!(
+            err(TrainConfig {
+                weight_decay: -0.05,
+                ..d()
+            }),
+            "train.weight_decay must be >= 0, got -0.05"
+        );
+        let long_warmup = TrainConfig {
+            epochs: 3,
+            warmup_epochs: 3.5,
+            ..d()
+        };
+        long_warmup.validate().unwrap();
+        assert_eq!(
+            long_warmup.warnings(),
+            ["train.warmup_epochs (3.5) exceeds train.epochs (3): the whole run is warmup"]
+        );
+        assert!(d().warnings().is_empty());
+    }
+
+    #[test]
+    fn run_names_stay_inside_the_output_dir() {
+        let err = |name: &str| {
+            let run = RunConfig {
+                name: Some(name.into()),
+                ..RunConfig::default()
+            };
+            run.validate().unwrap_err().to_string()
+        };
+        assert_eq!(
+            err(""),
+            "run.name must not be empty (leave it unset for a timestamped name)"
+        );
+        for bad in ["../..", "..", "a/b", "."] {
+            assert_eq!(
+                err(bad),
+                format!(
+                    "run.name `{bad}` must be a folder name inside run.output_dir, without `/`, \
+                     `\\`, `.` or `..`"
+                )
+            );
+        }
+        let ok = RunConfig {
+            name: Some("conc..2".into()),
+            ..RunConfig::default()
+        };
+        ok.validate().unwrap();
     }
 }

@@ -162,7 +162,9 @@ impl SwinV2Config {
 
     /// Channels of stage `i`.
     pub fn stage_dim(&self, i: usize) -> usize {
-        self.embed_dim << i
+        // Saturating (so a config with absurd sizes reaches `validate`'s error, not a panic).
+        self.embed_dim
+            .saturating_mul(1usize.checked_shl(i as u32).unwrap_or(usize::MAX))
     }
 
     /// Channels of the final feature map: embed_dim * 2^(stages-1).
@@ -172,7 +174,9 @@ impl SwinV2Config {
 
     /// Stride of the final feature map: patch_size * 2^(stages-1).
     pub fn out_stride(&self) -> usize {
-        self.patch_size << self.num_stages().saturating_sub(1)
+        let stages = self.num_stages().saturating_sub(1) as u32;
+        self.patch_size
+            .saturating_mul(1usize.checked_shl(stages).unwrap_or(usize::MAX))
     }
 
     /// MLP hidden size of a block of width `dim` (`int(dim * mlp_ratio)`).
@@ -239,6 +243,73 @@ impl SwinV2Config {
         self.check_configured_resolution()
             .context("model.img_size")?;
         self.moe.validate(&self.depths)?;
+        self.check_sizes(machine_memory_bytes())
+    }
+
+    /// Checks that the model's weights (f32) and one image's stage-0 activations fit in `mem`
+    /// bytes, naming the key that makes them too large. Estimates are in f64 (an absurd size
+    /// gives infinity, never an overflow).
+    fn check_sizes(&self, mem: u64) -> Result<()> {
+        let mem_f = mem as f64;
+        let gib = |bytes: f64| format!("{:.1} GiB", bytes / (1u64 << 30) as f64);
+        let over = |bytes: f64| bytes.is_nan() || bytes > mem_f;
+        let n = self.num_stages();
+        let widest = self.embed_dim as f64 * 2f64.powi(n as i32 - 1);
+        // One attention layer of the widest stage: qkv + proj, 4 C^2 weights.
+        let attn = 4.0 * widest * widest * 4.0;
+        ensure!(
+            !over(attn),
+            "model.embed_dim: {} channels ({widest} in the last stage) need {} for one attention \
+             layer's weights, more than this machine's memory ({})",
+            self.embed_dim,
+            gib(attn),
+            gib(mem_f)
+        );
+        ensure!(
+            self.mlp_ratio.is_finite(),
+            "model.mlp_ratio: must be finite, got {}",
+            self.mlp_ratio
+        );
+        let mlp = 2.0 * widest * (widest * self.mlp_ratio) * 4.0;
+        ensure!(
+            !over(mlp),
+            "model.mlp_ratio: {} makes the last stage's MLP {widest}x{} with {} of weights, more \
+             than this machine's memory ({})",
+            self.mlp_ratio,
+            widest * self.mlp_ratio,
+            gib(mlp),
+            gib(mem_f)
+        );
+        let moe_dim = (0..n)
+            .filter(|&i| (0..self.depths[i]).any(|j| self.moe.is_moe_block(&self.depths, i, j)))
+            .map(|i| self.stage_dim(i))
+            .max();
+        if let Some(d) = moe_dim {
+            self.moe.check_size(d, self.mlp_hidden(d), mem)?;
+        }
+        let params = self.checked_num_params();
+        let weights = params.map_or(f64::INFINITY, |p| p as f64 * 4.0);
+        ensure!(
+            !over(weights),
+            "model: {} parameters need {} of weights, more than this machine's memory ({}); \
+             lower model.embed_dim, model.depths, model.mlp_ratio, model.moe.num_experts or \
+             model.num_classes",
+            params.map_or("more than 2^64".to_string(), |p| p.to_string()),
+            gib(weights),
+            gib(mem_f)
+        );
+        // One image's stage-0 token map at its widest (the MLP's hidden layer).
+        let side = (self.img_size / self.patch_size) as f64;
+        let c0 = self.embed_dim as f64 * self.mlp_ratio.max(1.0);
+        let act = side * side * c0 * 4.0;
+        ensure!(
+            !over(act),
+            "model.img_size: {} px gives a {side}x{side} stage-0 map; one image's activations \
+             there need {}, more than this machine's memory ({})",
+            self.img_size,
+            gib(act),
+            gib(mem_f)
+        );
         Ok(())
     }
 
@@ -304,48 +375,67 @@ impl SwinV2Config {
         }
     }
 
-    /// Analytic parameter count (equals the built model's, without `mask_token`).
+    /// Analytic parameter count (equals the built model's, without `mask_token`); `usize::MAX`
+    /// where it overflows (a config `validate` refuses).
     pub fn num_params(&self) -> usize {
+        self.checked_num_params().unwrap_or(usize::MAX)
+    }
+
+    /// [`Self::num_params`] in checked arithmetic: `None` on overflow.
+    fn checked_num_params(&self) -> Option<usize> {
+        // Checked `a * b` and `a + b` on usize.
+        fn m(a: usize, b: usize) -> Option<usize> {
+            a.checked_mul(b)
+        }
+        fn s(terms: &[Option<usize>]) -> Option<usize> {
+            terms
+                .iter()
+                .try_fold(0usize, |acc, t| acc.checked_add((*t)?))
+        }
         let c = self.embed_dim;
-        let p2 = self.patch_size * self.patch_size;
-        let mut n = c * self.in_chans * p2 + c + if self.patch_norm { 2 * c } else { 0 };
+        let p2 = m(self.patch_size, self.patch_size)?;
+        let norm = if self.patch_norm { m(2, c) } else { Some(0) };
+        let mut n = s(&[m(m(c, self.in_chans)?, p2), Some(c), norm])?;
+        let cpb = |heads: usize| s(&[Some(2 * 512 + 512), m(512, heads)]);
         for (i, (&depth, &heads)) in self.depths.iter().zip(&self.num_heads).enumerate() {
-            let d = self.stage_dim(i);
+            let d = 1usize.checked_shl(i as u32).and_then(|f| m(c, f))?;
             let hid = self.mlp_hidden(d);
-            let attn = 3 * d * d
-                + if self.qkv_bias { 2 * d } else { 0 }
-                + d * d
-                + d
-                + heads
-                + if self.shared_cpb {
-                    0
-                } else {
-                    2 * 512 + 512 + 512 * heads
-                };
-            let mlp = d * hid + hid + hid * d + d;
+            let dd = m(d, d)?;
+            let attn = s(&[
+                m(3, dd),
+                if self.qkv_bias { m(2, d) } else { Some(0) },
+                Some(dd),
+                Some(d),
+                Some(heads),
+                if self.shared_cpb { Some(0) } else { cpb(heads) },
+            ])?;
+            let mlp = s(&[m(d, hid), Some(hid), m(hid, d), Some(d)])?;
             let e = self.moe.num_experts;
             for j in 0..depth {
                 // an MoE block: gate [E, C] + E experts of the dense MLP's size
                 let ffn = if self.moe.is_moe_block(&self.depths, i, j) {
-                    e * d + e * mlp
+                    s(&[m(e, d), m(e, mlp)])?
                 } else {
                     mlp
                 };
-                n += attn + 4 * d + ffn;
+                n = s(&[Some(n), Some(attn), m(4, d), Some(ffn)])?;
             }
             if i + 1 < self.num_stages() {
-                n += 4 * d * 2 * d + 2 * 2 * d;
+                n = s(&[Some(n), m(8, dd), m(4, d)])?;
             }
         }
         if self.shared_cpb {
-            n += 2 * 512 + 512 + 512 * self.num_heads.iter().max().copied().unwrap_or(0);
+            n = s(&[
+                Some(n),
+                cpb(self.num_heads.iter().max().copied().unwrap_or(0)),
+            ])?;
         }
         let f = self.num_features();
-        n += 2 * f;
+        n = s(&[Some(n), m(2, f)])?;
         if self.num_classes > 0 {
-            n += f * self.num_classes + self.num_classes;
+            n = s(&[Some(n), m(f, self.num_classes), Some(self.num_classes)])?;
         }
-        n
+        Some(n)
     }
 
     /// Forward FLOPs per image at `img_size`, counted like the official `flops()` methods
@@ -359,18 +449,19 @@ impl SwinV2Config {
             self.img_size / self.patch_size,
         );
         let c = self.embed_dim as f64;
-        let mut f =
-            (ph * pw) as f64 * c * (self.in_chans * self.patch_size * self.patch_size) as f64;
+        // Integer products saturate: `validate` refuses the sizes where they would overflow.
+        let p2 = self.patch_size.saturating_mul(self.patch_size);
+        let mut f = ph.saturating_mul(pw) as f64 * c * self.in_chans.saturating_mul(p2) as f64;
         if self.patch_norm {
-            f += (ph * pw) as f64 * c;
+            f += ph.saturating_mul(pw) as f64 * c;
         }
         let (mut h, mut w) = (ph, pw);
         for i in 0..self.num_stages() {
             let dim = self.stage_dim(i) as f64;
             let (ws, _) = self.window_at(h, w);
-            let nwin = (h * w) as f64 / (ws * ws) as f64;
-            let n = (ws * ws) as f64;
-            let hw = (h * w) as f64;
+            let nwin = h.saturating_mul(w) as f64 / ws.saturating_mul(ws) as f64;
+            let n = ws.saturating_mul(ws) as f64;
+            let hw = h.saturating_mul(w) as f64;
             // W-MSA per window: qkv + q·k + attn·v + proj (head dims sum to dim)
             let attn = n * dim * 3.0 * dim + 2.0 * n * n * dim + n * dim * dim;
             let mlp = 2.0 * hw * dim * dim * self.mlp_ratio;
@@ -384,13 +475,16 @@ impl SwinV2Config {
                 f += 2.0 * dim * hw + nwin * attn + ffn;
             }
             if i + 1 < self.num_stages() {
-                f += ((h / 2) * (w / 2)) as f64 * 4.0 * dim * 2.0 * dim + hw * dim / 2.0;
+                f += (h / 2).saturating_mul(w / 2) as f64 * 4.0 * dim * 2.0 * dim + hw * dim / 2.0;
                 h /= 2;
                 w /= 2;
             }
         }
         let nf = self.num_features() as f64;
-        f += (nf as usize * ph * pw / (1usize << self.num_stages())) as f64;
+        let shift = 1usize
+            .checked_shl(self.num_stages() as u32)
+            .unwrap_or(usize::MAX);
+        f += ((nf as usize).saturating_mul(ph).saturating_mul(pw) / shift) as f64;
         f += nf * self.num_classes as f64;
         f as u64
     }
@@ -408,6 +502,19 @@ impl SwinV2Config {
             })
             .collect()
     }
+}
+
+/// Bytes of memory the model's sizes are checked against: `MemTotal` of /proc/meminfo, or 1 TiB
+/// where that cannot be read (a generous cap: it only refuses sizes no machine holds).
+pub fn machine_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            let line = t.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            kib.checked_mul(1024)
+        })
+        .unwrap_or(1 << 40)
 }
 
 /// The default model section: the `swinv2_nano` preset.
@@ -444,4 +551,65 @@ pub fn preset_layer(
         c.pretrained_window_sizes = vec![0; depths.len()];
     }
     Ok(serde_yaml_ng::to_value(c)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `swinv2_nano` with one `model.*` value changed.
+    fn nano_with(set: impl FnOnce(&mut SwinV2Config)) -> SwinV2Config {
+        let mut c = SwinV2Config::default();
+        set(&mut c);
+        c
+    }
+
+    #[test]
+    fn huge_sizes_are_errors_naming_their_key() {
+        let cases: [(&str, SwinV2Config); 5] = [
+            ("model.img_size", nano_with(|c| c.img_size = 1 << 32)),
+            ("model.embed_dim", nano_with(|c| c.embed_dim = 1 << 32)),
+            ("model.mlp_ratio", nano_with(|c| c.mlp_ratio = 1e12)),
+            (
+                "model.moe.num_experts",
+                nano_with(|c| c.moe.num_experts = 1_000_000),
+            ),
+            (
+                "model.moe.num_experts",
+                nano_with(|c| c.moe.num_experts = usize::MAX),
+            ),
+        ];
+        for (key, cfg) in cases {
+            let err = format!("{:#}", cfg.resolved().unwrap_err());
+            assert!(err.starts_with(&format!("{key}: ")), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn size_errors_give_the_estimate_and_the_memory() {
+        let mem = 128 << 30;
+        let c = nano_with(|c| c.mlp_ratio = 1e12);
+        assert_eq!(
+            c.check_sizes(mem).unwrap_err().to_string(),
+            "model.mlp_ratio: 1000000000000 makes the last stage's MLP 256x256000000000000 with \
+             488281250.0 GiB of weights, more than this machine's memory (128.0 GiB)"
+        );
+        let c = nano_with(|c| c.moe.num_experts = 1_000_000);
+        assert_eq!(
+            c.check_sizes(mem).unwrap_err().to_string(),
+            "model.moe.num_experts: 1000000 experts of 256x1024 MLPs need 1958.8 GiB of weights \
+             in one MoE layer, more than this machine's memory (128.0 GiB)"
+        );
+        // The presets fit in 4 GiB (swinv2_large: 197 M parameters) and their counts stay exact.
+        for name in PRESETS {
+            let c = SwinV2Config::preset(name).unwrap();
+            c.check_sizes(4 << 30).unwrap();
+            assert_eq!(c.checked_num_params(), Some(c.num_params()));
+        }
+        assert_eq!(
+            nano_with(|c| c.embed_dim = 1 << 40).num_params(),
+            usize::MAX,
+            "saturates"
+        );
+    }
 }
