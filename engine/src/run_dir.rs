@@ -15,15 +15,13 @@
 //! system's file lock, so it dies with the process (a `kill -9` leaves no stale lock behind).
 //! A weights path given to `--init`, `--teacher`, `--weights` is a run folder (its newest
 //! complete checkpoint) or a file, which may sit in a run's `checkpoints/` ([`resolve_init`]).
+use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
-
-use crate::trainer::checkpoint::{checkpoint_paths, list_checkpoints};
-use crate::trainer::{utc_stamp, RunConfig};
 
 /// File of the resolved config.
 pub const CONFIG_FILE: &str = "config.yaml";
@@ -81,9 +79,13 @@ impl RunDir {
     /// `output_dir/<objective>-<UTC stamp>[-k]` for an unnamed run (created with `create_dir`,
     /// so two runs started in the same second never share one). Refuses a named folder that
     /// another run holds, or that already holds checkpoints (resume it instead).
-    pub fn new_run(run: &RunConfig, objective: &str) -> Result<(Self, RunLock)> {
-        if let Some(name) = &run.name {
-            let dir = Self::at(run.output_dir.join(name));
+    pub fn new_run(
+        output_dir: &Path,
+        name: Option<&str>,
+        objective: &str,
+    ) -> Result<(Self, RunLock)> {
+        if let Some(name) = name {
+            let dir = Self::at(output_dir.join(name));
             dir.create()?;
             let lock = dir.lock()?;
             if !dir.checkpoint_steps()?.is_empty() {
@@ -99,7 +101,7 @@ impl RunDir {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let base = format!("{objective}-{}", utc_stamp(secs));
-        Self::create_unique(&run.output_dir, &base)
+        Self::create_unique(output_dir, &base)
     }
 
     /// Creates and locks `parent/base`, or `parent/base-k` for the first k >= 2 not taken.
@@ -313,9 +315,62 @@ pub fn read_config_section<T: DeserializeOwned>(config_yaml: &Path, section: &st
     })
 }
 
+/// Paths of checkpoint `step` inside `dir`: (weights, optimizer, meta).
+pub fn checkpoint_paths(dir: &Path, step: u64) -> (PathBuf, PathBuf, PathBuf) {
+    (
+        dir.join(format!("step_{step}.safetensors")),
+        dir.join(format!("step_{step}.optim.safetensors")),
+        dir.join(format!("step_{step}.json")),
+    )
+}
+
+/// Steps of the complete checkpoints in `dir` (those with a JSON), ascending; empty if no dir.
+pub fn list_checkpoints(dir: &Path) -> Result<Vec<u64>> {
+    if !dir.exists() {
+        return Ok(vec![]);
+    }
+    let mut steps = vec![];
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name
+            .strip_prefix("step_")
+            .and_then(|s| s.strip_suffix(".json"))
+        {
+            if let Ok(n) = n.parse::<u64>() {
+                steps.push(n);
+            }
+        }
+    }
+    steps.sort_unstable();
+    Ok(steps)
+}
+
+/// `YYYYmmdd-HHMMSS` in UTC for seconds since the Unix epoch (no date crate needed).
+pub fn utc_stamp(unix_seconds: u64) -> String {
+    let days = (unix_seconds / 86_400) as i64;
+    let secs = unix_seconds % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trainer::RunConfig;
 
     #[test]
     fn layout_names_match_the_documented_ones() {
@@ -389,11 +444,13 @@ mod tests {
             name: Some("r".into()),
             ..RunConfig::default()
         };
-        let err = RunDir::new_run(&cfg, "toy").unwrap_err().to_string();
+        let err = RunDir::new_run(&cfg.output_dir, cfg.name.as_deref(), "toy")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("already holds checkpoints"), "{err}");
         cfg.name = None;
-        let (a, _la) = RunDir::new_run(&cfg, "toy")?;
-        let (b, _lb) = RunDir::new_run(&cfg, "toy")?;
+        let (a, _la) = RunDir::new_run(&cfg.output_dir, cfg.name.as_deref(), "toy")?;
+        let (b, _lb) = RunDir::new_run(&cfg.output_dir, cfg.name.as_deref(), "toy")?;
         assert_ne!(a, b);
         assert!(a.root().is_dir() && b.root().is_dir());
         let name = a.root().file_name().unwrap().to_string_lossy().into_owned();
@@ -440,11 +497,23 @@ mod tests {
             name: Some("conc".into()),
             ..RunConfig::default()
         };
-        assert_eq!(RunDir::new_run(&cfg, "toy").unwrap_err().to_string(), err);
+        assert_eq!(
+            RunDir::new_run(&cfg.output_dir, cfg.name.as_deref(), "toy")
+                .unwrap_err()
+                .to_string(),
+            err
+        );
         drop(held);
         assert_eq!(std::fs::read_to_string(run.root().join(".lock"))?, "");
-        let (again, _l) = RunDir::new_run(&cfg, "toy")?;
+        let (again, _l) = RunDir::new_run(&cfg.output_dir, cfg.name.as_deref(), "toy")?;
         assert_eq!(again, run);
         Ok(())
+    }
+
+    #[test]
+    fn utc_stamps_match_known_dates() {
+        assert_eq!(utc_stamp(0), "19700101-000000");
+        assert_eq!(utc_stamp(951_782_400), "20000229-000000"); // leap day 2000
+        assert_eq!(utc_stamp(1_700_000_000), "20231114-221320");
     }
 }

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil::{write_atomic, write_atomic_with};
 use crate::optim::ScheduleKind;
-use crate::run_dir::LATEST_FILE;
+use crate::run_dir::{checkpoint_paths, list_checkpoints, LATEST_FILE};
 
 /// Version of the checkpoint layout written by this code.
 pub const FORMAT_VERSION: u32 = 1;
@@ -234,15 +234,6 @@ pub fn load_into_varmap_renamed(
     })
 }
 
-/// Paths of checkpoint `step` inside `dir`: (weights, optimizer, meta).
-pub fn checkpoint_paths(dir: &Path, step: u64) -> (PathBuf, PathBuf, PathBuf) {
-    (
-        dir.join(format!("step_{step}.safetensors")),
-        dir.join(format!("step_{step}.optim.safetensors")),
-        dir.join(format!("step_{step}.json")),
-    )
-}
-
 /// The name of the first tensor (in name order) that holds a NaN or an infinity, if any.
 pub fn first_non_finite<'a>(
     tensors: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
@@ -310,27 +301,6 @@ pub fn save_checkpoint(
         &dir.join(LATEST_FILE),
         format!("step_{}\n", meta.step).as_bytes(),
     )
-}
-
-/// Steps of the complete checkpoints in `dir` (those with a JSON), ascending; empty if no dir.
-pub fn list_checkpoints(dir: &Path) -> Result<Vec<u64>> {
-    if !dir.exists() {
-        return Ok(vec![]);
-    }
-    let mut steps = vec![];
-    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        if let Some(n) = name
-            .strip_prefix("step_")
-            .and_then(|s| s.strip_suffix(".json"))
-        {
-            if let Ok(n) = n.parse::<u64>() {
-                steps.push(n);
-            }
-        }
-    }
-    steps.sort_unstable();
-    Ok(steps)
 }
 
 /// A checkpoint read back: weights, optimizer tensors (loss history removed), losses, meta.

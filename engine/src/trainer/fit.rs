@@ -124,7 +124,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
                 let lock = run_dir.lock()?;
                 (run_dir, lock)
             }
-            None => RunDir::new_run(run, objective.name())?,
+            None => RunDir::new_run(&run.output_dir, run.name.as_deref(), objective.name())?,
         };
         write_atomic(&run_dir.config(), resolved_config_yaml.as_bytes())?;
 

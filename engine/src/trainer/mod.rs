@@ -8,7 +8,7 @@ mod session;
 #[cfg(test)]
 mod tests;
 
-pub use config::{utc_stamp, RunConfig, TrainConfig};
+pub use config::{RunConfig, TrainConfig};
 pub use fit::{BatchSource, TrainSummary, Trainer};
 pub use objective::{AuxLoss, Objective, StepOutput};
 pub use session::TrainSession;

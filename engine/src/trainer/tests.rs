@@ -10,11 +10,12 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
-use super::checkpoint::{list_checkpoints, load_checkpoint, varmap_tensors};
+use super::checkpoint::{load_checkpoint, varmap_tensors};
 use super::*;
 use crate::data::{Batch, BatchTargets, DataLoader, Dataset, LoaderOptions, Sample, Target};
 use crate::optim::ScheduleKind;
 use crate::rng::rng_for;
+use crate::run_dir::list_checkpoints;
 use crate::run_dir::RunDir;
 
 /// `n` samples x in R^3 with targets from a fixed W, b; shuffled per epoch from (seed, epoch).
