@@ -22,6 +22,7 @@ use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
+pub mod coco;
 pub mod collate;
 pub mod folder;
 pub mod idx;
