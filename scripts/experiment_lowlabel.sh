@@ -44,8 +44,8 @@ finetune() { # name config [args...]
 }
 
 if want probe; then
-  [ -e "$OUT/probe-random.json" ] || $BIN probe --config configs/finetune/swinv2_nano_fmnist.yaml --out "$OUT/probe-random.json"
-  [ -e "$OUT/probe-pretrained.json" ] || $BIN probe --config configs/finetune/swinv2_nano_fmnist.yaml --init "$PRE" --out "$OUT/probe-pretrained.json"
+  [ -e "$OUT/probe-random/probe.json" ] || $BIN probe --config configs/finetune/swinv2_nano_fmnist.yaml --out "$OUT/probe-random"
+  [ -e "$OUT/probe-pretrained/probe.json" ] || $BIN probe --config configs/finetune/swinv2_nano_fmnist.yaml --init "$PRE" --out "$OUT/probe-pretrained"
 fi
 if want finetune; then
   finetune ft-1pct-pretrained configs/finetune/swinv2_nano_fmnist_1pct.yaml --init "$PRE"
@@ -82,7 +82,7 @@ def load(p):
 def top1(name):
     j = load(f"{name}/eval/final.json")
     return f"{j['top1']:.2f}" if j else "-"
-probe = {k: load(f"probe-{k}.json") for k in ("pretrained", "random")}
+probe = {k: load(f"probe-{k}/probe.json") for k in ("pretrained", "random")}
 def pr(kind, frac, key):
     j = probe[kind]
     if not j: return "-"

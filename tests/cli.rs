@@ -539,7 +539,7 @@ fn finetune_from_simmim_then_eval_and_probe() {
     assert!(run.join("eval/eval_step_3.json").is_file());
 
     // Frozen features of the pretrained encoder: k-NN and linear probe at two label fractions.
-    let json = dir.path().join("probe.json");
+    let json = dir.path().join("probe").join("probe.json");
     let mut p: Vec<String> = arch.iter().map(|s| s.to_string()).collect();
     p.push("finetune.probe_epochs=5".into());
     ok(&with_sets(
@@ -550,7 +550,7 @@ fn finetune_from_simmim_then_eval_and_probe() {
             "--fractions",
             "0.5,1",
             "--out",
-            json.to_str().unwrap(),
+            json.parent().unwrap().to_str().unwrap(),
         ],
         &p,
     ));

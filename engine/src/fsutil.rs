@@ -28,6 +28,7 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     let tmp = temp_path(path)?;
     let result = (|| -> Result<()> {
         write(&tmp)?;
+        set_default_mode(&tmp)?;
         fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
             .context("fsync of the temp file")?;
@@ -39,6 +40,38 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
         let _ = fs::remove_file(&tmp);
     }
     result.with_context(|| format!("writing {}", path.display()))
+}
+
+/// Gives `path` the permissions a plain `File::create` would (0666 minus the umask): writers
+/// that go through their own temp file (safetensors' `NamedTempFile`) leave 0600, and a run
+/// folder's checkpoints would then be the only files other users cannot read.
+fn set_default_mode(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = 0o666 & !process_umask();
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("setting the permissions of {}", path.display()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// The process umask, read once from `/proc/self/status` (Linux); 0o022 where it cannot be read.
+#[cfg(unix)]
+fn process_umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o022)
+    })
 }
 
 /// Writes `bytes` to `path` atomically (see [`write_atomic_with`]).
@@ -133,5 +166,30 @@ mod tests {
         ensure_parent(&missing).unwrap();
         write_atomic(&missing, b"x").unwrap();
         assert_eq!(fs::read(&missing).unwrap(), b"x");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn files_from_writers_with_private_temp_files_get_the_usual_permissions() {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        fs::File::create(&plain).unwrap();
+        let want = fs::metadata(&plain).unwrap().permissions().mode() & 0o777;
+        // safetensors writes through a 0600 NamedTempFile renamed over our temp path
+        let target = dir.path().join("w.safetensors");
+        write_atomic_with(&target, |tmp| {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(tmp)?;
+            f.write_all(b"x")?;
+            Ok(())
+        })
+        .unwrap();
+        let got = fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(got, want, "{got:o} != {want:o}");
+        assert_eq!(want, 0o666 & !process_umask());
     }
 }

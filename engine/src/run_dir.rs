@@ -4,6 +4,8 @@
 //! RUN_DIR/
 //!   config.yaml                     the fully resolved experiment config
 //!   checkpoints/step_N.*, latest    see `trainer::checkpoint` (step_N.json marks a complete one)
+//!   checkpoints/best, best.json     the best checkpoint by `run.best_metric` (kept by pruning)
+//!   checkpoints/superseded-<time>/  checkpoints after the step a run was resumed from (`--step`)
 //!   events.out.tfevents.*           TensorBoard (the run folder itself is the log dir)
 //!   metrics.jsonl                   one JSON object per logged step or evaluation
 //!   pictures/                       PNGs (reconstructions, ...)
@@ -14,7 +16,9 @@
 //! ([`RunDir::lock`]) from before it writes anything until it ends; the lock is the operating
 //! system's file lock, so it dies with the process (a `kill -9` leaves no stale lock behind).
 //! A weights path given to `--init`, `--teacher`, `--weights` is a run folder (its newest
-//! complete checkpoint) or a file, which may sit in a run's `checkpoints/` ([`resolve_init`]).
+//! complete checkpoint) or a file, which may sit in a run's `checkpoints/` ([`resolve_init`]);
+//! the pointer files `checkpoints/latest` and `checkpoints/best` stand for the checkpoint they
+//! name. A [`Pick`] (`--step last|best|N`) chooses another checkpoint of a run folder.
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -22,6 +26,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
+
+/// File in `checkpoints/` naming the best checkpoint by `run.best_metric` (`step_N`).
+pub const BEST_FILE: &str = "best";
+/// File in `checkpoints/` with the best checkpoint's metric, mode and value.
+pub const BEST_META_FILE: &str = "best.json";
 
 /// File of the resolved config.
 pub const CONFIG_FILE: &str = "config.yaml";
@@ -221,6 +230,58 @@ impl RunDir {
         self.checkpoints().join(LATEST_FILE)
     }
 
+    /// `checkpoints/best`.
+    pub fn best_file(&self) -> PathBuf {
+        self.checkpoints().join(BEST_FILE)
+    }
+
+    /// `checkpoints/best.json`.
+    pub fn best_meta_file(&self) -> PathBuf {
+        self.checkpoints().join(BEST_META_FILE)
+    }
+
+    /// The step `checkpoints/best` names, if the file exists.
+    pub fn best_step(&self) -> Result<Option<u64>> {
+        read_pointer(&self.best_file())
+    }
+
+    /// The step of the checkpoint `pick` chooses; an error naming the folder and the steps it
+    /// holds when there is no such complete checkpoint.
+    pub fn pick(&self, pick: Pick) -> Result<u64> {
+        let steps = self.checkpoint_steps()?;
+        let have = || match steps.as_slice() {
+            [] => "it holds no complete checkpoint".to_string(),
+            s => format!(
+                "it holds {}",
+                s.iter()
+                    .map(|n| format!("step_{n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let step = match pick {
+            Pick::Last => steps.last().copied(),
+            Pick::Best => match self.best_step()? {
+                Some(s) => Some(s),
+                None => bail!(
+                    "{}: no best checkpoint (a run keeps one when run.best_metric is set); {}",
+                    self.checkpoints().display(),
+                    have()
+                ),
+            },
+            Pick::Step(n) => Some(n),
+        };
+        match step.filter(|s| steps.contains(s)) {
+            Some(s) => Ok(s),
+            None => bail!(
+                "{}: no complete checkpoint {}; {}",
+                self.checkpoints().display(),
+                step.map_or_else(|| "at all".to_string(), |s| format!("step_{s}")),
+                have()
+            ),
+        }
+    }
+
     /// Steps of the complete checkpoints, ascending (empty when there are none).
     pub fn checkpoint_steps(&self) -> Result<Vec<u64>> {
         list_checkpoints(&self.checkpoints())
@@ -263,6 +324,69 @@ impl RunDir {
     }
 }
 
+/// Which checkpoint of a run folder (`--step`): the newest complete one, the best by
+/// `run.best_metric`, or a step number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// The newest complete checkpoint (`last` or `latest`).
+    Last,
+    /// The best by `run.best_metric` (`best`).
+    Best,
+    /// `step_N`.
+    Step(u64),
+}
+
+impl std::str::FromStr for Pick {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "last" | "latest" => Ok(Self::Last),
+            "best" => Ok(Self::Best),
+            n => n
+                .strip_prefix("step_")
+                .unwrap_or(n)
+                .parse()
+                .map(Self::Step)
+                .map_err(|_| anyhow::anyhow!("`{s}`: expected last, best or a step number")),
+        }
+    }
+}
+
+/// The step a pointer file (`checkpoints/latest`, `checkpoints/best`: `step_N`) names; None
+/// when the file does not exist.
+fn read_pointer(path: &Path) -> Result<Option<u64>> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    match text
+        .trim()
+        .strip_prefix("step_")
+        .and_then(|n| n.parse().ok())
+    {
+        Some(n) => Ok(Some(n)),
+        None => bail!(
+            "{}: expected `step_N`, found {:?}",
+            path.display(),
+            text.trim()
+        ),
+    }
+}
+
+/// The weights file of checkpoint `pick` of the run folder `run` (`--init RUN --step best`).
+pub fn pick_weights(run: &Path, pick: Pick) -> Result<PathBuf> {
+    if !run.is_dir() {
+        bail!(
+            "{}: --step chooses a checkpoint of a run folder, and this is not a folder",
+            run.display()
+        );
+    }
+    let run = RunDir::at(run);
+    Ok(run.checkpoint(run.pick(pick)?).weights)
+}
+
 /// What a `--init` / `--teacher` / `--weights` path resolved to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InitSource {
@@ -288,6 +412,19 @@ pub fn resolve_init(path: &Path) -> Result<InitSource> {
     }
     if !path.is_file() {
         bail!("{}: no such run folder or weights file", path.display());
+    }
+    // checkpoints/latest and checkpoints/best stand for the checkpoint they name
+    if let Some(run) = RunDir::of_checkpoint_file(path).filter(|_| {
+        path.file_name()
+            .is_some_and(|n| n == LATEST_FILE || n == BEST_FILE)
+    }) {
+        let step = read_pointer(path)?.unwrap_or_default();
+        let weights = run.checkpoint(run.pick(Pick::Step(step))?).weights;
+        let cfg = run.config();
+        return Ok(InitSource {
+            weights,
+            run_config: cfg.is_file().then_some(cfg),
+        });
     }
     let run_config = RunDir::of_checkpoint_file(path)
         .map(|run| run.config())

@@ -6,6 +6,9 @@ use clap::{Args, ValueEnum};
 use mimlab_pretrain::avgdist::{avgdist_csv, avgdist_table, write_avgdist};
 use mimlab_pretrain::simmim::mask::MaskStrategy;
 
+use super::ConfigArgs;
+use crate::experiment::Experiment;
+
 /// Output format on stdout.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq)]
 pub enum Format {
@@ -37,11 +40,11 @@ pub struct AvgDistArgs {
     /// Random masks averaged per cell.
     #[arg(long, default_value_t = 200)]
     pub samples: usize,
-    /// Seed of the masks.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// The seed of the masks is `run.seed` (`--set run.seed=N`), as in every command.
+    #[command(flatten)]
+    pub config: ConfigArgs,
     /// Folder for avgdist.csv and avgdist.png.
-    #[arg(long, default_value = "runs/avgdist")]
+    #[arg(long, value_name = "DIR", default_value = "runs/avgdist")]
     pub out: PathBuf,
     /// Table format on stdout.
     #[arg(long, value_enum, default_value_t = Format::Plain)]
@@ -75,7 +78,9 @@ pub fn run(a: AvgDistArgs) -> Result<()> {
         &a.ratios,
         &strategies,
         a.samples,
-        a.seed,
+        Experiment::load(a.config.config.as_deref(), &a.config.sets)?
+            .run
+            .seed,
     )?;
     for w in &table.warnings {
         eprintln!("warning: {w}");

@@ -7,7 +7,7 @@ use clap::Args;
 use mimlab_engine::device::{parse_device, with_cpu_threads};
 use mimlab_pretrain::distill::recipe::distill;
 
-use super::ConfigArgs;
+use super::{ConfigArgs, ResumeArgs};
 
 /// Arguments of `mimlab distill`.
 #[derive(Debug, Args)]
@@ -18,14 +18,13 @@ pub struct DistillArgs {
     /// its config.yaml) or a weights file (then set distill.teacher_model). Sets distill.teacher.
     #[arg(long)]
     pub teacher: Option<PathBuf>,
-    /// Continue this run folder from its newest checkpoint (its config.yaml is the config).
-    #[arg(long, conflicts_with = "config")]
-    pub resume: Option<PathBuf>,
+    #[command(flatten)]
+    pub resume: ResumeArgs,
 }
 
 /// Loads the experiment and distills the teacher into the student.
 pub fn run(args: DistillArgs) -> Result<()> {
-    let mut exp = super::load_experiment(&args.config, args.resume.as_deref())?;
+    let mut exp = super::load_experiment(&args.config, args.resume.resume.as_deref(), "distill")?;
     if let Some(t) = &args.teacher {
         exp.distill.teacher = Some(t.clone());
     }
@@ -35,7 +34,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
     with_cpu_threads(exp.run.threads, move || -> Result<()> {
         let device = parse_device(&exp.run.device)?;
         let student = exp.model.clone();
-        let session = super::session(&exp, args.resume.as_deref())?;
+        let session = super::session(&exp, "distill", &args.resume)?;
         distill(&session, &student, &exp.distill, &teacher, &device)?;
         Ok(())
     })?

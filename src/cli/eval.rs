@@ -1,11 +1,11 @@
-//! `mimlab eval --weights RUN_DIR|CHECKPOINT`: top-1/top-5, per-class accuracy and the confusion
+//! `mimlab eval --weights RUN_DIR|FILE [--step best]`: top-1/top-5, per-class accuracy and the confusion
 //! matrix (JSON + PNG) of a classifier on the eval split.
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mimlab_engine::device::{parse_device, with_cpu_threads};
-use mimlab_engine::run_dir::resolve_init;
+use mimlab_engine::run_dir::{pick_weights, resolve_init, Pick};
 use mimlab_finetune::classify::{eval_loader, evaluate_weights};
 
 use super::ConfigArgs;
@@ -17,17 +17,26 @@ pub struct EvalArgs {
     /// Experiment config; default: the `config.yaml` of the run the weights belong to.
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// A classification run folder (newest checkpoint) or a weights file with a head.
-    #[arg(long)]
+    /// A classification run folder (newest checkpoint, or the one --step names) or a weights file
+    /// with a head.
+    #[arg(long, value_name = "RUN_DIR|FILE")]
     pub weights: PathBuf,
+    /// Which checkpoint of the run folder: `last` (default), `best` (by run.best_metric) or a
+    /// step number.
+    #[arg(long, value_name = "last|best|N")]
+    pub step: Option<Pick>,
     /// Folder for `<name>.json` and `<name>_confusion.png`; default: RUN/eval/.
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
 }
 
 /// Evaluates and writes the report.
 pub fn run(args: EvalArgs) -> Result<()> {
-    let src = resolve_init(&args.weights).context("--weights")?;
+    let weights = match args.step {
+        Some(pick) => pick_weights(&args.weights, pick).context("--weights")?,
+        None => args.weights.clone(),
+    };
+    let src = resolve_init(&weights).context("--weights")?;
     let config = match (&args.config.config, &src.run_config) {
         (Some(c), _) => c.clone(),
         (None, Some(c)) => c.clone(),

@@ -1,13 +1,14 @@
-//! `mimlab finetune --config C [--init RUN_DIR|CHECKPOINT] [--resume RUN_DIR]`: image
-//! classification, from a pretrained backbone or (without `--init`) from scratch.
+//! `mimlab finetune --config C [--init RUN_DIR|FILE [--step best]] [--resume RUN_DIR [--step N]]`:
+//! image classification, from a pretrained backbone or (without `--init`) from scratch.
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use mimlab_engine::device::{parse_device, with_cpu_threads};
+use mimlab_engine::run_dir::pick_weights;
 use mimlab_finetune::classify::finetune_classifier;
 
-use super::ConfigArgs;
+use super::{ConfigArgs, ResumeArgs};
 
 /// Arguments of `mimlab finetune`.
 #[derive(Debug, Args)]
@@ -15,30 +16,33 @@ pub struct FinetuneArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Start from this backbone: a run folder (SimMIM, distillation or classification; its newest
-    /// checkpoint) or a weights file (mimlab, official or timm Swin-V2). Sets `finetune.init`.
-    #[arg(long, conflicts_with = "resume")]
+    /// checkpoint, or the one --step names) or a weights file (mimlab, official or timm Swin-V2).
+    /// Sets `finetune.init`.
+    #[arg(long, value_name = "RUN_DIR|FILE", conflicts_with = "resume")]
     pub init: Option<PathBuf>,
-    /// Continue this run folder from its newest checkpoint.
-    #[arg(long, conflicts_with = "config")]
-    pub resume: Option<PathBuf>,
+    #[command(flatten)]
+    pub resume: ResumeArgs,
 }
 
 /// Trains the classifier, then writes the final evaluation (JSON + confusion PNG) to RUN/eval/.
 pub fn run(args: FinetuneArgs) -> Result<()> {
-    let mut exp = super::load_experiment(&args.config, args.resume.as_deref())?;
+    let mut exp = super::load_experiment(&args.config, args.resume.resume.as_deref(), "classify")?;
     if let Some(init) = &args.init {
-        exp.finetune.init = Some(init.clone());
+        exp.finetune.init = Some(match args.resume.step {
+            Some(pick) => pick_weights(init, pick).context("--init")?,
+            None => init.clone(),
+        });
     }
     with_cpu_threads(exp.run.threads, move || -> Result<()> {
         let device = parse_device(&exp.run.device)?;
         // On resume the weights come from the run's checkpoint; the init was already applied.
-        let init = if args.resume.is_none() {
+        let init = if args.resume.resume.is_none() {
             exp.apply_init()?
         } else {
             None
         };
         let model = exp.model.clone();
-        let session = super::session(&exp, args.resume.as_deref())?;
+        let session = super::session(&exp, "finetune", &args.resume)?;
         finetune_classifier(&session, &model, &exp.finetune, init.as_ref(), &device)?;
         Ok(())
     })?

@@ -12,10 +12,11 @@ pub mod visualize;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
-use mimlab_engine::run_dir::RunDir;
-use mimlab_engine::trainer::TrainSession;
+use mimlab_engine::run_dir::{Pick, RunDir};
+use mimlab_engine::trainer::checkpoint::newest_objective;
+use mimlab_engine::trainer::{RunStart, TrainSession};
 
 use crate::experiment::Experiment;
 
@@ -30,17 +31,62 @@ pub struct ConfigArgs {
     pub sets: Vec<String>,
 }
 
+/// `--resume RUN_DIR [--step last|best|N]`, shared by the training commands.
+#[derive(Debug, Clone, Args, Default)]
+pub struct ResumeArgs {
+    /// Continue this run folder (its config.yaml is the config; --set may still change keys such
+    /// as train.epochs) from its newest intact checkpoint, or the one --step names.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
+    pub resume: Option<PathBuf>,
+    /// Which checkpoint of the run folder given to --resume (or --init): `last` (default), `best`
+    /// (by run.best_metric) or a step number. Resuming from an earlier step moves the later
+    /// checkpoints into checkpoints/superseded-<time>/.
+    #[arg(long, value_name = "last|best|N")]
+    pub step: Option<Pick>,
+}
+
+/// The training commands and the objective each one writes and resumes.
+const COMMAND_OF: [(&str, &str); 3] = [
+    ("simmim", "mimlab pretrain"),
+    ("distill", "mimlab distill"),
+    ("classify", "mimlab finetune"),
+];
+
 /// The experiment of a command: `--resume RUN_DIR` takes that run's own `config.yaml` (with
-/// `--set` still applied), else `--config`.
-pub fn load_experiment(args: &ConfigArgs, resume: Option<&Path>) -> Result<Experiment> {
+/// `--set` still applied), else `--config`. `objective` is what the command trains: a run folder
+/// written by another objective is refused up front, naming the command that resumes it.
+pub fn load_experiment(
+    args: &ConfigArgs,
+    resume: Option<&Path>,
+    objective: &str,
+) -> Result<Experiment> {
     let config_path = match resume {
         Some(dir) => {
-            let p = RunDir::at(dir).config();
+            let run = RunDir::at(dir);
+            let p = run.config();
             anyhow::ensure!(
                 p.is_file(),
                 "--resume {}: no config.yaml in that folder",
                 dir.display()
             );
+            if let Some(other) = newest_objective(&run.checkpoints())
+                .with_context(|| format!("--resume {}", dir.display()))?
+                .filter(|o| o != objective)
+            {
+                let cmd = |o: &str| {
+                    COMMAND_OF
+                        .iter()
+                        .find(|(k, _)| *k == o)
+                        .map_or("another command", |(_, c)| c)
+                };
+                anyhow::bail!(
+                    "--resume {}: that run was written by `{other}` ({}); `{}` resumes only its \
+                     own `{objective}` runs (to start from that run's weights, pass it to --init)",
+                    dir.display(),
+                    cmd(&other),
+                    cmd(objective)
+                );
+            }
             Some(p)
         }
         None => args.config.clone(),
@@ -49,13 +95,31 @@ pub fn load_experiment(args: &ConfigArgs, resume: Option<&Path>) -> Result<Exper
 }
 
 /// The training run of a command: the experiment's shared sections, its resolved YAML (written
-/// into the run folder) and the folder to resume.
-pub fn session<'a>(exp: &'a Experiment, resume: Option<&'a Path>) -> Result<TrainSession<'a>> {
+/// into the run folder) and the folder: resumed (`--resume`, `--step`), or new and named
+/// `<task>-<model>-<dataset>-<UTC time>` (e.g. `simmim-swinv2_nano-fashion-mnist-20261203-181500`).
+pub fn session<'a>(
+    exp: &'a Experiment,
+    task: &str,
+    resume: &'a ResumeArgs,
+) -> Result<TrainSession<'a>> {
+    let start = match &resume.resume {
+        Some(dir) => RunStart::Resume {
+            dir,
+            pick: resume.step.unwrap_or(Pick::Last),
+        },
+        None => RunStart::New {
+            label: format!(
+                "{task}-{}-{}",
+                exp.model.preset.as_deref().unwrap_or("swinv2"),
+                exp.data.dataset
+            ),
+        },
+    };
     Ok(TrainSession {
         data: &exp.data,
         train: &exp.train,
         run: &exp.run,
         config_yaml: exp.to_yaml()?,
-        resume,
+        start,
     })
 }

@@ -1,4 +1,5 @@
-//! `mimlab visualize --run RUN_DIR [--images DIR] [--n 8]`: reconstruction pictures of a SimMIM run.
+//! `mimlab visualize --run RUN_DIR [--images DIR] [--n 8] [--set run.seed=N]`: reconstruction
+//! pictures of a SimMIM run.
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -13,7 +14,7 @@ use crate::experiment::Experiment;
 #[derive(Debug, Args)]
 pub struct VisualizeArgs {
     /// A SimMIM run folder (holds config.yaml and checkpoints/).
-    #[arg(long)]
+    #[arg(long, value_name = "RUN_DIR")]
     pub run: PathBuf,
     /// Images to reconstruct instead of the run's held-out images (JPEG/PNG, resized and center-cropped).
     #[arg(long)]
@@ -21,15 +22,15 @@ pub struct VisualizeArgs {
     /// Number of images.
     #[arg(long, default_value_t = 8)]
     pub n: usize,
-    /// Seed of the masks.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Override keys of the run's config.yaml, e.g. `--set run.seed=3` (the seed of the masks).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
 }
 
 /// Writes RUN_DIR/pictures/reconstruction.png from the newest checkpoint.
 pub fn run(a: VisualizeArgs) -> Result<()> {
     let run = RunDir::at(&a.run);
-    let exp = Experiment::load(Some(&run.config()), &[])?;
+    let exp = Experiment::load(Some(&run.config()), &a.sets)?;
     let cfg = exp.model.clone();
     let device = parse_device(&exp.run.device)?;
     let path = visualize_run_dir(
@@ -39,7 +40,7 @@ pub fn run(a: VisualizeArgs) -> Result<()> {
         &exp.data,
         a.images.as_deref(),
         a.n,
-        a.seed,
+        exp.run.seed,
         &device,
     )?;
     println!("wrote {}", path.display());

@@ -107,9 +107,10 @@ pub struct IdxDataset {
 }
 
 impl IdxDataset {
-    /// Opens `cfg.root/<dataset>/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`.
+    /// Opens `<dataset folder>/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`
+    /// ([`DataConfig::bundled_dir`]).
     pub fn open(cfg: &DataConfig, split: Split, transform: ImageTransform) -> Result<Self> {
-        let dir = cfg.root.join(&cfg.dataset);
+        let dir = cfg.bundled_dir(&cfg.dataset)?;
         let prefix = match split {
             Split::Train => "train",
             Split::Eval => "t10k",
@@ -429,6 +430,38 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert_eq!(err, "no/such/dir/fashion-mnist/train-images-idx3-ubyte.gz not found: run scripts/setup-data.sh");
+        let checkout = crate::data::checkout_dir();
+        for want in [
+            "dataset folder `fashion-mnist` not found; looked in:".to_string(),
+            "\n  no/such/dir/fashion-mnist (data.root) (from the working directory ".into(),
+            format!(
+                "\n  {} (the checkout mimlab was built from)",
+                checkout.join("no/such/dir/fashion-mnist").display()
+            ),
+            "\nfix: run scripts/setup-data.sh in the mimlab checkout, or point data.root (or \
+             MIMLAB_DATA) at the folder that holds `fashion-mnist/`"
+                .into(),
+        ] {
+            assert!(err.contains(&want), "missing {want:?} in:\n{err}");
+        }
+        // A folder without the files still says which file and how to fix it.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("mnist")).unwrap();
+        let cfg = DataConfig {
+            root: dir.path().into(),
+            dataset: "mnist".into(),
+            ..Default::default()
+        };
+        let err = build_dataset(&cfg, Split::Train, 28, 1, true)
+            .err()
+            .unwrap()
+            .to_string();
+        let want = format!(
+            "{} not found: run scripts/setup-data.sh",
+            dir.path()
+                .join("mnist/train-images-idx3-ubyte.gz")
+                .display()
+        );
+        assert_eq!(err, want);
     }
 }

@@ -14,7 +14,7 @@
 //!   (classes as `[B]` u32, boxes per image, class maps as `[B, H, W]` u32 padded with 255) and
 //!   the dataset indices (objectives derive per-sample randomness, such as SimMIM masks, from
 //!   (seed, epoch, index)). Batches of equal-size images are never padded.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -277,6 +277,63 @@ pub fn heldout_images(
         (n, in_chans, img_size, img_size),
         &Device::Cpu,
     )?)
+}
+
+/// Environment variable naming a data root (see [`DataConfig::bundled_dir`]).
+pub const DATA_ENV: &str = "MIMLAB_DATA";
+
+impl DataConfig {
+    /// The folder of the bundled dataset `sub` (`fashion-mnist`, `photos`, ...): the first that
+    /// exists of
+    /// 1. `data.root/sub` (a relative `data.root` from the working directory; an absolute one is
+    ///    the only place looked at);
+    /// 2. `$MIMLAB_DATA/sub`;
+    /// 3. `<checkout>/<data.root>/sub`, in the checkout this binary was built from (an installed
+    ///    `mimlab` run from elsewhere finds the data `scripts/setup-data.sh` put there).
+    ///
+    /// When none exists the error lists every place looked at and the ways to fix it.
+    pub fn bundled_dir(&self, sub: &str) -> Result<PathBuf> {
+        let mut tried: Vec<(PathBuf, &str)> = vec![(self.root.join(sub), "data.root")];
+        if self.root.is_relative() {
+            if let Some(env) = std::env::var_os(DATA_ENV).filter(|v| !v.is_empty()) {
+                tried.push((PathBuf::from(env).join(sub), "$MIMLAB_DATA"));
+            }
+            let checkout = checkout_dir();
+            tried.push((
+                checkout.join(&self.root).join(sub),
+                "the checkout mimlab was built from",
+            ));
+        }
+        if let Some((dir, _)) = tried.iter().find(|(d, _)| d.is_dir()) {
+            return Ok(dir.clone());
+        }
+        let cwd = std::env::current_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|_| "?".into());
+        let mut msg = format!("dataset folder `{sub}` not found; looked in:");
+        for (dir, why) in &tried {
+            let whence = if dir.is_relative() {
+                format!(" (from the working directory {cwd})")
+            } else {
+                String::new()
+            };
+            msg.push_str(&format!("\n  {} ({why}){whence}", dir.display()));
+        }
+        if self.root.is_relative() && std::env::var_os(DATA_ENV).is_none() {
+            msg.push_str("\n  ($MIMLAB_DATA is not set)");
+        }
+        msg.push_str(&format!(
+            "\nfix: run scripts/setup-data.sh in the mimlab checkout, or point data.root (or \
+             MIMLAB_DATA) at the folder that holds `{sub}/`"
+        ));
+        Err(anyhow::anyhow!(msg))
+    }
+}
+
+/// The source checkout this binary was built from (where `scripts/setup-data.sh` puts `data/`).
+pub fn checkout_dir() -> PathBuf {
+    let engine = Path::new(env!("CARGO_MANIFEST_DIR"));
+    engine.parent().unwrap_or(engine).to_path_buf()
 }
 
 /// `path` not found, with the hint to run the setup script (bundled datasets).

@@ -67,13 +67,15 @@ pub struct PhotosDataset {
 }
 
 impl PhotosDataset {
-    /// Loads `cfg.root/photos/{train,heldout}` (compact form, cached).
+    /// Loads `<photos folder>/{train,heldout}` ([`DataConfig::bundled_dir`]; compact form,
+    /// cached).
     pub fn open(cfg: &DataConfig, split: Split, transform: ImageTransform) -> Result<Self> {
         let sub = match split {
             Split::Train => "train",
             Split::Eval => "heldout",
         };
-        let dir = cfg.root.join("photos").join(sub);
+        let photos = cfg.bundled_dir("photos")?;
+        let dir = photos.join(sub);
         if !dir.is_dir() {
             return Err(missing_bundled(&dir));
         }
@@ -81,7 +83,7 @@ impl PhotosDataset {
         if files.is_empty() {
             bail!("{}: no photos: run scripts/setup-data.sh", dir.display());
         }
-        let cache_dir = cfg.root.join("photos").join(".compact").join(sub);
+        let cache_dir = photos.join(".compact").join(sub);
         let photos = files
             .par_iter()
             .map(|f| {

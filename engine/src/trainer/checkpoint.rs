@@ -14,6 +14,11 @@
 //! that does not belong to a kept complete checkpoint. Resume ([`load_newest_intact`]) takes the
 //! newest checkpoint that reads back whole and warns about each newer one it skips.
 //!
+//! With `run.best_metric` set, `best.json` ([`BestMeta`]) and the pointer `best` name the best
+//! checkpoint so far; pruning keeps it beside the newest `run.keep_checkpoints`. Resuming from an
+//! earlier step (`--step`) moves the later checkpoints into `superseded-<time>/`
+//! ([`supersede_after`]) instead of deleting them.
+//!
 //! Every file is written with [`crate::fsutil::write_atomic`]. The run folder around
 //! `checkpoints/` is [`crate::run_dir::RunDir`].
 use std::collections::HashMap;
@@ -27,7 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil::{write_atomic, write_atomic_with};
 use crate::optim::ScheduleKind;
-use crate::run_dir::{checkpoint_paths, list_checkpoints, LATEST_FILE};
+use crate::run_dir::{checkpoint_paths, list_checkpoints, BEST_FILE, BEST_META_FILE, LATEST_FILE};
+use crate::trainer::config::BestMode;
 
 /// Version of the checkpoint layout written by this code.
 pub const FORMAT_VERSION: u32 = 1;
@@ -60,6 +66,80 @@ pub struct CheckpointMeta {
     pub batches_per_epoch: usize,
     /// Objective name.
     pub objective: String,
+}
+
+/// The best checkpoint so far by an eval metric (`checkpoints/best.json`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BestMeta {
+    /// Its step (`step_N.*` is kept by pruning).
+    pub step: u64,
+    /// The eval metric (`run.best_metric`).
+    pub metric: String,
+    /// Whether larger or smaller is better.
+    pub mode: BestMode,
+    /// The metric's value at that step.
+    pub value: f64,
+}
+
+impl BestMeta {
+    /// True when `value` is strictly better than this one.
+    pub fn improved_by(&self, value: f64) -> bool {
+        match self.mode {
+            BestMode::Max => value > self.value,
+            BestMode::Min => value < self.value,
+        }
+    }
+}
+
+/// Writes `best.json` then the pointer `best` (both atomically).
+pub fn save_best(dir: &Path, best: &BestMeta) -> Result<()> {
+    write_atomic(
+        &dir.join(BEST_META_FILE),
+        serde_json::to_string_pretty(best)?.as_bytes(),
+    )?;
+    write_atomic(
+        &dir.join(BEST_FILE),
+        format!("step_{}\n", best.step).as_bytes(),
+    )
+}
+
+/// Reads `best.json`, if there is one.
+pub fn load_best(dir: &Path) -> Result<Option<BestMeta>> {
+    let p = dir.join(BEST_META_FILE);
+    match fs::read_to_string(&p) {
+        Ok(t) => Ok(Some(
+            serde_json::from_str(&t).with_context(|| format!("parsing {}", p.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
+/// Moves every checkpoint piece after step `step` (and the best pointer when it names one of
+/// them) into `dir/superseded-<stamp>/`, so that resuming from an earlier step loses nothing.
+/// Returns that folder when something moved.
+pub fn supersede_after(dir: &Path, step: u64, stamp: &str) -> Result<Option<PathBuf>> {
+    let target = dir.join(format!("superseded-{stamp}"));
+    let best_later = load_best(dir)?.is_some_and(|b| b.step > step);
+    let mut moved = false;
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let later = piece_step(&name).is_some_and(|s| s > step)
+            || (best_later && (name == BEST_FILE || name == BEST_META_FILE));
+        if later {
+            fs::create_dir_all(&target)
+                .with_context(|| format!("creating {}", target.display()))?;
+            fs::rename(&path, target.join(&name))
+                .with_context(|| format!("moving {} into {}", path.display(), target.display()))?;
+            moved = true;
+        }
+    }
+    Ok(moved.then_some(target))
 }
 
 /// Saves tensors as safetensors, atomically.
@@ -303,6 +383,23 @@ pub fn save_checkpoint(
     )
 }
 
+/// The objective that wrote the newest complete checkpoint of `dir` (from its JSON), if any:
+/// commands check it before resuming a run with a different objective.
+pub fn newest_objective(dir: &Path) -> Result<Option<String>> {
+    let Some(&step) = list_checkpoints(dir)?.last() else {
+        return Ok(None);
+    };
+    let (_, _, j) = checkpoint_paths(dir, step);
+    let text = fs::read_to_string(&j).with_context(|| format!("reading {}", j.display()))?;
+    #[derive(Deserialize)]
+    struct Objective {
+        objective: String,
+    }
+    let o: Objective =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", j.display()))?;
+    Ok(Some(o.objective))
+}
+
 /// A checkpoint read back: weights, optimizer tensors (loss history removed), losses, meta.
 pub struct LoadedCheckpoint {
     /// The objective's variables.
@@ -397,18 +494,19 @@ pub fn load_newest_intact(dir: &Path) -> Result<Option<LoadedCheckpoint>> {
     )
 }
 
-/// Keeps the newest `keep` (at least 1) complete checkpoints at or before step `newest` and
-/// deletes every other piece of a checkpoint in `dir`: older checkpoints (JSON first, so a
+/// Keeps the newest `keep` (at least 1) complete checkpoints at or before step `newest`, and
+/// `protect` (the best checkpoint), and deletes every other piece of a checkpoint in `dir`: older checkpoints (JSON first, so a
 /// half-deleted one is never taken for a complete one), pieces a crash left without their JSON,
 /// checkpoints after `newest` (a corrupt future a resume fell back from) and leftover `*.tmp`
 /// files. Only the run that holds the run folder's lock may call it (a `*.tmp` of another
 /// writer would be taken for a leftover).
-pub fn prune_checkpoints(dir: &Path, keep: usize, newest: u64) -> Result<()> {
+pub fn prune_checkpoints(dir: &Path, keep: usize, newest: u64, protect: Option<u64>) -> Result<()> {
     let complete: Vec<u64> = list_checkpoints(dir)?
         .into_iter()
         .filter(|&s| s <= newest)
         .collect();
-    let kept = &complete[complete.len().saturating_sub(keep.max(1))..];
+    let mut kept = complete[complete.len().saturating_sub(keep.max(1))..].to_vec();
+    kept.extend(protect.filter(|s| complete.contains(s)));
     let mut doomed: Vec<(u8, PathBuf)> = vec![];
     for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let path = entry?.path();
@@ -472,7 +570,7 @@ mod tests {
             };
             let losses: Vec<f64> = (0..step).map(|i| i as f64 * 0.5).collect();
             save_checkpoint(dir.path(), &weights, &HashMap::new(), &losses, &meta).unwrap();
-            prune_checkpoints(dir.path(), 2, step).unwrap();
+            prune_checkpoints(dir.path(), 2, step, None).unwrap();
         }
         assert_eq!(list_checkpoints(dir.path()).unwrap(), vec![3, 4]);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2 * 3 + 1);
@@ -562,7 +660,7 @@ mod tests {
         }
         fs::write(d.join("README"), b"not ours").unwrap();
         assert_eq!(list_checkpoints(d).unwrap(), vec![2, 3]);
-        prune_checkpoints(d, 2, 3).unwrap();
+        prune_checkpoints(d, 2, 3, None).unwrap();
         let kept = [
             "README",
             "latest",
@@ -576,7 +674,7 @@ mod tests {
         assert_eq!(names(d), kept);
         // a checkpoint after the current step (a corrupt one resume fell back from) goes too
         save_checkpoint(d, &w, &HashMap::new(), &[], &toy_meta(5)).unwrap();
-        prune_checkpoints(d, 1, 3).unwrap();
+        prune_checkpoints(d, 1, 3, None).unwrap();
         assert_eq!(list_checkpoints(d).unwrap(), vec![3]);
         assert_eq!(
             names(d),

@@ -212,6 +212,22 @@ pub struct RunConfig {
     pub keep_checkpoints: usize,
     /// Epochs between evaluations (0 = never).
     pub eval_every_epochs: usize,
+    /// Eval metric that picks the best checkpoint (e.g. `top1`, `loss`), kept beside the newest
+    /// `keep_checkpoints` as `checkpoints/best`; None: no best checkpoint.
+    pub best_metric: Option<String>,
+    /// Whether a larger (`max`) or smaller (`min`) `best_metric` is better.
+    pub best_mode: BestMode,
+}
+
+/// Direction of `run.best_metric`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BestMode {
+    /// Larger is better (accuracy, AP, mIoU).
+    #[default]
+    Max,
+    /// Smaller is better (losses).
+    Min,
 }
 
 impl Default for RunConfig {
@@ -228,6 +244,8 @@ impl Default for RunConfig {
             checkpoint_every_steps: None,
             keep_checkpoints: 2,
             eval_every_epochs: 1,
+            best_metric: None,
+            best_mode: BestMode::Max,
         }
     }
 }
@@ -244,6 +262,14 @@ impl RunConfig {
                     "run.name `{name}` must be a folder name inside run.output_dir, without `/`, \
                      `\\`, `.` or `..`"
                 );
+            }
+        }
+        if let Some(m) = &self.best_metric {
+            if m.is_empty() {
+                bail!("run.best_metric must not be empty (leave it unset for no best checkpoint)");
+            }
+            if self.eval_every_epochs == 0 {
+                bail!("run.best_metric = `{m}` needs evaluations: run.eval_every_epochs is 0");
             }
         }
         Ok(())

@@ -15,14 +15,58 @@ use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::checkpoint::{self, CheckpointMeta, FORMAT_VERSION};
+use super::checkpoint::{self, BestMeta, CheckpointMeta, FORMAT_VERSION};
 use super::{Objective, RunConfig, TrainConfig};
 use crate::data::{Batch, DataLoader};
 use crate::fsutil::write_atomic;
 use crate::log::{MetricsLog, Progress, TbWriter};
 use crate::optim::{clip_grad_norm, grad_norm, param_groups, AdamW, LrSchedule};
 use crate::rng::mix_seed;
-use crate::run_dir::{RunDir, RunLock};
+use crate::run_dir::{utc_stamp, Pick, RunDir, RunLock};
+
+/// How a training run starts: a new run folder, or an existing one resumed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunStart<'a> {
+    /// A new folder in `run.output_dir`: `run.name`, else `<label>-<UTC time>` (label e.g.
+    /// `simmim-swinv2_nano-fashion-mnist`; empty: the objective's name).
+    New {
+        /// What the run is: objective, model, dataset.
+        label: String,
+    },
+    /// Continue the run folder `dir` from checkpoint `pick` (`Last`: the newest that reads back
+    /// whole, falling back loudly past corrupt ones).
+    Resume {
+        /// The run folder.
+        dir: &'a Path,
+        /// Which checkpoint.
+        pick: Pick,
+    },
+}
+
+impl<'a> RunStart<'a> {
+    /// A new run folder named after the objective.
+    pub fn fresh() -> Self {
+        Self::New {
+            label: String::new(),
+        }
+    }
+
+    /// Resume `dir` from its newest intact checkpoint.
+    pub fn resume(dir: &'a Path) -> Self {
+        Self::Resume {
+            dir,
+            pick: Pick::Last,
+        }
+    }
+
+    /// The folder resumed, if any.
+    pub fn resumed(&self) -> Option<&'a Path> {
+        match self {
+            Self::New { .. } => None,
+            Self::Resume { dir, .. } => Some(dir),
+        }
+    }
+}
 
 /// What the loop needs from a training loader ([`DataLoader`] implements it; tests and tools
 /// may feed in-memory batches).
@@ -92,6 +136,10 @@ pub struct Trainer<'a, O: Objective> {
     losses: Vec<f64>,
     last_lr: f64,
     last_checkpoint: Option<u64>,
+    /// Step of the last picture logged (the end of `fit` does not repeat it).
+    last_picture: Option<u64>,
+    /// The best checkpoint so far by `run.best_metric`.
+    best: Option<BestMeta>,
     resumed_batches_per_epoch: Option<usize>,
     /// Loader batches per epoch of the current `fit` (stored in checkpoints).
     batches_per_epoch: usize,
@@ -100,20 +148,21 @@ pub struct Trainer<'a, O: Objective> {
 }
 
 impl<'a, O: Objective> Trainer<'a, O> {
-    /// `resolved_config_yaml` is written to RUN_DIR/config.yaml. `resume`: Some(run_dir)
-    /// continues that run from its newest checkpoint.
+    /// `resolved_config_yaml` is written to RUN_DIR/config.yaml; `start` says which folder.
     pub fn new(
         objective: &'a mut O,
         train: &TrainConfig,
         run: &RunConfig,
         resolved_config_yaml: &str,
-        resume: Option<&Path>,
+        start: &RunStart<'_>,
     ) -> Result<Self> {
         train.validate()?;
+        run.validate()?;
         let device = crate::device::parse_device(&run.device)?;
+        let resume = start.resumed();
         // The run folder's lock is taken before anything in it is read or written.
-        let (run_dir, lock) = match resume {
-            Some(dir) => {
+        let (run_dir, lock) = match start {
+            RunStart::Resume { dir, .. } => {
                 let run_dir = RunDir::at(dir);
                 if !run_dir.root().is_dir() {
                     bail!(
@@ -124,7 +173,16 @@ impl<'a, O: Objective> Trainer<'a, O> {
                 let lock = run_dir.lock()?;
                 (run_dir, lock)
             }
-            None => RunDir::new_run(&run.output_dir, run.name.as_deref(), objective.name())?,
+            RunStart::New { label } => {
+                let label = if label.is_empty() {
+                    objective.name()
+                } else {
+                    label.as_str()
+                };
+                let (dir, lock) = RunDir::new_run(&run.output_dir, run.name.as_deref(), label)?;
+                eprintln!("run folder: {}", dir.root().display());
+                (dir, lock)
+            }
         };
         write_atomic(&run_dir.config(), resolved_config_yaml.as_bytes())?;
 
@@ -162,12 +220,21 @@ impl<'a, O: Objective> Trainer<'a, O> {
         let (mut step, mut epoch, mut batch_in_epoch, mut losses, mut last_lr) =
             (0, 0, 0, vec![], 0.0);
         let mut resumed_batches_per_epoch = None;
-        if resume.is_some() {
-            let Some(ck) = checkpoint::load_newest_intact(&ckpt_dir)
-                .with_context(|| format!("resume: {}", run_dir.root().display()))?
-            else {
+        let mut best = None;
+        if let RunStart::Resume { pick, .. } = start {
+            let ck = match pick {
+                Pick::Last => checkpoint::load_newest_intact(&ckpt_dir)
+                    .with_context(|| format!("resume: {}", run_dir.root().display()))?,
+                &pick => Some(Self::load_picked(&run_dir, pick)?),
+            };
+            let Some(ck) = ck else {
                 bail!("resume: no complete checkpoint in {}", ckpt_dir.display());
             };
+            eprintln!(
+                "resuming {} from step_{}",
+                run_dir.root().display(),
+                ck.meta.step
+            );
             let files = run_dir.checkpoint(ck.meta.step);
             checkpoint::load_into_varmap(
                 objective.varmap(),
@@ -192,6 +259,18 @@ impl<'a, O: Objective> Trainer<'a, O> {
             last_lr = ck.meta.lr;
             losses = ck.losses;
             resumed_batches_per_epoch = Some(ck.meta.batches_per_epoch);
+            best = checkpoint::load_best(&ckpt_dir)?.filter(|b| {
+                let same = run.best_metric.as_deref() == Some(b.metric.as_str())
+                    && run.best_mode == b.mode;
+                if !same {
+                    eprintln!(
+                        "note: the run's best checkpoint was by `{}` ({:?}); run.best_metric is \
+                         now {:?}, so the best is picked afresh",
+                        b.metric, b.mode, run.best_metric
+                    );
+                }
+                same
+            });
         }
         let tb = TbWriter::create(run_dir.events())?;
         let metrics = MetricsLog::open(&run_dir.metrics(), resume.is_some().then_some(step))?;
@@ -211,11 +290,39 @@ impl<'a, O: Objective> Trainer<'a, O> {
             losses,
             last_lr,
             last_checkpoint: resume.is_some().then_some(step),
+            last_picture: None,
+            best,
             resumed_batches_per_epoch,
             batches_per_epoch: 0,
             tb,
             metrics,
         })
+    }
+
+    /// Checkpoint `pick` (not the newest) for a resume: later checkpoints are moved into
+    /// `checkpoints/superseded-<time>/` first, loudly, so that nothing is lost.
+    fn load_picked(run_dir: &RunDir, pick: Pick) -> Result<checkpoint::LoadedCheckpoint> {
+        let step = run_dir.pick(pick).context("resume")?;
+        let dir = run_dir.checkpoints();
+        let ck = checkpoint::load_checkpoint(&dir, step)
+            .with_context(|| format!("resume: {} step_{step}", run_dir.root().display()))?;
+        if let Some(k) = checkpoint::first_non_finite(ck.weights.iter().chain(ck.optim.iter()))? {
+            bail!(
+                "resume: {} step_{step}: `{k}` is not finite (NaN or infinity)",
+                run_dir.root().display()
+            );
+        }
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Some(moved) = checkpoint::supersede_after(&dir, step, &utc_stamp(secs))? {
+            eprintln!(
+                "WARNING: resuming from step_{step}: the later checkpoints were moved to {}",
+                moved.display()
+            );
+        }
+        write_atomic(&run_dir.latest_file(), format!("step_{step}\n").as_bytes())?;
+        Ok(ck)
     }
 
     /// The run folder.
@@ -296,9 +403,10 @@ impl<'a, O: Objective> Trainer<'a, O> {
         if self.last_checkpoint != Some(self.step) && self.step > 0 {
             self.save_checkpoint()?;
         }
-        if self.step > 0 {
+        if self.step > 0 && self.last_picture != Some(self.step) {
             self.objective
                 .log_images(self.step, self.run_dir.root(), &mut self.tb)?;
+            self.last_picture = Some(self.step);
         }
         self.tb.flush()?;
         eprintln!(
@@ -482,6 +590,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
         if self.run.image_every > 0 && step.is_multiple_of(self.run.image_every) {
             self.objective
                 .log_images(step, self.run_dir.root(), &mut self.tb)?;
+            self.last_picture = Some(step);
         }
         if self
             .run
@@ -499,6 +608,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
         self.epoch += 1;
         self.batch_in_epoch = 0;
         let every = self.run.eval_every_epochs;
+        let mut new_best = None;
         if let Some(loader) = eval_loader.filter(|_| every > 0 && self.epoch.is_multiple_of(every))
         {
             let rows = self
@@ -509,14 +619,42 @@ impl<'a, O: Objective> Trainer<'a, O> {
                 self.tb.add_scalar(&format!("eval/{name}"), *v, self.step)?;
             }
             self.metrics.write(self.step, done, "eval", &rows)?;
+            new_best = self.better_than_best(&rows)?;
         }
         let every = self.run.checkpoint_every_epochs;
-        if every > 0 && self.epoch.is_multiple_of(every) && self.last_checkpoint != Some(self.step)
-        {
+        let due = every > 0 && self.epoch.is_multiple_of(every);
+        if (due || new_best.is_some()) && self.last_checkpoint != Some(self.step) {
             self.save_checkpoint()?;
+        }
+        if let Some(best) = new_best {
+            checkpoint::save_best(&self.run_dir.checkpoints(), &best)?;
+            self.best = Some(best);
         }
         self.tb.flush()?;
         Ok(())
+    }
+
+    /// The new best (at the current step) when `rows` improve on `run.best_metric`; an error
+    /// naming the eval metrics when the objective reports no such one.
+    fn better_than_best(&self, rows: &[(String, f64)]) -> Result<Option<BestMeta>> {
+        let Some(metric) = &self.run.best_metric else {
+            return Ok(None);
+        };
+        let Some(&(_, value)) = rows.iter().find(|(k, _)| k == metric) else {
+            let names: Vec<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
+            bail!(
+                "run.best_metric = `{metric}` is not an eval metric of `{}` (it reports: {})",
+                self.objective.name(),
+                names.join(", ")
+            );
+        };
+        let better = value.is_finite() && self.best.as_ref().is_none_or(|b| b.improved_by(value));
+        Ok(better.then(|| BestMeta {
+            step: self.step,
+            metric: metric.clone(),
+            mode: self.run.best_mode,
+            value,
+        }))
     }
 
     /// Writes `checkpoints/step_<N>.*` for the current position and prunes old ones.
@@ -539,7 +677,8 @@ impl<'a, O: Objective> Trainer<'a, O> {
         let optim = self.optimizer.state_tensors();
         checkpoint::save_checkpoint(&dir, &weights, &optim, &self.losses, &meta)
             .with_context(|| format!("checkpoint of step {}", self.step))?;
-        checkpoint::prune_checkpoints(&dir, self.run.keep_checkpoints, self.step)?;
+        let best = self.best.as_ref().map(|b| b.step);
+        checkpoint::prune_checkpoints(&dir, self.run.keep_checkpoints, self.step, best)?;
         self.last_checkpoint = Some(self.step);
         Ok(())
     }

@@ -1,13 +1,12 @@
 //! Trainer stage, the recipes' entry: what a training command hands to its recipe (the shared
 //! sections of the experiment, the resolved config to write, the run folder to resume) and the
 //! one way a recipe builds its training loader and runs the loop.
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
-use super::{Objective, RunConfig, TrainConfig, TrainSummary, Trainer};
+use super::{Objective, RunConfig, RunStart, TrainConfig, TrainSummary, Trainer};
 use crate::data::{build_dataset, DataConfig, DataLoader, Dataset, LoaderOptions, Split};
 
 /// One training run about to start (or to resume).
@@ -21,8 +20,8 @@ pub struct TrainSession<'a> {
     pub run: &'a RunConfig,
     /// The fully resolved experiment, written to the run folder's `config.yaml`.
     pub config_yaml: String,
-    /// Continue this run folder from its newest checkpoint.
-    pub resume: Option<&'a Path>,
+    /// A new run folder (named after objective, model and dataset) or one to resume.
+    pub start: RunStart<'a>,
 }
 
 impl TrainSession<'_> {
@@ -44,9 +43,25 @@ impl TrainSession<'_> {
         build_dataset(self.data, Split::Train, img_size, in_chans, true)
     }
 
-    /// The training loader over `dataset` ([`Self::loader_options`]).
-    pub fn train_loader(&self, dataset: Arc<dyn Dataset>) -> DataLoader {
-        DataLoader::new(dataset, self.loader_options())
+    /// The training loader over `dataset` ([`Self::loader_options`]), after
+    /// [`Self::check_batch_size`].
+    pub fn train_loader(&self, dataset: Arc<dyn Dataset>) -> Result<DataLoader> {
+        self.check_batch_size(dataset.as_ref())?;
+        Ok(DataLoader::new(dataset, self.loader_options()))
+    }
+
+    /// An error naming both numbers when the train split cannot fill one batch (the last
+    /// incomplete batch is dropped, so the run would have no step).
+    pub fn check_batch_size(&self, dataset: &dyn Dataset) -> Result<()> {
+        let (n, b) = (dataset.len(), self.train.batch_size);
+        if n < b {
+            bail!(
+                "train.batch_size = {b} is larger than the train split ({n} samples: {}); lower \
+                 train.batch_size, or raise data.max_samples / data.label_fraction",
+                dataset.describe()
+            );
+        }
+        Ok(())
     }
 
     /// Runs the one trainer for `objective` (a new run folder, or the resumed one) and prints
@@ -63,7 +78,7 @@ impl TrainSession<'_> {
             self.train,
             self.run,
             &self.config_yaml,
-            self.resume,
+            &self.start,
         )?;
         let summary = trainer.fit(loader, eval)?;
         println!(

@@ -13,10 +13,11 @@ use rand_distr::{Distribution, Normal};
 use super::checkpoint::{load_checkpoint, varmap_tensors};
 use super::*;
 use crate::data::{Batch, BatchTargets, DataLoader, Dataset, LoaderOptions, Sample, Target};
+use crate::log::TbWriter;
 use crate::optim::ScheduleKind;
 use crate::rng::rng_for;
 use crate::run_dir::list_checkpoints;
-use crate::run_dir::RunDir;
+use crate::run_dir::{pick_weights, Pick, RunDir};
 
 /// `n` samples x in R^3 with targets from a fixed W, b; shuffled per epoch from (seed, epoch).
 struct ToyData {
@@ -66,6 +67,8 @@ struct Toy {
     nan_at_call: Option<u64>,
     /// `Some(c)`: the forward also returns the auxiliary loss `c * sum((W - 1)^2)`.
     aux: Option<f64>,
+    /// Steps at which `log_images` was called.
+    pictures: Vec<u64>,
 }
 
 impl Toy {
@@ -86,6 +89,7 @@ impl Toy {
             calls: 0,
             nan_at_call: None,
             aux: None,
+            pictures: vec![],
         }
     }
 }
@@ -126,6 +130,11 @@ impl Objective for Toy {
             n += x.dim(0)? * 2;
         }
         Ok(vec![("mse".into(), sum / n as f64)])
+    }
+
+    fn log_images(&mut self, step: u64, _run_dir: &Path, _tb: &mut TbWriter) -> Result<()> {
+        self.pictures.push(step);
+        Ok(())
     }
 
     fn train_step(&mut self, batch: &Batch, device: &Device) -> Result<StepOutput> {
@@ -223,7 +232,7 @@ fn loss_falls() {
     train.epochs = 8;
     let data = ToyData::new(32, 4);
     let mut toy = Toy::new();
-    let mut t = Trainer::new(&mut toy, &train, &run, "x: 1\n", None).unwrap();
+    let mut t = Trainer::new(&mut toy, &train, &run, "x: 1\n", &RunStart::fresh()).unwrap();
     let s = t.fit_source(&data, None).unwrap();
     assert_eq!((s.steps, s.epochs, s.losses.len()), (64, 8, 64));
     assert!(
@@ -275,7 +284,7 @@ fn checkpoint_round_trip_is_bit_exact_and_leaves_no_tmp() {
     let (train, run) = configs(dir.path(), Some(3), 1);
     let data = ToyData::new(20, 4);
     let mut toy = Toy::new();
-    let s = Trainer::new(&mut toy, &train, &run, "", None)
+    let s = Trainer::new(&mut toy, &train, &run, "", &RunStart::fresh())
         .unwrap()
         .fit_source(&data, None)
         .unwrap();
@@ -317,7 +326,7 @@ fn exact_resume_case(accum: usize) {
     let whole_dir = tempfile::tempdir().unwrap();
     let (train, run) = configs(whole_dir.path(), Some(6), accum);
     let mut whole = Toy::new();
-    let a = Trainer::new(&mut whole, &train, &run, "", None)
+    let a = Trainer::new(&mut whole, &train, &run, "", &RunStart::fresh())
         .unwrap()
         .fit_source(&data, None)
         .unwrap();
@@ -326,17 +335,23 @@ fn exact_resume_case(accum: usize) {
     let split_dir = tempfile::tempdir().unwrap();
     let (train3, run) = configs(split_dir.path(), Some(3), accum);
     let mut first = Toy::new();
-    let b1 = Trainer::new(&mut first, &train3, &run, "", None)
+    let b1 = Trainer::new(&mut first, &train3, &run, "", &RunStart::fresh())
         .unwrap()
         .fit_source(&data, None)
         .unwrap();
     assert_eq!(b1.steps, 3);
     let (train6, run) = configs(split_dir.path(), Some(6), accum);
     let mut second = Toy::new(); // fresh weights: everything must come from the checkpoint
-    let b = Trainer::new(&mut second, &train6, &run, "", Some(&b1.run_dir))
-        .unwrap()
-        .fit_source(&data, None)
-        .unwrap();
+    let b = Trainer::new(
+        &mut second,
+        &train6,
+        &run,
+        "",
+        &RunStart::resume(&b1.run_dir),
+    )
+    .unwrap()
+    .fit_source(&data, None)
+    .unwrap();
     assert_eq!(b.steps, 6);
     let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&a.losses), bits(&b.losses), "accum {accum}");
@@ -358,7 +373,7 @@ fn nan_stops_without_writing_a_checkpoint() {
     let data = ToyData::new(20, 4);
     let mut toy = Toy::new();
     toy.nan_at_call = Some(3);
-    let mut t = Trainer::new(&mut toy, &train, &run, "", None).unwrap();
+    let mut t = Trainer::new(&mut toy, &train, &run, "", &RunStart::fresh()).unwrap();
     let err = t.fit_source(&data, None).unwrap_err().to_string();
     assert!(err.contains("step 3") && err.contains("NaN"), "{err}");
     assert!(err.contains("without writing a checkpoint"), "{err}");
@@ -384,17 +399,17 @@ fn resume_and_run_folder_errors_are_named() {
     let (train, run) = configs(dir.path(), Some(1), 1);
     let mut toy = Toy::new();
     let empty = dir.path().join("empty");
-    let err = Trainer::new(&mut toy, &train, &run, "", Some(&empty))
+    let err = Trainer::new(&mut toy, &train, &run, "", &RunStart::resume(&empty))
         .err()
         .unwrap()
         .to_string();
     assert!(err.contains("no complete checkpoint"), "{err}");
     let data = ToyData::new(8, 4);
-    Trainer::new(&mut toy, &train, &run, "", None)
+    Trainer::new(&mut toy, &train, &run, "", &RunStart::fresh())
         .unwrap()
         .fit_source(&data, None)
         .unwrap();
-    let err = Trainer::new(&mut toy, &train, &run, "", None)
+    let err = Trainer::new(&mut toy, &train, &run, "", &RunStart::fresh())
         .err()
         .unwrap()
         .to_string();
@@ -402,7 +417,7 @@ fn resume_and_run_folder_errors_are_named() {
     // A different loader size cannot continue exactly.
     let run_dir = dir.path().join("toy-run");
     let (train2, _) = configs(dir.path(), Some(2), 1);
-    let mut t = Trainer::new(&mut toy, &train2, &run, "", Some(&run_dir)).unwrap();
+    let mut t = Trainer::new(&mut toy, &train2, &run, "", &RunStart::resume(&run_dir)).unwrap();
     let err = t
         .fit_source(&ToyData::new(12, 4), None)
         .unwrap_err()
@@ -465,19 +480,26 @@ fn data_loader_fit_resumes_exactly_and_evaluates() {
     let whole_dir = tempfile::tempdir().unwrap();
     let (train, run) = configs(whole_dir.path(), Some(12), 1);
     let mut whole = Toy::new();
-    let mut t = Trainer::new(&mut whole, &train, &run, "", None).unwrap();
+    let mut t = Trainer::new(&mut whole, &train, &run, "", &RunStart::fresh()).unwrap();
     let a = t.fit(&train_data, Some(&eval_data)).unwrap();
     assert_eq!((a.steps, a.epochs), (12, 2));
 
     let split_dir = tempfile::tempdir().unwrap();
     let (train7, run) = configs(split_dir.path(), Some(7), 1);
     let mut first = Toy::new();
-    let mut t = Trainer::new(&mut first, &train7, &run, "", None).unwrap();
+    let mut t = Trainer::new(&mut first, &train7, &run, "", &RunStart::fresh()).unwrap();
     let b1 = t.fit(&train_data, Some(&eval_data)).unwrap();
     drop(t); // the run folder stays locked while its trainer lives
     let (train12, run) = configs(split_dir.path(), Some(12), 1);
     let mut second = Toy::new();
-    let mut t = Trainer::new(&mut second, &train12, &run, "", Some(&b1.run_dir)).unwrap();
+    let mut t = Trainer::new(
+        &mut second,
+        &train12,
+        &run,
+        "",
+        &RunStart::resume(&b1.run_dir),
+    )
+    .unwrap();
     let b = t.fit(&train_data, Some(&eval_data)).unwrap();
     let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&a.losses), bits(&b.losses));
@@ -511,7 +533,7 @@ fn the_trainer_adds_auxiliary_losses_and_logs_their_metrics() {
         let dir = tempfile::tempdir().unwrap();
         let (train, run) = configs(dir.path(), Some(2), 1);
         let mut toy = Toy { aux, ..Toy::new() };
-        let mut t = Trainer::new(&mut toy, &train, &run, "", None).unwrap();
+        let mut t = Trainer::new(&mut toy, &train, &run, "", &RunStart::fresh()).unwrap();
         let s = t.fit_source(&ToyData::new(32, 4), None).unwrap();
         let rows = crate::log::read_metrics(&s.run_dir.join("metrics.jsonl")).unwrap();
         (s.losses, rows, weights_bits(&toy))
@@ -545,7 +567,7 @@ fn weights_made_infinite_by_the_update_stop_the_run_before_any_checkpoint() {
     run.checkpoint_every_steps = Some(1);
     let data = ToyData::new(20, 4);
     let mut toy = Toy::new();
-    let mut t = Trainer::new(&mut toy, &train, &run, "", None).unwrap();
+    let mut t = Trainer::new(&mut toy, &train, &run, "", &RunStart::fresh()).unwrap();
     let err = t.fit_source(&data, None).unwrap_err().to_string();
     assert_eq!(
         err,
@@ -569,7 +591,8 @@ fn a_second_trainer_on_a_running_folder_fails_naming_it_and_the_pid() {
     let (train, run) = configs(dir.path(), Some(2), 1);
     let data = ToyData::new(8, 4);
     let mut first = Toy::new();
-    let mut running = Trainer::new(&mut first, &train, &run, "first\n", None).unwrap();
+    let mut running =
+        Trainer::new(&mut first, &train, &run, "first\n", &RunStart::fresh()).unwrap();
     let folder = dir.path().join("toy-run");
     let expected = format!(
         "run folder {f} is in use by another run (pid {pid}, holding {f}/.lock): wait for it \
@@ -578,16 +601,22 @@ fn a_second_trainer_on_a_running_folder_fails_naming_it_and_the_pid() {
         pid = std::process::id()
     );
     let mut second = Toy::new();
-    let err = Trainer::new(&mut second, &train, &run, "second\n", None)
+    let err = Trainer::new(&mut second, &train, &run, "second\n", &RunStart::fresh())
         .err()
         .unwrap()
         .to_string();
     assert_eq!(err, expected);
     // --resume of the running run is refused the same way
-    let err = Trainer::new(&mut second, &train, &run, "second\n", Some(&folder))
-        .err()
-        .unwrap()
-        .to_string();
+    let err = Trainer::new(
+        &mut second,
+        &train,
+        &run,
+        "second\n",
+        &RunStart::resume(&folder),
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert_eq!(err, expected);
     // the second run wrote nothing
     assert_eq!(
@@ -598,7 +627,7 @@ fn a_second_trainer_on_a_running_folder_fails_naming_it_and_the_pid() {
     drop(running);
     // once the first run has ended, its folder can be resumed
     let (train3, _) = configs(dir.path(), Some(3), 1);
-    let s = Trainer::new(&mut second, &train3, &run, "", Some(&folder))
+    let s = Trainer::new(&mut second, &train3, &run, "", &RunStart::resume(&folder))
         .unwrap()
         .fit_source(&data, None)
         .unwrap();
@@ -611,7 +640,7 @@ fn resume_falls_back_from_a_truncated_newest_checkpoint_and_prune_clears_orphans
     let whole_dir = tempfile::tempdir().unwrap();
     let (train6, run) = configs(whole_dir.path(), Some(6), 1);
     let mut whole = Toy::new();
-    let a = Trainer::new(&mut whole, &train6, &run, "", None)
+    let a = Trainer::new(&mut whole, &train6, &run, "", &RunStart::fresh())
         .unwrap()
         .fit_source(&data, None)
         .unwrap();
@@ -620,7 +649,7 @@ fn resume_falls_back_from_a_truncated_newest_checkpoint_and_prune_clears_orphans
     let (train4, mut run) = configs(dir.path(), Some(4), 1);
     run.checkpoint_every_steps = Some(1);
     let mut first = Toy::new();
-    let b1 = Trainer::new(&mut first, &train4, &run, "", None)
+    let b1 = Trainer::new(&mut first, &train4, &run, "", &RunStart::fresh())
         .unwrap()
         .fit_source(&data, None)
         .unwrap();
@@ -640,7 +669,14 @@ fn resume_falls_back_from_a_truncated_newest_checkpoint_and_prune_clears_orphans
     std::fs::write(ck.join("notes.txt"), b"mine").unwrap();
 
     let mut second = Toy::new();
-    let mut t = Trainer::new(&mut second, &train6, &run, "", Some(&b1.run_dir)).unwrap();
+    let mut t = Trainer::new(
+        &mut second,
+        &train6,
+        &run,
+        "",
+        &RunStart::resume(&b1.run_dir),
+    )
+    .unwrap();
     let b = t.fit_source(&data, None).unwrap();
     drop(t);
     // resumed from step 3: the same run as an uninterrupted one
@@ -662,4 +698,137 @@ fn resume_falls_back_from_a_truncated_newest_checkpoint_and_prune_clears_orphans
     assert_eq!(files, expected);
     let ck4 = load_checkpoint(&ck, 4).unwrap();
     assert_eq!(ck4.meta.step, 4);
+}
+
+#[test]
+fn the_best_checkpoint_is_kept_and_a_resume_from_it_moves_later_ones_aside() {
+    let data = (loader(22, true, 2), loader(8, false, 0)); // 5 batches/epoch
+    let dir = tempfile::tempdir().unwrap();
+    let (train, mut run) = configs(dir.path(), Some(20), 1);
+    run.keep_checkpoints = 1;
+    // "best" = the largest eval mse, i.e. the first evaluation (the mse falls): step 5
+    run.best_metric = Some("mse".into());
+    run.best_mode = BestMode::Max;
+    let mut whole = Toy::new();
+    let mut t = Trainer::new(&mut whole, &train, &run, "", &RunStart::fresh()).unwrap();
+    let a = t.fit(&data.0, Some(&data.1)).unwrap();
+    drop(t);
+    let folder = RunDir::at(&a.run_dir);
+    assert_eq!(folder.checkpoint_steps().unwrap(), vec![5, 20]);
+    assert_eq!(folder.best_step().unwrap(), Some(5));
+    assert_eq!(folder.pick(Pick::Best).unwrap(), 5);
+    assert_eq!(folder.pick(Pick::Last).unwrap(), 20);
+    let err = folder.pick(Pick::Step(10)).unwrap_err().to_string();
+    assert!(
+        err.ends_with("no complete checkpoint step_10; it holds step_5, step_20"),
+        "{err}"
+    );
+    assert_eq!(
+        pick_weights(&a.run_dir, Pick::Best).unwrap(),
+        folder.checkpoint(5).weights
+    );
+    let best = checkpoint::load_best(&folder.checkpoints())
+        .unwrap()
+        .unwrap();
+    let first_eval = crate::log::read_metrics(&folder.metrics())
+        .unwrap()
+        .into_iter()
+        .find(|r| r["split"] == "eval")
+        .unwrap();
+    assert_eq!((best.step, best.metric.as_str()), (5, "mse"));
+    assert_eq!(best.value, first_eval["mse"].as_f64().unwrap());
+    // `checkpoints/best` stands for step_5 wherever a weights file is taken
+    let src = crate::run_dir::resolve_init(&folder.best_file()).unwrap();
+    assert_eq!(src.weights, folder.checkpoint(5).weights);
+
+    // Resume from the best (step 5) and stop at step 10: the same steps 6..10 as a run that
+    // never stopped, the step-20 checkpoint moved aside (not deleted), metrics cut at step 5.
+    let (train10, _) = configs(dir.path(), Some(10), 1);
+    let mut again = Toy::new();
+    let start = RunStart::Resume {
+        dir: &a.run_dir,
+        pick: Pick::Best,
+    };
+    let mut t = Trainer::new(&mut again, &train10, &run, "", &start).unwrap();
+    let b = t.fit(&data.0, Some(&data.1)).unwrap();
+    drop(t);
+    let ref_dir = tempfile::tempdir().unwrap();
+    let (_, ref_run) = configs(ref_dir.path(), None, 1);
+    let mut reference = Toy::new();
+    let mut t = Trainer::new(&mut reference, &train10, &ref_run, "", &RunStart::fresh()).unwrap();
+    let r = t.fit(&data.0, Some(&data.1)).unwrap();
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&b.losses), bits(&r.losses));
+    assert_eq!(weights_bits(&again), weights_bits(&reference));
+    assert_eq!(folder.checkpoint_steps().unwrap(), vec![5, 10]);
+    let superseded: Vec<String> = std::fs::read_dir(folder.checkpoints())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("superseded-"))
+        .collect();
+    assert_eq!(superseded.len(), 1, "{superseded:?}");
+    let mut moved = files_under(&folder.checkpoints().join(&superseded[0]));
+    moved.sort();
+    assert_eq!(
+        moved,
+        [
+            "step_20.json",
+            "step_20.optim.safetensors",
+            "step_20.safetensors"
+        ]
+    );
+    let steps: Vec<u64> = crate::log::read_metrics(&folder.metrics())
+        .unwrap()
+        .iter()
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        vec![2, 4, 5, 6, 8, 10, 10],
+        "train and eval rows up to step 10"
+    );
+}
+
+#[test]
+fn a_best_metric_the_objective_does_not_report_is_named_with_the_ones_it_does() {
+    let data = (loader(22, true, 0), loader(8, false, 0));
+    let dir = tempfile::tempdir().unwrap();
+    let (train, mut run) = configs(dir.path(), Some(6), 1);
+    run.best_metric = Some("top1".into());
+    let mut toy = Toy::new();
+    let mut t = Trainer::new(&mut toy, &train, &run, "", &RunStart::fresh()).unwrap();
+    let err = format!("{:#}", t.fit(&data.0, Some(&data.1)).unwrap_err());
+    assert!(
+        err.contains("run.best_metric = `top1` is not an eval metric of `toy` (it reports: mse)"),
+        "{err}"
+    );
+    run.eval_every_epochs = 0;
+    let err = run.validate().unwrap_err().to_string();
+    assert!(err.contains("run.eval_every_epochs is 0"), "{err}");
+}
+
+#[test]
+fn pictures_are_drawn_once_per_step_and_new_folders_carry_the_label() {
+    let dir = tempfile::tempdir().unwrap();
+    for (every, want) in [(2, vec![2, 4, 6]), (4, vec![4, 6]), (0, vec![6])] {
+        let (train, mut run) = configs(dir.path(), Some(6), 1);
+        run.name = None;
+        run.image_every = every;
+        let mut toy = Toy::new();
+        let label = "simmim-swinv2_nano-fashion-mnist".to_string();
+        let mut t = Trainer::new(&mut toy, &train, &run, "", &RunStart::New { label }).unwrap();
+        let s = t.fit_source(&ToyData::new(16, 4), None).unwrap();
+        drop(t);
+        assert_eq!(toy.pictures, want, "image_every {every}");
+        let name = s
+            .run_dir
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            name.starts_with("simmim-swinv2_nano-fashion-mnist-2"),
+            "{name}"
+        );
+    }
 }

@@ -91,7 +91,7 @@ pub fn finetune_classifier(
         .context("building the finetuning dataset")?;
     eprintln!("data: {}", train_ds.describe());
     let names = class_names(&train_ds, model.num_classes)?;
-    let loader = session.train_loader(train_ds);
+    let loader = session.train_loader(train_ds)?;
     ensure!(
         loader.batches_per_epoch() > 0,
         "{}: fewer images than train.batch_size = {} (drop_last): lower the batch size",
@@ -119,7 +119,9 @@ pub fn finetune_classifier(
                 r.missing_allowed.join(", ")
             );
         }
-        None if session.resume.is_none() => eprintln!("init: none (training from scratch)"),
+        None if session.start.resumed().is_none() => {
+            eprintln!("init: none (training from scratch)")
+        }
         None => {}
     }
     eprintln!(

@@ -37,6 +37,7 @@ pub fn distill(
         .train_dataset(student.img_size, student.in_chans)
         .context("building the distillation dataset")?;
     eprintln!("data: {}", dataset.describe());
+    session.check_batch_size(dataset.as_ref())?;
     let opts = session.loader_options();
     let map = student_map(&student);
     let (loader, targets) = match &cfg.cache_features {

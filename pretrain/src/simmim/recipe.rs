@@ -18,7 +18,7 @@ pub fn pretrain_simmim(
         .train_dataset(model.img_size, model.in_chans)
         .context("building the pretraining dataset")?;
     eprintln!("data: {}", dataset.describe());
-    let loader = session.train_loader(dataset);
+    let loader = session.train_loader(dataset)?;
     let mut objective =
         SimMimObjective::new(model, simmim, session.data, session.run.seed, device)?;
     eprintln!(
