@@ -6,4 +6,4 @@ pub mod tensorboard;
 
 pub use metrics::{read_metrics, MetricsLog};
 pub use progress::Progress;
-pub use tensorboard::{read_events, TbEvent, TbWriter};
+pub use tensorboard::{read_events, yaml_hparams, HValue, TbEvent, TbWriter};

@@ -1,5 +1,7 @@
 //! A TensorBoard event-file writer and reader of our own: TFRecord framing around hand-encoded
-//! `tensorflow.Event` protobufs (scalars as `simple_value`, images as PNG `Summary.Image`).
+//! `tensorflow.Event` protobufs (scalars as `simple_value`, images as PNG `Summary.Image`, text
+//! as a string tensor for the text plugin, hyperparameters as the hparams plugin's
+//! `session_start_info`).
 //!
 //! Record framing (TensorFlow `core/lib/io/record_writer.cc`): u64 length (LE), masked crc32c of
 //! the length bytes, data, masked crc32c of the data.
@@ -64,6 +66,80 @@ fn encode_summary(tag: &str, value: &[u8]) -> Vec<u8> {
     let mut field = Vec::with_capacity(summary.len() + 4);
     put_bytes(&mut field, 5, &summary);
     field
+}
+
+/// `tensorflow.DataType` values used here.
+const DT_FLOAT: u64 = 1;
+const DT_STRING: u64 = 7;
+/// Tag of the hparams plugin's session start summary.
+pub const HPARAMS_TAG: &str = "_hparams_/session_start_info";
+
+/// A hyperparameter value (`google.protobuf.Value` number, string or bool).
+#[derive(Debug, Clone, PartialEq)]
+pub enum HValue {
+    /// A number.
+    Number(f64),
+    /// A string (lists are written in YAML flow form).
+    Text(String),
+    /// A boolean.
+    Bool(bool),
+}
+
+/// `Summary.Value.metadata = 9: SummaryMetadata{plugin_data = 1: {plugin_name = 1, content = 2}}`.
+fn plugin_metadata(plugin: &str, content: &[u8]) -> Vec<u8> {
+    let mut pd = Vec::new();
+    put_bytes(&mut pd, 1, plugin.as_bytes());
+    if !content.is_empty() {
+        put_bytes(&mut pd, 2, content);
+    }
+    let mut meta = Vec::new();
+    put_bytes(&mut meta, 1, &pd);
+    let mut v = Vec::new();
+    put_bytes(&mut v, 9, &meta);
+    v
+}
+
+/// The leaves of a YAML config as `section.key` hyperparameters (numbers, strings, bools; lists
+/// in flow form; nulls left out), in document order.
+pub fn yaml_hparams(yaml: &str) -> Result<Vec<(String, HValue)>> {
+    fn walk(prefix: &str, v: &serde_yaml_ng::Value, out: &mut Vec<(String, HValue)>) {
+        use serde_yaml_ng::Value as Y;
+        match v {
+            Y::Mapping(m) => {
+                for (k, v) in m {
+                    let k = match k {
+                        Y::String(s) => s.clone(),
+                        other => serde_yaml_ng::to_string(other)
+                            .unwrap_or_default()
+                            .trim()
+                            .to_string(),
+                    };
+                    let key = if prefix.is_empty() {
+                        k
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            Y::Null => {}
+            Y::Bool(b) => out.push((prefix.to_string(), HValue::Bool(*b))),
+            Y::Number(n) => out.push((
+                prefix.to_string(),
+                HValue::Number(n.as_f64().unwrap_or(f64::NAN)),
+            )),
+            Y::String(s) => out.push((prefix.to_string(), HValue::Text(s.clone()))),
+            Y::Sequence(_) | Y::Tagged(_) => {
+                let flow = serde_json::to_string(v).unwrap_or_default();
+                out.push((prefix.to_string(), HValue::Text(flow)));
+            }
+        }
+    }
+    let doc: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(yaml).context("reading the config for TensorBoard's hparams")?;
+    let mut out = vec![];
+    walk("", &doc, &mut out);
+    Ok(out)
 }
 
 /// Seconds since the Unix epoch as a float (TensorBoard's `wall_time`).
@@ -181,6 +257,62 @@ impl TbWriter {
         self.write_record(&encode_event(now_secs(), step, &encode_summary(tag, &v)))
     }
 
+    /// Logs markdown text (the text plugin: `Summary.Value{tag, metadata{plugin_data{"text"}},
+    /// tensor{DT_STRING, string_val}}`, as `tensorboard.summary.text` writes it).
+    pub fn add_text(&mut self, tag: &str, markdown: &str, step: u64) -> Result<()> {
+        let mut tensor = Vec::with_capacity(markdown.len() + 16);
+        put_key(&mut tensor, 1, 0);
+        put_varint(&mut tensor, DT_STRING);
+        put_bytes(&mut tensor, 2, &[]); // scalar shape
+        put_bytes(&mut tensor, 8, markdown.as_bytes());
+        let mut v = plugin_metadata("text", &[]);
+        put_bytes(&mut v, 8, &tensor);
+        self.write_record(&encode_event(now_secs(), step, &encode_summary(tag, &v)))
+    }
+
+    /// Logs the run's hyperparameters for the hparams plugin: one `session_start_info`
+    /// (`tensorboard/plugins/hparams/plugin_data.proto`, version 0) under the tag
+    /// `_hparams_/session_start_info`; TensorBoard builds the experiment table from the runs'
+    /// session infos and takes the metrics from their scalars.
+    pub fn add_hparams(&mut self, hparams: &[(String, HValue)]) -> Result<()> {
+        let mut info = Vec::new();
+        for (key, value) in hparams {
+            // google.protobuf.Value
+            let mut val = Vec::new();
+            match value {
+                HValue::Number(x) => {
+                    put_key(&mut val, 2, 1);
+                    val.extend_from_slice(&x.to_le_bytes());
+                }
+                HValue::Text(t) => put_bytes(&mut val, 3, t.as_bytes()),
+                HValue::Bool(b) => {
+                    put_key(&mut val, 4, 0);
+                    put_varint(&mut val, u64::from(*b));
+                }
+            }
+            let mut entry = Vec::new();
+            put_bytes(&mut entry, 1, key.as_bytes());
+            put_bytes(&mut entry, 2, &val);
+            put_bytes(&mut info, 1, &entry); // map<string, Value> hparams = 1
+        }
+        put_key(&mut info, 5, 1); // start_time_secs
+        info.extend_from_slice(&now_secs().to_le_bytes());
+        let mut data = Vec::new();
+        put_bytes(&mut data, 3, &info); // HParamsPluginData.session_start_info
+        let mut v = plugin_metadata("hparams", &data);
+        // an empty float tensor, as the hparams summary writes (`_TF_NULL_TENSOR`)
+        let mut tensor = Vec::new();
+        put_key(&mut tensor, 1, 0);
+        put_varint(&mut tensor, DT_FLOAT);
+        put_bytes(&mut tensor, 2, &[]);
+        put_bytes(&mut v, 8, &tensor);
+        self.write_record(&encode_event(
+            now_secs(),
+            0,
+            &encode_summary(HPARAMS_TAG, &v),
+        ))
+    }
+
     /// Flushes buffered events to the file (TensorBoard sees them after this).
     pub fn flush(&mut self) -> Result<()> {
         self.out
@@ -226,12 +358,26 @@ pub enum TbEvent {
         /// The encoded image (PNG).
         png: Vec<u8>,
     },
+    /// Text of the text plugin.
+    Text {
+        /// Its tag.
+        tag: String,
+        /// Its step.
+        step: u64,
+        /// The markdown.
+        text: String,
+    },
+    /// The hparams plugin's session start: the hyperparameters.
+    Hparams {
+        /// Name and value of each.
+        hparams: Vec<(String, HValue)>,
+    },
 }
 
-/// A protobuf field value as read (fixed64 values are skipped: only `wall_time` uses one).
+/// A protobuf field value as read.
 enum Field<'a> {
     Varint(u64),
-    Fixed64,
+    Fixed64(u64),
     Fixed32(u32),
     Bytes(&'a [u8]),
 }
@@ -268,10 +414,7 @@ fn fields(mut buf: &[u8]) -> impl Iterator<Item = Result<(u64, Field<'_>)>> {
             let key = varint(&mut buf)?;
             let field = match key & 7 {
                 0 => Field::Varint(varint(&mut buf)?),
-                1 => {
-                    take(&mut buf, 8)?;
-                    Field::Fixed64
-                }
+                1 => Field::Fixed64(u64::from_le_bytes(take(&mut buf, 8)?.try_into()?)),
                 2 => {
                     let n = varint(&mut buf)? as usize;
                     Field::Bytes(take(&mut buf, n)?)
@@ -308,13 +451,34 @@ fn decode_event(data: &[u8], out: &mut Vec<TbEvent>) -> Result<()> {
             let mut tag = String::new();
             let mut scalar = None;
             let mut image = None;
+            let mut plugin = (String::new(), &[][..]);
+            let mut strings = vec![];
             for f in fields(value) {
                 match f? {
                     (1, Field::Bytes(b)) => tag = String::from_utf8_lossy(b).into_owned(),
                     (2, Field::Fixed32(bits)) => scalar = Some(f32::from_bits(bits)),
                     (4, Field::Bytes(b)) => image = Some(b),
+                    (9, Field::Bytes(meta)) => plugin = decode_plugin(meta)?,
+                    (8, Field::Bytes(tensor)) => {
+                        for f in fields(tensor) {
+                            if let (8, Field::Bytes(b)) = f? {
+                                strings.push(String::from_utf8_lossy(b).into_owned());
+                            }
+                        }
+                    }
                     _ => {}
                 }
+            }
+            match plugin.0.as_str() {
+                "text" => out.push(TbEvent::Text {
+                    tag: tag.clone(),
+                    step,
+                    text: strings.concat(),
+                }),
+                "hparams" => out.push(TbEvent::Hparams {
+                    hparams: decode_hparams(plugin.1)?,
+                }),
+                _ => {}
             }
             if let Some(value) = scalar {
                 out.push(TbEvent::Scalar {
@@ -344,6 +508,63 @@ fn decode_event(data: &[u8], out: &mut Vec<TbEvent>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `(plugin_name, content)` of a `SummaryMetadata`.
+fn decode_plugin(meta: &[u8]) -> Result<(String, &[u8])> {
+    let (mut name, mut content) = (String::new(), &[][..]);
+    for f in fields(meta) {
+        if let (1, Field::Bytes(pd)) = f? {
+            for f in fields(pd) {
+                match f? {
+                    (1, Field::Bytes(b)) => name = String::from_utf8_lossy(b).into_owned(),
+                    (2, Field::Bytes(b)) => content = b,
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok((name, content))
+}
+
+/// The hyperparameters of an `HParamsPluginData.session_start_info`.
+fn decode_hparams(data: &[u8]) -> Result<Vec<(String, HValue)>> {
+    let mut out = vec![];
+    for f in fields(data) {
+        let (3, Field::Bytes(info)) = f? else {
+            continue;
+        };
+        for f in fields(info) {
+            let (1, Field::Bytes(entry)) = f? else {
+                continue;
+            };
+            let (mut key, mut value) = (String::new(), None);
+            for f in fields(entry) {
+                match f? {
+                    (1, Field::Bytes(b)) => key = String::from_utf8_lossy(b).into_owned(),
+                    (2, Field::Bytes(v)) => {
+                        for f in fields(v) {
+                            value = match f? {
+                                (2, Field::Fixed64(bits)) => {
+                                    Some(HValue::Number(f64::from_bits(bits)))
+                                }
+                                (3, Field::Bytes(b)) => {
+                                    Some(HValue::Text(String::from_utf8_lossy(b).into_owned()))
+                                }
+                                (4, Field::Varint(b)) => Some(HValue::Bool(b != 0)),
+                                _ => value,
+                            };
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(v) = value {
+                out.push((key, v));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Parses an event file back (verifies both CRCs; error names the file and record offset). Used
@@ -434,6 +655,43 @@ mod tests {
         let bytes = std::fs::read(w.path()).unwrap();
         let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         assert!(bytes[12..12 + len].ends_with(b"brain.Event:2"));
+    }
+
+    #[test]
+    fn text_and_hparams_round_trip_in_the_plugins_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = TbWriter::create(dir.path()).unwrap();
+        let yaml = "model:\n  preset: swinv2_nano\n  depths: [2, 2, 6]\n  ape: false\n\
+                    train:\n  base_lr: 1.25e-3\n  max_steps: null\n";
+        let hp = yaml_hparams(yaml).unwrap();
+        assert_eq!(
+            hp,
+            vec![
+                ("model.preset".into(), HValue::Text("swinv2_nano".into())),
+                ("model.depths".into(), HValue::Text("[2,2,6]".into())),
+                ("model.ape".into(), HValue::Bool(false)),
+                ("train.base_lr".into(), HValue::Number(1.25e-3)),
+            ]
+        );
+        w.add_text("config", "    a: 1", 0).unwrap();
+        w.add_hparams(&hp).unwrap();
+        w.flush().unwrap();
+        let events = read_events(w.path()).unwrap();
+        assert_eq!(
+            events,
+            vec![
+                TbEvent::Text {
+                    tag: "config".into(),
+                    step: 0,
+                    text: "    a: 1".into()
+                },
+                TbEvent::Hparams { hparams: hp }
+            ]
+        );
+        // The hparams record carries the plugin name and tag TensorBoard looks for.
+        let bytes = std::fs::read(w.path()).unwrap();
+        let has = |needle: &[u8]| bytes.windows(needle.len()).any(|x| x == needle);
+        assert!(has(HPARAMS_TAG.as_bytes()) && has(b"hparams") && has(b"text"));
     }
 
     #[test]

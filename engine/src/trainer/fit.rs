@@ -19,7 +19,7 @@ use super::checkpoint::{self, BestMeta, CheckpointMeta, FORMAT_VERSION};
 use super::{Objective, RunConfig, TrainConfig};
 use crate::data::{Batch, DataLoader};
 use crate::fsutil::write_atomic;
-use crate::log::{MetricsLog, Progress, TbWriter};
+use crate::log::{yaml_hparams, MetricsLog, Progress, TbWriter};
 use crate::optim::{clip_grad_norm, grad_norm, param_groups, AdamW, LrSchedule};
 use crate::rng::mix_seed;
 use crate::run_dir::{utc_stamp, Pick, RunDir, RunLock};
@@ -272,7 +272,14 @@ impl<'a, O: Objective> Trainer<'a, O> {
                 same
             });
         }
-        let tb = TbWriter::create(run_dir.events())?;
+        let mut tb = TbWriter::create(run_dir.events())?;
+        // The resolved config as text (indented: a markdown code block) and as hparams.
+        let text: String = resolved_config_yaml
+            .lines()
+            .map(|l| format!("    {l}\n"))
+            .collect();
+        tb.add_text("config", &text, step)?;
+        tb.add_hparams(&yaml_hparams(resolved_config_yaml)?)?;
         let metrics = MetricsLog::open(&run_dir.metrics(), resume.is_some().then_some(step))?;
         Ok(Self {
             objective,
