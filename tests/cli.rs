@@ -734,3 +734,146 @@ fn bench_quick_prints_the_selected_rows_with_positive_numbers() {
     }
     assert!(err(&["bench", "--filter", "no-such-row"]).contains("matches no row"));
 }
+
+/// `mimlab` run from `cwd` with extra environment variables.
+fn mimlab_in(cwd: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mimlab"));
+    cmd.args(args).current_dir(cwd).env_remove("MIMLAB_DATA");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("mimlab binary runs")
+}
+
+/// What an installed `mimlab` sees outside the checkout: the data is found through the checkout
+/// it was built from (or MIMLAB_DATA), a missing one lists every place looked at; run folders
+/// say what they are, TensorBoard gets the config, checkpoint files are as readable as the rest;
+/// mistakes (another command's run, a batch larger than the data) are named.
+#[test]
+fn runs_from_another_directory_and_name_their_mistakes() {
+    require_data();
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = checkout.join("configs/simmim/swinv2_nano_fmnist.yaml");
+    let base = [
+        "pretrain",
+        "--config",
+        config.to_str().unwrap(),
+        "--set",
+        "data.max_samples=64",
+        "--set",
+        "train.batch_size=16",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "run.output_dir=runs",
+    ];
+    let out = mimlab_in(cwd, &[], &base);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    let runs: Vec<PathBuf> = std::fs::read_dir(cwd.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(runs.len(), 1);
+    let run = &runs[0];
+    let name = run.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with("simmim-swinv2_nano-fashion-mnist-2"),
+        "{name}"
+    );
+    assert!(
+        stderr.contains(&format!("run folder: runs/{name}")),
+        "{stderr}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let cfg_mode = mode(run.join("config.yaml"));
+        assert_eq!(mode(run.join("checkpoints/step_2.safetensors")), cfg_mode);
+        assert_eq!(
+            mode(run.join("checkpoints/step_2.optim.safetensors")),
+            cfg_mode
+        );
+    }
+    let events: Vec<PathBuf> = std::fs::read_dir(run)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out")
+        })
+        .collect();
+    let tb = mimlab_engine::log::read_events(&events[0]).unwrap();
+    use mimlab_engine::log::{HValue, TbEvent};
+    let text = tb
+        .iter()
+        .find_map(|e| match e {
+            TbEvent::Text { tag, text, .. } if tag == "config" => Some(text.clone()),
+            _ => None,
+        })
+        .expect("config text");
+    assert!(
+        text.contains("    train:\n") && text.contains("max_steps: 2"),
+        "{text}"
+    );
+    let hp = tb
+        .iter()
+        .find_map(|e| match e {
+            TbEvent::Hparams { hparams } => Some(hparams.clone()),
+            _ => None,
+        })
+        .expect("hparams");
+    assert!(hp.contains(&("train.batch_size".into(), HValue::Number(16.0))));
+    assert!(hp.contains(&("model.preset".into(), HValue::Text("swinv2_nano".into()))));
+
+    // No data anywhere: every place looked at, and the fixes.
+    let mut bad = base.to_vec();
+    bad.extend(["--set", "data.root=nodata"]);
+    let out = mimlab_in(cwd, &[], &bad);
+    let e = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    for want in [
+        "dataset folder `fashion-mnist` not found; looked in:".to_string(),
+        format!(
+            "nodata/fashion-mnist (data.root) (from the working directory {}",
+            cwd.display()
+        ),
+        format!(
+            "{} (the checkout mimlab was built from)",
+            checkout.join("nodata/fashion-mnist").display()
+        ),
+        "($MIMLAB_DATA is not set)".into(),
+        "fix: run scripts/setup-data.sh".into(),
+    ] {
+        assert!(e.contains(&want), "missing {want:?} in {e}");
+    }
+    // ... and MIMLAB_DATA is the second place looked at.
+    let data = checkout.join("data");
+    let out = mimlab_in(cwd, &[("MIMLAB_DATA", data.to_str().unwrap())], &bad);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A SimMIM run is not resumed by finetune; a batch larger than the data is named.
+    let run_s = run.to_str().unwrap();
+    let e = err(&["finetune", "--resume", run_s]);
+    assert!(
+        e.contains("that run was written by `simmim` (mimlab pretrain); `mimlab finetune` resumes only its own `classify` runs (to start from that run's weights, pass it to --init)"),
+        "{e}"
+    );
+    let mut big = base.to_vec();
+    big.extend(["--set", "train.batch_size=100"]);
+    let out = mimlab_in(cwd, &[], &big);
+    let e = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        e.contains("train.batch_size = 100 is larger than the train split (64 samples"),
+        "{e}"
+    );
+}
