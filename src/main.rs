@@ -64,7 +64,49 @@ fn main() {
         Cmd::Bench(a) => cli::bench::run(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_text(&e));
         std::process::exit(1);
+    }
+}
+
+/// The error and its causes joined by ": " (as `{:#}`), leaving out a cause whose text the
+/// error before it already ends with (candle's and safetensors' I/O errors print their source
+/// themselves: "I/O error: No space left on device" then "No space left on device" again).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[test]
+    fn a_cause_its_wrapper_already_printed_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "No space left on device");
+        let wrapped = anyhow::Error::new(io)
+            .context("I/O error: No space left on device")
+            .context("writing runs/x/step_2.safetensors");
+        assert_eq!(
+            format!("{wrapped:#}"),
+            "writing runs/x/step_2.safetensors: I/O error: No space left on device: No space \
+             left on device"
+        );
+        assert_eq!(
+            error_text(&wrapped),
+            "writing runs/x/step_2.safetensors: I/O error: No space left on device"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_text(&plain), "outer: inner");
     }
 }

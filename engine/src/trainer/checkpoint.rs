@@ -369,14 +369,24 @@ pub fn save_checkpoint(
     }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let (w, o, j) = checkpoint_paths(dir, meta.step);
-    save_tensors(&w, weights)?;
-    let mut optim = optim.clone();
-    if !losses.is_empty() {
-        let t = Tensor::from_slice(losses, losses.len(), &Device::Cpu)?;
-        optim.insert(LOSSES_KEY.to_string(), t);
+    let pieces = || -> Result<()> {
+        save_tensors(&w, weights)?;
+        let mut optim = optim.clone();
+        if !losses.is_empty() {
+            let t = Tensor::from_slice(losses, losses.len(), &Device::Cpu)?;
+            optim.insert(LOSSES_KEY.to_string(), t);
+        }
+        save_tensors(&o, &optim)?;
+        write_atomic(&j, serde_json::to_string_pretty(meta)?.as_bytes())
+    };
+    if let Err(e) = pieces() {
+        // A failed write (disk full) takes the pieces of this step it wrote with it: nothing
+        // half-made stays behind, and the previous checkpoint is untouched.
+        for p in [&j, &o, &w] {
+            let _ = fs::remove_file(p);
+        }
+        return Err(e);
     }
-    save_tensors(&o, &optim)?;
-    write_atomic(&j, serde_json::to_string_pretty(meta)?.as_bytes())?;
     write_atomic(
         &dir.join(LATEST_FILE),
         format!("step_{}\n", meta.step).as_bytes(),
@@ -540,6 +550,54 @@ fn piece_step(name: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_save_takes_the_pieces_it_wrote_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = VarMap::new();
+        vm.get(
+            (2, 2),
+            "w",
+            candle_nn::Init::Const(1.0),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let meta = CheckpointMeta {
+            format_version: FORMAT_VERSION,
+            step: 7,
+            epoch: 0,
+            batch_in_epoch: 7,
+            optimizer_steps: 7,
+            lr: 0.1,
+            seed: 0,
+            schedule: ScheduleKind::Cosine,
+            losses: 0,
+            batches_per_epoch: 10,
+            objective: "toy".into(),
+        };
+        // The optimizer file cannot be written (a folder holds its name), as on a full disk
+        // after the weights went through.
+        let (w, o, j) = checkpoint_paths(dir.path(), 7);
+        fs::create_dir(&o).unwrap();
+        let err = save_checkpoint(
+            dir.path(),
+            &varmap_tensors(&vm),
+            &HashMap::new(),
+            &[],
+            &meta,
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("step_7.optim.safetensors"),
+            "{err:#}"
+        );
+        assert!(
+            !w.exists() && !j.exists(),
+            "the weights of the failed step stayed"
+        );
+        assert!(!dir.path().join(LATEST_FILE).exists());
+    }
 
     #[test]
     fn prune_keeps_newest_and_load_names_bad_keys() {
