@@ -1,6 +1,7 @@
 //! Pictures people look at: RGB images, grids of reconstructions, line plots and heatmaps, all
 //! saved as PNG and drawn with a built-in bitmap font (no font files, no plotting library).
 
+pub mod boxes;
 mod font;
 
 use std::path::Path;
