@@ -1,3 +1,4 @@
 //! Object detection with FCOS on a Swin-V2 backbone (dense-tasks.md 1.1-1.3).
 pub mod boxes;
+pub mod fcos_targets;
 pub mod nms;
