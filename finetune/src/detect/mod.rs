@@ -2,4 +2,5 @@
 pub mod boxes;
 pub mod fcos_loss;
 pub mod fcos_targets;
+pub mod fpn;
 pub mod nms;
