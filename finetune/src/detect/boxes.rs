@@ -108,12 +108,6 @@ pub fn centerness(ltrb: &[[f32; 4]]) -> Vec<f32> {
         .collect()
 }
 
-/// Rows of `[P, 4]` as boxes (tests, post-processing).
-pub fn rows4(t: &Tensor) -> Result<Vec<[f32; 4]>> {
-    let v: Vec<Vec<f32>> = t.to_dtype(candle_core::DType::F32)?.to_vec2()?;
-    Ok(v.into_iter().map(|r| [r[0], r[1], r[2], r[3]]).collect())
-}
-
 /// `[P, 4]` f32 tensor of `rows` on `like`'s device and dtype.
 pub fn tensor4(rows: &[[f32; 4]], like: &Tensor) -> Result<Tensor> {
     let flat: Vec<f32> = rows.iter().flatten().copied().collect();

@@ -1,7 +1,7 @@
 //! The FCOS head (model stage), mmdet 3.x `FCOSHead` (mmdet/models/dense_heads/fcos_head.py) in
 //! the improved variant (`norm_on_bbox`, `centerness_on_reg`, `center_sampling`, `conv_bias`,
-//! GIoU; dense-tasks.md 1.3): per level, shared towers of `stacked_convs` x (3x3 conv + GroupNorm
-//! + ReLU) for classification and regression, `conv_cls` and `conv_reg` / `conv_centerness` on
+//! GIoU; dense-tasks.md 1.3): per level, shared towers of `stacked_convs` x (3x3 conv, GroupNorm,
+//! ReLU) for classification and regression, `conv_cls` and `conv_reg` / `conv_centerness` on
 //! their towers (centerness on the regression tower), a learnable scalar per level multiplying the
 //! regression, then ReLU. With `norm_on_bbox` the regression is in strides: mmdet multiplies it by
 //! the stride at test time, here the post-processing does ([`crate::detect::postprocess`]).

@@ -10,7 +10,7 @@
 //!
 //! Everything goes through log-sigmoid, `log σ(x) = (x - |x|) / 2 - log(1 + exp(-|x|))`, which is
 //! finite with finite gradients for any logit (candle's `binary_cross_entropy_with_logit` takes
-//! the log of a sigmoid and overflows near ±100). The `(x - |x|) / 2` form (rather than
+//! the log of a sigmoid, which is -inf once the sigmoid underflows in f32, past about -100). The `(x - |x|) / 2` form (rather than
 //! `min(x, 0)`) also gives the exact derivative 1/2 at 0 with candle's subgradients.
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Tensor};

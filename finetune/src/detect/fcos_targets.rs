@@ -255,7 +255,10 @@ mod tests {
             center_sample_radius: Some(1.5),
         };
         let big = vec![obj([0.0, 0.0, 64.0, 64.0], 0, false)];
-        assert_eq!(assign(&one, &[(4, 4)], &[big.clone()])?.num_pos(), 4);
+        assert_eq!(
+            assign(&one, &[(4, 4)], std::slice::from_ref(&big))?.num_pos(),
+            4
+        );
         let whole = AssignConfig {
             center_sample_radius: None,
             ..one

@@ -1,5 +1,5 @@
-//! The FCOS detector (model stage): Swin-V2 backbone (dense or MoE) + neck ([`crate::detect::fpn`])
-//! + FCOS head ([`crate::detect::fcos_head`]), under mmdet's top-level names `backbone.*`,
+//! The FCOS detector (model stage): Swin-V2 backbone (dense or MoE), neck ([`crate::detect::fpn`])
+//! and FCOS head ([`crate::detect::fcos_head`]), under mmdet's top-level names `backbone.*`,
 //! `neck.*` and `bbox_head.*`. A forward returns the head's maps and the backbone's MoE
 //! statistics (the caller adds their aux loss; nothing is dropped on the way).
 use anyhow::{ensure, Context, Result};
@@ -234,7 +234,7 @@ mod tests {
             "backbone.patch_embed.proj.weight",
         ] {
             let data = vm.data().lock().unwrap().clone();
-            let gv = g.get(&data[k]).with_context(|| format!("{k}"))?;
+            let gv = g.get(&data[k]).with_context(|| k.to_string())?;
             assert!(scalar(&gv.abs()?.sum_all()?)? > 0.0, "{k}");
         }
         // eval decode: plain detections of the original images
