@@ -289,4 +289,27 @@ mod tests {
         );
         Ok(())
     }
+
+    #[test]
+    fn config_sections_default_and_refuse_unknown_keys() -> Result<()> {
+        let backbone = serde_json::to_value(tiny(MoeConfig::default())?.backbone)?;
+        let j = serde_json::json!({
+            "backbone": backbone,
+            "neck": {"channels": 16},
+            "head": {"num_classes": 2, "channels": 16, "stacked_convs": 1},
+        });
+        let cfg: DetectorConfig = serde_json::from_value(j.clone())?;
+        assert_eq!(cfg.neck.in_stages, vec![1, 2, 3]);
+        assert_eq!(cfg.head.strides, vec![8, 16, 32, 64, 128]);
+        assert_eq!((cfg.head.nms_pre, cfg.head.max_per_img), (1000, 100));
+        assert_eq!((cfg.head.score_thr, cfg.head.nms_iou), (0.05, 0.5));
+        cfg.validate()?;
+        let mut bad = j;
+        bad["head"]["nms_iuo"] = serde_json::json!(0.6);
+        let e = serde_json::from_value::<DetectorConfig>(bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `nms_iuo`"), "{e}");
+        Ok(())
+    }
 }
