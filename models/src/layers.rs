@@ -1,9 +1,11 @@
 //! Shared layers (pipeline stage: model): the building blocks used by more than one model
-//! (Swin-V2, its MoE feed-forward, and the necks and heads to come), each built by
+//! (Swin-V2, its MoE feed-forward, the dense necks and heads), each built by
 //! `new(..., vb)` under checkpoint-shaped key names and run by `forward`: [`Linear`] (official
 //! init), [`LayerNorm`] (eps 1e-5), [`dropout`], stochastic depth fused with the residual add
 //! ([`residual_drop_path`]) and the transformer [`Mlp`] (fc1 -> GELU(erf) -> dropout -> fc2 ->
 //! dropout). Random masks draw from the shared [`SharedRng`], so runs repeat exactly.
+//! For dense heads: [`Conv2d`], [`ConvTranspose2d`], [`group_norm`], the channels-first
+//! [`LayerNorm2d`] and a differentiable [`upsample_nearest2x`].
 use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
 use mimlab_engine::rng::SharedRng;
@@ -149,5 +151,178 @@ impl Mlp {
         };
         let h = dropout(&h, self.drop, rng, train)?;
         dropout(&self.fc2.forward(&h)?, self.drop, rng, train)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Convolutional layers (dense necks and heads)
+// ------------------------------------------------------------------------------------------------
+
+/// `nn.Conv2d` (square kernel, no groups) under `weight [o, i, k, k]` and optional `bias [o]`.
+///
+/// candle 0.11.1's conv2d backward builds the input gradient with one `output_padding` taken from
+/// the height and used for the width too, so a strided conv on a map whose height and width
+/// leave different remainders gets a gradient of the wrong width. For `stride > 1` the input is
+/// therefore zero-padded here and its tail that no window reads is cut off, then the conv runs
+/// with padding 0: the same output, and a backward that fits both sides.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    w: Tensor,
+    b: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    /// `i` -> `o` channels, `k` x `k` kernel; weights drawn from `init`, bias from `bias_init`
+    /// (`None` = no bias).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        i: usize,
+        o: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        init: Init,
+        bias_init: Option<Init>,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let w = vb.get_with_hints((o, i, k, k), "weight", init)?;
+        let b = match bias_init {
+            Some(bi) => Some(vb.get_with_hints(o, "bias", bi)?),
+            None => None,
+        };
+        Ok(Self {
+            w,
+            b,
+            stride: stride.max(1),
+            padding,
+        })
+    }
+
+    /// `[B, i, H, W]` -> `[B, o, H', W']`, `H' = (H + 2p - k) / s + 1` (floor).
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (s, p) = (self.stride, self.padding);
+        let y = if s == 1 {
+            x.conv2d(&self.w, p, 1, 1, 1)?
+        } else {
+            let k = self.w.dim(2)?;
+            let (_, _, h, w) = x.dims4()?;
+            if h + 2 * p < k || w + 2 * p < k {
+                candle_core::bail!("conv2d: {h}x{w} map smaller than the {k}x{k} kernel");
+            }
+            // padded length read by the windows: (out - 1) * s + k
+            let used = |n: usize| (n + 2 * p - k) / s * s + k;
+            let xp = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+            let xp = xp.narrow(2, 0, used(h))?.narrow(3, 0, used(w))?;
+            xp.conv2d(&self.w, 0, s, 1, 1)?
+        };
+        match &self.b {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// `nn.ConvTranspose2d` with kernel = stride (`k` x `k`, no padding: each input pixel becomes a
+/// `k` x `k` block), `weight [i, o, k, k]`, `bias [o]`, PyTorch's default init
+/// (U(+-1/sqrt(o k k)), PyTorch's fan-in of a transposed conv weight).
+#[derive(Debug, Clone)]
+pub struct ConvTranspose2d {
+    w: Tensor,
+    b: Tensor,
+    k: usize,
+}
+
+impl ConvTranspose2d {
+    /// `i` -> `o` channels, upsampling by `k`.
+    pub fn new(i: usize, o: usize, k: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let bound = 1.0 / ((o * k * k) as f64).sqrt();
+        let uni = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        Ok(Self {
+            w: vb.get_with_hints((i, o, k, k), "weight", uni)?,
+            b: vb.get_with_hints(o, "bias", uni)?,
+            k,
+        })
+    }
+
+    /// `[B, i, H, W]` -> `[B, o, kH, kW]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.conv_transpose2d(&self.w, 0, 0, self.k, 1)?;
+        y.broadcast_add(&self.b.reshape((1, (), 1, 1))?)
+    }
+}
+
+/// GroupNorm (eps 1e-5, `weight` 1, `bias` 0) over `[B, C, ...]`: candle's composed (and
+/// differentiable) `GroupNorm`.
+pub fn group_norm(
+    groups: usize,
+    channels: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<candle_nn::GroupNorm> {
+    candle_nn::group_norm(groups, channels, 1e-5, vb)
+}
+
+/// The number of GroupNorm groups for `channels`: the largest divisor of `channels` that is at
+/// most `max_groups` (32 in the references; fewer where a CPU preset has few channels).
+pub fn gn_groups(channels: usize, max_groups: usize) -> usize {
+    (1..=max_groups.min(channels).max(1))
+        .rev()
+        .find(|g| channels.is_multiple_of(*g))
+        .unwrap_or(1)
+}
+
+/// LayerNorm over the channels of an NCHW map (detectron2's channels-first `LayerNorm`, used by
+/// ViTDet's simple feature pyramid): `weight [C]` 1, `bias [C]` 0, `eps` given (1e-6 there).
+#[derive(Debug, Clone)]
+pub struct LayerNorm2d {
+    w: Tensor,
+    b: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm2d {
+    /// Over `dim` channels.
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            w: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
+            b: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+
+    /// `[B, C, H, W]` -> the same, each pixel's C values normalized (biased variance).
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mu = x.mean_keepdim(1)?;
+        let xc = x.broadcast_sub(&mu)?;
+        let var = xc.sqr()?.mean_keepdim(1)?;
+        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        y.broadcast_mul(&self.w.reshape((1, (), 1, 1))?)?
+            .broadcast_add(&self.b.reshape((1, (), 1, 1))?)
+    }
+}
+
+/// Nearest-neighbour upsampling of `[B, C, h, w]` by 2 cropped to `(oh, ow)` (`oh <= 2h`,
+/// `ow <= 2w`): exactly `F.interpolate(x, size=(oh, ow), mode='nearest')` when `oh` is `2h` or
+/// `2h - 1` (source row `floor(i * h / oh) = floor(i / 2)` for `i < oh`), as mmdet's FPN
+/// top-down path on odd maps. Built from a broadcast, so its backward sums each 2x2 block (candle
+/// 0.11.1's `upsample_nearest2d` backward overwrites the input's gradient instead of adding to
+/// it, which loses the lateral branch's own gradient in an FPN).
+pub fn upsample_nearest2x(x: &Tensor, oh: usize, ow: usize) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if oh > 2 * h || ow > 2 * w || oh + 1 < 2 * h || ow + 1 < 2 * w {
+        candle_core::bail!("upsample_nearest2x: {h}x{w} -> {oh}x{ow} is not a 2x nearest upsample");
+    }
+    let y = x
+        .reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .reshape((b, c, 2 * h, 2 * w))?;
+    if (oh, ow) == (2 * h, 2 * w) {
+        Ok(y)
+    } else {
+        y.narrow(2, 0, oh)?.narrow(3, 0, ow)
     }
 }
