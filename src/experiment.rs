@@ -8,6 +8,7 @@ use mimlab_engine::data::DataConfig;
 use mimlab_engine::run_dir::InitSource;
 use mimlab_engine::trainer::{RunConfig, TrainConfig};
 use mimlab_finetune::config::FinetuneConfig;
+use mimlab_finetune::detect::model::DetectSection;
 use mimlab_finetune::init::prepare_init;
 use mimlab_models::swin_v2::{preset_layer, SwinV2Config};
 use mimlab_pretrain::distill::DistillConfig;
@@ -30,6 +31,8 @@ pub struct Experiment {
     pub simmim: SimMimConfig,
     /// Classification finetuning recipe and frozen-feature evaluations.
     pub finetune: FinetuneConfig,
+    /// Detection neck and head (`finetune.task: detect`).
+    pub detect: DetectSection,
     /// Feature distillation: teacher, loss, student options, feature cache.
     pub distill: DistillConfig,
 }

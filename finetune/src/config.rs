@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FinetuneConfig {
+    /// The downstream task: `classify` (a linear head) or `detect` (FPN + FCOS, the `detect:`
+    /// section).
+    pub task: Task,
     /// Pretrained weights to start from: a run folder (its newest checkpoint) or a weights file
     /// (`--init` sets it); null = train from scratch.
     pub init: Option<std::path::PathBuf>,
@@ -39,6 +42,7 @@ pub struct FinetuneConfig {
 impl Default for FinetuneConfig {
     fn default() -> Self {
         Self {
+            task: Task::Classify,
             init: None,
             layer_decay: 0.9,
             label_smoothing: 0.1,
@@ -54,6 +58,17 @@ impl Default for FinetuneConfig {
             probe_batch_size: 256,
         }
     }
+}
+
+/// The downstream task of `mimlab finetune` / `mimlab eval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// Image classification.
+    #[default]
+    Classify,
+    /// Object detection.
+    Detect,
 }
 
 impl FinetuneConfig {

@@ -61,6 +61,30 @@ impl DetectorConfig {
     }
 }
 
+/// The `detect:` section of an experiment: the neck and the head (the backbone is the `model:`
+/// section).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectSection {
+    /// The neck.
+    pub neck: NeckConfig,
+    /// The head.
+    pub head: FcosHeadConfig,
+}
+
+impl DetectSection {
+    /// The detector on `backbone`, checked.
+    pub fn detector(&self, backbone: &SwinV2Config) -> Result<DetectorConfig> {
+        let cfg = DetectorConfig {
+            backbone: backbone.clone(),
+            neck: self.neck.clone(),
+            head: self.head.clone(),
+        };
+        cfg.validate().context("detect")?;
+        Ok(cfg)
+    }
+}
+
 /// Swin-V2 + neck + FCOS head.
 #[derive(Debug)]
 pub struct FcosDetector {

@@ -3,6 +3,8 @@
 //! backbone's MoE aux loss to the trainer, and applies layer-wise lr decay to the backbone only
 //! (the neck and head train at the full lr). Evaluation here is the mean loss over a loader; the
 //! COCO box AP comes from the detection evaluator.
+use std::path::Path;
+
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
@@ -10,6 +12,9 @@ use mimlab_engine::data::{Batch, BatchTargets, DataLoader, ObjectBox};
 use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::rng::SharedRng;
 use mimlab_engine::trainer::{Objective, StepOutput};
+use mimlab_models::checkpoint::LoadReport;
+use mimlab_models::pretrained::Head;
+use mimlab_pretrain::backbone::load_backbone_weights;
 
 use crate::detect::fcos_loss::{scalar, FcosLosses};
 use crate::detect::model::{DetectorConfig, FcosDetector};
@@ -61,6 +66,25 @@ impl DetectObjective {
             layer_decay,
             rng,
         })
+    }
+
+    /// Loads a pretrained backbone (any run folder's checkpoint or official / timm file, the
+    /// layout detected as for classification) into `backbone.*`; every backbone tensor must
+    /// load, the neck and head stay at their init.
+    pub fn load_backbone(&self, weights: &Path) -> Result<LoadReport> {
+        // The backbone's variables under their own names (the same `Var`s: loading sets them).
+        let sub = VarMap::new();
+        {
+            // Invariant: a VarMap mutex is only poisoned if a thread panicked holding it.
+            let all = self.varmap.data().lock().expect("varmap mutex poisoned");
+            let mut own = sub.data().lock().expect("varmap mutex poisoned");
+            for (k, v) in all.iter() {
+                if let Some(rest) = k.strip_prefix("backbone.") {
+                    own.insert(rest.to_string(), v.clone());
+                }
+            }
+        }
+        load_backbone_weights(&sub, weights, Head::Reinit)
     }
 
     /// The detector.
