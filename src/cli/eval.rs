@@ -1,5 +1,6 @@
-//! `mimlab eval --weights RUN_DIR|FILE [--step best]`: top-1/top-5, per-class accuracy and the confusion
-//! matrix (JSON + PNG) of a classifier on the eval split.
+//! `mimlab eval --weights RUN_DIR|FILE [--step best]`: a classifier's top-1/top-5, per-class
+//! accuracy and confusion matrix (JSON + PNG), or a detector's 12 COCO numbers, per-class AP and
+//! `detections.json`, on the eval split.
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -7,6 +8,8 @@ use clap::Args;
 use mimlab_engine::device::{parse_device, with_cpu_threads};
 use mimlab_engine::run_dir::{pick_weights, resolve_init, Pick};
 use mimlab_finetune::classify::{eval_loader, evaluate_weights};
+use mimlab_finetune::config::Task;
+use mimlab_finetune::detect::recipe::evaluate_detection_weights;
 
 use super::ConfigArgs;
 use crate::experiment::Experiment;
@@ -49,6 +52,19 @@ pub fn run(args: EvalArgs) -> Result<()> {
     with_cpu_threads(exp.run.threads, move || -> Result<()> {
         let device = parse_device(&exp.run.device)?;
         let cfg = exp.model.clone();
+        if exp.finetune.task == Task::Detect {
+            evaluate_detection_weights(
+                &src,
+                &cfg,
+                &exp.detect,
+                &exp.data,
+                exp.train.batch_size,
+                exp.run.seed,
+                args.out.as_deref(),
+                &device,
+            )?;
+            return Ok(());
+        }
         anyhow::ensure!(
             cfg.num_classes > 0,
             "{}: model.num_classes is 0; `eval` needs a classifier (use `mimlab probe` for a \

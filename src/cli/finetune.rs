@@ -1,5 +1,6 @@
 //! `mimlab finetune --config C [--init RUN_DIR|FILE [--step best]] [--resume RUN_DIR [--step N]]`:
-//! image classification, from a pretrained backbone or (without `--init`) from scratch.
+//! image classification or object detection (`finetune.task`), from a pretrained backbone or
+//! (without `--init`) from scratch.
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -7,6 +8,8 @@ use clap::Args;
 use mimlab_engine::device::{parse_device, with_cpu_threads};
 use mimlab_engine::run_dir::pick_weights;
 use mimlab_finetune::classify::finetune_classifier;
+use mimlab_finetune::config::Task;
+use mimlab_finetune::detect::recipe::finetune_detector;
 
 use super::{ConfigArgs, ResumeArgs};
 
@@ -43,7 +46,15 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         };
         let model = exp.model.clone();
         let session = super::session(&exp, "finetune", &args.resume)?;
-        finetune_classifier(&session, &model, &exp.finetune, init.as_ref(), &device)?;
+        match exp.finetune.task {
+            Task::Classify => {
+                finetune_classifier(&session, &model, &exp.finetune, init.as_ref(), &device)?;
+            }
+            Task::Detect => {
+                let ft = &exp.finetune;
+                finetune_detector(&session, &model, &exp.detect, ft, init.as_ref(), &device)?;
+            }
+        }
         Ok(())
     })?
 }

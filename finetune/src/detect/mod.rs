@@ -8,8 +8,12 @@
 //! - [`fcos_loss`]: focal, GIoU and centerness losses;
 //! - [`nms`], [`postprocess`]: per-class NMS and inference decoding to [`Detection`]s;
 //! - [`model`]: the detector (backbone + neck + head);
-//! - [`objective`]: the trainer objective (loss of a box batch, MoE aux loss, layer decay).
+//! - [`objective`]: the trainer objective (loss of a box batch, MoE aux loss, layer decay);
+//! - [`evaluate`]: detections over the eval split mapped back to original pixels, COCO AP;
+//! - [`picture`]: ground truth beside detections, PNG and TensorBoard;
+//! - [`recipe`]: `mimlab finetune` / `mimlab eval` for detection, reports in `RUN/eval/`.
 pub mod boxes;
+pub mod evaluate;
 pub mod fcos_head;
 pub mod fcos_loss;
 pub mod fcos_targets;
@@ -17,6 +21,8 @@ pub mod fpn;
 pub mod model;
 pub mod nms;
 pub mod objective;
+pub mod picture;
+pub mod recipe;
 pub mod postprocess;
 
 pub use fcos_head::{FcosHead, FcosHeadConfig, HeadOutput};

@@ -4,11 +4,14 @@
 //! (the neck and head train at the full lr). Evaluation here is the mean loss over a loader; the
 //! COCO box AP comes from the detection evaluator.
 use std::path::Path;
+use std::sync::Arc;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
-use mimlab_engine::data::{Batch, BatchTargets, DataLoader, ObjectBox};
+use mimlab_engine::data::{Batch, BatchTargets, DataLoader, DetectionDataset, ObjectBox};
+use mimlab_engine::log::TbWriter;
+use mimlab_engine::run_dir::RunDir;
 use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::rng::SharedRng;
 use mimlab_engine::trainer::{Objective, StepOutput};
@@ -16,7 +19,9 @@ use mimlab_models::checkpoint::LoadReport;
 use mimlab_models::pretrained::Head;
 use mimlab_pretrain::backbone::load_backbone_weights;
 
+use crate::detect::evaluate::{evaluate_detector, DetEval};
 use crate::detect::fcos_loss::{scalar, FcosLosses};
+use crate::detect::picture::{detection_picture, PictureSpec};
 use crate::detect::model::{DetectorConfig, FcosDetector};
 use crate::layer_decay::swin_lr_scale;
 
@@ -27,6 +32,15 @@ pub struct DetectObjective {
     depths: Vec<usize>,
     layer_decay: f64,
     rng: SharedRng,
+    /// The eval split with its COCO ground truth: evaluation is then COCO box AP, and pictures
+    /// of its first images are drawn.
+    eval_set: Option<Arc<DetectionDataset>>,
+    /// What `log_images` draws.
+    pictures: Option<PictureSpec>,
+    device: Device,
+    /// The last evaluation and the training steps it came after.
+    last_eval: Option<(u64, DetEval)>,
+    steps: u64,
 }
 
 /// The boxes of a detection batch, or an error naming what the batch has instead.
@@ -65,7 +79,34 @@ impl DetectObjective {
             depths: cfg.backbone.depths.clone(),
             layer_decay,
             rng,
+            eval_set: None,
+            pictures: None,
+            device: device.clone(),
+            last_eval: None,
+            steps: 0,
         })
+    }
+
+    /// Evaluates with COCO box AP on `ds` (the eval split the trainer's eval loader serves) and
+    /// draws pictures of its first images.
+    pub fn with_coco_eval(mut self, ds: Arc<DetectionDataset>, pictures: PictureSpec) -> Self {
+        self.eval_set = Some(ds);
+        self.pictures = Some(pictures);
+        self
+    }
+
+    /// The COCO evaluation of the current weights on `loader` over `ds`; the trainer's last one
+    /// when no step ran since (the usual end of a run).
+    pub fn report(
+        &mut self,
+        loader: &DataLoader,
+        ds: &DetectionDataset,
+        device: &Device,
+    ) -> Result<DetEval> {
+        match &self.last_eval {
+            Some((s, e)) if *s == self.steps => Ok(e.clone()),
+            _ => evaluate_detector(&self.model, loader, ds, device),
+        }
     }
 
     /// Loads a pretrained backbone (any run folder's checkpoint or official / timm file, the
@@ -123,6 +164,7 @@ impl Objective for DetectObjective {
     }
 
     fn train_step(&mut self, batch: &Batch, device: &Device) -> Result<StepOutput> {
+        self.steps += 1;
         let (l, aux) = self.losses(batch, device, true)?;
         let metrics = vec![
             ("loss_cls".to_string(), scalar(&l.cls)?),
@@ -137,7 +179,24 @@ impl Objective for DetectObjective {
         })
     }
 
+    fn log_images(&mut self, step: u64, run_dir: &Path, tb: &mut TbWriter) -> Result<()> {
+        let (Some(ds), Some(spec)) = (&self.eval_set, &self.pictures) else {
+            return Ok(());
+        };
+        let img = detection_picture(&self.model, ds, spec, &self.device)?;
+        let dir = RunDir::at(run_dir).pictures();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        img.save_png(&dir.join(format!("detections_step{step}.png")))?;
+        tb.add_image("detections", &img, step)
+    }
+
     fn evaluate(&mut self, loader: &DataLoader, device: &Device) -> Result<Vec<(String, f64)>> {
+        if let Some(ds) = self.eval_set.clone() {
+            let e = evaluate_detector(&self.model, loader, &ds, device)?;
+            let rows = e.rows();
+            self.last_eval = Some((self.steps, e));
+            return Ok(rows);
+        }
         let mut sums = [0f64; 4];
         let mut n = 0usize;
         for batch in loader.epoch(0, 0) {

@@ -1,0 +1,208 @@
+//! Recipe, detection (`mimlab finetune` with `finetune.task: detect`, `mimlab eval` on a detection
+//! run): the COCO-indexed datasets, the finetuning run (AdamW, the trainer's schedule, layer-wise
+//! lr decay on the backbone, COCO AP at every evaluation, pictures), and the reports in
+//! `RUN/eval/`: `final.json` (the 12 COCO numbers and per-class AP) and `detections.json` (COCO
+//! results format).
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use mimlab_engine::data::coco::save_results;
+use mimlab_engine::data::{
+    open_detection, DataConfig, DataLoader, Dataset, DetTransform, DetectionDataset,
+    LoaderOptions, Split,
+};
+use mimlab_engine::fsutil::{ensure_parent, write_atomic};
+use mimlab_engine::run_dir::{InitSource, RunDir};
+use mimlab_engine::trainer::checkpoint::{load_into_varmap, LoadOptions};
+use mimlab_engine::trainer::TrainSession;
+use mimlab_models::checkpoint::read_weights;
+use mimlab_models::swin_v2::SwinV2Config;
+
+use crate::config::FinetuneConfig;
+use crate::detect::evaluate::DetEval;
+use crate::detect::model::{DetectSection, DetectorConfig};
+use crate::detect::objective::DetectObjective;
+use crate::detect::picture::PictureSpec;
+
+/// Eval images drawn in the pictures.
+const PICTURE_IMAGES: usize = 4;
+
+/// Split `split` of the configured detection dataset at `img_size` (train: scale jitter, crop,
+/// flip; eval: keep-aspect resize with its scale recorded).
+pub fn detection_dataset(
+    data: &DataConfig,
+    split: Split,
+    img_size: usize,
+    in_chans: usize,
+    train_aug: bool,
+) -> Result<Arc<DetectionDataset>> {
+    let t = DetTransform::new(img_size, in_chans, train_aug, &data.det_aug, &data.aug)?;
+    let ds = open_detection(data, split, t)
+        .with_context(|| format!("opening the {} split of `{}`", split.name(), data.dataset))?;
+    if ds.is_empty() {
+        bail!("{}: no images", ds.describe());
+    }
+    Ok(Arc::new(ds))
+}
+
+/// Batches are padded to a multiple of this: the backbone's patch size and mmdetection's 32.
+fn pad_multiple(model: &SwinV2Config) -> usize {
+    let m = model.size_multiple().max(1);
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    m / gcd(m, 32) * 32
+}
+
+/// The eval loader over `ds` (dataset order, batches of twice the training batch size).
+fn eval_loader(ds: &Arc<DetectionDataset>, data: &DataConfig, batch: usize, seed: u64, pad: usize) -> DataLoader {
+    let dataset: Arc<dyn Dataset> = ds.clone();
+    DataLoader::new(
+        dataset,
+        LoaderOptions {
+            batch_size: batch.max(1) * 2,
+            shuffle: false,
+            drop_last: false,
+            seed,
+            workers: data.num_workers,
+            prefetch: data.prefetch_batches,
+        },
+    )
+    .pad_to_multiple(pad)
+}
+
+/// The head's class count must be the dataset's.
+fn check_classes(cfg: &DetectorConfig, ds: &DetectionDataset) -> Result<()> {
+    let n = ds.categories().len();
+    if cfg.head.num_classes != n {
+        bail!(
+            "detect.head.num_classes is {} but {} has {n} categories ({}): set \
+             detect.head.num_classes: {n}",
+            cfg.head.num_classes,
+            ds.describe(),
+            ds.categories().names().join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `mimlab finetune` for detection: trains FPN + FCOS on the backbone (from `init`, or from
+/// scratch), with COCO AP at every evaluation, then writes the final report to `RUN/eval/`.
+pub fn finetune_detector(
+    session: &TrainSession,
+    model: &SwinV2Config,
+    det: &DetectSection,
+    ft: &FinetuneConfig,
+    init: Option<&InitSource>,
+    device: &Device,
+) -> Result<DetEval> {
+    let cfg = det.detector(model)?;
+    let pad = pad_multiple(model);
+    let train_ds = detection_dataset(session.data, Split::Train, model.img_size, model.in_chans, true)
+        .context("building the detection training set")?;
+    eprintln!("data: {}", train_ds.describe());
+    check_classes(&cfg, &train_ds)?;
+    let train_dyn: Arc<dyn Dataset> = train_ds;
+    let loader = session.train_loader(train_dyn)?.pad_to_multiple(pad);
+    let eval_ds = detection_dataset(session.data, Split::Eval, model.img_size, model.in_chans, false)
+        .context("building the detection eval set")?;
+    eprintln!("eval: {}", eval_ds.describe());
+    let evals = eval_loader(&eval_ds, session.data, session.train.batch_size, session.run.seed, pad);
+
+    let spec = PictureSpec {
+        images: PICTURE_IMAGES,
+        mean: session.data.aug.mean.clone(),
+        std: session.data.aug.std.clone(),
+    };
+    let mut objective = DetectObjective::new(&cfg, ft.layer_decay, session.run.seed, device)?
+        .with_coco_eval(eval_ds.clone(), spec);
+    match init {
+        Some(src) => {
+            let r = objective.load_backbone(&src.weights)?;
+            eprintln!(
+                "init: loaded {} backbone tensors from {} ({:?} layout); neck and head newly \
+                 initialized",
+                r.loaded,
+                src.weights.display(),
+                r.layout
+            );
+        }
+        None if session.start.resumed().is_none() => {
+            eprintln!("init: none (training from scratch)")
+        }
+        None => {}
+    }
+    eprintln!(
+        "model: FCOS on Swin-V2 ({} backbone params), neck {:?} {} ch, head {} convs x {} ch, {} \
+         classes, layer decay {}",
+        model.num_params(),
+        cfg.neck.kind,
+        cfg.neck.channels,
+        cfg.head.stacked_convs,
+        cfg.head.channels,
+        cfg.head.num_classes,
+        ft.layer_decay
+    );
+    let summary = session.fit(&mut objective, &loader, Some(&evals))?;
+    let report = objective.report(&evals, &eval_ds, device)?;
+    write_report(&report, &RunDir::at(&summary.run_dir).eval(), &eval_ds, "final")?;
+    Ok(report)
+}
+
+/// `mimlab eval` on a detection run: the detector of `src` (a detection run's checkpoint) on the
+/// eval split; reports in `out` (default `RUN/eval/`).
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_detection_weights(
+    src: &InitSource,
+    model: &SwinV2Config,
+    det: &DetectSection,
+    data: &DataConfig,
+    batch_size: usize,
+    seed: u64,
+    out: Option<&Path>,
+    device: &Device,
+) -> Result<DetEval> {
+    let cfg = det.detector(model)?;
+    let eval_ds = detection_dataset(data, Split::Eval, model.img_size, model.in_chans, false)?;
+    check_classes(&cfg, &eval_ds)?;
+    let evals = eval_loader(&eval_ds, data, batch_size, seed, pad_multiple(model));
+    let mut objective = DetectObjective::new(&cfg, 1.0, seed, device)?;
+    let tensors = read_weights(&src.weights)?;
+    load_into_varmap(objective.varmap_ref(), tensors, &LoadOptions::default())
+        .with_context(|| format!("loading the detector from {}", src.weights.display()))?;
+    let report = objective.report(&evals, &eval_ds, device)?;
+    let dir = match (out, RunDir::of_checkpoint_file(&src.weights)) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, Some(run)) => run.eval(),
+        (None, None) => bail!(
+            "{}: not inside a run folder, so pass --out for the reports",
+            src.weights.display()
+        ),
+    };
+    write_report(&report, &dir, &eval_ds, "eval")?;
+    Ok(report)
+}
+
+/// Writes `DIR/<stem>.json` (the 12 COCO numbers and per-class AP) and `DIR/detections.json`,
+/// and prints them.
+pub fn write_report(e: &DetEval, dir: &Path, ds: &DetectionDataset, stem: &str) -> Result<()> {
+    let json_path = dir.join(format!("{stem}.json"));
+    ensure_parent(&json_path)?;
+    let mut json = e.stats.to_json(true);
+    json["dataset"] = serde_json::Value::String(ds.describe());
+    json["losses"] = serde_json::json!({
+        "loss": e.losses[0], "loss_cls": e.losses[1], "loss_bbox": e.losses[2],
+        "loss_centerness": e.losses[3],
+    });
+    write_atomic(&json_path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+    let dets = dir.join("detections.json");
+    save_results(&dets, &e.results)?;
+    eprintln!("{}", e.stats.summary());
+    eprintln!("wrote {} and {}", json_path.display(), dets.display());
+    Ok(())
+}
