@@ -1,9 +1,11 @@
 //! Downstream tasks on pretrained backbones, one folder each: [`classify`] (finetuning or training
-//! from scratch, evaluation) and [`probe`] (frozen-feature k-NN and linear probe). Shared by the
+//! from scratch, evaluation), [`detect`] (object detection, COCO box AP) and [`probe`]
+//! (frozen-feature k-NN and linear probe). Shared by the
 //! tasks: the `finetune:` config section ([`config`]), starting from a pretraining ([`init`]) and
 //! layer-wise lr decay ([`layer_decay`]).
 pub mod classify;
 pub mod config;
+pub mod detect;
 pub mod init;
 pub mod layer_decay;
 pub mod probe;
