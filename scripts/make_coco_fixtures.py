@@ -188,13 +188,15 @@ def case_score_ties():
 
 
 def case_empty_and_missing():
-    """An image with GT and no detection, a category without GT (its detections are FPs of nobody:
-    per-class -1), a category with GT and no detection (AP 0), an image with neither."""
+    """An image with GT and no detection at all (4), a category without GT (its detections are
+    FPs of nobody: per-class -1), a category with GT and no detection (AP 0), an image with
+    neither (3)."""
     cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "no_gt"}, {"id": 3, "name": "no_dt"}]
-    gt = {"images": [image(1), image(2), image(3)], "categories": cats, "annotations": [
+    gt = {"images": [image(1), image(2), image(3), image(4)], "categories": cats, "annotations": [
         ann(1, 1, 1, [0, 0, 100, 100]),
         ann(2, 2, 1, [10, 10, 30, 30]),
         ann(3, 2, 3, [50, 50, 60, 60]),
+        ann(4, 4, 1, [20, 20, 40, 40]),
     ]}
     dt = [
         det(1, 1, [5, 0, 100, 100], 0.9),

@@ -42,7 +42,11 @@ fn every_fixture_equals_pycocotools() {
             let want = f64::from_bits(exp["stats_bits"][i].as_u64().unwrap());
             let d = (got.stats[i] - want).abs();
             max_diff = max_diff.max(d);
-            assert!(d <= 1e-6, "{name} {stat}: {} vs pycocotools {want}", got.stats[i]);
+            assert!(
+                d <= 1e-6,
+                "{name} {stat}: {} vs pycocotools {want}",
+                got.stats[i]
+            );
             if got.stats[i].to_bits() != want.to_bits() {
                 inexact.push(format!("{name} {stat}: {} vs {want}", got.stats[i]));
             }

@@ -47,12 +47,8 @@ pub const STAT_NAMES: [&str; 12] = [
 pub const MAX_DETS: [usize; 3] = [1, 10, 100];
 
 /// pycocotools `Params.areaRng` (closed ranges on the GT `area` field and the detection's `w * h`).
-pub const AREA_RANGES: [[f64; 2]; 4] = [
-    [0.0, 1e10],
-    [0.0, 1024.0],
-    [1024.0, 9216.0],
-    [9216.0, 1e10],
-];
+pub const AREA_RANGES: [[f64; 2]; 4] =
+    [[0.0, 1e10], [0.0, 1024.0], [1024.0, 9216.0], [9216.0, 1e10]];
 
 /// numpy's `linspace(start, stop, n)`: `start + i * ((stop - start) / (n - 1))`, the last one `stop`.
 fn linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
@@ -177,7 +173,8 @@ pub fn evaluate(gt: &CocoFile, dt: &[CocoResult]) -> Result<CocoStats> {
     let cats = gt.category_map()?;
     let mut img_ids: Vec<u64> = gt.images.iter().map(|im| im.id).collect();
     img_ids.sort_unstable();
-    let img_index: HashMap<u64, usize> = img_ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let img_index: HashMap<u64, usize> =
+        img_ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
     let (ni, nk) = (img_ids.len(), cats.len());
     for (i, r) in dt.iter().enumerate() {
         if !img_index.contains_key(&r.image_id) {
@@ -193,7 +190,11 @@ pub fn evaluate(gt: &CocoFile, dt: &[CocoResult]) -> Result<CocoStats> {
             );
         }
         if r.bbox.iter().any(|v| !v.is_finite()) || !r.score.is_finite() {
-            bail!("detection {i}: bbox {:?} / score {} not finite", r.bbox, r.score);
+            bail!(
+                "detection {i}: bbox {:?} / score {} not finite",
+                r.bbox,
+                r.score
+            );
         }
     }
 
@@ -237,7 +238,12 @@ pub fn evaluate(gt: &CocoFile, dt: &[CocoResult]) -> Result<CocoStats> {
 
     let iou_thrs = iou_thresholds();
     let rec_thrs = recall_thresholds();
-    let (nt, nr, na, nm) = (iou_thrs.len(), rec_thrs.len(), AREA_RANGES.len(), MAX_DETS.len());
+    let (nt, nr, na, nm) = (
+        iou_thrs.len(),
+        rec_thrs.len(),
+        AREA_RANGES.len(),
+        MAX_DETS.len(),
+    );
 
     // `evaluate`: evalImgs[k][a][i].
     let evals: Vec<Vec<Vec<Option<ImageEval>>>> = cells
@@ -256,7 +262,7 @@ pub fn evaluate(gt: &CocoFile, dt: &[CocoResult]) -> Result<CocoStats> {
 
     // `accumulate`: precision [T][R][K][A][M] and recall [T][K][A][M], -1 when absent.
     let p_at = |t: usize, r: usize, k: usize, a: usize, m: usize| {
-    (((t * nr + r) * nk + k) * na + a) * nm + m
+        (((t * nr + r) * nk + k) * na + a) * nm + m
     };
     let r_at = |t: usize, k: usize, a: usize, m: usize| ((t * nk + k) * na + a) * nm + m;
     let mut precision = vec![-1.0f64; nt * nr * nk * na * nm];
@@ -388,8 +394,12 @@ fn evaluate_img(cell: &Cell, rng: &[f64; 2], iou_thrs: &[f64]) -> Option<ImageEv
     if cell.gts.is_empty() && cell.dts.is_empty() {
         return None;
     }
-    let out = |area: f64| area < rng[0] || area > rng[1];
-    let ignore: Vec<bool> = cell.gts.iter().map(|g| g.iscrowd || out(g.area())).collect();
+    let out = |area: f64| !(rng[0]..=rng[1]).contains(&area);
+    let ignore: Vec<bool> = cell
+        .gts
+        .iter()
+        .map(|g| g.iscrowd || out(g.area()))
+        .collect();
     // GTs with ignored ones last, stable.
     let mut gind: Vec<usize> = (0..cell.gts.len()).collect();
     gind.sort_by_key(|&g| ignore[g]);
@@ -584,7 +594,10 @@ mod tests {
         assert_eq!(s.get("AR100"), Some(1.0));
         assert_eq!(s.get("ARl"), Some(1.0));
         assert_eq!(s.per_class.len(), 1);
-        assert_eq!((s.per_class[0].id, s.per_class[0].name.as_str()), (3, "cat"));
+        assert_eq!(
+            (s.per_class[0].id, s.per_class[0].name.as_str()),
+            (3, "cat")
+        );
         assert!((s.per_class[0].ap - ap).abs() < 1e-12);
         // The JSON names every stat.
         let j = s.to_json(true);
