@@ -116,18 +116,29 @@ impl CocoStats {
             .map(|i| self.stats[i])
     }
 
-    /// One JSON object with the 12 stats by name; with `per_class`, also
+    /// One JSON object with the 12 stats by name in pycocotools' order; with `per_class`, also
     /// `"per_class": [{"id", "name", "AP"}, ...]` in ascending category id (a list, since names
     /// need not be unique).
-    pub fn to_json(&self, per_class: bool) -> serde_json::Value {
-        let mut m = serde_json::Map::new();
-        for (name, v) in STAT_NAMES.iter().zip(self.stats) {
-            m.insert(name.to_string(), serde_json::json!(v));
+    pub fn to_json(&self, per_class: bool) -> String {
+        struct Out<'a>(&'a CocoStats, bool);
+        impl Serialize for Out<'_> {
+            fn serialize<S: serde::Serializer>(
+                &self,
+                s: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                use serde::ser::SerializeMap;
+                let mut m = s.serialize_map(None)?;
+                for (name, v) in STAT_NAMES.iter().zip(self.0.stats) {
+                    m.serialize_entry(name, &v)?;
+                }
+                if self.1 {
+                    m.serialize_entry("per_class", &self.0.per_class)?;
+                }
+                m.end()
+            }
         }
-        if per_class {
-            m.insert("per_class".into(), serde_json::json!(self.per_class));
-        }
-        serde_json::Value::Object(m)
+        // Only numbers and strings: serializing cannot fail.
+        serde_json::to_string(&Out(self, per_class)).expect("numbers and strings serialize")
     }
 }
 
@@ -600,7 +611,9 @@ mod tests {
         );
         assert!((s.per_class[0].ap - ap).abs() < 1e-12);
         // The JSON names every stat.
-        let j = s.to_json(true);
+        let text = s.to_json(true);
+        assert!(text.starts_with("{\"AP\":"), "pycocotools' order: {text}");
+        let j: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(j.as_object().unwrap().len(), 13);
         assert_eq!(j["AR1"], 0.5);
         assert_eq!(j["per_class"][0]["AP"], s.per_class[0].ap);
