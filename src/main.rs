@@ -28,6 +28,9 @@ enum Cmd {
     Finetune(cli::finetune::FinetuneArgs),
     /// Top-1/top-5, per-class accuracy and confusion matrix of a classifier on the eval split.
     Eval(cli::eval::EvalArgs),
+    /// Metrics of prediction files (COCO box AP exactly as pycocotools).
+    #[command(subcommand)]
+    Metrics(cli::metrics::MetricsCmd),
     /// Frozen-feature evaluations of a backbone: k-NN and linear probe at several label fractions.
     Probe(cli::probe::ProbeArgs),
     /// Feature distillation: a student Swin-V2 regresses a frozen teacher's whitened features.
@@ -56,6 +59,7 @@ fn main() {
         Cmd::Pretrain(a) => cli::pretrain::run(a),
         Cmd::Finetune(a) => cli::finetune::run(a),
         Cmd::Eval(a) => cli::eval::run(a),
+        Cmd::Metrics(c) => cli::metrics::run(c),
         Cmd::Probe(a) => cli::probe::run(a),
         Cmd::Distill(a) => cli::distill::run(a),
         Cmd::Model(c) => cli::model::run(c),

@@ -876,4 +876,51 @@ fn runs_from_another_directory_and_name_their_mistakes() {
         e.contains("train.batch_size = 100 is larger than the train split (64 samples"),
         "{e}"
     );
+
+#[test]
+fn metrics_coco_prints_the_12_stats_of_pycocotools() {
+    let fx = "tests/fixtures/coco";
+    let (gt, dt) = (
+        format!("{fx}/non_contiguous.gt.json"),
+        format!("{fx}/non_contiguous.dt.json"),
+    );
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{fx}/non_contiguous.expected.json")).unwrap(),
+    )
+    .unwrap();
+    let names = [
+        "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+    ];
+    let out = ok(&["metrics", "coco", "--gt", &gt, "--dt", &dt]);
+    let j: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    let obj = j.as_object().unwrap();
+    assert_eq!(obj.len(), 12, "{out}");
+    for (i, n) in names.iter().enumerate() {
+        let want = f64::from_bits(expected["stats_bits"][i].as_u64().unwrap());
+        let got = obj[*n].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-12, "{n}: {got} vs {want}");
+        assert!(got == -1.0 || (0.0..=1.0).contains(&got), "{n}: {got}");
+    }
+    let out = ok(&["metrics", "coco", "--gt", &gt, "--dt", &dt, "--per-class"]);
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let pc = j["per_class"].as_array().unwrap();
+    let ids: Vec<u64> = pc.iter().map(|c| c["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [5, 17, 90]);
+    assert_eq!(pc[2]["name"], "toothbrush");
+    for (c, w) in pc.iter().zip(expected["per_class"].as_array().unwrap()) {
+        let want = f64::from_bits(w["AP_bits"].as_u64().unwrap());
+        assert!((c["AP"].as_f64().unwrap() - want).abs() < 1e-12, "{c}");
+    }
+    // Errors name the file at fault.
+    let e = err(&["metrics", "coco", "--gt", &gt, "--dt", "no/such.json"]);
+    assert!(e.contains("no/such.json"), "{e}");
+    let e = err(&[
+        "metrics",
+        "coco",
+        "--gt",
+        &gt,
+        "--dt",
+        &format!("{fx}/crowd.dt.json"),
+    ]);
+    assert!(e.contains("crowd.dt.json") && e.contains("image id"), "{e}");
 }

@@ -1,5 +1,5 @@
 //! Downstream tasks on pretrained backbones, one folder each: [`classify`] (finetuning or training
-//! from scratch, evaluation), [`detect`] (FCOS detection: model and losses) and [`probe`]
+//! from scratch, evaluation), [`detect`] (FCOS detection on FPN: model, losses, COCO box AP) and [`probe`]
 //! (frozen-feature k-NN and linear probe). Shared by the
 //! tasks: the `finetune:` config section ([`config`]), starting from a pretraining ([`init`]) and
 //! layer-wise lr decay ([`layer_decay`]).

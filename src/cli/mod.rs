@@ -5,6 +5,7 @@ pub mod config;
 pub mod distill;
 pub mod eval;
 pub mod finetune;
+pub mod metrics;
 pub mod model;
 pub mod pretrain;
 pub mod probe;

@@ -8,11 +8,13 @@
 //! - [`fcos_loss`]: focal, GIoU and centerness losses;
 //! - [`nms`], [`postprocess`]: per-class NMS and inference decoding to [`Detection`]s;
 //! - [`model`]: the detector (backbone + neck + head);
+//! - [`coco_eval`]: COCO box AP/AR exactly as pycocotools;
 //! - [`objective`]: the trainer objective (loss of a box batch, MoE aux loss, layer decay);
 //! - [`evaluate`]: detections over the eval split mapped back to original pixels, COCO AP;
 //! - [`picture`]: ground truth beside detections, PNG and TensorBoard;
 //! - [`recipe`]: `mimlab finetune` / `mimlab eval` for detection, reports in `RUN/eval/`.
 pub mod boxes;
+pub mod coco_eval;
 pub mod evaluate;
 pub mod fcos_head;
 pub mod fcos_loss;
@@ -22,8 +24,8 @@ pub mod model;
 pub mod nms;
 pub mod objective;
 pub mod picture;
-pub mod recipe;
 pub mod postprocess;
+pub mod recipe;
 
 pub use fcos_head::{FcosHead, FcosHeadConfig, HeadOutput};
 pub use fcos_loss::FcosLosses;
