@@ -14,6 +14,7 @@
 //! - `v >= 128` ("core"): the pixel belongs to that digit: class map `digit + 1` (1..10);
 //! - `32 <= v < 128` (anti-aliased edge): class map 255 (ignore), owned by no digit;
 //! - `v < 32`: the pixel keeps what was under it; 0 = background.
+//!
 //! A digit's box is the extent of the core pixels it still owns (visible after occlusion), as
 //! `[x1, y1, x2, y2]` with exclusive ends; a digit left with under half its core pixels is dropped
 //! and its remaining core pixels become 255. Annotation `area` = its visible core pixel count.
