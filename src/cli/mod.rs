@@ -2,6 +2,7 @@
 pub mod avgdist;
 pub mod bench;
 pub mod config;
+pub mod data;
 pub mod distill;
 pub mod eval;
 pub mod finetune;

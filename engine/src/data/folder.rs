@@ -51,6 +51,25 @@ pub fn decode_image(path: &Path) -> Result<U8Image> {
     })
 }
 
+/// PNG file bytes of `img` (grey or RGB, 8 bit), deterministic: the same image always gives the
+/// same bytes (generated datasets rely on it).
+pub fn encode_png(img: &U8Image) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, img.width as u32, img.height as u32);
+    enc.set_color(if img.channels == 3 {
+        png::ColorType::Rgb
+    } else {
+        png::ColorType::Grayscale
+    });
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc.write_header().context("writing PNG header")?;
+    writer
+        .write_image_data(&img.data)
+        .context("writing PNG data")?;
+    writer.finish().context("finishing PNG")?;
+    Ok(out)
+}
+
 fn is_image(p: &Path) -> bool {
     p.extension()
         .and_then(|e| e.to_str())

@@ -24,6 +24,9 @@ use serde::{Deserialize, Serialize};
 
 pub mod coco;
 pub mod collate;
+pub mod det_aug;
+pub mod detection;
+pub mod digits_det;
 pub mod folder;
 pub mod idx;
 pub mod loader;
@@ -31,8 +34,12 @@ pub mod photos;
 pub mod subset;
 pub mod target;
 pub mod transforms;
+pub mod trees;
+pub mod voc;
 
 pub use collate::{collate, Batch, BatchTargets};
+pub use det_aug::{DetAugConfig, DetTransform};
+pub use detection::{DetectionDataset, ImageInfo, LoadStats};
 pub use folder::{decode_image, list_images, FolderDataset, SkippedImage};
 pub use idx::{read_idx, IdxArray, IdxDataset};
 pub use loader::{DataLoader, LoaderOptions};
@@ -41,20 +48,47 @@ pub use target::{ClassIds, ClassMap, ObjectBox, Target, IGNORE};
 pub use transforms::{Annotated, CropBox, ImageTransform, U8Image};
 
 /// The dataset names [`build_dataset`] knows.
-pub const DATASETS: [&str; 5] = ["fashion-mnist", "mnist", "photos", "image-folder", "folder"];
+pub const DATASETS: [&str; 9] = [
+    "fashion-mnist",
+    "mnist",
+    "photos",
+    "image-folder",
+    "folder",
+    "coco",
+    "voc",
+    "digits-det",
+    "trees",
+];
 
 /// Which dataset, where it lives, how it is loaded and augmented (the `data:` config section).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// "fashion-mnist" | "mnist" | "photos" | "image-folder" | "folder".
+    /// "fashion-mnist" | "mnist" | "photos" | "image-folder" | "folder" (classification,
+    /// pretraining); "coco" | "voc" | "digits-det" | "trees" (detection, `detection.rs`).
     pub dataset: String,
-    /// Where scripts/setup-data.sh put the bundled datasets.
+    /// Where scripts/setup-data.sh put the bundled datasets (and where `digits-det` and `trees`
+    /// are generated on first use).
     pub root: PathBuf,
-    /// Train folder of `image-folder` / `folder`.
+    /// Train folder of `image-folder` / `folder`; the VOC folder of `voc` (`Annotations/`,
+    /// `JPEGImages/`, optional `ImageSets/Main/{train,val}.txt`).
     pub path: Option<PathBuf>,
-    /// Eval folder of `image-folder` / `folder`.
+    /// Eval folder of `image-folder` / `folder`; `voc`: another VOC folder for eval (default: the
+    /// `path` folder, its `val.txt` images).
     pub eval_path: Option<PathBuf>,
+    /// `coco`: the train annotation file (COCO JSON). Required for `coco`.
+    pub ann_file: Option<PathBuf>,
+    /// `coco`: the eval annotation file. Required for `coco` eval.
+    pub eval_ann_file: Option<PathBuf>,
+    /// `coco`: folder the train `file_name`s are relative to (default: the annotation file's folder).
+    pub img_dir: Option<PathBuf>,
+    /// `coco`: folder the eval `file_name`s are relative to (default: the eval annotation file's folder).
+    pub eval_img_dir: Option<PathBuf>,
+    /// `coco`: folder of train class-map PNGs `<file_name stem>.png` (8-bit grey or palette
+    /// indices, 255 = ignore); samples with one serve boxes and mask. Default: none.
+    pub mask_dir: Option<PathBuf>,
+    /// `coco`: folder of eval class-map PNGs. Default: none.
+    pub eval_mask_dir: Option<PathBuf>,
     /// Decode/augment threads of the loader.
     pub num_workers: usize,
     /// Batches decoded ahead of the model.
@@ -69,6 +103,8 @@ pub struct DataConfig {
     pub photos_crops_per_epoch: usize,
     /// Augmentation and normalization.
     pub aug: AugConfig,
+    /// Detection augmentation (scale jitter, crop, flip) of `coco`, `voc`, `digits-det`, `trees`.
+    pub det_aug: DetAugConfig,
 }
 
 impl Default for DataConfig {
@@ -78,6 +114,12 @@ impl Default for DataConfig {
             root: PathBuf::from("data"),
             path: None,
             eval_path: None,
+            ann_file: None,
+            eval_ann_file: None,
+            img_dir: None,
+            eval_img_dir: None,
+            mask_dir: None,
+            eval_mask_dir: None,
             num_workers: 2,
             prefetch_batches: 4,
             skip_bad_images: false,
@@ -85,6 +127,7 @@ impl Default for DataConfig {
             label_fraction: 1.0,
             photos_crops_per_epoch: 2048,
             aug: AugConfig::default(),
+            det_aug: DetAugConfig::default(),
         }
     }
 }
@@ -203,6 +246,11 @@ pub trait Dataset: Send + Sync {
     fn crop_params(&self, _index: usize, _rng: &mut StdRng) -> Result<Option<(CropBox, bool)>> {
         Ok(None)
     }
+    /// Detection datasets: the COCO image id, original size and eval scale of `index`, so an
+    /// evaluator maps predictions back to original pixels (`None` for other datasets).
+    fn detection_info(&self, _index: usize) -> Option<ImageInfo> {
+        None
+    }
     /// Channels of the served images.
     fn channels(&self) -> usize;
     /// Number of classes, for labelled datasets.
@@ -234,6 +282,10 @@ pub fn build_dataset(
         "photos" => Arc::new(PhotosDataset::open(cfg, split, transform)?),
         "image-folder" => Arc::new(FolderDataset::open(cfg, split, transform, true)?),
         "folder" => Arc::new(FolderDataset::open(cfg, split, transform, false)?),
+        "coco" | "voc" | "digits-det" | "trees" => {
+            let t = DetTransform::new(img_size, in_chans, train_aug, &cfg.det_aug, &cfg.aug)?;
+            Arc::new(open_detection(cfg, split, t)?)
+        }
         other => {
             let best = DATASETS
                 .iter()
@@ -252,6 +304,40 @@ pub fn build_dataset(
         bail!("{}: no samples", ds.describe());
     }
     Ok(ds)
+}
+
+/// Opens `split` of a detection dataset (`coco`, `voc`, `digits-det`, `trees`).
+pub fn open_detection(cfg: &DataConfig, split: Split, t: DetTransform) -> Result<DetectionDataset> {
+    let pick = |train: &Option<PathBuf>, eval: &Option<PathBuf>| match split {
+        Split::Train => train.clone(),
+        Split::Eval => eval.clone(),
+    };
+    let name = cfg.dataset.as_str();
+    match name {
+        "coco" => {
+            let key = match split {
+                Split::Train => "data.ann_file",
+                Split::Eval => "data.eval_ann_file",
+            };
+            let ann = pick(&cfg.ann_file, &cfg.eval_ann_file)
+                .with_context(|| format!("data.dataset `coco` needs {key} (a COCO JSON file)"))?;
+            let img_dir = pick(&cfg.img_dir, &cfg.eval_img_dir)
+                .unwrap_or_else(|| ann.parent().map(PathBuf::from).unwrap_or_default());
+            let mask_dir = pick(&cfg.mask_dir, &cfg.eval_mask_dir);
+            DetectionDataset::from_coco(name, split, &ann, &img_dir, mask_dir.as_deref(), cfg, t)
+        }
+        "voc" => {
+            let dir = match split {
+                Split::Train => cfg.path.clone(),
+                Split::Eval => cfg.eval_path.clone().or_else(|| cfg.path.clone()),
+            }
+            .context("data.dataset `voc` needs data.path (a VOC folder)")?;
+            DetectionDataset::from_voc(name, split, &dir, cfg, t)
+        }
+        "digits-det" => digits_det::open(cfg, split, t),
+        "trees" => trees::open(cfg, split, t),
+        other => bail!("data.dataset `{other}` is not a detection dataset"),
+    }
 }
 
 /// Fixed, deterministic images for reconstruction pictures: the held-out photos (photos dataset)
@@ -327,6 +413,15 @@ impl DataConfig {
              MIMLAB_DATA) at the folder that holds `{sub}/`"
         ));
         Err(anyhow::anyhow!(msg))
+    }
+}
+
+impl DataConfig {
+    /// The data root that holds (or will hold) the generated dataset `sub`: where `sub` is found
+    /// ([`DataConfig::bundled_dir`]), else where its inputs `source` are (it is generated there).
+    pub fn generated_root(&self, sub: &str, source: &str) -> Result<PathBuf> {
+        let found = self.bundled_dir(sub).or_else(|_| self.bundled_dir(source))?;
+        Ok(found.parent().map_or_else(|| self.root.clone(), Path::to_path_buf))
     }
 }
 

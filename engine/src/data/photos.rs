@@ -56,6 +56,36 @@ fn write_png_atomic(img: &U8Image, path: &Path) -> Result<()> {
     })
 }
 
+/// The photos of `split` (`ROOT/photos/train` or `ROOT/photos/heldout`) in compact form, with
+/// their folder and file names (sorted). Also the backgrounds of `digits-det`.
+pub fn load_photos(root: &Path, split: Split) -> Result<(PathBuf, Vec<String>, Vec<U8Image>)> {
+    let sub = match split {
+        Split::Train => "train",
+        Split::Eval => "heldout",
+    };
+    let dir = root.join("photos").join(sub);
+    if !dir.is_dir() {
+        return Err(missing_bundled(&dir));
+    }
+    let files = list_images(&dir)?;
+    if files.is_empty() {
+        bail!("{}: no photos: run scripts/setup-data.sh", dir.display());
+    }
+    let cache_dir = root.join("photos").join(".compact").join(sub);
+    let photos = files
+        .par_iter()
+        .map(|f| {
+            let name = f.file_name().unwrap_or_default().to_string_lossy();
+            load_compact(f, &cache_dir.join(format!("{name}.png")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let names = files
+        .iter()
+        .map(|f| f.file_name().unwrap_or_default().to_string_lossy().into())
+        .collect();
+    Ok((dir, names, photos))
+}
+
 /// Photos held in memory; see the module doc.
 pub struct PhotosDataset {
     split: Split,
@@ -70,31 +100,10 @@ impl PhotosDataset {
     /// Loads `<photos folder>/{train,heldout}` ([`DataConfig::bundled_dir`]; compact form,
     /// cached).
     pub fn open(cfg: &DataConfig, split: Split, transform: ImageTransform) -> Result<Self> {
-        let sub = match split {
-            Split::Train => "train",
-            Split::Eval => "heldout",
-        };
+        // the data root under which the photos were found (data.root, $MIMLAB_DATA, checkout)
         let photos = cfg.bundled_dir("photos")?;
-        let dir = photos.join(sub);
-        if !dir.is_dir() {
-            return Err(missing_bundled(&dir));
-        }
-        let files = list_images(&dir)?;
-        if files.is_empty() {
-            bail!("{}: no photos: run scripts/setup-data.sh", dir.display());
-        }
-        let cache_dir = photos.join(".compact").join(sub);
-        let photos = files
-            .par_iter()
-            .map(|f| {
-                let name = f.file_name().unwrap_or_default().to_string_lossy();
-                load_compact(f, &cache_dir.join(format!("{name}.png")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let names = files
-            .iter()
-            .map(|f| f.file_name().unwrap_or_default().to_string_lossy().into())
-            .collect();
+        let root = photos.parent().unwrap_or(&photos);
+        let (dir, names, photos) = load_photos(root, split)?;
         let natural = match split {
             Split::Train => cfg.photos_crops_per_epoch,
             Split::Eval => photos.len(),
