@@ -1,4 +1,4 @@
-//! `mimlab eval --weights RUN_DIR|CHECKPOINT`: top-1/top-5, per-class accuracy and the confusion
+//! `mimlab eval --weights RUN_DIR|FILE`: top-1/top-5, per-class accuracy and the confusion
 //! matrix (JSON + PNG) of a classifier on the eval split.
 use std::path::PathBuf;
 
@@ -17,8 +17,9 @@ pub struct EvalArgs {
     /// Experiment config; default: the `config.yaml` of the run the weights belong to.
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// A classification run folder (newest checkpoint) or a weights file with a head.
-    #[arg(long)]
+    /// A classification run folder (newest checkpoint) or a weights file with a head
+    /// (safetensors or PyTorch .pth/.pt/.bin).
+    #[arg(long, value_name = "RUN_DIR|FILE")]
     pub weights: PathBuf,
     /// Folder for `<name>.json` and `<name>_confusion.png`; default: RUN/eval/.
     #[arg(long)]

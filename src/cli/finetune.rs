@@ -1,4 +1,4 @@
-//! `mimlab finetune --config C [--init RUN_DIR|CHECKPOINT] [--resume RUN_DIR]`: image
+//! `mimlab finetune --config C [--init RUN_DIR|FILE] [--resume RUN_DIR]`: image
 //! classification, from a pretrained backbone or (without `--init`) from scratch.
 use std::path::PathBuf;
 
@@ -15,8 +15,9 @@ pub struct FinetuneArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Start from this backbone: a run folder (SimMIM, distillation or classification; its newest
-    /// checkpoint) or a weights file (mimlab, official or timm Swin-V2). Sets `finetune.init`.
-    #[arg(long, conflicts_with = "resume")]
+    /// checkpoint) or a weights file (mimlab, official or timm Swin-V2; safetensors or PyTorch
+    /// .pth/.pt/.bin). Sets `finetune.init`.
+    #[arg(long, conflicts_with = "resume", value_name = "RUN_DIR|FILE")]
     pub init: Option<PathBuf>,
     /// Continue this run folder from its newest checkpoint.
     #[arg(long, conflicts_with = "config")]

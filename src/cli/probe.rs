@@ -1,4 +1,4 @@
-//! `mimlab probe --config C [--init RUN_DIR|CHECKPOINT]`: frozen-feature evaluations of a backbone
+//! `mimlab probe --config C [--init RUN_DIR|FILE]`: frozen-feature evaluations of a backbone
 //! (a pretrained one, or the random init without `--init`): weighted k-NN and a linear probe on
 //! pooled features, trained on class-balanced label fractions of the train split (the same images
 //! `data.label_fraction` selects for finetuning) and scored on the eval split.
@@ -16,8 +16,9 @@ use super::ConfigArgs;
 pub struct ProbeArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Backbone weights: a run folder or a weights file; none = the seeded random init.
-    #[arg(long)]
+    /// Backbone weights: a run folder or a weights file (safetensors or PyTorch .pth/.pt/.bin);
+    /// none = the seeded random init.
+    #[arg(long, value_name = "RUN_DIR|FILE")]
     pub init: Option<PathBuf>,
     /// Label fractions of the train split to fit k-NN and the probe on.
     #[arg(long, value_delimiter = ',', default_value = "0.01,0.1,1.0")]
