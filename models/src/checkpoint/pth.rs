@@ -79,13 +79,14 @@ fn state_dict(obj: Object, dir: &str, path: &Path) -> Result<(Vec<TensorInfo>, O
             path.display()
         );
     };
-    let names: Vec<String> = entries
+    let mut names: Vec<String> = entries
         .iter()
         .map(|(k, _)| match k {
             Object::Unicode(s) => s.clone(),
             other => format!("{other:?}"),
         })
         .collect();
+    names.sort();
     for key in STATE_DICT_KEYS {
         if let Some((_, v)) = entries
             .iter()
@@ -250,8 +251,14 @@ fn storage_elem_sizes(obj: &Object, out: &mut HashMap<String, usize>) {
 pub fn read_legacy(path: &Path) -> Result<PthStateDict> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let ctx = || format!("{}: legacy PyTorch checkpoint", path.display());
-    let mut r = Cursor::new(&bytes[..]);
-    for what in ["magic number", "protocol", "sys info"] {
+    // The magic number pickle is LEGACY_MAGIC then STOP; skipped by hand, since candle's LONG1
+    // decoder overflows on its 10 bytes.
+    let magic_len = LEGACY_MAGIC.len();
+    if !bytes.starts_with(&LEGACY_MAGIC) || bytes.get(magic_len) != Some(&b'.') {
+        bail!("{}: no torch magic number", ctx());
+    }
+    let mut r = Cursor::new(&bytes[magic_len + 1..]);
+    for what in ["protocol", "sys info"] {
         read_pickle(&mut r).with_context(|| format!("{}: its {what}", ctx()))?;
     }
     let obj = read_pickle(&mut r).with_context(ctx)?;
@@ -273,7 +280,7 @@ pub fn read_legacy(path: &Path) -> Result<PthStateDict> {
     // (an optimizer's too) is in the stream, its element size named by its persistent id.
     let mut elem_size = HashMap::new();
     storage_elem_sizes(&obj_for_sizes, &mut elem_size);
-    let mut pos = r.position() as usize;
+    let mut pos = magic_len + 1 + r.position() as usize;
     let mut storages: HashMap<&str, &[u8]> = HashMap::new();
     for k in &keys {
         let n = bytes
