@@ -742,7 +742,9 @@ fn model_list_prints_every_preset_with_params_and_macs() {
     let text = ok(&["model", "list"]);
     let lines: Vec<&str> = text.lines().collect();
     assert!(
-        lines[0].contains("1 multiply-add = 1 FLOP") && lines[0].contains("timm"),
+        lines[0].contains("1 multiply-add = 1 FLOP")
+            && lines[0].contains("timm")
+            && !lines[0].contains("  "),
         "{text}"
     );
     let header: Vec<&str> = lines[1].split_whitespace().collect();

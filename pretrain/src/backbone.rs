@@ -148,10 +148,13 @@ pub fn describe_presets() -> Result<Vec<String>> {
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
-    let mut lines = vec![
-        "# GMACs: forward multiply-adds per image at its img size, counted as timm / fvcore do          (1 multiply-add = 1 FLOP): patch embed, qkv / proj, attention matmuls per window, CPB          MLP, MLPs, patch merging, head; norms, softmax and GELU not counted. params: exact,          with the preset's head."
-            .to_string(),
-    ];
+    let mut lines = vec![concat!(
+        "# GMACs: forward multiply-adds per image at its img size, counted as timm / fvcore ",
+        "do (1 multiply-add = 1 FLOP): patch embed, qkv / proj, attention matmuls per window, ",
+        "CPB MLP, MLPs, patch merging, head; norms, softmax and GELU not counted. params: ",
+        "exact, with the preset's head."
+    )
+    .to_string()];
     for r in &rows {
         let cells: Vec<String> = r
             .iter()
