@@ -876,6 +876,7 @@ fn runs_from_another_directory_and_name_their_mistakes() {
         e.contains("train.batch_size = 100 is larger than the train split (64 samples"),
         "{e}"
     );
+}
 
 #[test]
 fn metrics_coco_prints_the_12_stats_of_pycocotools() {
@@ -923,4 +924,285 @@ fn metrics_coco_prints_the_12_stats_of_pycocotools() {
         &format!("{fx}/crowd.dt.json"),
     ]);
     assert!(e.contains("crowd.dt.json") && e.contains("image id"), "{e}");
+}
+
+/// `mimlab model list`: a header naming the MAC convention, one row per preset, and
+/// swinv2_tiny_window8_256 with timm's exact parameter count and 5.94 GMACs (timm's card: 5.96).
+#[test]
+fn model_list_prints_every_preset_with_params_and_macs() {
+    let text = ok(&["model", "list"]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].contains("1 multiply-add = 1 FLOP")
+            && lines[0].contains("timm")
+            && !lines[0].contains("  "),
+        "{text}"
+    );
+    let header: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["preset", "img", "window", "embed", "depths", "heads", "params", "GMACs"]
+    );
+    assert_eq!(
+        lines.len(),
+        2 + mimlab_models::swin_v2::PRESETS.len(),
+        "{text}"
+    );
+    let tiny: Vec<&str> = lines
+        .iter()
+        .find(|l| l.starts_with("swinv2_tiny_window8_256 "))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        tiny,
+        [
+            "swinv2_tiny_window8_256",
+            "256",
+            "8",
+            "96",
+            "2,2,6,2",
+            "3,6,12,24",
+            "28347154",
+            "5.94"
+        ]
+    );
+}
+
+/// Every flag or argument that takes a run folder or a weights file shows it as `RUN_DIR|FILE`.
+#[test]
+fn weights_flags_show_run_dir_or_file_in_their_help() {
+    for (cmd, flag) in [
+        (&["finetune", "--help"][..], "--init <RUN_DIR|FILE>"),
+        (&["probe", "--help"][..], "--init <RUN_DIR|FILE>"),
+        (&["distill", "--help"][..], "--teacher <RUN_DIR|FILE>"),
+        (&["eval", "--help"][..], "--weights <RUN_DIR|FILE>"),
+        (&["model", "run", "--help"][..], "--weights <RUN_DIR|FILE>"),
+        (&["model", "convert", "--help"][..], "<RUN_DIR|FILE>"),
+    ] {
+        let text = ok(cmd);
+        assert!(text.contains(flag), "{cmd:?}: no `{flag}` in\n{text}");
+    }
+}
+
+/// Tensors of a safetensors file and its `config` metadata.
+fn load_with_config(
+    p: &Path,
+) -> (
+    std::collections::HashMap<String, candle_core::Tensor>,
+    Option<String>,
+) {
+    let t = candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let config = mimlab_models::checkpoint::weights_metadata(p)
+        .unwrap()
+        .remove("config");
+    (t, config)
+}
+
+/// Same keys, dtypes and bytes.
+fn assert_same_tensors(
+    a: &std::collections::HashMap<String, candle_core::Tensor>,
+    b: &std::collections::HashMap<String, candle_core::Tensor>,
+    what: &str,
+) {
+    let mut ka: Vec<&String> = a.keys().collect();
+    let mut kb: Vec<&String> = b.keys().collect();
+    ka.sort();
+    kb.sort();
+    assert_eq!(ka, kb, "{what}");
+    for (k, v) in a {
+        assert_eq!(v.dtype(), b[k].dtype(), "{what} {k}");
+        let f = |t: &candle_core::Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        assert_eq!(f(v), f(&b[k]), "{what} {k}");
+    }
+}
+
+/// `mimlab model convert`: the official fixture (safetensors with its config metadata, and the
+/// `.pth` with the architecture given by --set) -> timm layout is the timm fixture tensor for
+/// tensor; timm -> official -> timm gives it back (model B, 7-class head); a converted file
+/// carries its config and `model run` on it gives PyTorch's outputs.
+#[test]
+fn model_convert_reproduces_the_timm_fixture_and_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let (timm_a, _) = load_with_config(Path::new("tests/fixtures/swinv2_a.timm.safetensors"));
+    ok(&[
+        "model",
+        "convert",
+        "tests/fixtures/swinv2_a.official.safetensors",
+        &d("a_from_st.safetensors"),
+        "--layout",
+        "timm",
+    ]);
+    let (got, config) = load_with_config(Path::new(&d("a_from_st.safetensors")));
+    assert_same_tensors(&got, &timm_a, "official safetensors -> timm");
+    let cfg: mimlab_models::swin_v2::SwinV2Config =
+        serde_json::from_str(&config.expect("config metadata")).unwrap();
+    assert_eq!((cfg.img_size, cfg.embed_dim, cfg.num_classes), (32, 16, 0));
+
+    // a .pth has no architecture: without one the error says how to give it
+    let e = err(&[
+        "model",
+        "convert",
+        "tests/fixtures/swinv2_a.official.pth",
+        &d("x.safetensors"),
+    ]);
+    assert!(
+        e.contains("swinv2_a.official.pth") && e.contains("--set model.preset"),
+        "{e}"
+    );
+    let sets = [
+        "model.img_size=32",
+        "model.patch_size=4",
+        "model.embed_dim=16",
+        "model.depths=[2,2]",
+        "model.num_heads=[1,2]",
+        "model.window_size=4",
+    ];
+    let mut args = vec![
+        "model",
+        "convert",
+        "tests/fixtures/swinv2_a.official.pth",
+        "--layout",
+        "timm",
+    ];
+    let out_pth = d("a_from_pth.safetensors");
+    args.push(&out_pth);
+    for s in &sets {
+        args.extend(["--set", *s]);
+    }
+    ok(&args);
+    let (got, _) = load_with_config(Path::new(&out_pth));
+    assert_same_tensors(&got, &timm_a, "official .pth -> timm");
+
+    // model B (3 stages, head, pretrained windows): timm -> official -> timm
+    let (timm_b, _) = load_with_config(Path::new("tests/fixtures/swinv2_b.timm.safetensors"));
+    let (official_b, _) =
+        load_with_config(Path::new("tests/fixtures/swinv2_b.official.safetensors"));
+    ok(&[
+        "model",
+        "convert",
+        "tests/fixtures/swinv2_b.timm.safetensors",
+        &d("b.official.safetensors"),
+        "--layout",
+        "official",
+    ]);
+    let (b_off, _) = load_with_config(Path::new(&d("b.official.safetensors")));
+    let mut k1: Vec<&String> = b_off.keys().collect();
+    let mut k2: Vec<&String> = official_b.keys().collect();
+    k1.sort();
+    k2.sort();
+    assert_eq!(k1, k2, "the official fixture's keys, buffers included");
+    ok(&[
+        "model",
+        "convert",
+        &d("b.official.safetensors"),
+        &d("b.timm.safetensors"),
+        "--layout",
+        "timm",
+    ]);
+    let (b_back, config) = load_with_config(Path::new(&d("b.timm.safetensors")));
+    assert_same_tensors(&b_back, &timm_b, "timm -> official -> timm");
+    let cfg: mimlab_models::swin_v2::SwinV2Config = serde_json::from_str(&config.unwrap()).unwrap();
+    assert_eq!(
+        (cfg.num_classes, cfg.pretrained_window_sizes.clone()),
+        (7, vec![6, 0, 3])
+    );
+
+    // the converted official file runs in mimlab with PyTorch's logits
+    let io = "tests/fixtures/swinv2_b.io.safetensors";
+    let reference = candle_core::safetensors::load(io, &candle_core::Device::Cpu).unwrap();
+    let out = d("b.out.safetensors");
+    let b_sets = [
+        "model.img_size=32",
+        "model.patch_size=2",
+        "model.num_classes=7",
+        "model.embed_dim=12",
+        "model.depths=[2,2,2]",
+        "model.num_heads=[1,2,2]",
+        "model.window_size=8",
+        "model.pretrained_window_sizes=[6,0,3]",
+    ];
+    let weights = d("b.official.safetensors");
+    let mut args = vec![
+        "model",
+        "run",
+        "--weights",
+        &weights,
+        "--input",
+        io,
+        "--output",
+        &out,
+    ];
+    for s in &b_sets {
+        args.extend(["--set", *s]);
+    }
+    ok(&args);
+    let got = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    let want = &reference["official.logits"];
+    let diff = (&got["logits"] - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff / scale < 1e-4, "relative error {}", diff / scale);
+}
+
+/// `model run --weights` takes the official `.pth` directly and gives the outputs of its
+/// safetensors twin exactly.
+#[test]
+fn model_run_takes_a_pth_and_matches_its_safetensors_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = "tests/fixtures/swinv2_a.io.safetensors";
+    let run = |weights: &str, name: &str| {
+        let out = dir.path().join(name);
+        ok(&[
+            "model",
+            "run",
+            "--set",
+            "model.img_size=32",
+            "--set",
+            "model.embed_dim=16",
+            "--set",
+            "model.depths=[2,2]",
+            "--set",
+            "model.num_heads=[1,2]",
+            "--set",
+            "model.window_size=4",
+            "--set",
+            "model.num_classes=0",
+            "--weights",
+            weights,
+            "--input",
+            io,
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap()
+    };
+    let a = run("tests/fixtures/swinv2_a.official.pth", "pth.safetensors");
+    let b = run(
+        "tests/fixtures/swinv2_a.official.safetensors",
+        "st.safetensors",
+    );
+    assert_same_tensors(&a, &b, ".pth vs safetensors outputs");
+    assert!(a.contains_key("features") && a.contains_key("pre_logits"));
 }

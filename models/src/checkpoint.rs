@@ -1,15 +1,22 @@
-//! Swin-V2 checkpoint layouts (architecture.md 2): reading safetensors (single or sharded),
-//! detecting and remapping official / timm keys to mimlab's (= official) names, loading into a
-//! `VarMap` with strict checks, and atomic saving.
+//! Swin-V2 checkpoint layouts (architecture.md 2): reading weights files (safetensors single or
+//! sharded, PyTorch `.pth` / `.pt` / `.bin`; the format told by content in [`weights_format`]),
+//! detecting and remapping official / timm keys to mimlab's (= official) names and back,
+//! loading into a `VarMap` with strict checks, and atomic saving.
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use mimlab_engine::fsutil::ensure_parent;
+use mimlab_engine::fsutil::{ensure_parent, write_atomic_with};
 pub use mimlab_engine::trainer::checkpoint::LoadOptions;
 use mimlab_engine::trainer::checkpoint::{load_into_varmap_renamed, save_tensors, varmap_tensors};
+
+use crate::swin_v2::{
+    relative_coords_table, relative_position_index, shifted_window_mask, SwinV2Config,
+};
+
+pub mod pth;
 
 /// Key layout of a Swin-V2 state dict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,9 +29,52 @@ pub enum Layout {
     Mimlab,
 }
 
-/// Reads a `*.safetensors` file, or every shard named by a `*.safetensors.index.json`
-/// (HF style `{"weight_map": {tensor: file}}`), onto the CPU.
-pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+/// How a weights file is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsFormat {
+    /// One `*.safetensors` file.
+    Safetensors,
+    /// A `*.safetensors.index.json` naming shards (HF style `{"weight_map": {tensor: file}}`).
+    SafetensorsIndex,
+    /// `torch.save` zip archive (torch >= 1.6; `.pth`, `.pt`, HF `pytorch_model.bin`).
+    TorchZip,
+    /// `torch.save` legacy stream (`_use_new_zipfile_serialization=False`).
+    TorchLegacy,
+}
+
+/// The format of the weights file `path`, told by its first bytes: zip magic `PK\x03\x04` ->
+/// PyTorch zip, torch's pickled magic number -> PyTorch legacy, anything else safetensors
+/// (checked when read); a name ending in `.json` is a sharded safetensors index. The one place
+/// that tells formats apart: every reader goes through it.
+pub fn weights_format(path: &Path) -> Result<WeightsFormat> {
+    use std::io::Read;
+    if path.to_string_lossy().ends_with(".json") {
+        return Ok(WeightsFormat::SafetensorsIndex);
+    }
+    let mut head = Vec::with_capacity(pth::LEGACY_MAGIC.len());
+    std::fs::File::open(path)
+        .with_context(|| format!("reading weights {}", path.display()))?
+        .take(pth::LEGACY_MAGIC.len() as u64)
+        .read_to_end(&mut head)
+        .with_context(|| format!("reading weights {}", path.display()))?;
+    Ok(if head.starts_with(b"PK\x03\x04") {
+        WeightsFormat::TorchZip
+    } else if head == pth::LEGACY_MAGIC {
+        WeightsFormat::TorchLegacy
+    } else {
+        WeightsFormat::Safetensors
+    })
+}
+
+/// Reads a weights file onto the CPU: a `*.safetensors` file, every shard named by a
+/// `*.safetensors.index.json`, or the state dict of a PyTorch checkpoint (under `model`,
+/// `state_dict`, `module` or at the top level; [`pth`]). Tensors keep the file's dtypes.
+pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
+    match weights_format(path)? {
+        WeightsFormat::TorchZip => return Ok(pth::read_zip(path)?.tensors),
+        WeightsFormat::TorchLegacy => return Ok(pth::read_legacy(path)?.tensors),
+        WeightsFormat::Safetensors | WeightsFormat::SafetensorsIndex => {}
+    }
     let name = path.to_string_lossy();
     if name.ends_with(".json") {
         let text = std::fs::read_to_string(path)
@@ -62,10 +112,21 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     }
 }
 
-/// The tensor names of a `*.safetensors` file (from its header, no tensor read) or of a
-/// `*.safetensors.index.json`, sorted.
+/// The tensor names of a weights file, sorted, without reading a tensor: from a
+/// `*.safetensors` header, a `*.safetensors.index.json`, or a PyTorch checkpoint's pickle (a
+/// legacy-format one is read whole).
 pub fn checkpoint_keys(path: &Path) -> Result<Vec<String>> {
-    let json: serde_json::Value = if path.to_string_lossy().ends_with(".json") {
+    let format = weights_format(path)?;
+    match format {
+        WeightsFormat::TorchZip => return pth::zip_keys(path),
+        WeightsFormat::TorchLegacy => {
+            let mut k: Vec<String> = pth::read_legacy(path)?.tensors.into_keys().collect();
+            k.sort();
+            return Ok(k);
+        }
+        WeightsFormat::Safetensors | WeightsFormat::SafetensorsIndex => {}
+    }
+    let json: serde_json::Value = if format == WeightsFormat::SafetensorsIndex {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading index {}", path.display()))?;
         let index: serde_json::Value = serde_json::from_str(&text)
@@ -75,28 +136,7 @@ pub fn checkpoint_keys(path: &Path) -> Result<Vec<String>> {
             .cloned()
             .with_context(|| format!("{}: no `weight_map` object", path.display()))?
     } else {
-        use std::io::Read;
-        let mut f = std::fs::File::open(path)
-            .with_context(|| format!("reading safetensors {}", path.display()))?;
-        let mut n = [0u8; 8];
-        f.read_exact(&mut n)
-            .with_context(|| format!("{}: no safetensors header", path.display()))?;
-        // The header must fit the file (and safetensors' 100 MB cap): a foreign file's first
-        // 8 bytes read as a length aborted the process on allocating it.
-        let len = u64::from_le_bytes(n);
-        let file_len = f.metadata().map_or(0, |m| m.len());
-        if len > file_len.saturating_sub(8) || len > 100_000_000 {
-            bail!(
-                "{}: safetensors header of {len} bytes does not fit the {file_len}-byte file \
-                 (not a safetensors file?)",
-                path.display()
-            );
-        }
-        let mut header = vec![0u8; len as usize];
-        f.read_exact(&mut header)
-            .with_context(|| format!("{}: truncated safetensors header", path.display()))?;
-        serde_json::from_slice(&header)
-            .with_context(|| format!("{}: safetensors header is not JSON", path.display()))?
+        safetensors_header(path)?
     };
     let map = json
         .as_object()
@@ -108,6 +148,60 @@ pub fn checkpoint_keys(path: &Path) -> Result<Vec<String>> {
         .collect();
     keys.sort();
     Ok(keys)
+}
+
+/// The JSON header of the `*.safetensors` file `path` (tensor table and `__metadata__`).
+fn safetensors_header(path: &Path) -> Result<serde_json::Value> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)
+        .with_context(|| format!("reading safetensors {}", path.display()))?;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .with_context(|| format!("{}: no safetensors header", path.display()))?;
+    // The header must fit the file (and safetensors' 100 MB cap): a foreign file's first
+    // 8 bytes read as a length aborted the process on allocating it.
+    let len = u64::from_le_bytes(n);
+    let file_len = f.metadata().map_or(0, |m| m.len());
+    if len > file_len.saturating_sub(8) || len > 100_000_000 {
+        bail!(
+            "{}: safetensors header of {len} bytes does not fit the {file_len}-byte file \
+             (not a safetensors file?)",
+            path.display()
+        );
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header)
+        .with_context(|| format!("{}: truncated safetensors header", path.display()))?;
+    serde_json::from_slice(&header)
+        .with_context(|| format!("{}: safetensors header is not JSON", path.display()))
+}
+
+/// The `__metadata__` strings of a `*.safetensors` file (mimlab's converted files and the
+/// fixtures keep the model config JSON under `config`); empty for other formats.
+pub fn weights_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    if weights_format(path)? != WeightsFormat::Safetensors {
+        return Ok(HashMap::new());
+    }
+    let header = safetensors_header(path)?;
+    let Some(meta) = header.get("__metadata__") else {
+        return Ok(HashMap::new());
+    };
+    serde_json::from_value(meta.clone())
+        .with_context(|| format!("{}: __metadata__ is not a string map", path.display()))
+}
+
+/// Writes `tensors` to `path` as safetensors with `metadata` (`__metadata__`), atomically
+/// ([`mimlab_engine::fsutil::write_atomic_with`]), creating its folder if needed.
+pub fn save_weights(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    ensure_parent(path)?;
+    write_atomic_with(path, |tmp| {
+        safetensors::serialize_to_file(tensors.iter(), Some(metadata), tmp)
+            .with_context(|| format!("writing {}", tmp.display()))
+    })
 }
 
 /// True for the buffers official files carry that are always re-derived (architecture.md 2.1).
@@ -189,6 +283,62 @@ pub fn remap_to_mimlab(
         }
     }
     Ok((out, layout))
+}
+
+/// mimlab keys -> `layout`'s, the reverse of [`remap_to_mimlab`]: timm moves
+/// `layers.{i}.downsample` to `layers.{i+1}` and `head.` to `head.fc.`; official adds the
+/// persistent buffers the official model registers (per block `attn.relative_coords_table`
+/// `[1, 2ws-1, 2ws-1, 2]` f32, `attn.relative_position_index` `[N, N]` i64, and `attn_mask`
+/// `[nW, N, N]` f32 in shifted blocks), derived from `cfg` as the model derives them; mimlab as
+/// is. `tensors` must be a plain (per-block CPB, unprefixed) Swin-V2 state dict of `cfg`.
+pub fn remap_from_mimlab(
+    tensors: HashMap<String, Tensor>,
+    layout: Layout,
+    cfg: &SwinV2Config,
+) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::with_capacity(tensors.len());
+    for (k, t) in tensors {
+        let nk = match (layout, downsample_index(&k), k.strip_prefix("head.")) {
+            (Layout::Timm, Some((i, rest)), _) => format!("layers.{}.downsample.{rest}", i + 1),
+            (Layout::Timm, None, Some(rest)) if !rest.starts_with("fc.") => {
+                format!("head.fc.{rest}")
+            }
+            _ => k.clone(),
+        };
+        if out.insert(nk.clone(), t).is_some() {
+            bail!("two tensors map to the same {layout:?} key `{nk}` (last from `{k}`)");
+        }
+    }
+    if layout == Layout::Official {
+        let dev = Device::Cpu;
+        let res = cfg.img_size / cfg.patch_size;
+        for (i, &depth) in cfg.depths.iter().enumerate() {
+            let (ws, shift) = cfg.stage_window(i);
+            let side = 2 * ws - 1;
+            let pre = cfg.pretrained_window_sizes.get(i).copied().unwrap_or(0);
+            let coords =
+                Tensor::from_vec(relative_coords_table(ws, pre), (1, side, side, 2), &dev)?;
+            let index = Tensor::from_vec(relative_position_index(ws), (ws * ws, ws * ws), &dev)?
+                .to_dtype(DType::I64)?;
+            let r = res >> i;
+            for j in 0..depth {
+                let block = format!("layers.{i}.blocks.{j}");
+                out.insert(
+                    format!("{block}.attn.relative_coords_table"),
+                    coords.clone(),
+                );
+                out.insert(
+                    format!("{block}.attn.relative_position_index"),
+                    index.clone(),
+                );
+                if j % 2 == 1 && shift > 0 {
+                    let mask = shifted_window_mask(r, r, ws, shift, &dev)?;
+                    out.insert(format!("{block}.attn_mask"), mask);
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A shared-CPB checkpoint (`SwinV2Config::shared_cpb`: one `{prefix}cpb_mlp.*` for the whole
@@ -302,8 +452,19 @@ mod tests {
     }
 
     #[test]
-    fn a_file_that_is_not_safetensors_is_an_error_not_an_abort() {
+    fn a_pytorch_pickle_loads_and_garbage_is_an_error_not_an_abort() {
+        // The official release format (`{'model': state_dict}`, zip) reads by content whatever
+        // its name; scripts/make_pth_fixtures.py wrote it from swinv2_a.official.safetensors.
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
         let dir = tempfile::tempdir().unwrap();
+        let renamed = dir.path().join("weights.safetensors");
+        std::fs::copy(fixtures.join("swinv2_a.official.pth"), &renamed).unwrap();
+        let keys = checkpoint_keys(&renamed).unwrap();
+        assert_eq!(keys.len(), 86);
+        assert_eq!(keys[0], "layers.0.blocks.0.attn.cpb_mlp.0.bias");
+        let t = read_weights(&renamed).unwrap();
+        assert_eq!(t["patch_embed.proj.weight"].dims(), [16, 3, 4, 4]);
+        assert_eq!(detect_layout(t.keys()), Layout::Official);
         let p = dir.path().join("bad.safetensors");
         std::fs::write(&p, "notsafetensors\n").unwrap();
         let err = checkpoint_keys(&p).unwrap_err().to_string();
@@ -314,6 +475,13 @@ mod tests {
                  file (not a safetensors file?)",
                 p.display()
             )
+        );
+        // zip magic without an archive behind it
+        std::fs::write(&p, b"PK\x03\x04 not a zip").unwrap();
+        let err = format!("{:#}", read_weights(&p).unwrap_err());
+        assert!(
+            err.starts_with(&format!("{}: not a readable zip archive", p.display())),
+            "{err}"
         );
     }
 

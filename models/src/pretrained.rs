@@ -12,7 +12,7 @@ use candle_nn::VarMap;
 use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::rng::SharedRng;
 
-use crate::checkpoint::{load_into_varmap, read_safetensors, unshare_cpb, LoadOptions, LoadReport};
+use crate::checkpoint::{load_into_varmap, read_weights, unshare_cpb, LoadOptions, LoadReport};
 use crate::swin_v2::{SwinV2, SwinV2Config};
 
 /// Checks that `target` (the model about to be trained) has the architecture of `pretrained`
@@ -106,7 +106,7 @@ pub fn load_backbone_weights(
     prefix: &str,
     head: Head,
 ) -> Result<LoadReport> {
-    let tensors = read_safetensors(weights)?;
+    let tensors = read_weights(weights)?;
     load_backbone_tensors(varmap, tensors, prefix, head)
         .with_context(|| format!("loading {}", weights.display()))
 }
@@ -172,7 +172,7 @@ pub fn load_backbone(
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, 0, DType::F32, device);
     let model = SwinV2::new(cfg, false, SharedRng::new(0), vb)?;
-    let tensors = read_safetensors(weights)?;
+    let tensors = read_weights(weights)?;
     let has_head = ["head.weight", "head.fc.weight"]
         .iter()
         .any(|h| tensors.contains_key(&format!("{prefix}{h}")));

@@ -62,14 +62,14 @@ fn load_save_load_round_trip_is_bit_equal() -> Result<()> {
     assert!(!dir.path().join("sub/a.safetensors.tmp").exists());
     let (b, _) = model(2, false)?;
     assert_ne!(values(&a)?, values(&b)?);
-    let r = load_into_varmap(&b, read_safetensors(&path)?, &LoadOptions::default())?;
+    let r = load_into_varmap(&b, read_weights(&path)?, &LoadOptions::default())?;
     assert_eq!(r.layout, Layout::Mimlab);
     assert_eq!(r.loaded, a.all_vars().len());
     assert_eq!(values(&a)?, values(&b)?);
     let path2 = dir.path().join("b.safetensors");
     save_varmap(&b, &path2)?;
     let (c, _) = model(3, false)?;
-    load_into_varmap(&c, read_safetensors(&path2)?, &LoadOptions::default())?;
+    load_into_varmap(&c, read_weights(&path2)?, &LoadOptions::default())?;
     assert_eq!(values(&a)?, values(&c)?);
     Ok(())
 }
@@ -101,14 +101,14 @@ fn sharded_index_is_read() -> Result<()> {
         &idx,
         serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
     )?;
-    let got = read_safetensors(&idx)?;
+    let got = read_weights(&idx)?;
     assert_eq!(got.len(), all.len());
     let (b, _) = model(2, false)?;
     load_into_varmap(&b, got, &LoadOptions::default())?;
     assert_eq!(values(&a)?, values(&b)?);
     // a missing shard names the file
     std::fs::remove_file(dir.path().join("m-2.safetensors"))?;
-    let e = format!("{:#}", read_safetensors(&idx).unwrap_err());
+    let e = format!("{:#}", read_weights(&idx).unwrap_err());
     assert!(e.contains("m-2.safetensors"), "{e}");
     Ok(())
 }
@@ -231,5 +231,38 @@ fn checkpoint_keys_come_from_the_header_or_the_index() -> Result<()> {
         checkpoint_keys(&dir.path().join("bad.safetensors")).unwrap_err()
     );
     assert!(e.contains("bad.safetensors"), "{e}");
+    Ok(())
+}
+
+/// A float weight arriving as integers (I64 / U8, e.g. a quantized or mislabeled export) is an
+/// error naming the tensor and both dtypes, and nothing is written; a float of another width
+/// (F16) still loads, converted.
+#[test]
+fn an_integer_tensor_for_a_float_weight_is_an_error_not_a_cast() -> Result<()> {
+    let (a, _) = model(1, false)?;
+    let (b, _) = model(2, false)?;
+    let before = values(&b)?;
+    for dtype in [DType::I64, DType::U8] {
+        let mut t = tensors(&a);
+        let k = "layers.0.blocks.0.attn.q_bias";
+        t.insert(k.into(), Tensor::ones(8, dtype, &Device::Cpu)?);
+        let e = format!(
+            "{:#}",
+            load_into_varmap(&b, t, &LoadOptions::default()).unwrap_err()
+        );
+        assert!(
+            e.contains(&format!(
+                "1 dtype mismatch `{k}` ({k}: checkpoint {dtype:?} vs model F32; not cast)"
+            )),
+            "{e}"
+        );
+        assert_eq!(values(&b)?, before, "a failed load writes nothing");
+    }
+    let mut t = tensors(&a);
+    let k = "layers.0.blocks.0.attn.v_bias";
+    let half = t[k].to_dtype(DType::F16)?;
+    t.insert(k.into(), half.clone());
+    load_into_varmap(&b, t, &LoadOptions::default())?;
+    assert_eq!(values(&b)?[k], half.to_dtype(DType::F32)?.to_vec1::<f32>()?);
     Ok(())
 }

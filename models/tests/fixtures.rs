@@ -9,7 +9,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::rng::SharedRng;
-use mimlab_models::checkpoint::{load_into_varmap, read_safetensors, Layout, LoadOptions};
+use mimlab_models::checkpoint::{
+    detect_layout, load_into_varmap, read_weights, remap_from_mimlab, remap_to_mimlab, Layout,
+    LoadOptions,
+};
 use mimlab_models::swin_v2::{SwinV2, SwinV2Config};
 
 fn fixture(name: &str) -> PathBuf {
@@ -38,7 +41,7 @@ fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
 }
 
 fn check(model: &str, layout: &str, expect: Layout) -> Result<()> {
-    let io = read_safetensors(&fixture(&format!("{model}.io.safetensors")))?;
+    let io = read_weights(&fixture(&format!("{model}.io.safetensors")))?;
     let cfg = config_of(&fixture(&format!("{model}.io.safetensors")))?;
     let vm = VarMap::new();
     let vb = seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
@@ -47,7 +50,7 @@ fn check(model: &str, layout: &str, expect: Layout) -> Result<()> {
         vm.all_vars().iter().map(|v| v.elem_count()).sum::<usize>(),
         cfg.num_params()
     );
-    let weights = read_safetensors(&fixture(&format!("{model}.{layout}.safetensors")))?;
+    let weights = read_weights(&fixture(&format!("{model}.{layout}.safetensors")))?;
     let report = load_into_varmap(&vm, weights, &LoadOptions::default())?;
     assert_eq!(report.layout, expect);
     assert_eq!(report.loaded, vm.all_vars().len());
@@ -96,7 +99,7 @@ fn model_b_matches_official() -> Result<()> {
 /// The inputs of scripts/make_dyn_fixtures.py (`64x64`, `100x148`, `68x92`), f16 on disk (exact
 /// in f32).
 fn dyn_inputs() -> Result<HashMap<String, Tensor>> {
-    read_safetensors(&fixture("swinv2_dyn.inputs.safetensors"))?
+    read_weights(&fixture("swinv2_dyn.inputs.safetensors"))?
         .into_iter()
         .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
         .collect()
@@ -115,7 +118,7 @@ fn dyn_model(
     let vm = VarMap::new();
     let vb = seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
     let m = SwinV2::new(&cfg, true, SharedRng::new(0), vb)?;
-    let weights = read_safetensors(&fixture(&format!("{model}.timm.safetensors")))?;
+    let weights = read_weights(&fixture(&format!("{model}.timm.safetensors")))?;
     let opts = LoadOptions {
         allow_missing: vec!["mask_token".into()],
         ..LoadOptions::default()
@@ -123,7 +126,7 @@ fn dyn_model(
     let report = load_into_varmap(&vm, weights, &opts)?;
     assert_eq!(report.layout, Layout::Timm);
     assert_eq!(report.loaded + 1, vm.all_vars().len());
-    Ok((vm, m, read_safetensors(&io_path)?))
+    Ok((vm, m, read_weights(&io_path)?))
 }
 
 /// Logits, pre-logits, the final map and every stage's map at the configured size (64x64) and
@@ -213,6 +216,75 @@ fn training_forward_and_backward_at_other_sizes() -> Result<()> {
             let n = g.abs()?.sum_all()?.to_scalar::<f32>()?;
             assert!(n > 0.0, "{model}: {k} gets no gradient");
         }
+    }
+    Ok(())
+}
+
+/// Bytes of a tensor (f32 or i64), for bitwise comparisons.
+fn bytes(t: &Tensor) -> Result<Vec<u8>> {
+    Ok(match t.dtype() {
+        DType::I64 => t
+            .flatten_all()?
+            .to_vec1::<i64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        _ => t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+    })
+}
+
+fn sorted_keys(t: &HashMap<String, Tensor>) -> Vec<String> {
+    let mut k: Vec<String> = t.keys().cloned().collect();
+    k.sort();
+    k
+}
+
+/// official -> timm gives the timm fixture tensor for tensor (same keys, same bytes); timm ->
+/// official -> timm gives it back; timm -> official gives the official fixture's keys, its
+/// parameters bit for bit and its buffers (relative_coords_table to 1 ulp of the log2,
+/// relative_position_index and attn_mask exactly), for models A and B (3 stages, 7-class head,
+/// clamped window, pretrained windows).
+#[test]
+fn layout_conversions_reproduce_the_fixtures() -> Result<()> {
+    for model in ["swinv2_a", "swinv2_b"] {
+        let cfg = config_of(&fixture(&format!("{model}.io.safetensors")))?;
+        let official = read_weights(&fixture(&format!("{model}.official.safetensors")))?;
+        let timm = read_weights(&fixture(&format!("{model}.timm.safetensors")))?;
+        let to = |t: &HashMap<String, Tensor>, layout| -> Result<HashMap<String, Tensor>> {
+            let (m, _) = remap_to_mimlab(t.clone())?;
+            remap_from_mimlab(m, layout, &cfg)
+        };
+        let same = |a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>| -> Result<()> {
+            assert_eq!(sorted_keys(a), sorted_keys(b), "{model}");
+            for (k, v) in a {
+                assert_eq!(v.dtype(), b[k].dtype(), "{model} {k}");
+                assert!(bytes(v)? == bytes(&b[k])?, "{model} {k}: values differ");
+            }
+            Ok(())
+        };
+        same(&to(&official, Layout::Timm)?, &timm)?;
+        let back = to(&timm, Layout::Official)?;
+        same(&to(&back, Layout::Timm)?, &timm)?;
+        assert_eq!(sorted_keys(&back), sorted_keys(&official), "{model}");
+        for (k, v) in &back {
+            let want = &official[k];
+            assert_eq!((v.dtype(), v.dims()), (want.dtype(), want.dims()), "{k}");
+            if k.ends_with("relative_coords_table") {
+                let d = (v - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d <= 1e-6, "{model} {k}: {d}");
+            } else {
+                assert!(bytes(v)? == bytes(want)?, "{model} {k}: values differ");
+            }
+        }
+        // mimlab layout: the official names without the buffers
+        let mimlab = to(&timm, Layout::Mimlab)?;
+        assert_eq!(mimlab.len(), timm.len());
+        assert_eq!(detect_layout(mimlab.keys()), Layout::Mimlab);
     }
     Ok(())
 }

@@ -386,6 +386,29 @@ fn flops_match_the_official_readme() -> Result<()> {
     Ok(())
 }
 
+/// `mimlab model list`'s numbers against timm's model card of swinv2_tiny_window8_256 (Params
+/// (M) 28.3, GMACs 5.96): the parameters exactly as timm 1.0.31 counts them
+/// (`sum(p.numel() for p in create_model(...).parameters())` = 28,347,154, 1000-class head), the
+/// multiply-adds within 2%.
+#[test]
+fn tiny_window8_256_matches_the_timm_model_card() -> Result<()> {
+    let tiny = SwinV2Config::preset("swinv2_tiny_window8_256")?;
+    assert_eq!(tiny.num_classes, 1000);
+    assert_eq!(tiny.num_params(), 28_347_154);
+    assert_eq!((tiny.num_params() as f64 / 1e5).round() / 10.0, 28.3);
+    let macs = tiny.macs() as f64;
+    let rel = (macs / 5.96e9 - 1.0).abs();
+    assert!(
+        rel < 0.02,
+        "{macs} MACs vs timm's 5.96 G: {:.2}%",
+        rel * 100.0
+    );
+    // hand count (256 px, 64x64 patches of 4): blocks 5,674,893,312 + patch embed 18,874,368 +
+    // merging 226,492,416 + CPB MLP 18,662,400 + head 768,000
+    assert_eq!(tiny.macs(), 5_939_690_496);
+    Ok(())
+}
+
 #[test]
 fn config_errors_name_the_key() -> Result<()> {
     let e = format!("{:#}", SwinV2Config::preset("swinv2_huge").unwrap_err());

@@ -11,9 +11,9 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use mimlab_engine::run_dir::read_config_section;
-use mimlab_models::checkpoint::{checkpoint_keys, read_safetensors, LoadReport};
+use mimlab_models::checkpoint::{checkpoint_keys, read_weights, LoadReport};
 use mimlab_models::pretrained::{self, Head};
-use mimlab_models::swin_v2::{preset_layer, SwinV2, SwinV2Config};
+use mimlab_models::swin_v2::{preset_layer, SwinV2, SwinV2Config, PRESETS};
 
 /// Prefix of the backbone in a SimMIM checkpoint ([`crate::simmim::SimMim`]'s `encoder`).
 pub const SIMMIM_PREFIX: &str = "encoder.";
@@ -62,7 +62,7 @@ pub fn run_backbone(
     input: &Path,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let inputs = read_safetensors(input)?;
+    let inputs = read_weights(input)?;
     let x = inputs
         .get("input")
         .with_context(|| format!("{}: no tensor named `input`", input.display()))?
@@ -115,6 +115,62 @@ pub fn describe_backbone(cfg: &SwinV2Config) -> Vec<String> {
         cfg.out_stride()
     ));
     lines
+}
+
+/// What `mimlab model list` prints: a header naming the conventions, then one row per preset
+/// ([`PRESETS`]): name, image size, window, embed dim, depths, heads, parameters (exact, the
+/// preset's own head) and GMACs per image at its image size ([`SwinV2Config::macs`]).
+pub fn describe_presets() -> Result<Vec<String>> {
+    let mut rows = vec![[
+        "preset", "img", "window", "embed", "depths", "heads", "params", "GMACs",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for name in PRESETS {
+        let c = SwinV2Config::preset(name)?;
+        let list = |v: &[usize]| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        rows.push(vec![
+            name.to_string(),
+            c.img_size.to_string(),
+            c.window_size.to_string(),
+            c.embed_dim.to_string(),
+            list(&c.depths),
+            list(&c.num_heads),
+            c.num_params().to_string(),
+            format!("{:.2}", c.macs() as f64 / 1e9),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut lines = vec![concat!(
+        "# GMACs: forward multiply-adds per image at its img size, counted as timm / fvcore ",
+        "do (1 multiply-add = 1 FLOP): patch embed, qkv / proj, attention matmuls per window, ",
+        "CPB MLP, MLPs, patch merging, head; norms, softmax and GELU not counted. params: ",
+        "exact, with the preset's head."
+    )
+    .to_string()];
+    for r in &rows {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (s, &w))| {
+                if i == 0 || i == 4 || i == 5 {
+                    format!("{s:<w$}")
+                } else {
+                    format!("{s:>w$}")
+                }
+            })
+            .collect();
+        lines.push(cells.join("  ").trim_end().to_string());
+    }
+    Ok(lines)
 }
 
 /// The `model:` section of a run's `config.yaml` (the architecture its weights were trained as),

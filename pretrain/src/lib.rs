@@ -2,9 +2,10 @@
 //! objective, pictures, the `pretrain` and `visualize` recipes), [`distill`] (feature
 //! distillation: teacher, student, trainer objective, feature cache, the `distill` recipe) and
 //! [`avgdist`] (the masking analysis); [`backbone`] says which key prefix each objective keeps its
-//! backbone under.
+//! backbone under; [`convert`] writes any weights in one key layout.
 pub mod avgdist;
 pub mod backbone;
+pub mod convert;
 pub mod distill;
 pub mod simmim;
 

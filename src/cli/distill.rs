@@ -1,4 +1,4 @@
-//! `mimlab distill --config C --teacher RUN_DIR|CHECKPOINT [--set ...] [--resume RUN_DIR]`:
+//! `mimlab distill --config C --teacher RUN_DIR|FILE [--set ...] [--resume RUN_DIR]`:
 //! feature distillation of the `model:` student from a frozen teacher (architecture.md 5).
 use std::path::PathBuf;
 
@@ -15,8 +15,9 @@ pub struct DistillArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// The teacher: a run folder (SimMIM, distillation or classifier run; newest checkpoint and
-    /// its config.yaml) or a weights file (then set distill.teacher_model). Sets distill.teacher.
-    #[arg(long)]
+    /// its config.yaml) or a weights file (safetensors or PyTorch .pth/.pt/.bin; then set
+    /// distill.teacher_model). Sets distill.teacher.
+    #[arg(long, value_name = "RUN_DIR|FILE")]
     pub teacher: Option<PathBuf>,
     #[command(flatten)]
     pub resume: ResumeArgs,
@@ -28,9 +29,11 @@ pub fn run(args: DistillArgs) -> Result<()> {
     if let Some(t) = &args.teacher {
         exp.distill.teacher = Some(t.clone());
     }
-    let teacher = exp.distill.teacher.clone().context(
-        "distill: no teacher: pass --teacher RUN_DIR|CHECKPOINT (or set distill.teacher)",
-    )?;
+    let teacher = exp
+        .distill
+        .teacher
+        .clone()
+        .context("distill: no teacher: pass --teacher RUN_DIR|FILE (or set distill.teacher)")?;
     with_cpu_threads(exp.run.threads, move || -> Result<()> {
         let device = parse_device(&exp.run.device)?;
         let student = exp.model.clone();

@@ -20,8 +20,8 @@ pub struct EvalArgs {
     /// Experiment config; default: the `config.yaml` of the run the weights belong to.
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// A classification run folder (newest checkpoint, or the one --step names) or a weights file
-    /// with a head.
+    /// A classification or detection run folder (newest checkpoint, or the one --step names) or
+    /// a weights file with a head (safetensors or PyTorch .pth/.pt/.bin).
     #[arg(long, value_name = "RUN_DIR|FILE")]
     pub weights: PathBuf,
     /// Which checkpoint of the run folder: `last` (default), `best` (by run.best_metric) or a

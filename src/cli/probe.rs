@@ -1,4 +1,5 @@
-//! `mimlab probe --config C [--init RUN_DIR|FILE [--step best]] [--out DIR]`: frozen-feature evaluations of a backbone
+//! `mimlab probe --config C [--init RUN_DIR|FILE [--step best]] [--out DIR]`: frozen-feature
+//! evaluations of a backbone
 //! (a pretrained one, or the random init without `--init`): weighted k-NN and a linear probe on
 //! pooled features, trained on class-balanced label fractions of the train split (the same images
 //! `data.label_fraction` selects for finetuning) and scored on the eval split.
@@ -18,7 +19,7 @@ pub struct ProbeArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Backbone weights: a run folder (newest checkpoint, or the one --step names) or a weights
-    /// file; none = the seeded random init.
+    /// file (safetensors or PyTorch .pth/.pt/.bin); none = the seeded random init.
     #[arg(long, value_name = "RUN_DIR|FILE")]
     pub init: Option<PathBuf>,
     /// Which checkpoint of the run folder given to --init: `last` (default), `best` or a step.

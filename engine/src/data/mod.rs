@@ -420,8 +420,12 @@ impl DataConfig {
     /// The data root that holds (or will hold) the generated dataset `sub`: where `sub` is found
     /// ([`DataConfig::bundled_dir`]), else where its inputs `source` are (it is generated there).
     pub fn generated_root(&self, sub: &str, source: &str) -> Result<PathBuf> {
-        let found = self.bundled_dir(sub).or_else(|_| self.bundled_dir(source))?;
-        Ok(found.parent().map_or_else(|| self.root.clone(), Path::to_path_buf))
+        let found = self
+            .bundled_dir(sub)
+            .or_else(|_| self.bundled_dir(source))?;
+        Ok(found
+            .parent()
+            .map_or_else(|| self.root.clone(), Path::to_path_buf))
     }
 }
 

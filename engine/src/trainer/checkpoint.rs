@@ -202,8 +202,9 @@ fn count(n: usize, what: &str) -> String {
 }
 
 /// Sets the variables of `varmap` from `tensors` (exact keys with the default options). Errors
-/// name every missing, unexpected or mis-shaped key (both shapes); nothing is written unless
-/// every check passes. Values are moved to each variable's device and dtype.
+/// name every missing, unexpected or mis-shaped key (both shapes) and every integer tensor for a
+/// float variable or the reverse (both dtypes; never cast); nothing is written unless every
+/// check passes. Values are moved to each variable's device and (float) dtype.
 pub fn load_into_varmap(
     varmap: &VarMap,
     tensors: HashMap<String, Tensor>,
@@ -237,9 +238,17 @@ pub fn load_into_varmap_renamed(
     // Invariant: the VarMap mutex is only poisoned if another thread panicked while holding it.
     let data = varmap.data().lock().expect("varmap mutex poisoned");
     let mut mismatched = Vec::new();
+    let mut wrong_kind = Vec::new();
     let mut to_set = Vec::new();
     for (k, t) in taken {
         match data.get(&k) {
+            // an integer tensor for a float variable (or the reverse) is not a weight of it:
+            // casting would silently load indices or counts as values
+            Some(var)
+                if var.shape() == t.shape() && var.dtype().is_float() != t.dtype().is_float() =>
+            {
+                wrong_kind.push((k, t.dtype(), var.dtype()))
+            }
             Some(var) if var.shape() == t.shape() => to_set.push((var.clone(), k, t)),
             Some(var) => mismatched.push((k, t.dims().to_vec(), var.dims().to_vec())),
             None if matches(&k, &opts.ignore_unexpected) => {
@@ -252,6 +261,7 @@ pub fn load_into_varmap_renamed(
         .iter()
         .map(|(_, k, _)| k.as_str())
         .chain(mismatched.iter().map(|(k, _, _)| k.as_str()))
+        .chain(wrong_kind.iter().map(|(k, _, _)| k.as_str()))
         .collect();
     let mut missing = Vec::new();
     let mut missing_allowed = Vec::new();
@@ -266,7 +276,22 @@ pub fn load_into_varmap_renamed(
     }
     unexpected.sort();
     mismatched.sort();
+    wrong_kind.sort_by(|a, b| a.0.cmp(&b.0));
     let mut errors = Vec::new();
+    if !wrong_kind.is_empty() {
+        let names: Vec<String> = wrong_kind.iter().map(|(k, _, _)| k.clone()).collect();
+        let kinds: Vec<String> = wrong_kind
+            .iter()
+            .take(10)
+            .map(|(k, c, m)| format!("{k}: checkpoint {c:?} vs model {m:?}"))
+            .collect();
+        errors.push(format!(
+            "{} {} ({}; not cast)",
+            count(names.len(), "dtype mismatch"),
+            list(&names),
+            kinds.join(", ")
+        ));
+    }
     if !mismatched.is_empty() {
         let names: Vec<String> = mismatched.iter().map(|(k, _, _)| k.clone()).collect();
         let shapes: Vec<String> = mismatched

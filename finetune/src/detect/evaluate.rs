@@ -5,7 +5,7 @@
 use anyhow::{ensure, Context, Result};
 use candle_core::Device;
 use mimlab_engine::data::coco::CocoResult;
-use mimlab_engine::data::{DataLoader, DetectionDataset};
+use mimlab_engine::data::{DataLoader, Dataset, DetectionDataset};
 
 use crate::detect::coco_eval::{evaluate, CocoStats};
 use crate::detect::fcos_loss::scalar;
@@ -43,6 +43,25 @@ impl DetEval {
     }
 }
 
+impl DetEval {
+    /// The 12 numbers on two lines and the per-class AP, for the terminal.
+    pub fn summary(&self) -> String {
+        use crate::detect::coco_eval::STAT_NAMES;
+        let mut out = String::new();
+        for half in [0..6, 6..12] {
+            let line: Vec<String> = half
+                .map(|i| format!("{} {:.4}", STAT_NAMES[i], self.stats.stats[i]))
+                .collect();
+            out.push_str(&line.join("  "));
+            out.push('\n');
+        }
+        for c in &self.stats.per_class {
+            out.push_str(&format!("  AP {:<16} {:.4}\n", c.name, c.ap));
+        }
+        out
+    }
+}
+
 /// The detections of the `model` on every batch of `loader` over `ds` (its eval split), in
 /// original pixels, with the mean losses; then COCO evaluation against `ds`'s ground truth.
 pub fn evaluate_detector(
@@ -61,7 +80,10 @@ pub fn evaluate_detector(
         let (out, _) = model.forward(&x, false)?;
         let l = model.loss(&out, batch_boxes(&batch)?)?;
         let b = batch.valid_sizes.len();
-        for (s, t) in sums.iter_mut().zip([&l.total()?, &l.cls, &l.bbox, &l.centerness]) {
+        for (s, t) in sums
+            .iter_mut()
+            .zip([&l.total()?, &l.cls, &l.bbox, &l.centerness])
+        {
             *s += scalar(t)? * b as f64;
         }
         n += b;
@@ -87,7 +109,11 @@ pub fn evaluate_detector(
             }
         }
     }
-    ensure!(n > 0, "evaluation: {} gave no images", ds.describe_split());
+    ensure!(
+        n > 0,
+        "evaluation: {} gave no images",
+        Dataset::describe(ds)
+    );
     let stats = evaluate(&ds.ground_truth(), &results).context("COCO evaluation")?;
     Ok(DetEval {
         stats,

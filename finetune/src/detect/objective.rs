@@ -10,10 +10,10 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use mimlab_engine::data::{Batch, BatchTargets, DataLoader, DetectionDataset, ObjectBox};
-use mimlab_engine::log::TbWriter;
-use mimlab_engine::run_dir::RunDir;
 use mimlab_engine::init::seeded_var_builder;
+use mimlab_engine::log::TbWriter;
 use mimlab_engine::rng::SharedRng;
+use mimlab_engine::run_dir::RunDir;
 use mimlab_engine::trainer::{Objective, StepOutput};
 use mimlab_models::checkpoint::LoadReport;
 use mimlab_models::pretrained::Head;
@@ -21,8 +21,8 @@ use mimlab_pretrain::backbone::load_backbone_weights;
 
 use crate::detect::evaluate::{evaluate_detector, DetEval};
 use crate::detect::fcos_loss::{scalar, FcosLosses};
-use crate::detect::picture::{detection_picture, PictureSpec};
 use crate::detect::model::{DetectorConfig, FcosDetector};
+use crate::detect::picture::{detection_picture, PictureSpec};
 use crate::layer_decay::swin_lr_scale;
 
 /// FCOS finetuning (or training from scratch) of a Swin-V2 detector.

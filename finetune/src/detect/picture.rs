@@ -33,7 +33,12 @@ pub fn detection_picture(
     device: &Device,
 ) -> Result<RgbImage> {
     let names = ds.categories().names().to_vec();
-    let name = |c: u32| names.get(c as usize).cloned().unwrap_or_else(|| c.to_string());
+    let name = |c: u32| {
+        names
+            .get(c as usize)
+            .cloned()
+            .unwrap_or_else(|| c.to_string())
+    };
     let mut rows = vec![];
     let mut side = 0;
     let n = spec.images.min(ds.len());
@@ -44,8 +49,13 @@ pub fn detection_picture(
         let c = s.image.len() / (s.height * s.width);
         let x = Tensor::from_slice(&s.image, (1, c, s.height, s.width), device)?;
         let mult = model.backbone().config().size_multiple().max(1);
-        let (ph, pw) = (s.height.div_ceil(mult) * mult, s.width.div_ceil(mult) * mult);
-        let x = x.pad_with_zeros(2, 0, ph - s.height)?.pad_with_zeros(3, 0, pw - s.width)?;
+        let (ph, pw) = (
+            s.height.div_ceil(mult) * mult,
+            s.width.div_ceil(mult) * mult,
+        );
+        let x = x
+            .pad_with_zeros(2, 0, ph - s.height)?
+            .pad_with_zeros(3, 0, pw - s.width)?;
         let (out, _) = model.forward(&x, false)?;
         let meta = ImageMeta {
             valid_size: (s.height, s.width),
@@ -56,7 +66,7 @@ pub fn detection_picture(
             .pop()
             .context("one image in, one detection list out")?;
         let gt: Vec<DrawBox> = match &s.target {
-            Target::Boxes(b) | Target::BoxesAndMask(b, _) => b
+            Target::Boxes(b) | Target::BoxesAndMask { boxes: b, .. } => b
                 .iter()
                 .map(|o| DrawBox {
                     xyxy: o.xyxy,

@@ -10,13 +10,13 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use mimlab_engine::data::coco::save_results;
 use mimlab_engine::data::{
-    open_detection, DataConfig, DataLoader, Dataset, DetTransform, DetectionDataset,
-    LoaderOptions, Split,
+    open_detection, DataConfig, DataLoader, Dataset, DetTransform, DetectionDataset, LoaderOptions,
+    Split,
 };
 use mimlab_engine::fsutil::{ensure_parent, write_atomic};
 use mimlab_engine::run_dir::{InitSource, RunDir};
 use mimlab_engine::trainer::checkpoint::{load_into_varmap, LoadOptions};
-use mimlab_engine::trainer::TrainSession;
+use mimlab_engine::trainer::{Objective, TrainSession};
 use mimlab_models::checkpoint::read_weights;
 use mimlab_models::swin_v2::SwinV2Config;
 
@@ -60,7 +60,13 @@ fn pad_multiple(model: &SwinV2Config) -> usize {
 }
 
 /// The eval loader over `ds` (dataset order, batches of twice the training batch size).
-fn eval_loader(ds: &Arc<DetectionDataset>, data: &DataConfig, batch: usize, seed: u64, pad: usize) -> DataLoader {
+fn eval_loader(
+    ds: &Arc<DetectionDataset>,
+    data: &DataConfig,
+    batch: usize,
+    seed: u64,
+    pad: usize,
+) -> DataLoader {
     let dataset: Arc<dyn Dataset> = ds.clone();
     DataLoader::new(
         dataset,
@@ -103,16 +109,34 @@ pub fn finetune_detector(
 ) -> Result<DetEval> {
     let cfg = det.detector(model)?;
     let pad = pad_multiple(model);
-    let train_ds = detection_dataset(session.data, Split::Train, model.img_size, model.in_chans, true)
-        .context("building the detection training set")?;
+    let train_ds = detection_dataset(
+        session.data,
+        Split::Train,
+        model.img_size,
+        model.in_chans,
+        true,
+    )
+    .context("building the detection training set")?;
     eprintln!("data: {}", train_ds.describe());
     check_classes(&cfg, &train_ds)?;
     let train_dyn: Arc<dyn Dataset> = train_ds;
     let loader = session.train_loader(train_dyn)?.pad_to_multiple(pad);
-    let eval_ds = detection_dataset(session.data, Split::Eval, model.img_size, model.in_chans, false)
-        .context("building the detection eval set")?;
+    let eval_ds = detection_dataset(
+        session.data,
+        Split::Eval,
+        model.img_size,
+        model.in_chans,
+        false,
+    )
+    .context("building the detection eval set")?;
     eprintln!("eval: {}", eval_ds.describe());
-    let evals = eval_loader(&eval_ds, session.data, session.train.batch_size, session.run.seed, pad);
+    let evals = eval_loader(
+        &eval_ds,
+        session.data,
+        session.train.batch_size,
+        session.run.seed,
+        pad,
+    );
 
     let spec = PictureSpec {
         images: PICTURE_IMAGES,
@@ -150,7 +174,12 @@ pub fn finetune_detector(
     );
     let summary = session.fit(&mut objective, &loader, Some(&evals))?;
     let report = objective.report(&evals, &eval_ds, device)?;
-    write_report(&report, &RunDir::at(&summary.run_dir).eval(), &eval_ds, "final")?;
+    write_report(
+        &report,
+        &RunDir::at(&summary.run_dir).eval(),
+        &eval_ds,
+        "final",
+    )?;
     Ok(report)
 }
 
@@ -173,7 +202,7 @@ pub fn evaluate_detection_weights(
     let evals = eval_loader(&eval_ds, data, batch_size, seed, pad_multiple(model));
     let mut objective = DetectObjective::new(&cfg, 1.0, seed, device)?;
     let tensors = read_weights(&src.weights)?;
-    load_into_varmap(objective.varmap_ref(), tensors, &LoadOptions::default())
+    load_into_varmap(objective.varmap(), tensors, &LoadOptions::default())
         .with_context(|| format!("loading the detector from {}", src.weights.display()))?;
     let report = objective.report(&evals, &eval_ds, device)?;
     let dir = match (out, RunDir::of_checkpoint_file(&src.weights)) {
@@ -193,16 +222,21 @@ pub fn evaluate_detection_weights(
 pub fn write_report(e: &DetEval, dir: &Path, ds: &DetectionDataset, stem: &str) -> Result<()> {
     let json_path = dir.join(format!("{stem}.json"));
     ensure_parent(&json_path)?;
-    let mut json = e.stats.to_json(true);
-    json["dataset"] = serde_json::Value::String(ds.describe());
-    json["losses"] = serde_json::json!({
+    // the COCO object keeps pycocotools' stat order
+    let losses = serde_json::json!({
         "loss": e.losses[0], "loss_cls": e.losses[1], "loss_bbox": e.losses[2],
         "loss_centerness": e.losses[3],
     });
-    write_atomic(&json_path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+    let json = format!(
+        "{{\"coco\": {},\n \"dataset\": {},\n \"losses\": {}}}\n",
+        e.stats.to_json(true),
+        serde_json::Value::String(ds.describe()),
+        losses
+    );
+    write_atomic(&json_path, json.as_bytes())?;
     let dets = dir.join("detections.json");
     save_results(&dets, &e.results)?;
-    eprintln!("{}", e.stats.summary());
+    eprint!("{}", e.summary());
     eprintln!("wrote {} and {}", json_path.display(), dets.display());
     Ok(())
 }

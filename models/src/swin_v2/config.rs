@@ -489,6 +489,47 @@ impl SwinV2Config {
         f as u64
     }
 
+    /// Forward multiply-adds per image at `img_size`, timm's / fvcore's convention (one
+    /// multiply-add = one FLOP; timm's model cards list them as GMACs): the patch embedding, per
+    /// block qkv, q·k and attn·v in every window, proj, the CPB MLP over the `(2ws-1)^2` table and
+    /// the MLP (MoE: gate + `top_k` experts per token), each patch merging's reduction and the
+    /// head. Norms, softmax, GELU and the cosine normalization are not counted (they are
+    /// per-element, under 1% here). [`Self::flops`] is the official repo's count.
+    pub fn macs(&self) -> u64 {
+        let r = self.img_size / self.patch_size;
+        let hw0 = (r * r) as f64;
+        let p2 = (self.patch_size * self.patch_size) as f64;
+        let mut f = hw0 * self.embed_dim as f64 * self.in_chans as f64 * p2;
+        for i in 0..self.num_stages() {
+            let d = self.stage_dim(i) as f64;
+            let ri = r >> i;
+            let hw = (ri * ri) as f64;
+            let (ws, _) = self.window_at(ri, ri);
+            let n = (ws * ws) as f64;
+            let table = ((2 * ws - 1) * (2 * ws - 1)) as f64;
+            let heads = self.num_heads[i] as f64;
+            // qkv + proj, then q·k and attn·v over each window's N tokens
+            let attn = hw * 4.0 * d * d + 2.0 * hw * n * d;
+            // CPB MLP: Linear(2, 512) -> ReLU -> Linear(512, heads) on every table entry
+            let cpb = table * (2.0 * 512.0 + 512.0 * heads);
+            let mlp = 2.0 * hw * d * self.mlp_hidden(self.stage_dim(i)) as f64;
+            for j in 0..self.depths[i] {
+                let ffn = if self.moe.is_moe_block(&self.depths, i, j) {
+                    hw * d * self.moe.num_experts as f64 + self.moe.top_k as f64 * mlp
+                } else {
+                    mlp
+                };
+                f += attn + cpb + ffn;
+            }
+            if i + 1 < self.num_stages() {
+                // 2x2 neighbours concatenated (4d) -> 2d on the merged map
+                f += hw / 4.0 * 4.0 * d * 2.0 * d;
+            }
+        }
+        f += self.num_features() as f64 * self.num_classes as f64;
+        f as u64
+    }
+
     /// Stochastic-depth rate of every block: linspace(0, drop_path_rate, sum(depths)).
     pub(crate) fn drop_path_rates(&self) -> Vec<f64> {
         let total: usize = self.depths.iter().sum();

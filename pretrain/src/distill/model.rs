@@ -272,7 +272,7 @@ impl Distill {
         )?;
         if let Some(p) = init {
             let src = resolve_init(p).context("distill.student_init")?;
-            let t = mimlab_models::checkpoint::read_safetensors(&src.weights)?;
+            let t = mimlab_models::checkpoint::read_weights(&src.weights)?;
             let keys: Vec<&String> = t.keys().collect();
             let prefix = backbone_prefix(&keys);
             load_backbone_tensors(&svm, t, prefix, Head::Reinit)
