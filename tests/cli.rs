@@ -1206,3 +1206,77 @@ fn model_run_takes_a_pth_and_matches_its_safetensors_twin() {
     assert_same_tensors(&a, &b, ".pth vs safetensors outputs");
     assert!(a.contains_key("features") && a.contains_key("pre_logits"));
 }
+
+/// Detection end to end on digits-det (generated on first use): a few FCOS steps, COCO AP at the
+/// evaluation (metrics.jsonl, TensorBoard), the best checkpoint by AP50, the reports and the
+/// picture, then `mimlab eval` of the best checkpoint gives the same 12 numbers.
+#[test]
+fn detection_finetune_then_eval_on_digits_det() {
+    require_data();
+    let dir = tempfile::tempdir().unwrap();
+    let out = format!("run.output_dir={}", dir.path().display());
+    let sets = [
+        out.as_str(),
+        "run.name=det",
+        "train.max_steps=3",
+        "train.batch_size=4",
+        "data.max_samples=12",
+        "run.eval_every_epochs=1",
+        "run.image_every=0",
+    ];
+    let mut args = vec![
+        "finetune",
+        "--config",
+        "configs/detect/swinv2_nano_digits_det.yaml",
+    ];
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    ok(&args);
+    let run = dir.path().join("det");
+    let read = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    };
+    let fin = read(run.join("eval/final.json"));
+    let names = [
+        "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+    ];
+    for k in names {
+        let v = fin["coco"][k].as_f64().unwrap();
+        assert!(v == -1.0 || (0.0..=1.0).contains(&v), "{k} = {v}");
+    }
+    assert_eq!(fin["coco"]["per_class"].as_array().unwrap().len(), 10);
+    let dets = read(run.join("eval/detections.json"));
+    for d in dets.as_array().unwrap() {
+        let id = d["image_id"].as_u64().unwrap();
+        let c = d["category_id"].as_u64().unwrap();
+        assert!((1..=12).contains(&id) && (1..=10).contains(&c), "{d}");
+        assert_eq!(d["bbox"].as_array().unwrap().len(), 4);
+    }
+    let rows = mimlab_engine::log::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    let eval = rows
+        .iter()
+        .find(|r| r["split"] == "eval")
+        .expect("an eval row");
+    assert_eq!(eval["step"], 3);
+    assert_eq!(eval["AP50"], fin["coco"]["AP50"]);
+    assert_eq!(
+        std::fs::read_to_string(run.join("checkpoints/best")).unwrap(),
+        "step_3\n"
+    );
+    let png = image::open(run.join("pictures/detections_step3.png")).unwrap();
+    assert!(
+        png.width() >= 2 * 256 && png.height() >= 4 * 256,
+        "{}x{}",
+        png.width(),
+        png.height()
+    );
+
+    let run_s = run.to_str().unwrap();
+    ok(&["eval", "--weights", run_s, "--step", "best"]);
+    let again = read(run.join("eval/eval.json"));
+    for k in names {
+        assert_eq!(again["coco"][k], fin["coco"][k], "{k}");
+    }
+}

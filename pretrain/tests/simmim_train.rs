@@ -4,7 +4,7 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use mimlab_engine::data::{Batch, BatchTargets, DataConfig};
 use mimlab_engine::run_dir::RunDir;
-use mimlab_engine::trainer::{BatchSource, RunConfig, TrainConfig, Trainer};
+use mimlab_engine::trainer::{BatchSource, RunConfig, RunStart, TrainConfig, Trainer};
 use mimlab_models::swin_v2::SwinV2Config;
 use mimlab_pretrain::{visualize_run, SimMimConfig, SimMimObjective};
 
@@ -68,7 +68,8 @@ fn training_lowers_the_loss_and_checkpoints_visualize() {
         .collect();
     let images = Tensor::from_vec(ramp, (4, 3, 32, 32), &Device::Cpu).unwrap();
     let summary = {
-        let mut t = Trainer::new(&mut obj, &train, &run, "model: {}\n", None).unwrap();
+        let mut t =
+            Trainer::new(&mut obj, &train, &run, "model: {}\n", &RunStart::fresh()).unwrap();
         t.fit_source(&Fixed(images), None).unwrap()
     };
     assert_eq!(summary.steps, 8);

@@ -137,7 +137,7 @@ mod tests {
         build_dataset, BatchTargets, DataConfig, DataLoader, LoaderOptions, Split,
     };
     use mimlab_engine::init::seeded_var_builder;
-    use mimlab_engine::trainer::{BatchSource, RunConfig, TrainConfig, Trainer};
+    use mimlab_engine::trainer::{BatchSource, RunConfig, RunStart, TrainConfig, Trainer};
     use mimlab_models::swin_v2::SwinV2;
 
     use crate::distill::feature_cache::CacheHeader;
@@ -331,7 +331,7 @@ mod tests {
             ..RunConfig::default()
         };
         let student_before = bits(obj.varmap());
-        let mut trainer = Trainer::new(&mut obj, &train, &run, "", None)?;
+        let mut trainer = Trainer::new(&mut obj, &train, &run, "", &RunStart::fresh())?;
         let s = trainer.fit_source(&Random, None)?;
         assert_eq!(s.steps, 1);
         assert_eq!(bits(&tvm), before, "teacher weights changed");
