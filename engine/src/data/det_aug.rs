@@ -13,7 +13,7 @@ use anyhow::{ensure, Result};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::transforms::{channel_stats, rescale_size, Annotated, U8Image};
+use super::transforms::{normalization, rescale_size, Annotated, U8Image};
 use super::{AugConfig, Sample, Target};
 
 /// Detection augmentation settings (`data.det_aug`).
@@ -74,13 +74,7 @@ impl DetTransform {
             "data.det_aug.hflip {} not in [0, 1]",
             cfg.hflip
         );
-        let mean = channel_stats(&aug.mean, in_chans, "mean")?;
-        let std = channel_stats(&aug.std, in_chans, "std")?;
-        ensure!(
-            std.iter().all(|s| *s > 0.0),
-            "data.aug.std {:?} must be positive",
-            aug.std
-        );
+        let (mean, std) = normalization(aug, in_chans)?;
         Ok(Self {
             size,
             in_chans,

@@ -468,6 +468,19 @@ pub fn channel_stats(values: &[f32], in_chans: usize, what: &str) -> Result<Vec<
     }
 }
 
+/// The per-channel `data.aug.mean` and `data.aug.std` for `in_chans` channels
+/// ([`channel_stats`]), the std checked positive.
+pub fn normalization(aug: &AugConfig, in_chans: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let mean = channel_stats(&aug.mean, in_chans, "mean")?;
+    let std = channel_stats(&aug.std, in_chans, "std")?;
+    ensure!(
+        std.iter().all(|s| *s > 0.0),
+        "data.aug.std {:?} must be positive",
+        aug.std
+    );
+    Ok((mean, std))
+}
+
 /// ToTensor + Normalize into CHW f32 with `in_chans` channels: grey is replicated to 3 channels,
 /// RGB becomes grey by PIL's `convert("L")` (Pillow's fixed-point ITU-R 601-2 luma).
 pub fn to_chw_normalized(img: &U8Image, in_chans: usize, mean: &[f32], std: &[f32]) -> Vec<f32> {
@@ -544,13 +557,7 @@ impl ImageTransform {
             "data.aug.eval_crop_pct {} not in (0, 1]",
             aug.eval_crop_pct
         );
-        let mean = channel_stats(&aug.mean, in_chans, "mean")?;
-        let std = channel_stats(&aug.std, in_chans, "std")?;
-        ensure!(
-            std.iter().all(|s| *s > 0.0),
-            "data.aug.std {:?} must be positive",
-            aug.std
-        );
+        let (mean, std) = normalization(aug, in_chans)?;
         Ok(Self {
             size,
             in_chans,

@@ -278,34 +278,34 @@ pub fn load_into_varmap_renamed(
     mismatched.sort();
     wrong_kind.sort_by(|a, b| a.0.cmp(&b.0));
     let mut errors = Vec::new();
-    if !wrong_kind.is_empty() {
-        let names: Vec<String> = wrong_kind.iter().map(|(k, _, _)| k.clone()).collect();
-        let kinds: Vec<String> = wrong_kind
+    // "N dtype mismatches `a`, `b` (a: checkpoint X vs model Y, ...)", the same for shapes
+    let mut differ = |items: &[(String, String, String)], what: &str, note: &str| {
+        if items.is_empty() {
+            return;
+        }
+        let names: Vec<String> = items.iter().map(|(k, _, _)| k.clone()).collect();
+        let pairs: Vec<String> = items
             .iter()
             .take(10)
-            .map(|(k, c, m)| format!("{k}: checkpoint {c:?} vs model {m:?}"))
+            .map(|(k, c, m)| format!("{k}: checkpoint {c} vs model {m}"))
             .collect();
         errors.push(format!(
-            "{} {} ({}; not cast)",
-            count(names.len(), "dtype mismatch"),
+            "{} {} ({}{note})",
+            count(names.len(), what),
             list(&names),
-            kinds.join(", ")
+            pairs.join(", ")
         ));
-    }
-    if !mismatched.is_empty() {
-        let names: Vec<String> = mismatched.iter().map(|(k, _, _)| k.clone()).collect();
-        let shapes: Vec<String> = mismatched
-            .iter()
-            .take(10)
-            .map(|(k, c, m)| format!("{k}: checkpoint {c:?} vs model {m:?}"))
-            .collect();
-        errors.push(format!(
-            "{} {} ({})",
-            count(names.len(), "shape mismatch"),
-            list(&names),
-            shapes.join(", ")
-        ));
-    }
+    };
+    let kinds: Vec<(String, String, String)> = wrong_kind
+        .iter()
+        .map(|(k, c, m)| (k.clone(), format!("{c:?}"), format!("{m:?}")))
+        .collect();
+    differ(&kinds, "dtype mismatch", "; not cast");
+    let shapes: Vec<(String, String, String)> = mismatched
+        .iter()
+        .map(|(k, c, m)| (k.clone(), format!("{c:?}"), format!("{m:?}")))
+        .collect();
+    differ(&shapes, "shape mismatch", "");
     if !missing.is_empty() {
         errors.push(format!(
             "{} {}",
