@@ -477,10 +477,6 @@ impl Dataset for DetectionDataset {
             .with_context(|| format!("{}", rec.info.path.display()))
     }
 
-    fn detection_info(&self, index: usize) -> Option<ImageInfo> {
-        self.image_info(index).cloned()
-    }
-
     fn channels(&self) -> usize {
         self.transform.in_chans
     }

@@ -246,11 +246,6 @@ pub trait Dataset: Send + Sync {
     fn crop_params(&self, _index: usize, _rng: &mut StdRng) -> Result<Option<(CropBox, bool)>> {
         Ok(None)
     }
-    /// Detection datasets: the COCO image id, original size and eval scale of `index`, so an
-    /// evaluator maps predictions back to original pixels (`None` for other datasets).
-    fn detection_info(&self, _index: usize) -> Option<ImageInfo> {
-        None
-    }
     /// Channels of the served images.
     fn channels(&self) -> usize;
     /// Number of classes, for labelled datasets.
@@ -414,9 +409,6 @@ impl DataConfig {
         ));
         Err(anyhow::anyhow!(msg))
     }
-}
-
-impl DataConfig {
     /// The data root that holds (or will hold) the generated dataset `sub`: where `sub` is found
     /// ([`DataConfig::bundled_dir`]), else where its inputs `source` are (it is generated there).
     pub fn generated_root(&self, sub: &str, source: &str) -> Result<PathBuf> {

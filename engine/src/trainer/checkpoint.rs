@@ -588,19 +588,7 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
-        let meta = CheckpointMeta {
-            format_version: FORMAT_VERSION,
-            step: 7,
-            epoch: 0,
-            batch_in_epoch: 7,
-            optimizer_steps: 7,
-            lr: 0.1,
-            seed: 0,
-            schedule: ScheduleKind::Cosine,
-            losses: 0,
-            batches_per_epoch: 10,
-            objective: "toy".into(),
-        };
+        let meta = toy_meta(7);
         // The optimizer file cannot be written (a folder holds its name), as on a full disk
         // after the weights went through.
         let (w, o, j) = checkpoint_paths(dir.path(), 7);
@@ -639,17 +627,9 @@ mod tests {
         let weights = varmap_tensors(&vm);
         for step in 1..=4u64 {
             let meta = CheckpointMeta {
-                format_version: FORMAT_VERSION,
-                step,
-                epoch: 0,
                 batch_in_epoch: step as usize,
-                optimizer_steps: step,
-                lr: 0.1,
-                seed: 0,
-                schedule: ScheduleKind::Cosine,
                 losses: step as usize,
-                batches_per_epoch: 10,
-                objective: "toy".into(),
+                ..toy_meta(step)
             };
             let losses: Vec<f64> = (0..step).map(|i| i as f64 * 0.5).collect();
             save_checkpoint(dir.path(), &weights, &HashMap::new(), &losses, &meta).unwrap();

@@ -91,13 +91,8 @@ pub fn finetune_classifier(
         .context("building the finetuning dataset")?;
     eprintln!("data: {}", train_ds.describe());
     let names = class_names(&train_ds, model.num_classes)?;
+    // train_loader refuses a split smaller than one batch
     let loader = session.train_loader(train_ds)?;
-    ensure!(
-        loader.batches_per_epoch() > 0,
-        "{}: fewer images than train.batch_size = {} (drop_last): lower the batch size",
-        loader.dataset().describe(),
-        session.train.batch_size
-    );
     let evals = eval_loader(
         session.data,
         session.train.batch_size,

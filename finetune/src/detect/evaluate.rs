@@ -87,25 +87,26 @@ pub fn evaluate_detector(
             *s += scalar(t)? * b as f64;
         }
         n += b;
-        let metas = batch
+        let infos = batch
             .indices
             .iter()
-            .zip(&batch.valid_sizes)
-            .map(|(&i, &valid_size)| {
-                let info = ds
-                    .image_info(i)
-                    .with_context(|| format!("eval image {i}: no image info"))?;
-                Ok(ImageMeta {
-                    valid_size,
-                    scale: (info.scale[0] as f32, info.scale[1] as f32),
-                })
+            .map(|&i| {
+                ds.image_info(i)
+                    .with_context(|| format!("eval image {i}: no image info"))
             })
             .collect::<Result<Vec<_>>>()?;
+        let metas: Vec<ImageMeta> = infos
+            .iter()
+            .zip(&batch.valid_sizes)
+            .map(|(info, &valid_size)| ImageMeta {
+                valid_size,
+                scale: (info.scale[0] as f32, info.scale[1] as f32),
+            })
+            .collect();
         let dets = model.predict(&out, &metas)?;
-        for (&i, per_image) in batch.indices.iter().zip(dets) {
-            let image_id = ds.image_info(i).map_or(0, |info| info.image_id);
+        for (info, per_image) in infos.iter().zip(dets) {
             for d in per_image {
-                results.push(to_coco(&d, image_id, cats.id_of(d.class))?);
+                results.push(to_coco(&d, info.image_id, cats.id_of(d.class))?);
             }
         }
     }
