@@ -53,7 +53,17 @@ fn set_cpu_threads(n: usize) -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         pool = pool.num_threads(n);
     }
-    check_pool_build(pool.build_global(), n)
+    check_pool_build(pool.build_global(), n)?;
+    // With no count given, candle still asks for one before every matmul and conv: it reads the
+    // variable, else counts cores from /proc/cpuinfo each time (7% of a digits-det FCOS step in
+    // perf, mostly in the kernel's cpuinfo formatting). The pool's size answers it once.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var(
+            "RAYON_NUM_THREADS",
+            rayon::current_num_threads().to_string(),
+        );
+    }
+    Ok(())
 }
 
 /// The global pool's build result as mimlab reports it: a pool built earlier in the process is

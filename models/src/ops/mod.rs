@@ -13,6 +13,7 @@ mod fast_math;
 mod gelu;
 mod grouped_linear;
 mod heads;
+mod im2col;
 mod layer_norm;
 mod linear;
 mod mask_token;
@@ -25,6 +26,7 @@ pub use add_bias::add_bias;
 pub use gelu::gelu_erf;
 pub use grouped_linear::{grouped_linear, WeightLayout};
 pub use heads::{heads_av, heads_qk};
+pub use im2col::{channels_first, channels_last, im2col};
 pub use layer_norm::layer_norm;
 pub use linear::{linear, linear_gelu};
 
