@@ -248,7 +248,9 @@ impl CustomOp1 for Transpose {
             m: self.n,
             n: self.m,
         };
-        Ok(Some(grad.contiguous()?.apply_op1(back)?.reshape(x.shape())?))
+        Ok(Some(
+            grad.contiguous()?.apply_op1(back)?.reshape(x.shape())?,
+        ))
     }
 }
 
