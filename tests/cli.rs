@@ -735,6 +735,33 @@ fn bench_quick_prints_the_selected_rows_with_positive_numbers() {
     assert!(err(&["bench", "--filter", "no-such-row"]).contains("matches no row"));
 }
 
+#[test]
+fn bench_quick_runs_the_detection_rows_at_batch_8() {
+    // the detector of configs/detect/swinv2_nano_digits_det.yaml: train step and inference
+    let out = ok(&[
+        "bench",
+        "--quick",
+        "--threads",
+        "2",
+        "--filter",
+        "detect/nano_fcos/train img=128 batch=8",
+        "--filter",
+        "detect/nano_fcos/inference img=128 batch=8",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1 + 2, "{out}");
+    for (line, task) in lines[1..].iter().zip(["train", "inference"]) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            cols[..3],
+            [&format!("detect/nano_fcos/{task}"), "8", "128"],
+            "{out}"
+        );
+        let images_per_s: f64 = cols[cols.len() - 2].parse().unwrap();
+        assert!(images_per_s > 0.0, "{out}");
+    }
+}
+
 /// `mimlab` run from `cwd` with extra environment variables.
 fn mimlab_in(cwd: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mimlab"));
