@@ -500,6 +500,8 @@ mod tests {
         }
         let sizes: Vec<(usize, usize)> = head.strides.iter().map(|s| (img / s, img / s)).collect();
         let t = assign(&head.assign_config(), &sizes, &boxes)?;
+        // scripts/bench_pytorch.py's mmdet-style assignment of the same boxes: 421 positives
+        assert_eq!(t.num_pos(), 421);
         // (level, image) of each positive: points are flattened by level, then image
         let mut seen = vec![vec![false; boxes.len()]; sizes.len()];
         let mut first = 0;
