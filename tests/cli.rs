@@ -693,21 +693,17 @@ fn distill_from_a_simmim_run_and_load_the_student_into_a_classifier() {
     );
 }
 
+/// `mimlab bench --quick --threads 2 ARGS...`, its stdout (the table).
+fn bench_quick(args: &[&str]) -> String {
+    ok(&[&["bench", "--quick", "--threads", "2"], args].concat())
+}
+
 #[test]
 fn bench_quick_prints_the_selected_rows_with_positive_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     // `img=32`: nano's small rows and the MLP rows (64 images of 8x8 tokens)
-    let out = ok(&[
-        "bench",
-        "--quick",
-        "--threads",
-        "2",
-        "--filter",
-        "img=32",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let out = bench_quick(&["--filter", "img=32", "--json", json.to_str().unwrap()]);
     // header + 2 batches x 3 tasks + the dense and MoE MLP rows
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 1 + 6 + 2, "{out}");
@@ -738,11 +734,7 @@ fn bench_quick_prints_the_selected_rows_with_positive_numbers() {
 #[test]
 fn bench_quick_runs_the_detection_rows_at_batch_8() {
     // the detector of configs/detect/swinv2_nano_digits_det.yaml: train step and inference
-    let out = ok(&[
-        "bench",
-        "--quick",
-        "--threads",
-        "2",
+    let out = bench_quick(&[
         "--filter",
         "detect/nano_fcos/train img=128 batch=8",
         "--filter",
