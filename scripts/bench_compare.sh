@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# mimlab vs PyTorch, side by side on this machine: builds mimlab (release), installs torch + timm
-# into a throwaway venv (.venv-bench/, on first use), runs both benches with the same thread count
-# and prints one table with the ratio mimlab/PyTorch of images/s per row (> 1 = mimlab faster).
+# mimlab vs PyTorch, side by side on this machine: builds mimlab (release), installs torch, timm
+# and torchvision (the detection rows' NMS and box losses) into a throwaway venv (.venv-bench/, on
+# first use), runs both benches with the same thread count and prints one table with the ratio
+# mimlab/PyTorch of images/s per row (> 1 = mimlab faster).
 #
 # Usage: bash scripts/bench_compare.sh [--threads N] [--rounds R] [any other `mimlab bench` flag,
 #        e.g. --filter simmim --filter 'batch=8' --iters 3]
@@ -32,11 +33,11 @@ while [[ $# -gt 0 ]]; do
 done
 
 venv=.venv-bench
-if ! "$venv/bin/python" -c 'import torch, timm' 2>/dev/null; then
-    echo "installing torch + timm into $venv (once; several GiB)" >&2
+if ! "$venv/bin/python" -c 'import torch, timm, torchvision' 2>/dev/null; then
+    echo "installing torch + timm + torchvision into $venv (once; several GiB)" >&2
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q torch timm
+    "$venv/bin/pip" install -q torch timm torchvision
 fi
 
 if [[ -n "${MIMLAB_BIN:-}" ]]; then

@@ -7,16 +7,30 @@ wrapper written here like the official one: the mask token replaces masked patch
 (after the patch norm), a 1x1 conv to stride^2*3 channels + PixelShuffle, L1 on masked pixels.
 Optimizer: torch.optim.AdamW (lr 1e-4, wd 0.05). Eval rows run under torch.inference_mode().
 
+Detection rows (`detect/nano_fcos/...`): the detector of configs/detect/swinv2_nano_digits_det.yaml
+(mimlab's rows build it from that file) written here in PyTorch: timm's SwinTransformerV2 with
+the nano preset at window 8, its stages 1-3 as features (stage 3 after the final norm, as mimlab),
+mmdet's FPN (1x1 laterals, top-down nearest upsample, 3x3 outputs, 64 ch) and FCOS head (2 x (3x3
+conv, GroupNorm 16, ReLU) towers shared over levels, centerness on the regression tower, a
+learnable scale per level, mmdet's init), mmdet's FCOS targets (center sampling 1.5, the regress
+ranges, smallest box wins) and losses (torchvision's sigmoid focal loss / num_pos, GIoU weighted by
+the centerness targets / their sum, centerness BCE / num_pos); the same synthetic boxes as
+src/bench.rs. Inference: eval forward and mmdet's decoding (score > 0.05, top 1000 per level,
+boxes at the points, score x centerness, torchvision's batched_nms at the recipe's IoU 0.5, 100 per
+image).
+
 Timing rule (engine/src/bench.rs): `--warmup` untimed calls, then at least 3 timed calls and on
 until 2 s were timed (at most 20), or exactly `--iters`. Peak memory: VmHWM after resetting it
 (`echo 5 > /proc/self/clear_refs`) before each row's setup.
 
 Usage: python scripts/bench_pytorch.py --threads 2 [--filter nano] [--json out.json]
-Not part of CI: needs torch and timm (scripts/bench_compare.sh installs them in a venv).
+Not part of CI: needs torch, timm and torchvision (scripts/bench_compare.sh installs them in a
+venv).
 """
 import argparse
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -48,6 +62,14 @@ HPARAMS = {
     "swinv2_tiny_window8_256": (96, (2, 2, 6, 2), (3, 6, 12, 24), 8, 0.2),
 }
 MOE_TOKENS = (64, 8, 96, 384)  # images, side, channels, hidden
+# detection rows: image size and batches as src/bench.rs DETECT_ROWS; the detector of
+# configs/detect/swinv2_nano_digits_det.yaml with the defaults of finetune/src/detect/fcos_head.rs
+# (FcosHeadConfig) for the keys the file leaves out
+DETECT_IMG, DETECT_BATCHES = 128, (8, 16)
+DETECT = dict(preset="swinv2_nano", window=8, in_stages=(1, 2, 3), channels=64, stacked_convs=2,
+              gn_groups=16, num_classes=10, strides=(8, 16, 32),
+              regress_ranges=((-1.0, 32.0), (32.0, 64.0), (64.0, 1e8)), center_radius=1.5,
+              score_thr=0.05, nms_pre=1000, nms_iou=0.5, max_per_img=100)
 
 
 def specs():
@@ -64,6 +86,24 @@ def specs():
     for task, n in (("block_fwd", "block/tiny_w8_s0_shifted_fwd"),
                     ("block_bwd", "block/tiny_w8_s0_shifted_fwd_bwd")):
         out.append(dict(name=n, preset="swinv2_tiny_window8_256", task=task, batch=8, img=256))
+    for batch in DETECT_BATCHES:
+        for task in ("train", "inference"):
+            out.append(dict(name=f"detect/nano_fcos/{task}", preset=DETECT["preset"],
+                            task=f"det_{task}", batch=batch, img=DETECT_IMG))
+    return out
+
+
+def synthetic_boxes(batch, img):
+    """src/bench.rs `synthetic_boxes`: per image squares of 16, 48 and 96 px as
+    (x1, y1, x2, y2, class)."""
+    out = []
+    for i in range(batch):
+        boxes = []
+        for j, side in enumerate((16, 48, 96)):
+            x = (37 * i + 53 * j) % (img - side)
+            y = (29 * i + 71 * j + 11) % (img - side)
+            boxes.append((x, y, x + side, y + side, (3 * i + j) % 10))
+        out.append(boxes)
     return out
 
 
@@ -115,13 +155,15 @@ def main():
     import torch.nn as nn
     import torch.nn.functional as F
     from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2Block
+    from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
 
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
 
-    def swin(preset, img, num_classes):
+    def swin(preset, img, num_classes, window=None):
         e, d, h, w, dpr = HPARAMS[preset]
+        w = window or w
         return SwinTransformerV2(img_size=img, patch_size=4, in_chans=3, num_classes=num_classes,
                                  embed_dim=e, depths=d, num_heads=h, window_size=w, mlp_ratio=4.0,
                                  qkv_bias=True, drop_path_rate=dpr)
@@ -159,6 +201,183 @@ def main():
             out[i, torch.randperm(r * r, generator=g)[:count]] = 1.0
         s = mp // 4
         return out.view(batch, r, r).repeat_interleave(s, 1).repeat_interleave(s, 2)
+
+    class FPN(nn.Module):
+        """mmdet FPN without extra levels: 1x1 laterals, top-down nearest, 3x3 outputs."""
+
+        def __init__(self, in_dims, c):
+            super().__init__()
+            self.lateral_convs = nn.ModuleList(nn.Conv2d(d, c, 1) for d in in_dims)
+            self.fpn_convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in in_dims)
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+
+        def forward(self, feats):
+            lat = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
+            for i in range(len(lat) - 1, 0, -1):
+                lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:],
+                                                        mode="nearest")
+            return [conv(x) for conv, x in zip(self.fpn_convs, lat)]
+
+    class FCOSHead(nn.Module):
+        """mmdet FCOSHead (norm_on_bbox, centerness_on_reg, conv_bias), its init."""
+
+        def __init__(self, c, num_classes, stacked_convs, gn_groups, levels):
+            super().__init__()
+
+            def tower():
+                layers = []
+                for _ in range(stacked_convs):
+                    layers += [nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(gn_groups, c),
+                               nn.ReLU(inplace=True)]
+                return nn.Sequential(*layers)
+
+            self.cls_convs, self.reg_convs = tower(), tower()
+            self.conv_cls = nn.Conv2d(c, num_classes, 3, padding=1)
+            self.conv_reg = nn.Conv2d(c, 4, 3, padding=1)
+            self.conv_centerness = nn.Conv2d(c, 1, 3, padding=1)
+            self.scales = nn.ParameterList(nn.Parameter(torch.tensor(1.0)) for _ in range(levels))
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.normal_(m.weight, std=0.01)
+                    nn.init.zeros_(m.bias)
+            nn.init.constant_(self.conv_cls.bias, -math.log((1 - 0.01) / 0.01))
+
+        def forward(self, feats):
+            cls, reg, ctr = [], [], []
+            for x, scale in zip(feats, self.scales):
+                c, r = self.cls_convs(x), self.reg_convs(x)
+                cls.append(self.conv_cls(c))
+                reg.append(F.relu(self.conv_reg(r) * scale))  # distances in strides
+                ctr.append(self.conv_centerness(r))
+            return cls, reg, ctr
+
+    class Detector(nn.Module):
+        """Swin-V2 stages `in_stages` (the last after the final norm) -> FPN -> FCOS head."""
+
+        def __init__(self, img):
+            super().__init__()
+            d = DETECT
+            self.backbone = swin(d["preset"], img, 0, window=d["window"])
+            e = self.backbone.embed_dim
+            self.neck = FPN([e * 2 ** i for i in d["in_stages"]], d["channels"])
+            self.head = FCOSHead(d["channels"], d["num_classes"], d["stacked_convs"],
+                                 d["gn_groups"], len(d["strides"]))
+
+        def forward(self, x):
+            z = self.backbone.patch_embed(x)  # (B, H, W, C)
+            feats, last = [], len(self.backbone.layers) - 1
+            for i, layer in enumerate(self.backbone.layers):
+                z = layer(z)
+                if i == last:
+                    z = self.backbone.norm(z)
+                if i in DETECT["in_stages"]:
+                    feats.append(z.permute(0, 3, 1, 2).contiguous())
+            return self.head(self.neck(feats))
+
+    def level_points(cls):
+        """mmdet MlvlPointGenerator (offset 0.5): the (x, y) of each level's points, row-major."""
+        out = []
+        for c, s in zip(cls, DETECT["strides"]):
+            h, w = c.shape[-2:]
+            ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            out.append(torch.stack([(xs.reshape(-1) + 0.5) * s, (ys.reshape(-1) + 0.5) * s], 1))
+        return out
+
+    def fcos_targets(points, gts):
+        """mmdet FCOSHead.get_targets: labels [N] (num_classes = background) and distances [N, 4]
+        in strides, flattened level by level, then image by image."""
+        d, k = DETECT, DETECT["num_classes"]
+        n_lvl = [len(p) for p in points]
+        pts = torch.cat(points)
+        stride = torch.cat([torch.full((n,), float(s)) for n, s in zip(n_lvl, d["strides"])])
+        rng = torch.cat([torch.tensor(r).expand(n, 2) for n, r in zip(n_lvl, d["regress_ranges"])])
+        xs, ys = pts[:, :1], pts[:, 1:]
+        per_image = []
+        for gt in gts:
+            b, lab = gt[:, :4], gt[:, 4].long()
+            ltrb = torch.stack([xs - b[:, 0], ys - b[:, 1], b[:, 2] - xs, b[:, 3] - ys], -1)
+            # center sampling: the box's centre +- radius * stride, clipped to the box
+            cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+            rad = stride[:, None] * d["center_radius"]
+            cb = torch.stack([torch.maximum(cx - rad, b[:, 0]), torch.maximum(cy - rad, b[:, 1]),
+                              torch.minimum(cx + rad, b[:, 2]), torch.minimum(cy + rad, b[:, 3])],
+                             -1)
+            inside = torch.stack([xs - cb[..., 0], ys - cb[..., 1], cb[..., 2] - xs,
+                                  cb[..., 3] - ys], -1).min(-1).values > 0
+            m = ltrb.max(-1).values
+            in_range = (m >= rng[:, :1]) & (m <= rng[:, 1:])
+            areas = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None].repeat(len(pts), 1)
+            areas[~(inside & in_range)] = 1e8
+            min_area, idx = areas.min(1)
+            labels = lab[idx]
+            labels[min_area == 1e8] = k
+            per_image.append((labels, ltrb[torch.arange(len(pts)), idx] / stride[:, None]))
+        # (image, level) -> level-major, image-minor, as the flattened head outputs
+        labels, targets = [], []
+        for lv in range(len(n_lvl)):
+            a, z = sum(n_lvl[:lv]), sum(n_lvl[:lv + 1])
+            labels += [lab[a:z] for lab, _ in per_image]
+            targets += [t[a:z] for _, t in per_image]
+        return torch.cat(labels), torch.cat(targets)
+
+    def flat(maps):
+        return torch.cat([m.permute(0, 2, 3, 1).reshape(-1, m.shape[1]) for m in maps])
+
+    def ltrb_box(d):
+        """The box at distances (l, t, r, b) around (0, 0)."""
+        return torch.cat([-d[:, :2], d[:, 2:]], 1)
+
+    def fcos_loss(cls, reg, ctr, gts):
+        """mmdet FCOSHead.loss_by_feat (GIoU, centerness weights; one process: no all-reduce)."""
+        k = DETECT["num_classes"]
+        labels, targets = fcos_targets(level_points(cls), gts)
+        flat_cls, flat_reg, flat_ctr = flat(cls), flat(reg), flat(ctr).reshape(-1)
+        pos = ((labels >= 0) & (labels < k)).nonzero().reshape(-1)
+        num_pos = max(float(len(pos)), 1.0)
+        onehot = torch.zeros_like(flat_cls)
+        onehot[pos, labels[pos]] = 1.0
+        loss_cls = sigmoid_focal_loss(flat_cls, onehot, alpha=0.25, gamma=2.0,
+                                      reduction="sum") / num_pos
+        if len(pos) == 0:
+            return loss_cls + flat_reg.sum() * 0 + flat_ctr.sum() * 0
+        p_reg, p_tgt, p_ctr = flat_reg[pos], targets[pos], flat_ctr[pos]
+        lr, tb = p_tgt[:, [0, 2]], p_tgt[:, [1, 3]]
+        # mmdet centerness_target: sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))
+        ct = (lr.min(-1).values / lr.max(-1).values * tb.min(-1).values / tb.max(-1).values).sqrt()
+        # both boxes decoded at the same point: GIoU does not depend on which, take (0, 0)
+        giou = generalized_box_iou_loss(ltrb_box(p_reg), ltrb_box(p_tgt), reduction="none")
+        loss_bbox = (giou * ct).sum() / ct.sum().clamp(min=1e-6)
+        loss_ctr = F.binary_cross_entropy_with_logits(p_ctr, ct, reduction="sum") / num_pos
+        return loss_cls + loss_bbox + loss_ctr
+
+    def fcos_predict(cls, reg, ctr, img):
+        """mmdet _predict_by_feat_single + _bbox_post_process per image: (boxes, scores, labels)."""
+        d = DETECT
+        points = level_points(cls)
+        out = []
+        for i in range(cls[0].shape[0]):
+            boxes, scores, labels = [], [], []
+            for c, r, z, pts, s in zip(cls, reg, ctr, points, d["strides"]):
+                sc = c[i].permute(1, 2, 0).reshape(-1, c.shape[1]).sigmoid()
+                # filter_scores_and_topk: threshold, then the best nms_pre (point, class) pairs
+                valid = sc > d["score_thr"]
+                v, idx = sc[valid].sort(descending=True)
+                keep, lab = valid.nonzero()[idx[:d["nms_pre"]]].unbind(1)
+                dist = r[i].permute(1, 2, 0).reshape(-1, 4)[keep] * s
+                p = pts[keep]
+                bx = torch.cat([p - dist[:, :2], p + dist[:, 2:]], 1).clamp(0, img)
+                boxes.append(bx)
+                scores.append(v[:d["nms_pre"]] * z[i].reshape(-1)[keep].sigmoid())
+                labels.append(lab)
+            boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+            ok = (boxes[:, 2] - boxes[:, 0] > 0) & (boxes[:, 3] - boxes[:, 1] > 0)
+            boxes, scores, labels = boxes[ok], scores[ok], labels[ok]
+            keep = batched_nms(boxes, scores, labels, d["nms_iou"])[:d["max_per_img"]]
+            out.append((boxes[keep], scores[keep], labels[keep]))
+        return out
 
     def adamw(model):
         return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
@@ -230,6 +449,26 @@ def main():
                     o = torch.baddbmm(b2, h, w2)
                     out = torch.zeros_like(x)
                     out[keep] = o[idx[keep], pos[keep]] * gate[keep].unsqueeze(1)
+            return step
+        if task in ("det_train", "det_inference"):
+            model = Detector(img)
+            x = torch.randn(b, 3, img, img, generator=g)
+            if task == "det_inference":
+                model.eval()
+
+                def step():
+                    with torch.inference_mode():
+                        fcos_predict(*model(x), img)
+                return step
+            model.train()
+            opt = adamw(model)
+            gts = [torch.tensor(bs, dtype=torch.float32) for bs in synthetic_boxes(b, img)]
+
+            def step():
+                loss = fcos_loss(*model(x), gts)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
             return step
         if task in ("block_fwd", "block_bwd"):
             e, _, h, w, _ = HPARAMS[preset]

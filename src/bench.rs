@@ -1,6 +1,7 @@
 //! Benchmark recipe of `mimlab bench`: the rows (inference, a finetuning step and a SimMIM
-//! pretraining step for the CPU presets and `swinv2_tiny_window8_256`, plus the MoE MLP and one
-//! Swin-V2 block alone), their selection by filter, running them and the JSON report.
+//! pretraining step for the CPU presets and `swinv2_tiny_window8_256`, the MoE MLP and one Swin-V2
+//! block alone, and a training step and inference of the digits-det FCOS detector), their
+//! selection by filter, running them and the JSON report.
 //! `scripts/bench_pytorch.py` measures the same rows with PyTorch + timm.
 //!
 //! The measuring (timing, median, spread, peak RSS, table) is [`mimlab_engine::bench`]; this file
@@ -11,15 +12,19 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use mimlab_engine::bench::{measure, Iters, Report, Row};
+use mimlab_engine::data::ObjectBox;
 use mimlab_engine::device::with_cpu_threads;
 use mimlab_engine::fsutil::write_atomic;
 use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::optim::{param_groups, AdamW};
 use mimlab_engine::rng::{rng_for, SharedRng};
+use mimlab_finetune::detect::{DetectorConfig, FcosDetector, ImageMeta};
 use mimlab_models::moe::{MoeConfig, MoeMlp};
 use mimlab_models::swin_v2::{Block, SwinV2, SwinV2Config};
 use mimlab_pretrain::simmim::mask::{MaskGenerator, SimMimConfig};
 use mimlab_pretrain::simmim::SimMim;
+
+use crate::experiment::Experiment;
 
 /// What a row runs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -36,9 +41,14 @@ enum Task {
     BlockForward,
     /// The same block, train forward + backward (no optimizer).
     BlockBackward,
+    /// The [`DETECT_RECIPE`] detector: train forward, FCOS loss of [`synthetic_boxes`],
+    /// backward, AdamW step.
+    DetectTrain,
+    /// The same detector: eval forward and decoding to detections, as evaluation does.
+    DetectInference,
 }
 
-/// One row of the table: `name` is `preset/task` or `layer/variant`.
+/// One row of the table: `name` is `preset/task`, `layer/variant` or `detect/model/task`.
 #[derive(Debug, Clone)]
 pub struct Spec {
     name: String,
@@ -57,6 +67,14 @@ const PRESETS: &[(&str, [usize; 2], [usize; 2])] = &[
 
 /// MoE rows: 64 images of 8x8 tokens at 96 channels (hidden 384), like the MoE bench.
 const MOE_TOKENS: (usize, usize, usize, usize) = (64, 8, 96, 384);
+
+/// The recipe whose detector (`model:` and `detect:` sections, resolved as `mimlab finetune`
+/// resolves them) the `detect/` rows run, so the rows follow the recipe: swinv2_nano with window
+/// 8, FPN of 64 channels on stages 1-3, FCOS head of 2 x 64-channel convs, 10 classes.
+const DETECT_RECIPE: &str = "configs/detect/swinv2_nano_digits_det.yaml";
+
+/// Detection rows: the recipe's image size, its batch 16 and batch 8.
+const DETECT_ROWS: (usize, [usize; 2]) = (128, [8, 16]);
 
 fn specs() -> Vec<Spec> {
     let mut out = vec![];
@@ -103,6 +121,21 @@ fn specs() -> Vec<Spec> {
             batch: 8,
             img: 256,
         });
+    }
+    let (img, batches) = DETECT_ROWS;
+    for batch in batches {
+        for (task, t) in [
+            (Task::DetectTrain, "train"),
+            (Task::DetectInference, "inference"),
+        ] {
+            out.push(Spec {
+                name: format!("detect/nano_fcos/{t}"),
+                preset: "",
+                task,
+                batch,
+                img,
+            });
+        }
     }
     out
 }
@@ -234,6 +267,49 @@ fn classifier(preset: &str, img: usize, dev: &Device) -> Result<(SwinV2Config, V
     Ok((cfg, vm, model))
 }
 
+/// The [`DETECT_RECIPE`] detector's config at `img` pixels. The file is read from the checkout
+/// the binary was built from, whatever the working directory.
+fn detect_config(img: usize) -> Result<DetectorConfig> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DETECT_RECIPE);
+    let exp = Experiment::load(Some(&path), &[format!("model.img_size={img}")])?;
+    exp.detect.detector(&exp.model)
+}
+
+/// The [`DETECT_RECIPE`] detector at `img` pixels, seeded, with its variables.
+fn detector(img: usize, dev: &Device) -> Result<(VarMap, FcosDetector)> {
+    let cfg = detect_config(img)?;
+    let vm = VarMap::new();
+    let model = FcosDetector::new(
+        &cfg,
+        SharedRng::new(0),
+        seeded_var_builder(&vm, 0, DType::F32, dev),
+    )?;
+    Ok((vm, model))
+}
+
+/// Ground truth of the detection rows: per image three squares of 16, 48 and 96 px (one in each
+/// of the recipe's regression ranges) at positions that vary with the image, classes 0-9, in
+/// pixels of an `img`-sided image (`img > 96`). `scripts/bench_pytorch.py` places the same boxes.
+fn synthetic_boxes(batch: usize, img: usize) -> Vec<Vec<ObjectBox>> {
+    (0..batch)
+        .map(|i| {
+            [16, 48, 96]
+                .into_iter()
+                .enumerate()
+                .map(|(j, side)| {
+                    let x = (37 * i + 53 * j) % (img - side);
+                    let y = (29 * i + 71 * j + 11) % (img - side);
+                    ObjectBox {
+                        xyxy: [x, y, x + side, y + side].map(|v| v as f32),
+                        class: ((3 * i + j) % 10) as u32,
+                        crowd: false,
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// AdamW over every variable (timm/SimMIM defaults: betas (0.9, 0.999), eps 1e-8, wd 0.05).
 fn adamw(vm: &VarMap) -> Result<AdamW> {
     AdamW::new(param_groups(vm, 0.05, &[], &|_| 1.0), (0.9, 0.999), 1e-8)
@@ -354,12 +430,42 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
                 Ok(())
             })
         }),
+        Task::DetectTrain => measure(&s.name, batch, img, iters, || {
+            let (vm, det) = detector(img, &dev)?;
+            let mut opt = adamw(&vm)?;
+            let x = images(batch, img, &dev)?;
+            let boxes = synthetic_boxes(batch, img);
+            Ok(move || {
+                // a dense backbone: no MoE aux loss to add
+                let (out, _moe) = det.forward(&x, true)?;
+                let loss = det.loss(&out, &boxes)?.total()?;
+                opt.step(&loss.backward()?, 1e-4)?;
+                Ok(())
+            })
+        }),
+        Task::DetectInference => measure(&s.name, batch, img, iters, || {
+            let (_vm, det) = detector(img, &dev)?;
+            let x = images(batch, img, &dev)?;
+            let metas = vec![
+                ImageMeta {
+                    valid_size: (img, img),
+                    scale: (1.0, 1.0),
+                };
+                batch
+            ];
+            Ok(move || {
+                let (out, _moe) = det.forward(&x, false)?;
+                det.predict(&out, &metas)?;
+                Ok(())
+            })
+        }),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mimlab_finetune::detect::fcos_targets::assign;
 
     #[test]
     fn every_preset_row_has_batch_8_and_a_valid_resolution() {
@@ -369,7 +475,52 @@ mod tests {
                 preset_at(preset, img).unwrap();
             }
         }
-        assert_eq!(specs().len(), PRESETS.len() * 2 * 2 * 3 + 4);
+        assert_eq!(specs().len(), PRESETS.len() * 2 * 2 * 3 + 4 + 2 * 2);
+    }
+
+    /// The detection rows build the recipe's detector, and their boxes give positives on every
+    /// level (so the box and centerness losses run, not only the classification one).
+    #[test]
+    fn detect_rows_follow_the_recipe_and_their_boxes_reach_every_level() -> Result<()> {
+        let (img, batches) = DETECT_ROWS;
+        let cfg = detect_config(img)?;
+        assert_eq!(cfg.backbone.img_size, img);
+        assert_eq!((cfg.backbone.embed_dim, cfg.backbone.window_size), (32, 8));
+        let head = &cfg.head;
+        assert_eq!(
+            (head.strides.as_slice(), head.num_classes),
+            (&[8, 16, 32][..], 10)
+        );
+        let boxes = synthetic_boxes(batches[1], img);
+        for b in boxes.iter().flatten() {
+            assert!(
+                b.xyxy.iter().all(|&v| (0.0..=img as f32).contains(&v)),
+                "{b:?}"
+            );
+        }
+        let sizes: Vec<(usize, usize)> = head.strides.iter().map(|s| (img / s, img / s)).collect();
+        let t = assign(&head.assign_config(), &sizes, &boxes)?;
+        // scripts/bench_pytorch.py's mmdet-style assignment of the same boxes: 421 positives
+        assert_eq!(t.num_pos(), 421);
+        // (level, image) of each positive: points are flattened by level, then image
+        let mut seen = vec![vec![false; boxes.len()]; sizes.len()];
+        let mut first = 0;
+        for (l, (h, w)) in sizes.iter().enumerate() {
+            let n = h * w;
+            for &p in &t.positives {
+                if (first..first + n * boxes.len()).contains(&p) {
+                    seen[l][(p - first) / n] = true;
+                }
+            }
+            first += n * boxes.len();
+        }
+        for (l, images) in seen.iter().enumerate() {
+            assert!(
+                images.iter().all(|&y| y),
+                "level {l}: images without positives {images:?}"
+            );
+        }
+        Ok(())
     }
 
     #[test]
@@ -382,7 +533,9 @@ mod tests {
                 .collect()
         };
         assert_eq!(keys(&["nano/simmim img=64 batch=8"]).len(), 1);
-        assert_eq!(keys(&["nano"]).len(), 12);
+        assert_eq!(keys(&["swinv2_nano"]).len(), 12);
+        assert_eq!(keys(&["detect"]).len(), 4);
+        assert_eq!(keys(&["detect/nano_fcos/train img=128 batch=16"]).len(), 1);
         assert_eq!(keys(&["img=256 batch=8", "mlp/"]).len(), 3 + 2 + 2);
     }
 }

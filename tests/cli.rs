@@ -693,21 +693,17 @@ fn distill_from_a_simmim_run_and_load_the_student_into_a_classifier() {
     );
 }
 
+/// `mimlab bench --quick --threads 2 ARGS...`, its stdout (the table).
+fn bench_quick(args: &[&str]) -> String {
+    ok(&[&["bench", "--quick", "--threads", "2"], args].concat())
+}
+
 #[test]
 fn bench_quick_prints_the_selected_rows_with_positive_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     // `img=32`: nano's small rows and the MLP rows (64 images of 8x8 tokens)
-    let out = ok(&[
-        "bench",
-        "--quick",
-        "--threads",
-        "2",
-        "--filter",
-        "img=32",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let out = bench_quick(&["--filter", "img=32", "--json", json.to_str().unwrap()]);
     // header + 2 batches x 3 tasks + the dense and MoE MLP rows
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 1 + 6 + 2, "{out}");
@@ -733,6 +729,29 @@ fn bench_quick_prints_the_selected_rows_with_positive_numbers() {
         }
     }
     assert!(err(&["bench", "--filter", "no-such-row"]).contains("matches no row"));
+}
+
+#[test]
+fn bench_quick_runs_the_detection_rows_at_batch_8() {
+    // the detector of configs/detect/swinv2_nano_digits_det.yaml: train step and inference
+    let out = bench_quick(&[
+        "--filter",
+        "detect/nano_fcos/train img=128 batch=8",
+        "--filter",
+        "detect/nano_fcos/inference img=128 batch=8",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1 + 2, "{out}");
+    for (line, task) in lines[1..].iter().zip(["train", "inference"]) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            cols[..3],
+            [&format!("detect/nano_fcos/{task}"), "8", "128"],
+            "{out}"
+        );
+        let images_per_s: f64 = cols[cols.len() - 2].parse().unwrap();
+        assert!(images_per_s > 0.0, "{out}");
+    }
 }
 
 /// `mimlab` run from `cwd` with extra environment variables.
