@@ -7,7 +7,7 @@
 //! walks a strided index per element (40% once the conv was a gemm); these kernels copy rows.
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 
-use super::{is_fused, par_items, slice};
+use super::{dispatch, is_fused, par_items, slice, storage};
 
 /// The patches of a convolution with a `k` x `k` kernel, stride `s` and zero padding `p`:
 /// `x [B, C, H, W]` -> `[B, H', W', k k C]` with `H' = (H + 2p - k) / s + 1`, each row ordered
@@ -90,7 +90,11 @@ impl Geometry {
 
 struct Im2Col(Geometry);
 
-fn im2col_fwd<T: WithDType>(g: &Geometry, s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+fn im2col_fwd<T: WithDType>(
+    g: &Geometry,
+    s: &CpuStorage,
+    l: &Layout,
+) -> Result<(CpuStorage, Shape)> {
     let x = slice::<T>(s, l, "im2col")?;
     let (hw, row) = (g.h * g.w, g.row());
     let mut out = vec![T::zero(); g.b * g.ho * g.wo * row];
@@ -117,7 +121,7 @@ fn im2col_fwd<T: WithDType>(g: &Geometry, s: &CpuStorage, l: &Layout) -> Result<
             }
         }
     });
-    Ok(T::to_cpu_storage_owned(out))
+    Ok(storage(out, (g.b, g.ho, g.wo, g.row())))
 }
 
 impl CustomOp1 for Im2Col {
@@ -126,14 +130,7 @@ impl CustomOp1 for Im2Col {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let shape = Shape::from((g.b, g.ho, g.wo, g.row()));
-        let out = match s {
-            CpuStorage::F32(_) => im2col_fwd::<f32>(g, s, l)?,
-            CpuStorage::F64(_) => im2col_fwd::<f64>(g, s, l)?,
-            _ => candle_core::bail!("im2col: f32 or f64 expected"),
-        };
-        Ok((out, shape))
+        dispatch!(self.name(), s, im2col_fwd(&self.0, s, l))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -145,7 +142,7 @@ impl CustomOp1 for Im2Col {
 /// fixed order: output pixels in raster order, then taps).
 struct Col2Im(Geometry);
 
-fn col2im<T: WithDType>(g: &Geometry, s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+fn col2im<T: WithDType>(g: &Geometry, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
     let grad = slice::<T>(s, l, "col2im")?;
     let (hw, row) = (g.h * g.w, g.row());
     let per_image = g.ho * g.wo * row;
@@ -175,7 +172,7 @@ fn col2im<T: WithDType>(g: &Geometry, s: &CpuStorage, l: &Layout) -> Result<CpuS
             }
         }
     });
-    Ok(T::to_cpu_storage_owned(out))
+    Ok(storage(out, (g.b, g.c, g.h, g.w)))
 }
 
 impl CustomOp1 for Col2Im {
@@ -184,14 +181,7 @@ impl CustomOp1 for Col2Im {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let shape = Shape::from((g.b, g.c, g.h, g.w));
-        let out = match s {
-            CpuStorage::F32(_) => col2im::<f32>(g, s, l)?,
-            CpuStorage::F64(_) => col2im::<f64>(g, s, l)?,
-            _ => candle_core::bail!("col2im: f32 or f64 expected"),
-        };
-        Ok((out, shape))
+        dispatch!(self.name(), s, col2im(&self.0, s, l))
     }
 }
 
@@ -206,7 +196,11 @@ struct Transpose {
 /// Side of the square tiles the transpose copies (both tiles stay in L1).
 const TILE: usize = 32;
 
-fn transpose_fwd<T: WithDType>(op: &Transpose, s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+fn transpose_fwd<T: WithDType>(
+    op: &Transpose,
+    s: &CpuStorage,
+    l: &Layout,
+) -> Result<(CpuStorage, Shape)> {
     let x = slice::<T>(s, l, "transpose")?;
     let (m, n) = (op.m, op.n);
     let mut out = vec![T::zero(); op.b * m * n];
@@ -224,7 +218,7 @@ fn transpose_fwd<T: WithDType>(op: &Transpose, s: &CpuStorage, l: &Layout) -> Re
             }
         }
     });
-    Ok(T::to_cpu_storage_owned(out))
+    Ok(storage(out, (op.b, op.n, op.m)))
 }
 
 impl CustomOp1 for Transpose {
@@ -233,13 +227,7 @@ impl CustomOp1 for Transpose {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let shape = Shape::from((self.b, self.n, self.m));
-        let out = match s {
-            CpuStorage::F32(_) => transpose_fwd::<f32>(self, s, l)?,
-            CpuStorage::F64(_) => transpose_fwd::<f64>(self, s, l)?,
-            _ => candle_core::bail!("transpose: f32 or f64 expected"),
-        };
-        Ok((out, shape))
+        dispatch!(self.name(), s, transpose_fwd(self, s, l))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
