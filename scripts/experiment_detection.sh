@@ -90,12 +90,12 @@ def minutes(run):
         return float("nan")
     return sum(int(x) for x in open(p).read().split()) / 60
 
-def ms(xs):
+def ms(xs, digits=3):
     if not xs:
         return "-"
     if len(xs) == 1:
-        return f"{xs[0]:.3f}"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
 print("| dataset | init | seeds | AP | AP50 | minutes | per seed AP50 |")
 print("|---|---|---|---|---|---|---|")
@@ -112,7 +112,7 @@ for ds in ["digits_det", "trees"]:
         if not rows:
             continue
         print(f"| {ds} | {init} | {len(rows)} | {ms([r[1] for r in rows])} | "
-              f"{ms([r[2] for r in rows])} | {ms([r[3] for r in rows])} | "
+              f"{ms([r[2] for r in rows])} | {ms([r[3] for r in rows], 1)} | "
               + ", ".join(f"{r[2]:.3f}" for r in rows) + " |")
 PY
 fi
