@@ -86,6 +86,18 @@ impl Geometry {
     fn source(&self, o: usize, t: usize, n: usize) -> Option<usize> {
         (o * self.s + t).checked_sub(self.p).filter(|&i| i < n)
     }
+
+    /// The taps of output pixel `(oy, ox)` that read the image (not the zero padding), in tap
+    /// order: `(tap index kh * k + kw, input pixel index iy * W + ix)`.
+    fn taps(&self, oy: usize, ox: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..self.k).flat_map(move |kh| {
+            let iy = self.source(oy, kh, self.h);
+            (0..self.k).filter_map(move |kw| {
+                let ix = self.source(ox, kw, self.w)?;
+                Some((kh * self.k + kw, iy? * self.w + ix))
+            })
+        })
+    }
 }
 
 struct Im2Col(Geometry);
@@ -104,18 +116,10 @@ fn im2col_fwd<T: WithDType>(
             let (b, oy) = ((first + i) / g.ho, (first + i) % g.ho);
             let img = &x[b * g.c * hw..(b + 1) * g.c * hw];
             for (ox, patch) in orow.chunks_mut(row).enumerate() {
-                for kh in 0..g.k {
-                    let Some(iy) = g.source(oy, kh, g.h) else {
-                        continue;
-                    };
-                    for kw in 0..g.k {
-                        let Some(ix) = g.source(ox, kw, g.w) else {
-                            continue;
-                        };
-                        let tap = &mut patch[(kh * g.k + kw) * g.c..][..g.c];
-                        for (ch, v) in tap.iter_mut().enumerate() {
-                            *v = img[ch * hw + iy * g.w + ix];
-                        }
+                for (t, at) in g.taps(oy, ox) {
+                    let tap = &mut patch[t * g.c..][..g.c];
+                    for (ch, v) in tap.iter_mut().enumerate() {
+                        *v = img[ch * hw + at];
                     }
                 }
             }
@@ -154,18 +158,10 @@ fn col2im<T: WithDType>(g: &Geometry, s: &CpuStorage, l: &Layout) -> Result<(Cpu
             for oy in 0..g.ho {
                 for ox in 0..g.wo {
                     let patch = &gb[(oy * g.wo + ox) * row..][..row];
-                    for kh in 0..g.k {
-                        let Some(iy) = g.source(oy, kh, g.h) else {
-                            continue;
-                        };
-                        for kw in 0..g.k {
-                            let Some(ix) = g.source(ox, kw, g.w) else {
-                                continue;
-                            };
-                            let tap = &patch[(kh * g.k + kw) * g.c..][..g.c];
-                            for (ch, &v) in tap.iter().enumerate() {
-                                dx[ch * hw + iy * g.w + ix] += v;
-                            }
+                    for (t, at) in g.taps(oy, ox) {
+                        let tap = &patch[t * g.c..][..g.c];
+                        for (ch, &v) in tap.iter().enumerate() {
+                            dx[ch * hw + at] += v;
                         }
                     }
                 }
