@@ -160,11 +160,12 @@ impl Mlp {
 
 /// `nn.Conv2d` (square kernel, no groups) under `weight [o, i, k, k]` and optional `bias [o]`.
 ///
-/// candle 0.11.1's conv2d backward builds the input gradient with one `output_padding` taken from
-/// the height and used for the width too, so a strided conv on a map whose height and width
-/// leave different remainders gets a gradient of the wrong width. For `stride > 1` the input is
-/// therefore zero-padded here and its tail that no window reads is cut off, then the conv runs
-/// with padding 0: the same output, and a backward that fits both sides.
+/// On the CPU (f32/f64) it runs as im2col + the fused linear op (`forward_im2col`). Elsewhere it
+/// is candle's conv2d, whose 0.11.1 backward builds the input gradient with one `output_padding`
+/// taken from the height and used for the width too, so a strided conv on a map whose height and
+/// width leave different remainders gets a gradient of the wrong width. For `stride > 1` that
+/// path therefore zero-pads the input and cuts off the tail that no window reads, then runs the
+/// conv with padding 0: the same output, and a backward that fits both sides.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     w: Tensor,
