@@ -23,7 +23,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
-use mimlab_models::layers::{upsample_nearest2x, Conv2d, ConvTranspose2d, LayerNorm2d};
+use mimlab_models::layers::{upsample_nearest2x, Conv2d, ConvTranspose2d, LayerNorm, LayerNorm2d};
 use mimlab_models::swin_v2::Features;
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +66,11 @@ pub struct NeckConfig {
     pub extra_from: ExtraFrom,
     /// ReLU before every extra conv but the first.
     pub relu_before_extra: bool,
+    /// A LayerNorm (eps 1e-5) on each stage map read, but the backbone's last stage, which its
+    /// final norm already covers: mmdet's Swin backbone adds `norm{i}` on every `out_indices`
+    /// stage (mmdetection:mmdet/models/backbones/swin.py). Swin-V2's res-post-norm residual stream
+    /// is otherwise unnormalized. Names: `stage_norms.N` (N = position in `in_stages`).
+    pub stage_norm: bool,
 }
 
 impl Default for NeckConfig {
@@ -78,6 +83,7 @@ impl Default for NeckConfig {
             extra_levels: 2,
             extra_from: ExtraFrom::Input,
             relu_before_extra: false,
+            stage_norm: false,
         }
     }
 }
@@ -201,6 +207,8 @@ pub struct Neck {
     cfg: NeckConfig,
     body: Body,
     extras: Vec<Conv2d>,
+    /// Per `in_stages` entry: the `stage_norm` LayerNorm, if any.
+    norms: Vec<Option<LayerNorm>>,
     strides: Vec<usize>,
 }
 
@@ -282,6 +290,18 @@ impl Neck {
                 (Body::Simple { stages }, c, names)
             }
         };
+        let last_stage = stage_channels.len() - 1;
+        let norms = cfg
+            .in_stages
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let v = vb.pp("stage_norms").pp(i);
+                (cfg.stage_norm && s != last_stage)
+                    .then(|| LayerNorm::new(stage_channels[s], false, v))
+                    .transpose()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let mut extras = vec![];
         for (k, name) in extra_names.iter().enumerate() {
             let ci = if k == 0 { extra_in } else { c };
@@ -295,6 +315,7 @@ impl Neck {
             cfg: cfg.clone(),
             body,
             extras,
+            norms,
             strides,
         })
     }
@@ -309,15 +330,23 @@ impl Neck {
         &self.cfg
     }
 
-    /// The pyramid of the backbone's `features`, finest level first. `train` is accepted for the
-    /// model contract; the neck has no dropout.
-    pub fn forward(&self, features: &Features, _train: bool) -> Result<Vec<Tensor>> {
+    /// The pyramid of the backbone's `features`, finest level first (`train`: keep the graph
+    /// through the stage norms).
+    pub fn forward(&self, features: &Features, train: bool) -> Result<Vec<Tensor>> {
         let stage = |s: usize| -> Result<Tensor> {
             let t = features
                 .stages
                 .get(s)
                 .with_context(|| format!("neck: backbone has no stage {s}"))?;
-            Ok(t.contiguous()?)
+            let pos = self.cfg.in_stages.iter().position(|&i| i == s);
+            match pos.and_then(|p| self.norms[p].as_ref()) {
+                // the stage maps are NCHW views of the backbone's NHWC tokens
+                Some(n) => Ok(n
+                    .forward(&t.permute((0, 2, 3, 1))?, train)?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()?),
+                None => Ok(t.contiguous()?),
+            }
         };
         let mut outs = vec![];
         match &self.body {
@@ -463,6 +492,79 @@ mod tests {
         Ok(())
     }
 
+    /// `stage_norm`: a LayerNorm on each stage read but the backbone's last one (its final norm
+    /// covers it), named `stage_norms.N`; the neck then equals the plain neck with the same convs
+    /// fed the per-pixel normalized stage maps.
+    #[test]
+    fn stage_norm_normalizes_all_but_the_last_stage() -> Result<()> {
+        let plain = NeckConfig {
+            channels: 8,
+            extra_levels: 1,
+            ..NeckConfig::default()
+        };
+        let normed = NeckConfig {
+            stage_norm: true,
+            ..plain.clone()
+        };
+        let (c, s) = ([4, 8, 16, 32], [4, 8, 16, 32]);
+        let vm = VarMap::new();
+        let neck = Neck::new(
+            &normed,
+            &c,
+            &s,
+            seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu),
+        )?;
+        let mut keys: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
+        keys.retain(|k| k.starts_with("stage_norms"));
+        keys.sort();
+        let want = [
+            "stage_norms.0.bias",
+            "stage_norms.0.weight",
+            "stage_norms.1.bias",
+        ];
+        assert_eq!(keys[..3], want.map(String::from), "{keys:?}");
+        assert_eq!(keys.len(), 4, "stage 3 (the last) gets no norm: {keys:?}");
+        let vm2 = VarMap::new();
+        let base = Neck::new(
+            &plain,
+            &c,
+            &s,
+            seeded_var_builder(&vm2, 0, DType::F32, &Device::Cpu),
+        )?;
+        let (f, _) = features(&[(4, 18, 10), (8, 9, 5), (16, 5, 3), (32, 3, 2)])?;
+        let ln = |t: &Tensor| -> Result<Tensor> {
+            let mu = t.mean_keepdim(1)?;
+            let xc = t.broadcast_sub(&mu)?;
+            let var = xc.sqr()?.mean_keepdim(1)?;
+            Ok(xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?)
+        };
+        let mut g = f.clone();
+        g.stages = vec![
+            f.stages[0].clone(),
+            ln(&f.stages[1])?,
+            ln(&f.stages[2])?,
+            f.stages[3].clone(),
+        ];
+        let (a, b) = (neck.forward(&f, false)?, base.forward(&g, false)?);
+        assert_eq!(a.len(), 4);
+        for (x, y) in a.iter().zip(&b) {
+            let d = (x - y)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(
+                d < 1e-5,
+                "normed neck differs from the plain one on normed maps by {d}"
+            );
+        }
+        // the plain neck on the raw maps is not the same network
+        let raw = base.forward(&f, false)?;
+        let d = (&a[0] - &raw[0])?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(d > 1e-3);
+        Ok(())
+    }
+
     /// The top-down sum: with 1x1 laterals and 3x3 outputs set to identities, level 0 is its
     /// lateral plus the nearest upsample of level 1 (cropped to the odd size).
     #[test]
@@ -521,6 +623,7 @@ mod tests {
             extra_levels: 1,
             extra_from: ExtraFrom::Output,
             relu_before_extra: true,
+            stage_norm: false,
         };
         let vm = VarMap::new();
         let vb = seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
