@@ -945,6 +945,79 @@ fn metrics_coco_prints_the_12_stats_of_pycocotools() {
     assert!(e.contains("crowd.dt.json") && e.contains("image id"), "{e}");
 }
 
+/// `mimlab metrics miou` prints mmseg's metrics of a fixture folder (tests/fixtures/miou, from
+/// scripts/make_miou_fixtures.py), and each bad input is an error naming the file at fault.
+#[test]
+fn metrics_miou_prints_mmseg_metrics_and_names_bad_files() {
+    let fx = "tests/fixtures/miou/random_reduce_zero_label";
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{fx}/expected.json")).unwrap())
+            .unwrap();
+    let (gt, pred) = (format!("{fx}/gt"), format!("{fx}/pred"));
+    let base = ["metrics", "miou", "--gt", &gt, "--pred", &pred];
+    let mut args = base.to_vec();
+    args.extend(["--num-classes", "12", "--reduce-zero-label"]);
+    let out = ok(&args);
+    let j: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    let obj = j.as_object().unwrap();
+    let mut keys: Vec<&String> = obj.keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["Acc", "IoU", "aAcc", "mAcc", "mIoU"], "{out}");
+    for k in ["mIoU", "aAcc", "mAcc"] {
+        let (g, w) = (j[k].as_f64().unwrap(), expected[k].as_f64().unwrap());
+        assert!((g - w).abs() < 1e-12, "{k}: {g} vs {w}");
+    }
+    assert_eq!(j["IoU"].as_array().unwrap().len(), 12);
+    // without the label shift, stored label 12 is out of range for 12 classes
+    let mut args = base.to_vec();
+    args.extend(["--num-classes", "12"]);
+    let e = err(&args);
+    assert!(
+        e.contains("random_reduce_zero_label/gt/") && e.contains("label value 12"),
+        "{e}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let write = |p: &std::path::Path, w: u32, h: u32| {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        image::GrayImage::new(w, h).save(p).unwrap();
+    };
+    write(&d.join("gt/a.png"), 4, 3);
+    write(&d.join("pred/b.png"), 4, 3);
+    let (g, p) = (d.join("gt"), d.join("pred"));
+    let (g, p) = (g.to_str().unwrap(), p.to_str().unwrap());
+    let args = [
+        "metrics",
+        "miou",
+        "--gt",
+        g,
+        "--pred",
+        p,
+        "--num-classes",
+        "2",
+    ];
+    let e = err(&args);
+    assert!(e.contains("pred/a.png: no prediction"), "{e}");
+    write(&d.join("pred/a.png"), 3, 4);
+    let e = err(&args);
+    assert!(
+        e.contains("pred/a.png is 3x4 but its label map") && e.contains("4x3"),
+        "{e}"
+    );
+    write(&d.join("pred/a.png"), 4, 3);
+    let out = mimlab(&args);
+    assert!(out.status.success());
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // all-zero maps: class 0 is perfect, class 1 has no pixels on either side
+    assert_eq!(j["mIoU"].as_f64(), Some(1.0));
+    assert_eq!(j["IoU"][1], serde_json::Value::Null);
+    let note = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        note.contains("1 prediction(s)") && note.contains("b.png"),
+        "{note}"
+    );
+}
+
 /// `mimlab model list`: a header naming the MAC convention, one row per preset, and
 /// swinv2_tiny_window8_256 with timm's exact parameter count and 5.94 GMACs (timm's card: 5.96).
 #[test]

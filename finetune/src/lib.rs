@@ -1,6 +1,7 @@
 //! Downstream tasks on pretrained backbones, one folder each: [`classify`] (finetuning or training
-//! from scratch, evaluation), [`detect`] (FCOS detection on FPN: model, losses, COCO box AP) and [`probe`]
-//! (frozen-feature k-NN and linear probe). Shared by the
+//! from scratch, evaluation), [`detect`] (FCOS detection on FPN: model, losses, COCO box AP),
+//! [`segment`] (semantic segmentation: mIoU as mmseg) and [`probe`] (frozen-feature k-NN and
+//! linear probe). Shared by the
 //! tasks: the `finetune:` config section ([`config`]), starting from a pretraining ([`init`]) and
 //! layer-wise lr decay ([`layer_decay`]).
 pub mod classify;
@@ -9,3 +10,4 @@ pub mod detect;
 pub mod init;
 pub mod layer_decay;
 pub mod probe;
+pub mod segment;

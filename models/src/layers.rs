@@ -84,6 +84,18 @@ pub fn dropout(x: &Tensor, p: f64, rng: &SharedRng, train: bool) -> candle_core:
     x * m
 }
 
+/// `nn.Dropout2d` on `[B, C, H, W]`: whole channels zeroed with probability `p`, the others
+/// scaled by `1 / (1 - p)`; the `[B, C]` mask is drawn from the shared RNG.
+pub fn dropout2d(x: &Tensor, p: f64, rng: &SharedRng, train: bool) -> candle_core::Result<Tensor> {
+    if !train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let (b, c, _, _) = x.dims4()?;
+    let m = keep_scales(b * c, 1.0 - p, rng);
+    let m = Tensor::from_vec(m, (b, c, 1, 1), x.device())?.to_dtype(x.dtype())?;
+    x.broadcast_mul(&m)
+}
+
 /// `n` draws from the shared RNG of Bernoulli(keep) scaled by 1/keep: `1/keep` or 0.
 fn keep_scales(n: usize, keep: f64, rng: &SharedRng) -> Vec<f32> {
     rng.with(|g| {
@@ -287,6 +299,40 @@ pub fn group_norm(
     candle_nn::group_norm(groups, channels, 1e-5, vb)
 }
 
+/// mmcv's `ConvModule` with GroupNorm and ReLU (conv -> GN -> ReLU), as the FCOS towers and the
+/// UPerNet head use it. Names: `conv.weight` (`conv.bias` when built with one), `gn.weight`,
+/// `gn.bias`.
+#[derive(Debug, Clone)]
+pub struct ConvGnRelu {
+    conv: Conv2d,
+    gn: candle_nn::GroupNorm,
+}
+
+impl ConvGnRelu {
+    /// `i` -> `o` channels, `k` x `k` kernel with padding `k / 2`, stride 1, GroupNorm with
+    /// [`gn_groups`]`(o, max_groups)` groups; conv weights from `init`, bias from `bias` (`None` =
+    /// none, mmcv's `bias='auto'` under a norm).
+    pub fn new(
+        i: usize,
+        o: usize,
+        k: usize,
+        max_groups: usize,
+        init: Init,
+        bias: Option<Init>,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            conv: Conv2d::new(i, o, k, 1, k / 2, init, bias, vb.pp("conv"))?,
+            gn: group_norm(gn_groups(o, max_groups), o, vb.pp("gn"))?,
+        })
+    }
+
+    /// `[B, i, H, W]` -> `[B, o, H, W]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_core::Module::forward(&self.gn, &self.conv.forward(x)?)?.relu()
+    }
+}
+
 /// The number of GroupNorm groups for `channels`: the largest divisor of `channels` that is at
 /// most `max_groups` (32 in the references; fewer where a CPU preset has few channels).
 pub fn gn_groups(channels: usize, max_groups: usize) -> usize {
@@ -324,6 +370,98 @@ impl LayerNorm2d {
         y.broadcast_mul(&self.w.reshape((1, (), 1, 1))?)?
             .broadcast_add(&self.b.reshape((1, (), 1, 1))?)
     }
+}
+
+/// The `[out, inp]` matrix of 1-D linear interpolation as PyTorch's `F.interpolate(...,
+/// mode="bilinear", align_corners=False, size=...)` computes it (ATen `UpSample.h`:
+/// `area_pixel_compute_source_index` and `compute_source_index_and_lambda`, in f32 as its CPU
+/// kernel for float input): output `i` reads `src = max((i + 0.5) * inp / out - 0.5, 0)`, rows
+/// `i0 = floor(src)` and `i1 = min(i0 + 1, inp - 1)` with weights `1 - l` and `l = src - i0`.
+pub fn linear_interp_matrix(out: usize, inp: usize) -> Vec<f32> {
+    let scale = inp as f32 / out as f32;
+    let mut m = vec![0f32; out * inp];
+    for i in 0..out {
+        let src = (scale * (i as f32 + 0.5) - 0.5).max(0.0);
+        let i0 = (src as usize).min(inp - 1);
+        let i1 = if i0 + 1 < inp { i0 + 1 } else { i0 };
+        let l1 = src - i0 as f32;
+        m[i * inp + i0] += 1.0 - l1;
+        m[i * inp + i1] += l1;
+    }
+    m
+}
+
+/// Bilinear resize of `[B, C, h, w]` to `[B, C, oh, ow]`, exactly PyTorch's
+/// `F.interpolate(x, size=(oh, ow), mode="bilinear", align_corners=False)`, written as
+/// `A_h x A_w^T` with the fixed [`linear_interp_matrix`]es so that it has a backward (candle
+/// 0.11.1's `upsample_bilinear2d` has none; dense-tasks.md 3). Works for up- and down-sizing
+/// (PyTorch's `antialias=False`).
+pub fn resize_bilinear(x: &Tensor, oh: usize, ow: usize) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if h == 0 || w == 0 || oh == 0 || ow == 0 {
+        candle_core::bail!("resize_bilinear: {h}x{w} -> {oh}x{ow} has an empty side");
+    }
+    if (oh, ow) == (h, w) {
+        return Ok(x.clone());
+    }
+    separable(
+        x,
+        linear_interp_matrix(oh, h),
+        &linear_interp_matrix(ow, w),
+        oh,
+        ow,
+    )
+}
+
+/// The `[out, inp]` averaging matrix of PyTorch's 1-D adaptive average pooling
+/// (ATen `AdaptiveAveragePooling.cpp`): output `i` averages inputs `floor(i * inp / out)` to
+/// `ceil((i + 1) * inp / out)` (exclusive), so bins overlap when `inp` is not a multiple of `out`.
+pub fn adaptive_pool_matrix(out: usize, inp: usize) -> Vec<f32> {
+    let mut m = vec![0f32; out * inp];
+    for i in 0..out {
+        let (start, end) = (i * inp / out, ((i + 1) * inp).div_ceil(out));
+        for j in start..end {
+            m[i * inp + j] = 1.0 / (end - start) as f32;
+        }
+    }
+    m
+}
+
+/// `A_h x A_w^T` for `x [B, C, h, w]` with `ah [oh, h]` and `aw [ow, w]` given row-major: a
+/// separable linear resampling (bilinear resize, adaptive average pooling) as two matmuls, so it
+/// has candle's matmul backward.
+fn separable(
+    x: &Tensor,
+    ah: Vec<f32>,
+    aw: &[f32],
+    oh: usize,
+    ow: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let dev = x.device();
+    let ah = Tensor::from_vec(ah, (oh, h), dev)?.to_dtype(x.dtype())?;
+    let awt: Vec<f32> = (0..w * ow).map(|k| aw[(k % ow) * w + k / ow]).collect();
+    let awt = Tensor::from_vec(awt, (w, ow), dev)?.to_dtype(x.dtype())?;
+    // [B*C*h, w] x [w, ow], then [oh, h] x [B*C, h, ow] per map
+    let y = x.reshape((b * c * h, w))?.matmul(&awt)?;
+    let y = ah.broadcast_matmul(&y.reshape((b * c, h, ow))?)?;
+    y.reshape((b, c, oh, ow))
+}
+
+/// `F.adaptive_avg_pool2d(x, (oh, ow))` of `[B, C, h, w]` (UPerNet's pyramid pooling), with a
+/// backward (candle has no adaptive pooling; dense-tasks.md 3).
+pub fn adaptive_avg_pool2d(x: &Tensor, oh: usize, ow: usize) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if h == 0 || w == 0 || oh == 0 || ow == 0 {
+        candle_core::bail!("adaptive_avg_pool2d: {h}x{w} -> {oh}x{ow} has an empty side");
+    }
+    separable(
+        x,
+        adaptive_pool_matrix(oh, h),
+        &adaptive_pool_matrix(ow, w),
+        oh,
+        ow,
+    )
 }
 
 /// Nearest-neighbour upsampling of `[B, C, h, w]` by 2 cropped to `(oh, ow)` (`oh <= 2h`,

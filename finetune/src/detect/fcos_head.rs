@@ -11,8 +11,8 @@
 //! every conv N(0, 0.01) with bias 0, `conv_cls` bias `-log((1 - 0.01) / 0.01)` (prior 0.01).
 use anyhow::{ensure, Context, Result};
 use candle_core::Tensor;
-use candle_nn::{Init, Module, VarBuilder};
-use mimlab_models::layers::{gn_groups, group_norm, Conv2d};
+use candle_nn::{Init, VarBuilder};
+use mimlab_models::layers::{Conv2d, ConvGnRelu};
 use serde::{Deserialize, Serialize};
 
 use crate::detect::fcos_loss::LossConfig;
@@ -165,25 +165,12 @@ impl HeadOutput {
     }
 }
 
-/// One tower layer: 3x3 conv + GroupNorm + ReLU (mmcv `ConvModule`: `.conv`, `.gn`).
-#[derive(Debug, Clone)]
-struct ConvGn {
-    conv: Conv2d,
-    gn: candle_nn::GroupNorm,
-}
-
-impl ConvGn {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.gn.forward(&self.conv.forward(x)?)?.relu()
-    }
-}
-
 /// The FCOS head, shared by every level.
 #[derive(Debug, Clone)]
 pub struct FcosHead {
     cfg: FcosHeadConfig,
-    cls_convs: Vec<ConvGn>,
-    reg_convs: Vec<ConvGn>,
+    cls_convs: Vec<ConvGnRelu>,
+    reg_convs: Vec<ConvGnRelu>,
     conv_cls: Conv2d,
     conv_reg: Conv2d,
     conv_centerness: Conv2d,
@@ -205,15 +192,11 @@ impl FcosHead {
             stdev: 0.01,
         };
         let bias = cfg.conv_bias.then_some(Init::Const(0.0));
-        let groups = gn_groups(c, cfg.gn_groups);
-        let tower = |name: &str| -> Result<Vec<ConvGn>> {
+        let tower = |name: &str| -> Result<Vec<ConvGnRelu>> {
             (0..cfg.stacked_convs)
                 .map(|i| {
                     let v = vb.pp(name).pp(i);
-                    Ok(ConvGn {
-                        conv: Conv2d::new(c, c, 3, 1, 1, n01, bias, v.pp("conv"))?,
-                        gn: group_norm(groups, c, v.pp("gn"))?,
-                    })
+                    Ok(ConvGnRelu::new(c, c, 3, cfg.gn_groups, n01, bias, v)?)
                 })
                 .collect()
         };
@@ -289,6 +272,7 @@ mod tests {
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
     use mimlab_engine::init::seeded_var_builder;
+    use mimlab_models::layers::gn_groups;
 
     #[test]
     fn head_keys_shapes_and_init() -> Result<()> {
