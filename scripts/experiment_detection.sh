@@ -12,10 +12,12 @@
 #   stages: pretrain finetune table (default: all). Finished runs are skipped and an interrupted run
 #   resumes, so the script can simply be started again.
 # Env: MIMLAB_BIN (default: target/release/mimlab, built here), SEEDS (default "0 1"),
-#      DATASETS (default "digits_det trees").
+#      DATASETS (default "digits_det trees"), FINETUNE_SETS (extra `--set` overrides for every
+#      finetuning run, space-separated, e.g. "train.epochs=6" for a shorter common budget; the
+#      table's steps column shows what each run did), OUT (default runs/detection).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=runs/detection
+OUT=${OUT:-runs/detection}
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(pretrain finetune table)
 want() { local s; for s in "${STAGES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
@@ -62,6 +64,8 @@ finetune() { # dataset init seed
   if [ "$init" = simmim ]; then
     args=(--init "$OUT/simmim-$ds" --set finetune.layer_decay=0.9)
   fi
+  local s
+  for s in ${FINETUNE_SETS:-}; do args+=(--set "$s"); done
   $BIN finetune --config "configs/detect/swinv2_nano_$ds.yaml" --set run.output_dir=$OUT \
     --set run.name="$name" --set run.seed="$seed" ${args[@]+"${args[@]}"}
   echo $(($(date +%s) - t0)) >>"$dir/wall_s"
@@ -97,8 +101,22 @@ def ms(xs, digits=3):
         return f"{xs[0]:.{digits}f}"
     return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
-print("| dataset | init | seeds | AP | AP50 | minutes | per seed AP50 |")
-print("|---|---|---|---|---|---|---|")
+def steps(run):
+    """Training steps x batch of the run (its last train row and its config)."""
+    last = 0
+    for line in open(os.path.join(run, "metrics.jsonl")):
+        r = json.loads(line)
+        if r.get("split") == "train":
+            last = max(last, r["step"])
+    batch = None
+    for line in open(os.path.join(run, "config.yaml")):
+        if line.strip().startswith("batch_size:"):
+            batch = int(line.split(":")[1])
+            break
+    return f"{last} x {batch}"
+
+print("| dataset | init | seeds | steps x batch | AP | AP50 | minutes | per seed AP50 |")
+print("|---|---|---|---|---|---|---|---|")
 for ds in ["digits_det", "trees"]:
     for init in ["scratch", "simmim"]:
         runs = sorted(glob.glob(os.path.join(out, f"det-{ds}-{init}-s*")))
@@ -108,10 +126,11 @@ for ds in ["digits_det", "trees"]:
             if not os.path.exists(p):
                 continue
             c = json.load(open(p))["coco"]
-            rows.append((os.path.basename(r), c["AP"], c["AP50"], minutes(r)))
+            rows.append((os.path.basename(r), c["AP"], c["AP50"], minutes(r), steps(r)))
         if not rows:
             continue
-        print(f"| {ds} | {init} | {len(rows)} | {ms([r[1] for r in rows])} | "
+        budget = ", ".join(sorted({r[4] for r in rows}))
+        print(f"| {ds} | {init} | {len(rows)} | {budget} | {ms([r[1] for r in rows])} | "
               f"{ms([r[2] for r in rows])} | {ms([r[3] for r in rows], 1)} | "
               + ", ".join(f"{r[2]:.3f}" for r in rows) + " |")
 PY
