@@ -404,7 +404,7 @@ pub fn resize_bilinear(x: &Tensor, oh: usize, ow: usize) -> candle_core::Result<
     if (oh, ow) == (h, w) {
         return Ok(x.clone());
     }
-    separable(
+    resample_separable(
         x,
         linear_interp_matrix(oh, h),
         &linear_interp_matrix(ow, w),
@@ -427,10 +427,10 @@ pub fn adaptive_pool_matrix(out: usize, inp: usize) -> Vec<f32> {
     m
 }
 
-/// `A_h x A_w^T` for `x [B, C, h, w]` with `ah [oh, h]` and `aw [ow, w]` given row-major: a
-/// separable linear resampling (bilinear resize, adaptive average pooling) as two matmuls, so it
-/// has candle's matmul backward.
-fn separable(
+/// `A_h x A_w^T` for `x [B, C, h, w]` with `ah [oh, h]` and `aw [ow, w]` given row-major (e.g.
+/// [`linear_interp_matrix`], [`adaptive_pool_matrix`]): a separable linear resampling as two
+/// matmuls, so it has candle's matmul backward.
+pub fn resample_separable(
     x: &Tensor,
     ah: Vec<f32>,
     aw: &[f32],
@@ -455,7 +455,7 @@ pub fn adaptive_avg_pool2d(x: &Tensor, oh: usize, ow: usize) -> candle_core::Res
     if h == 0 || w == 0 || oh == 0 || ow == 0 {
         candle_core::bail!("adaptive_avg_pool2d: {h}x{w} -> {oh}x{ow} has an empty side");
     }
-    separable(
+    resample_separable(
         x,
         adaptive_pool_matrix(oh, h),
         &adaptive_pool_matrix(ow, w),

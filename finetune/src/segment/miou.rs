@@ -17,12 +17,11 @@
 //! prediction value outside `0..num_classes` from its own histogram (a label so dropped still
 //! adds its prediction to the union); here such a value is an error naming the file, the value and
 //! its pixel count, because it almost always means a wrong `num_classes` or a palette mistake.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use mimlab_engine::data::detection::read_class_map;
-use mimlab_engine::data::ClassMap;
 use serde_json::{json, Value};
 
 /// What the label maps mean.
@@ -70,12 +69,23 @@ pub struct AreaTotals {
     pub label: Vec<u64>,
 }
 
-/// An out-of-range value met by [`AreaTotals::add`]: which side, the value and its pixel count.
+/// Which map an out-of-range value is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Side {
+    /// The ground truth (after `reduce_zero_label`).
+    Label,
+    /// The prediction.
+    Prediction,
+}
+
+/// An out-of-range value met by [`AreaTotals::add`]: labels before predictions, the smallest
+/// value first, with the number of evaluated pixels holding it (a prediction is only looked at
+/// where its label is a class).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutOfRange {
-    /// `"label"` or `"prediction"`.
-    pub side: &'static str,
-    /// The first such value (smallest).
+    /// Which map.
+    pub side: Side,
+    /// The value.
     pub value: u32,
     /// Pixels holding it.
     pub pixels: usize,
@@ -108,38 +118,25 @@ impl AreaTotals {
         );
         let n = cfg.num_classes;
         let mut add = Self::new(n);
-        let mut bad: Option<(&'static str, u32)> = None;
+        let mut bad: BTreeMap<(Side, u32), usize> = BTreeMap::new();
         for (&p, &l) in pred.iter().zip(label) {
             let l = cfg.label(l);
             if l == cfg.ignore_index {
                 continue;
             }
-            for (side, v) in [("label", l), ("prediction", p)] {
-                if v as usize >= n && bad.is_none_or(|(_, b)| v < b) {
-                    bad = Some((side, v));
-                }
-            }
-            if bad.is_some() {
+            let (side, v) = if l as usize >= n {
+                (Side::Label, l)
+            } else if p as usize >= n {
+                (Side::Prediction, p)
+            } else {
+                add.pred[p as usize] += 1;
+                add.label[l as usize] += 1;
+                add.intersect[p as usize] += u64::from(p == l);
                 continue;
-            }
-            add.pred[p as usize] += 1;
-            add.label[l as usize] += 1;
-            if p == l {
-                add.intersect[p as usize] += 1;
-            }
-        }
-        if let Some((side, value)) = bad {
-            let pixels = match side {
-                "label" => label
-                    .iter()
-                    .filter(|&&l| cfg.label(l) == value && value != cfg.ignore_index)
-                    .count(),
-                _ => pred
-                    .iter()
-                    .zip(label)
-                    .filter(|&(&p, &l)| p == value && cfg.label(l) != cfg.ignore_index)
-                    .count(),
             };
+            *bad.entry((side, v)).or_default() += 1;
+        }
+        if let Some((&(side, value), &pixels)) = bad.iter().next() {
             return Ok(Some(OutOfRange {
                 side,
                 value,
@@ -228,11 +225,6 @@ fn pngs(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Row-major values of a class map.
-fn values(m: &ClassMap) -> Vec<u32> {
-    m.to_u32()
-}
-
 /// Evaluates every label map of `gt_dir` against the prediction of the same file name in
 /// `pred_dir` (8-bit grey or palette PNGs: the stored index is the class). Errors name the file: a
 /// missing prediction, a size mismatch, an out-of-range value. Returns the summed areas
@@ -271,12 +263,12 @@ pub fn evaluate_dirs(
             gm.width(),
             gm.height()
         );
-        if let Some(o) = totals.add(cfg, &values(&pm), &values(&gm))? {
+        if let Some(o) = totals.add(cfg, &pm.to_u32(), &gm.to_u32())? {
             let (file, what) = match o.side {
-                "label" => (g, "label value"),
-                _ => (&p, "predicted class"),
+                Side::Label => (g, "label value"),
+                Side::Prediction => (&p, "predicted class"),
             };
-            let shift = if cfg.reduce_zero_label && o.side == "label" {
+            let shift = if cfg.reduce_zero_label && o.side == Side::Label {
                 " after reduce_zero_label"
             } else {
                 ""
@@ -342,10 +334,10 @@ mod tests {
         let cfg = MiouConfig::new(2);
         let mut t = AreaTotals::new(2);
         let o = t.add(&cfg, &[0, 1, 1, 0], &[0, 7, 7, 255])?.unwrap();
-        assert_eq!((o.side, o.value, o.pixels), ("label", 7, 2));
+        assert_eq!((o.side, o.value, o.pixels), (Side::Label, 7, 2));
         // a prediction of 5 under an ignored label does not count
         let o = t.add(&cfg, &[5, 5, 0], &[255, 1, 0])?.unwrap();
-        assert_eq!((o.side, o.value, o.pixels), ("prediction", 5, 1));
+        assert_eq!((o.side, o.value, o.pixels), (Side::Prediction, 5, 1));
         assert_eq!(t, AreaTotals::new(2));
         assert_eq!(t.add(&cfg, &[5, 0], &[255, 0])?, None);
         Ok(())

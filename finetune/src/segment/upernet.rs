@@ -17,6 +17,8 @@
 //! (`BaseDecodeHead.init_weights`). Names follow mmseg with `gn` for the norm:
 //! `psp_modules.{i}.1.conv`, `bottleneck.conv`, `lateral_convs.{i}.conv`, `fpn_convs.{i}.conv`,
 //! `fpn_bottleneck.conv`, `conv_seg`; `auxiliary_head.convs.0.conv`, `auxiliary_head.conv_seg`.
+use std::collections::BTreeMap;
+
 use anyhow::{ensure, Context, Result};
 use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
@@ -131,6 +133,8 @@ pub struct SegLogits {
 /// The auxiliary FCN head (mmseg `FCNHead`, `num_convs=1`, `concat_input=False`).
 #[derive(Debug, Clone)]
 struct FcnHead {
+    /// The backbone stage it reads.
+    stage: usize,
     conv: ConvGnRelu,
     conv_seg: Conv2d,
 }
@@ -181,6 +185,7 @@ impl UperNet {
             Some(s) => {
                 let a = cfg.aux_channels;
                 Some(FcnHead {
+                    stage: s,
                     conv: ConvGnRelu::new(
                         stage_channels[s],
                         a,
@@ -215,14 +220,21 @@ impl UperNet {
 
     /// Logits from the backbone's NCHW stage maps (`stages[i]` is stage `i`).
     pub fn forward(&self, stages: &[Tensor], train: bool) -> Result<SegLogits> {
-        let stage = |s: usize| -> Result<Tensor> {
-            Ok(stages
+        // each stage read (the aux head's may be one of them) made contiguous once
+        let mut maps = BTreeMap::new();
+        for &s in self
+            .cfg
+            .in_stages
+            .iter()
+            .chain(self.aux.as_ref().map(|a| &a.stage))
+        {
+            let t = stages
                 .get(s)
-                .with_context(|| format!("UPerNet: the backbone has no stage {s}"))?
-                .contiguous()?)
-        };
+                .with_context(|| format!("UPerNet: the backbone has no stage {s}"))?;
+            maps.entry(s).or_insert(t.contiguous()?);
+        }
         let top_stage = *self.cfg.in_stages.last().context("no stages")?;
-        let x = stage(top_stage)?;
+        let x = maps[&top_stage].clone();
         let (_, _, h, w) = x.dims4()?;
         let mut cat = vec![x.clone()];
         for (m, &s) in self.psp.iter().zip(&self.cfg.pool_scales) {
@@ -235,8 +247,8 @@ impl UperNet {
             .in_stages
             .iter()
             .zip(&self.laterals)
-            .map(|(&s, l)| Ok(l.forward(&stage(s)?)?))
-            .collect::<Result<Vec<_>>>()?;
+            .map(|(s, l)| l.forward(&maps[s]))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         lat.push(psp);
         for i in (1..lat.len()).rev() {
             let (_, _, h, w) = lat[i - 1].dims4()?;
@@ -259,13 +271,13 @@ impl UperNet {
         let feats = self.fpn_bottleneck.forward(&Tensor::cat(&outs, 1)?)?;
         let feats = dropout2d(&feats, self.cfg.dropout, &self.rng, train)?;
         let main = self.conv_seg.forward(&feats)?;
-        let aux = match (&self.aux, self.cfg.aux_stage) {
-            (Some(a), Some(s)) => {
-                let f = a.conv.forward(&stage(s)?)?;
+        let aux = match &self.aux {
+            Some(a) => {
+                let f = a.conv.forward(&maps[&a.stage])?;
                 let f = dropout2d(&f, self.cfg.dropout, &self.rng, train)?;
                 Some(a.conv_seg.forward(&f)?)
             }
-            _ => None,
+            None => None,
         };
         Ok(SegLogits { main, aux })
     }

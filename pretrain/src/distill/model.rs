@@ -13,6 +13,7 @@ use candle_nn::{Init, VarBuilder, VarMap};
 use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::rng::SharedRng;
 use mimlab_engine::run_dir::resolve_init;
+use mimlab_models::layers::{adaptive_pool_matrix, linear_interp_matrix, resample_separable};
 use mimlab_models::moe::MoeAux;
 use mimlab_models::pretrained::{load_backbone_tensors, Head};
 use mimlab_models::swin_v2::{Features, SwinV2, SwinV2Config};
@@ -89,47 +90,26 @@ pub fn smooth_l1(pred: &Tensor, target: &Tensor, beta: f64) -> Result<Tensor> {
 }
 
 /// `[n_out, n_in]` row-major weights of a 1-D resampling: area averaging when shrinking (torch
-/// `adaptive_avg_pool` / `interpolate(mode="area")` bins), linear interpolation with
-/// `align_corners=False` when growing (torch `bilinear`), identity when equal.
+/// `adaptive_avg_pool` / `interpolate(mode="area")` bins, [`adaptive_pool_matrix`]), linear
+/// interpolation with `align_corners=False` when growing (torch `bilinear`,
+/// [`linear_interp_matrix`]), identity when equal.
 pub fn resample_weights(n_in: usize, n_out: usize) -> Vec<f32> {
-    let mut w = vec![0f32; n_out * n_in];
     if n_out <= n_in {
-        for i in 0..n_out {
-            let (s, e) = (i * n_in / n_out, ((i + 1) * n_in).div_ceil(n_out));
-            for j in s..e {
-                w[i * n_in + j] = 1.0 / (e - s) as f32;
-            }
-        }
+        adaptive_pool_matrix(n_out, n_in)
     } else {
-        for i in 0..n_out {
-            let src = ((i as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).max(0.0);
-            let i0 = (src.floor() as usize).min(n_in - 1);
-            let i1 = (i0 + 1).min(n_in - 1);
-            let f = (src - i0 as f64) as f32;
-            w[i * n_in + i0] += 1.0 - f;
-            w[i * n_in + i1] += f;
-        }
+        linear_interp_matrix(n_out, n_in)
     }
-    w
 }
 
 /// Separable resampling of `[B, C, H, W]` to `[B, C, out_h, out_w]` with [`resample_weights`]
 /// (area when shrinking, bilinear when growing); a no-op at the same size.
 pub fn resample_nchw(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
+    let (_, _, h, w) = x.dims4()?;
     if (h, w) == (out_h, out_w) {
         return Ok(x.clone());
     }
-    let dev = x.device();
-    let ah = Tensor::from_vec(resample_weights(h, out_h), (out_h, h), dev)?.to_dtype(x.dtype())?;
-    let aw = Tensor::from_vec(resample_weights(w, out_w), (out_w, w), dev)?.to_dtype(x.dtype())?;
-    let y = x
-        .contiguous()?
-        .reshape((b * c * h, w))?
-        .matmul(&aw.t()?)?
-        .reshape((b * c, h, out_w))?; // rows resampled along W
-    let y = ah.broadcast_matmul(&y)?; // (B*C, out_h, out_w)
-    Ok(y.reshape((b, c, out_h, out_w))?)
+    let (ah, aw) = (resample_weights(h, out_h), resample_weights(w, out_w));
+    Ok(resample_separable(x, ah, &aw, out_h, out_w)?)
 }
 
 /// The frozen teacher: any mimlab backbone checkpoint, built without drop path and run in eval
