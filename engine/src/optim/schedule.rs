@@ -9,6 +9,9 @@ pub enum ScheduleKind {
     Cosine,
     /// Official SimMIM MultiStepLRScheduler: `base * gamma^(#milestones <= t)`.
     Multistep,
+    /// mmseg's `PolyLR(power=1.0, eta_min=min_lr)` after the warmup (the UPerNet ADE20K
+    /// schedule): `min_lr + (base - min_lr) * (1 - (t - Tw) / (T - Tw))`.
+    Poly,
 }
 
 /// Per-step lr (architecture.md 3.5, timm CosineLRScheduler warmup_prefix=True):
@@ -60,6 +63,16 @@ impl LrSchedule {
                 let cos = (std::f64::consts::PI * t / t_i).cos();
                 self.min_lr + 0.5 * (base_lr - self.min_lr) * (1.0 + cos)
             }
+            ScheduleKind::Poly => {
+                let t = (step - self.warmup_steps) as f64;
+                let t_i = self.total_steps.saturating_sub(self.warmup_steps) as f64;
+                let left = if t_i > 0.0 {
+                    (1.0 - t / t_i).max(0.0)
+                } else {
+                    0.0
+                };
+                self.min_lr + (base_lr - self.min_lr) * left
+            }
             ScheduleKind::Multistep => {
                 // bisect.bisect_right(milestones, t)
                 let passed = self.milestones.iter().filter(|&&m| m <= step).count();
@@ -106,6 +119,20 @@ mod tests {
         assert!(s.lr(109) > 1e-5 && s.lr(109) < 1.03e-5);
         close(s.lr(110), 1e-5);
         close(s.lr(500), 1e-5);
+    }
+
+    #[test]
+    fn warmup_then_poly() {
+        let s = sched(ScheduleKind::Poly);
+        close(s.lr(0), 1e-6);
+        close(s.lr(10), 1e-3);
+        // halfway through the 100 decay steps: min + (base - min) / 2
+        close(s.lr(60), 1e-5 + 0.5 * (1e-3 - 1e-5));
+        close(s.lr(109), 1e-5 + (1e-3 - 1e-5) / 100.0);
+        close(s.lr(110), 1e-5);
+        close(s.lr(500), 1e-5);
+        // layer decay scales the peak, not the floor
+        close(s.lr_scaled(60, 0.5), 1e-5 + 0.5 * (0.5e-3 - 1e-5));
     }
 
     #[test]
