@@ -10,6 +10,7 @@ use mimlab_engine::trainer::{RunConfig, TrainConfig};
 use mimlab_finetune::config::FinetuneConfig;
 use mimlab_finetune::detect::model::DetectSection;
 use mimlab_finetune::init::prepare_init;
+use mimlab_finetune::segment::SegmentSection;
 use mimlab_models::swin_v2::{preset_layer, SwinV2Config};
 use mimlab_pretrain::distill::DistillConfig;
 use mimlab_pretrain::simmim::mask::SimMimConfig;
@@ -33,6 +34,8 @@ pub struct Experiment {
     pub finetune: FinetuneConfig,
     /// Detection neck and head (`finetune.task: detect`).
     pub detect: DetectSection,
+    /// Segmentation heads and inference (`finetune.task: segment`).
+    pub segment: SegmentSection,
     /// Feature distillation: teacher, loss, student options, feature cache.
     pub distill: DistillConfig,
 }

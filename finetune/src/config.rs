@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FinetuneConfig {
-    /// The downstream task: `classify` (a linear head) or `detect` (FPN + FCOS, the `detect:`
-    /// section).
+    /// The downstream task: `classify` (a linear head), `detect` (FPN + FCOS, the `detect:`
+    /// section) or `segment` (UPerNet or the light head, the `segment:` section).
     pub task: Task,
     /// Pretrained weights to start from: a run folder (its newest checkpoint) or a weights file
     /// (`--init` sets it); null = train from scratch.
@@ -69,6 +69,8 @@ pub enum Task {
     Classify,
     /// Object detection.
     Detect,
+    /// Semantic segmentation (the `segment:` section).
+    Segment,
 }
 
 impl FinetuneConfig {

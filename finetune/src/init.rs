@@ -46,3 +46,30 @@ pub fn prepare_init(path: &Path, target: &SwinV2Config) -> Result<Init> {
         pretrained_window_sizes: Some(target.pretrained_window_sizes),
     })
 }
+
+/// Loads a pretrained backbone (any run folder's checkpoint or an official / timm file, the layout
+/// detected as for classification) into the variables of `varmap` named `backbone.*` (a
+/// detector's or segmentor's); every backbone tensor must load, the other variables stay at their
+/// init.
+pub fn load_backbone_into(
+    varmap: &candle_nn::VarMap,
+    weights: &Path,
+) -> Result<mimlab_models::checkpoint::LoadReport> {
+    // The backbone's variables under their own names (the same `Var`s: loading sets them).
+    let sub = candle_nn::VarMap::new();
+    {
+        // Invariant: a VarMap mutex is only poisoned if a thread panicked holding it.
+        let all = varmap.data().lock().expect("varmap mutex poisoned");
+        let mut own = sub.data().lock().expect("varmap mutex poisoned");
+        for (k, v) in all.iter() {
+            if let Some(rest) = k.strip_prefix("backbone.") {
+                own.insert(rest.to_string(), v.clone());
+            }
+        }
+    }
+    mimlab_pretrain::backbone::load_backbone_weights(
+        &sub,
+        weights,
+        mimlab_models::pretrained::Head::Reinit,
+    )
+}

@@ -25,7 +25,8 @@ pub struct DistillArgs {
 
 /// Loads the experiment and distills the teacher into the student.
 pub fn run(args: DistillArgs) -> Result<()> {
-    let mut exp = super::load_experiment(&args.config, args.resume.resume.as_deref(), "distill")?;
+    let mut exp =
+        super::load_experiment(&args.config, args.resume.resume.as_deref(), &["distill"])?;
     if let Some(t) = &args.teacher {
         exp.distill.teacher = Some(t.clone());
     }

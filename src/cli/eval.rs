@@ -1,6 +1,7 @@
 //! `mimlab eval --weights RUN_DIR|FILE [--step best]`: a classifier's top-1/top-5, per-class
-//! accuracy and confusion matrix (JSON + PNG), or a detector's 12 COCO numbers, per-class AP and
-//! `detections.json`, on the eval split.
+//! accuracy and confusion matrix (JSON + PNG), a detector's 12 COCO numbers, per-class AP and
+//! `detections.json`, or a segmentor's mIoU, aAcc, mAcc, per-class IoU/Acc and predicted label
+//! maps (`pred/*.png`), on the eval split.
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -10,6 +11,7 @@ use mimlab_engine::run_dir::{pick_weights, resolve_init, Pick};
 use mimlab_finetune::classify::{eval_loader, evaluate_weights};
 use mimlab_finetune::config::Task;
 use mimlab_finetune::detect::recipe::evaluate_detection_weights;
+use mimlab_finetune::segment::recipe::evaluate_segmentation_weights;
 
 use super::ConfigArgs;
 use crate::experiment::Experiment;
@@ -57,6 +59,19 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 &src,
                 &cfg,
                 &exp.detect,
+                &exp.data,
+                exp.train.batch_size,
+                exp.run.seed,
+                args.out.as_deref(),
+                &device,
+            )?;
+            return Ok(());
+        }
+        if exp.finetune.task == Task::Segment {
+            evaluate_segmentation_weights(
+                &src,
+                &cfg,
+                &exp.segment,
                 &exp.data,
                 exp.train.batch_size,
                 exp.run.seed,

@@ -1,5 +1,5 @@
 //! `mimlab finetune --config C [--init RUN_DIR|FILE [--step best]] [--resume RUN_DIR [--step N]]`:
-//! image classification or object detection (`finetune.task`), from a pretrained backbone or
+//! image classification, object detection or semantic segmentation (`finetune.task`), from a pretrained backbone or
 //! (without `--init`) from scratch.
 use std::path::PathBuf;
 
@@ -10,6 +10,7 @@ use mimlab_engine::run_dir::pick_weights;
 use mimlab_finetune::classify::finetune_classifier;
 use mimlab_finetune::config::Task;
 use mimlab_finetune::detect::recipe::finetune_detector;
+use mimlab_finetune::segment::recipe::finetune_segmentor;
 
 use super::{ConfigArgs, ResumeArgs};
 
@@ -29,7 +30,11 @@ pub struct FinetuneArgs {
 
 /// Trains the classifier, then writes the final evaluation (JSON + confusion PNG) to RUN/eval/.
 pub fn run(args: FinetuneArgs) -> Result<()> {
-    let mut exp = super::load_experiment(&args.config, args.resume.resume.as_deref(), "classify")?;
+    let mut exp = super::load_experiment(
+        &args.config,
+        args.resume.resume.as_deref(),
+        &["classify", "detect", "segment"],
+    )?;
     if let Some(init) = &args.init {
         exp.finetune.init = Some(match args.resume.step {
             Some(pick) => pick_weights(init, pick).context("--init")?,
@@ -53,6 +58,11 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             Task::Detect => {
                 let ft = &exp.finetune;
                 finetune_detector(&session, &model, &exp.detect, ft, init.as_ref(), &device)?;
+            }
+            Task::Segment => {
+                let ft = &exp.finetune;
+                let seg = &exp.segment;
+                finetune_segmentor(&session, &model, seg, ft, init.as_ref(), &device)?;
             }
         }
         Ok(())

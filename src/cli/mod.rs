@@ -48,19 +48,21 @@ pub struct ResumeArgs {
 }
 
 /// The training commands and the objective each one writes and resumes.
-const COMMAND_OF: [(&str, &str); 3] = [
+const COMMAND_OF: [(&str, &str); 5] = [
     ("simmim", "mimlab pretrain"),
     ("distill", "mimlab distill"),
     ("classify", "mimlab finetune"),
+    ("detect", "mimlab finetune"),
+    ("segment", "mimlab finetune"),
 ];
 
 /// The experiment of a command: `--resume RUN_DIR` takes that run's own `config.yaml` (with
-/// `--set` still applied), else `--config`. `objective` is what the command trains: a run folder
-/// written by another objective is refused up front, naming the command that resumes it.
+/// `--set` still applied), else `--config`. `objectives` are what the command trains: a run
+/// folder written by another objective is refused up front, naming the command that resumes it.
 pub fn load_experiment(
     args: &ConfigArgs,
     resume: Option<&Path>,
-    objective: &str,
+    objectives: &[&str],
 ) -> Result<Experiment> {
     let config_path = match resume {
         Some(dir) => {
@@ -73,7 +75,7 @@ pub fn load_experiment(
             );
             if let Some(other) = newest_objective(&run.checkpoints())
                 .with_context(|| format!("--resume {}", dir.display()))?
-                .filter(|o| o != objective)
+                .filter(|o| !objectives.contains(&o.as_str()))
             {
                 let cmd = |o: &str| {
                     COMMAND_OF
@@ -83,10 +85,11 @@ pub fn load_experiment(
                 };
                 anyhow::bail!(
                     "--resume {}: that run was written by `{other}` ({}); `{}` resumes only its \
-                     own `{objective}` runs (to start from that run's weights, pass it to --init)",
+                     own `{}` runs (to start from that run's weights, pass it to --init)",
                     dir.display(),
                     cmd(&other),
-                    cmd(objective)
+                    cmd(objectives[0]),
+                    objectives.join("`/`")
                 );
             }
             Some(p)

@@ -17,7 +17,7 @@ pub struct PretrainArgs {
 
 /// Loads the experiment (or the resumed run's own config.yaml) and trains SimMIM.
 pub fn run(args: PretrainArgs) -> Result<()> {
-    let exp = super::load_experiment(&args.config, args.resume.resume.as_deref(), "simmim")?;
+    let exp = super::load_experiment(&args.config, args.resume.resume.as_deref(), &["simmim"])?;
     with_cpu_threads(exp.run.threads, move || -> Result<()> {
         let device = parse_device(&exp.run.device)?;
         let model = exp.model.clone();

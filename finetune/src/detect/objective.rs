@@ -16,13 +16,12 @@ use mimlab_engine::rng::SharedRng;
 use mimlab_engine::run_dir::RunDir;
 use mimlab_engine::trainer::{Objective, StepOutput};
 use mimlab_models::checkpoint::LoadReport;
-use mimlab_models::pretrained::Head;
-use mimlab_pretrain::backbone::load_backbone_weights;
 
 use crate::detect::evaluate::{evaluate_detector, DetEval};
 use crate::detect::fcos_loss::{scalar, FcosLosses};
 use crate::detect::model::{DetectorConfig, FcosDetector};
 use crate::detect::picture::{detection_picture, PictureSpec};
+use crate::init::load_backbone_into;
 use crate::layer_decay::swin_lr_scale;
 
 /// FCOS finetuning (or training from scratch) of a Swin-V2 detector.
@@ -113,19 +112,7 @@ impl DetectObjective {
     /// layout detected as for classification) into `backbone.*`; every backbone tensor must
     /// load, the neck and head stay at their init.
     pub fn load_backbone(&self, weights: &Path) -> Result<LoadReport> {
-        // The backbone's variables under their own names (the same `Var`s: loading sets them).
-        let sub = VarMap::new();
-        {
-            // Invariant: a VarMap mutex is only poisoned if a thread panicked holding it.
-            let all = self.varmap.data().lock().expect("varmap mutex poisoned");
-            let mut own = sub.data().lock().expect("varmap mutex poisoned");
-            for (k, v) in all.iter() {
-                if let Some(rest) = k.strip_prefix("backbone.") {
-                    own.insert(rest.to_string(), v.clone());
-                }
-            }
-        }
-        load_backbone_weights(&sub, weights, Head::Reinit)
+        load_backbone_into(&self.varmap, weights)
     }
 
     /// The detector.

@@ -9,165 +9,43 @@
 //! - FPN fuse: 1x1 `lateral_convs` on the other stages, top-down `lateral[i-1] += resize(lateral[i])`
 //!   (bilinear), 3x3 `fpn_convs` on all but the top, every level resized to the finest and
 //!   concatenated, 3x3 `fpn_bottleneck`, channel dropout (`nn.Dropout2d`), 1x1 `conv_seg`.
-//! - Optional auxiliary FCN head on one stage (`auxiliary_head`: one 3x3 ConvModule, dropout,
-//!   `conv_seg`; loss weight 0.4 in the reference).
 //!
-//! ConvModules are conv (no bias: mmcv's `bias='auto'` under a norm) + GN + ReLU with mmcv's init
-//! (Kaiming normal, fan_out, ReLU gain: N(0, 2 / (out * k * k))); `conv_seg` is N(0, 0.01), bias 0
-//! (`BaseDecodeHead.init_weights`). Names follow mmseg with `gn` for the norm:
-//! `psp_modules.{i}.1.conv`, `bottleneck.conv`, `lateral_convs.{i}.conv`, `fpn_convs.{i}.conv`,
-//! `fpn_bottleneck.conv`, `conv_seg`; `auxiliary_head.convs.0.conv`, `auxiliary_head.conv_seg`.
-use std::collections::BTreeMap;
-
-use anyhow::{ensure, Context, Result};
+//! ConvModules and `conv_seg` as [`crate::segment::conv`]. Names follow mmseg with `gn` for the
+//! norm: `psp_modules.{i}.1.conv`, `bottleneck.conv`, `lateral_convs.{i}.conv`,
+//! `fpn_convs.{i}.conv`, `fpn_bottleneck.conv`, `conv_seg`.
+use anyhow::{Context, Result};
 use candle_core::Tensor;
-use candle_nn::{Init, VarBuilder};
+use candle_nn::VarBuilder;
 use mimlab_engine::rng::SharedRng;
 use mimlab_models::layers::{adaptive_avg_pool2d, dropout2d, resize_bilinear, Conv2d, ConvGnRelu};
-use serde::{Deserialize, Serialize};
 
-/// The `decode_head:` settings (mmseg's `upernet_swin.py` values as defaults).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct UperNetConfig {
-    /// Backbone stages read, finest first (all four in the reference).
-    pub in_stages: Vec<usize>,
-    /// Width of every ConvModule (512 in the reference; CPU presets use less).
-    pub channels: usize,
-    /// Pyramid pooling output sizes.
-    pub pool_scales: Vec<usize>,
-    /// `nn.Dropout2d` probability before `conv_seg`.
-    pub dropout: f64,
-    /// GroupNorm groups (at most; the largest divisor of the width).
-    pub gn_groups: usize,
-    /// Classes predicted (logits per pixel).
-    pub num_classes: usize,
-    /// Stage of the auxiliary FCN head (`null`: none; 2 in the reference).
-    pub aux_stage: Option<usize>,
-    /// Width of the auxiliary head (256 in the reference).
-    pub aux_channels: usize,
-    /// Weight of the auxiliary loss (0.4 in the reference).
-    pub aux_weight: f64,
-}
-
-impl Default for UperNetConfig {
-    fn default() -> Self {
-        Self {
-            in_stages: vec![0, 1, 2, 3],
-            channels: 512,
-            pool_scales: vec![1, 2, 3, 6],
-            dropout: 0.1,
-            gn_groups: 32,
-            num_classes: 150,
-            aux_stage: Some(2),
-            aux_channels: 256,
-            aux_weight: 0.4,
-        }
-    }
-}
-
-impl UperNetConfig {
-    /// Checks the config against a backbone of `num_stages` stages, naming the key.
-    pub fn validate(&self, num_stages: usize) -> Result<()> {
-        ensure!(self.channels > 0, "decode_head.channels must be at least 1");
-        ensure!(
-            self.num_classes > 0,
-            "decode_head.num_classes must be at least 1"
-        );
-        ensure!(!self.in_stages.is_empty(), "decode_head.in_stages is empty");
-        ensure!(
-            self.in_stages.windows(2).all(|w| w[0] < w[1]),
-            "decode_head.in_stages must go from the finest stage up, got {:?}",
-            self.in_stages
-        );
-        for &s in self.in_stages.iter().chain(&self.aux_stage) {
-            ensure!(
-                s < num_stages,
-                "decode_head: stage {s} but the backbone has {num_stages} stages"
-            );
-        }
-        ensure!(
-            self.pool_scales.iter().all(|&s| s > 0),
-            "decode_head.pool_scales must be positive, got {:?}",
-            self.pool_scales
-        );
-        ensure!(
-            (0.0..1.0).contains(&self.dropout),
-            "decode_head.dropout must be in [0, 1), got {}",
-            self.dropout
-        );
-        ensure!(
-            self.aux_channels > 0,
-            "decode_head.aux_channels must be at least 1"
-        );
-        Ok(())
-    }
-}
-
-/// mmcv's ConvModule init: Kaiming normal, fan_out, ReLU gain.
-fn kaiming(o: usize, k: usize) -> Init {
-    Init::Randn {
-        mean: 0.0,
-        stdev: (2.0 / (o * k * k) as f64).sqrt(),
-    }
-}
-
-/// `BaseDecodeHead.conv_seg`: 1x1, N(0, 0.01), bias 0.
-fn conv_seg(c: usize, n: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
-    let n01 = Init::Randn {
-        mean: 0.0,
-        stdev: 0.01,
-    };
-    Conv2d::new(c, n, 1, 1, 0, n01, Some(Init::Const(0.0)), vb)
-}
-
-/// The head's outputs at the finest stage's resolution.
-#[derive(Debug, Clone)]
-pub struct SegLogits {
-    /// `[B, num_classes, H_0, W_0]` decode-head logits.
-    pub main: Tensor,
-    /// The auxiliary head's logits at its stage's resolution, when there is one.
-    pub aux: Option<Tensor>,
-}
-
-/// The auxiliary FCN head (mmseg `FCNHead`, `num_convs=1`, `concat_input=False`).
-#[derive(Debug, Clone)]
-struct FcnHead {
-    /// The backbone stage it reads.
-    stage: usize,
-    conv: ConvGnRelu,
-    conv_seg: Conv2d,
-}
+use crate::segment::config::DecodeHeadConfig;
+use crate::segment::conv::{conv_module, conv_seg};
 
 /// UPerNet.
 #[derive(Debug, Clone)]
 pub struct UperNet {
-    cfg: UperNetConfig,
+    cfg: DecodeHeadConfig,
     psp: Vec<ConvGnRelu>,
     bottleneck: ConvGnRelu,
     laterals: Vec<ConvGnRelu>,
     fpn_convs: Vec<ConvGnRelu>,
     fpn_bottleneck: ConvGnRelu,
     conv_seg: Conv2d,
-    aux: Option<FcnHead>,
     rng: SharedRng,
 }
 
 impl UperNet {
-    /// Builds the head for stages of `stage_channels` channels under `vb` (the auxiliary head
-    /// under `aux_vb`: mmseg keeps it beside `decode_head`).
+    /// Builds the head for stages of `stage_channels` channels under `vb`.
     pub fn new(
-        cfg: &UperNetConfig,
+        cfg: &DecodeHeadConfig,
         stage_channels: &[usize],
         rng: SharedRng,
         vb: VarBuilder,
-        aux_vb: VarBuilder,
     ) -> Result<Self> {
         cfg.validate(stage_channels.len())?;
         let (c, g) = (cfg.channels, cfg.gn_groups);
-        let conv = |i: usize, o: usize, k: usize, v: VarBuilder| {
-            ConvGnRelu::new(i, o, k, g, kaiming(o, k), None, v)
-        };
+        let conv = |i: usize, o: usize, k: usize, v: VarBuilder| conv_module(i, o, k, g, v);
         let top = stage_channels[*cfg.in_stages.last().context("no stages")?];
         let psp = (0..cfg.pool_scales.len())
             .map(|i| conv(top, c, 1, vb.pp("psp_modules").pp(i).pp(1)))
@@ -181,25 +59,6 @@ impl UperNet {
             fpn_convs.push(conv(c, c, 3, vb.pp("fpn_convs").pp(i))?);
         }
         let fpn_bottleneck = conv(cfg.in_stages.len() * c, c, 3, vb.pp("fpn_bottleneck"))?;
-        let aux = match cfg.aux_stage {
-            Some(s) => {
-                let a = cfg.aux_channels;
-                Some(FcnHead {
-                    stage: s,
-                    conv: ConvGnRelu::new(
-                        stage_channels[s],
-                        a,
-                        3,
-                        g,
-                        kaiming(a, 3),
-                        None,
-                        aux_vb.pp("convs").pp(0),
-                    )?,
-                    conv_seg: conv_seg(a, cfg.num_classes, aux_vb.pp("conv_seg"))?,
-                })
-            }
-            None => None,
-        };
         Ok(Self {
             cfg: cfg.clone(),
             psp,
@@ -208,37 +67,24 @@ impl UperNet {
             fpn_convs,
             fpn_bottleneck,
             conv_seg: conv_seg(c, cfg.num_classes, vb.pp("conv_seg"))?,
-            aux,
             rng,
         })
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &UperNetConfig {
-        &self.cfg
-    }
-
-    /// Logits from the backbone's NCHW stage maps (`stages[i]` is stage `i`).
-    pub fn forward(&self, stages: &[Tensor], train: bool) -> Result<SegLogits> {
-        // each stage read (the aux head's may be one of them) made contiguous once
-        let mut maps = BTreeMap::new();
-        for &s in self
-            .cfg
-            .in_stages
-            .iter()
-            .chain(self.aux.as_ref().map(|a| &a.stage))
-        {
-            let t = stages
+    /// `[B, num_classes, H_0, W_0]` logits at the finest read stage's resolution, from the
+    /// backbone's NCHW stage maps (`stages[i]` is stage `i`, contiguous).
+    pub fn forward(&self, stages: &[Tensor], train: bool) -> Result<Tensor> {
+        let stage = |s: usize| {
+            stages
                 .get(s)
-                .with_context(|| format!("UPerNet: the backbone has no stage {s}"))?;
-            maps.entry(s).or_insert(t.contiguous()?);
-        }
+                .with_context(|| format!("UPerNet: the backbone has no stage {s}"))
+        };
         let top_stage = *self.cfg.in_stages.last().context("no stages")?;
-        let x = maps[&top_stage].clone();
+        let x = stage(top_stage)?;
         let (_, _, h, w) = x.dims4()?;
         let mut cat = vec![x.clone()];
         for (m, &s) in self.psp.iter().zip(&self.cfg.pool_scales) {
-            let pooled = m.forward(&adaptive_avg_pool2d(&x, s, s)?)?;
+            let pooled = m.forward(&adaptive_avg_pool2d(x, s, s)?)?;
             cat.push(resize_bilinear(&pooled, h, w)?);
         }
         let psp = self.bottleneck.forward(&Tensor::cat(&cat, 1)?)?;
@@ -247,8 +93,8 @@ impl UperNet {
             .in_stages
             .iter()
             .zip(&self.laterals)
-            .map(|(s, l)| l.forward(&maps[s]))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|(&s, l)| Ok(l.forward(stage(s)?)?))
+            .collect::<Result<Vec<_>>>()?;
         lat.push(psp);
         for i in (1..lat.len()).rev() {
             let (_, _, h, w) = lat[i - 1].dims4()?;
@@ -270,16 +116,7 @@ impl UperNet {
         }
         let feats = self.fpn_bottleneck.forward(&Tensor::cat(&outs, 1)?)?;
         let feats = dropout2d(&feats, self.cfg.dropout, &self.rng, train)?;
-        let main = self.conv_seg.forward(&feats)?;
-        let aux = match &self.aux {
-            Some(a) => {
-                let f = a.conv.forward(&maps[&a.stage])?;
-                let f = dropout2d(&f, self.cfg.dropout, &self.rng, train)?;
-                Some(a.conv_seg.forward(&f)?)
-            }
-            None => None,
-        };
-        Ok(SegLogits { main, aux })
+        Ok(self.conv_seg.forward(&feats)?)
     }
 }
 
@@ -290,13 +127,12 @@ mod tests {
     use candle_nn::VarMap;
     use mimlab_engine::init::seeded_var_builder;
 
-    fn small() -> UperNetConfig {
-        UperNetConfig {
+    fn small() -> DecodeHeadConfig {
+        DecodeHeadConfig {
             channels: 8,
             gn_groups: 4,
             num_classes: 5,
-            aux_channels: 6,
-            ..UperNetConfig::default()
+            ..DecodeHeadConfig::default()
         }
     }
 
@@ -307,13 +143,7 @@ mod tests {
         let vm = VarMap::new();
         let vb = seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
         let dims = [4, 8, 16, 32];
-        let head = UperNet::new(
-            &small(),
-            &dims,
-            SharedRng::new(0),
-            vb.pp("decode_head"),
-            vb.pp("auxiliary_head"),
-        )?;
+        let head = UperNet::new(&small(), &dims, SharedRng::new(0), vb.pp("decode_head"))?;
         let sizes = [(18, 10), (9, 5), (5, 3), (3, 2)];
         let vars = dims
             .iter()
@@ -324,8 +154,7 @@ mod tests {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let stages: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let out = head.forward(&stages, true)?;
-        assert_eq!(out.main.dims(), &[2, 5, 18, 10]);
-        assert_eq!(out.aux.as_ref().unwrap().dims(), &[2, 5, 5, 3]);
+        assert_eq!(out.dims(), &[2, 5, 18, 10]);
         let data = vm.data().lock().unwrap().clone();
         for k in [
             "decode_head.psp_modules.3.1.conv.weight",
@@ -335,8 +164,6 @@ mod tests {
             "decode_head.fpn_convs.2.gn.weight",
             "decode_head.fpn_bottleneck.conv.weight",
             "decode_head.conv_seg.bias",
-            "auxiliary_head.convs.0.conv.weight",
-            "auxiliary_head.conv_seg.weight",
         ] {
             assert!(data.contains_key(k), "{k} missing: {:?}", data.keys());
         }
@@ -350,7 +177,7 @@ mod tests {
             data["decode_head.fpn_bottleneck.conv.weight"].dims(),
             &[8, 32, 3, 3]
         );
-        let loss = (out.main.sqr()?.sum_all()? + out.aux.unwrap().sqr()?.sum_all()?)?;
+        let loss = out.sqr()?.sum_all()?;
         let g = loss.backward()?;
         for (i, v) in vars.iter().enumerate() {
             let gs = g
@@ -386,15 +213,18 @@ mod tests {
 
     #[test]
     fn validation_names_the_key() {
-        let e = UperNetConfig {
+        let e = DecodeHeadConfig {
             in_stages: vec![1, 0],
             ..small()
         }
         .validate(4)
         .unwrap_err();
-        assert!(e.to_string().contains("decode_head.in_stages"), "{e}");
-        let e = UperNetConfig {
-            aux_stage: Some(5),
+        assert!(
+            e.to_string().contains("segment.decode_head.in_stages"),
+            "{e}"
+        );
+        let e = DecodeHeadConfig {
+            in_stages: vec![0, 5],
             ..small()
         }
         .validate(4)
