@@ -19,6 +19,15 @@ src/bench.rs. Inference: eval forward and mmdet's decoding (score > 0.05, top 10
 boxes at the points, score x centerness, torchvision's batched_nms at the recipe's IoU 0.5, 100 per
 image).
 
+Segmentation rows (`segment/nano_{upernet,segformer}/...`): the segmentor of
+configs/segment/swinv2_nano_digits_seg.yaml (mimlab's rows build it from that file): the same
+Swin-V2 nano at window 8 with all four stages as features, mmseg's UPerHead (PPM at pool scales
+1, 2, 4, FPN fuse, 32 channels) or SegformerHead (32 channels), ConvModules with GroupNorm 8 for
+mmseg's SyncBN, and the FCNHead auxiliary head on stage 2 (32 channels, weight 0.4). Train: logits
+upsampled bilinearly (align_corners=False) to the labels, F.cross_entropy(ignore_index=255) on the
+synthetic class maps of src/bench.rs, backward, AdamW step. Inference: eval forward, logits
+upsampled to the input, argmax.
+
 Timing rule (engine/src/bench.rs): `--warmup` untimed calls, then at least 3 timed calls and on
 until 2 s were timed (at most 20), or exactly `--iters`. Peak memory: VmHWM after resetting it
 (`echo 5 > /proc/self/clear_refs`) before each row's setup.
@@ -70,6 +79,11 @@ DETECT = dict(preset="swinv2_nano", window=8, in_stages=(1, 2, 3), channels=64, 
               gn_groups=16, num_classes=10, strides=(8, 16, 32),
               regress_ranges=((-1.0, 32.0), (32.0, 64.0), (64.0, 1e8)), center_radius=1.5,
               score_thr=0.05, nms_pre=1000, nms_iou=0.5, max_per_img=100)
+# segmentation rows: as src/bench.rs SEGMENT_ROWS; the segmentor of
+# configs/segment/swinv2_nano_digits_seg.yaml
+SEGMENT_IMG, SEGMENT_BATCHES = 128, (8, 16)
+SEGMENT = dict(preset="swinv2_nano", window=8, channels=32, pool_scales=(1, 2, 4), gn_groups=8,
+               num_classes=11, aux_stage=2, aux_channels=32, aux_weight=0.4, dropout=0.1)
 
 
 def specs():
@@ -90,7 +104,23 @@ def specs():
         for task in ("train", "inference"):
             out.append(dict(name=f"detect/nano_fcos/{task}", preset=DETECT["preset"],
                             task=f"det_{task}", batch=batch, img=DETECT_IMG))
+    for head in ("upernet", "segformer"):
+        for batch in SEGMENT_BATCHES:
+            for task in ("train", "inference"):
+                out.append(dict(name=f"segment/nano_{head}/{task}", preset=SEGMENT["preset"],
+                                task=f"seg_{task}", head=head, batch=batch, img=SEGMENT_IMG))
     return out
+
+
+def synthetic_class_maps(batch, img):
+    """src/bench.rs `synthetic_class_maps`: 16 px squares of class (i + row + 2 column) % 11,
+    every 7th pixel (in flat order) 255."""
+    import torch
+    k = torch.arange(batch * img * img)
+    i, y, x = k // (img * img), k // img % img, k % img
+    lab = (i + y // 16 + 2 * (x // 16)) % 11
+    lab[k % 7 == 0] = 255
+    return lab.view(batch, img, img)
 
 
 def synthetic_boxes(batch, img):
@@ -276,6 +306,92 @@ def main():
                 if i in DETECT["in_stages"]:
                     feats.append(z.permute(0, 3, 1, 2).contiguous())
             return self.head(self.neck(feats))
+
+    def conv_module(i, o, k):
+        """mmcv ConvModule(conv without bias, GN, ReLU), Kaiming fan_out init."""
+        conv = nn.Conv2d(i, o, k, padding=k // 2, bias=False)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        groups = max(g for g in range(1, SEGMENT["gn_groups"] + 1) if o % g == 0)
+        return nn.Sequential(conv, nn.GroupNorm(groups, o), nn.ReLU(inplace=True))
+
+    def conv_seg(c):
+        m = nn.Conv2d(c, SEGMENT["num_classes"], 1)
+        nn.init.normal_(m.weight, std=0.01)
+        nn.init.zeros_(m.bias)
+        return m
+
+    def up(x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    class UPerHead(nn.Module):
+        """mmseg UPerHead: PPM on the last stage, FPN fuse, concat at stride 4, dropout, conv_seg."""
+
+        def __init__(self, dims, c):
+            super().__init__()
+            self.psp = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_module(dims[-1], c, 1))
+                                     for s in SEGMENT["pool_scales"])
+            self.bottleneck = conv_module(dims[-1] + len(SEGMENT["pool_scales"]) * c, c, 3)
+            self.lateral_convs = nn.ModuleList(conv_module(d, c, 1) for d in dims[:-1])
+            self.fpn_convs = nn.ModuleList(conv_module(c, c, 3) for _ in dims[:-1])
+            self.fpn_bottleneck = conv_module(len(dims) * c, c, 3)
+            self.dropout = nn.Dropout2d(SEGMENT["dropout"])
+            self.conv_seg = conv_seg(c)
+
+        def forward(self, feats):
+            x = feats[-1]
+            psp = self.bottleneck(torch.cat([x] + [up(m(x), x.shape[2:]) for m in self.psp], 1))
+            lat = [l(f) for l, f in zip(self.lateral_convs, feats[:-1])] + [psp]
+            for i in range(len(lat) - 1, 0, -1):
+                lat[i - 1] = lat[i - 1] + up(lat[i], lat[i - 1].shape[2:])
+            outs = [c(l) for c, l in zip(self.fpn_convs, lat[:-1])] + [lat[-1]]
+            outs = [outs[0]] + [up(o, outs[0].shape[2:]) for o in outs[1:]]
+            return self.conv_seg(self.dropout(self.fpn_bottleneck(torch.cat(outs, 1))))
+
+    class SegformerHead(nn.Module):
+        """mmseg SegformerHead: 1x1 ConvModule per stage, upsampled, concat, fusion, conv_seg."""
+
+        def __init__(self, dims, c):
+            super().__init__()
+            self.convs = nn.ModuleList(conv_module(d, c, 1) for d in dims)
+            self.fusion_conv = conv_module(len(dims) * c, c, 1)
+            self.dropout = nn.Dropout2d(SEGMENT["dropout"])
+            self.conv_seg = conv_seg(c)
+
+        def forward(self, feats):
+            size = feats[0].shape[2:]
+            outs = [up(conv(f), size) for conv, f in zip(self.convs, feats)]
+            return self.conv_seg(self.dropout(self.fusion_conv(torch.cat(outs, 1))))
+
+    class Segmentor(nn.Module):
+        """Swin-V2 (all four stages, the last after the final norm) -> decode head + FCN aux."""
+
+        def __init__(self, img, head):
+            super().__init__()
+            d = SEGMENT
+            self.backbone = swin(d["preset"], img, 0, window=d["window"])
+            e = self.backbone.embed_dim
+            dims = [e * 2 ** i for i in range(len(self.backbone.layers))]
+            c = d["channels"]
+            self.decode_head = UPerHead(dims, c) if head == "upernet" else SegformerHead(dims, c)
+            self.aux = nn.Sequential(conv_module(dims[d["aux_stage"]], d["aux_channels"], 3),
+                                     nn.Dropout2d(d["dropout"]), conv_seg(d["aux_channels"]))
+
+        def forward(self, x, aux=True):
+            z = self.backbone.patch_embed(x)
+            feats, last = [], len(self.backbone.layers) - 1
+            for i, layer in enumerate(self.backbone.layers):
+                z = layer(z)
+                if i == last:
+                    z = self.backbone.norm(z)
+                feats.append(z.permute(0, 3, 1, 2).contiguous())
+            # mmseg runs the auxiliary head in training only
+            return (self.decode_head(feats),
+                    self.aux(feats[SEGMENT["aux_stage"]]) if aux else None)
+
+    def seg_loss(out, labels):
+        main, aux = (F.cross_entropy(up(o, labels.shape[1:]), labels, ignore_index=255)
+                     for o in out)
+        return main + SEGMENT["aux_weight"] * aux
 
     def level_points(cls):
         """mmdet MlvlPointGenerator (offset 0.5): the (x, y) of each level's points, row-major."""
@@ -466,6 +582,26 @@ def main():
 
             def step():
                 loss = fcos_loss(*model(x), gts)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return step
+        if task in ("seg_train", "seg_inference"):
+            model = Segmentor(img, s["head"])
+            x = torch.randn(b, 3, img, img, generator=g)
+            if task == "seg_inference":
+                model.eval()
+
+                def step():
+                    with torch.inference_mode():
+                        up(model(x, aux=False)[0], (img, img)).argmax(1)
+                return step
+            model.train()
+            opt = adamw(model)
+            labels = synthetic_class_maps(b, img)
+
+            def step():
+                loss = seg_loss(model(x), labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -1,7 +1,8 @@
 //! Benchmark recipe of `mimlab bench`: the rows (inference, a finetuning step and a SimMIM
 //! pretraining step for the CPU presets and `swinv2_tiny_window8_256`, the MoE MLP and one Swin-V2
-//! block alone, and a training step and inference of the digits-det FCOS detector), their
-//! selection by filter, running them and the JSON report.
+//! block alone, a training step and inference of the digits-det FCOS detector and of the
+//! digits-seg segmentors, UPerNet and the light SegFormer head), their selection by filter,
+//! running them and the JSON report.
 //! `scripts/bench_pytorch.py` measures the same rows with PyTorch + timm.
 //!
 //! The measuring (timing, median, spread, peak RSS, table) is [`mimlab_engine::bench`]; this file
@@ -19,6 +20,7 @@ use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::optim::{param_groups, AdamW};
 use mimlab_engine::rng::{rng_for, SharedRng};
 use mimlab_finetune::detect::{DetectorConfig, FcosDetector, ImageMeta};
+use mimlab_finetune::segment::{HeadKind, Segmentor};
 use mimlab_models::moe::{MoeConfig, MoeMlp};
 use mimlab_models::swin_v2::{Block, SwinV2, SwinV2Config};
 use mimlab_pretrain::simmim::mask::{MaskGenerator, SimMimConfig};
@@ -46,6 +48,13 @@ enum Task {
     DetectTrain,
     /// The same detector: eval forward and decoding to detections, as evaluation does.
     DetectInference,
+    /// The [`SEGMENT_RECIPE`] segmentor with this decode head: train forward, the loss of
+    /// [`synthetic_class_maps`] (logits upsampled to the labels, cross-entropy with ignore, the
+    /// auxiliary loss), backward, AdamW step.
+    SegmentTrain(HeadKind),
+    /// The same segmentor: eval forward, logits upsampled to the input and the argmax, as
+    /// evaluation does.
+    SegmentInference(HeadKind),
 }
 
 /// One row of the table: `name` is `preset/task`, `layer/variant` or `detect/model/task`.
@@ -75,6 +84,15 @@ const DETECT_RECIPE: &str = "configs/detect/swinv2_nano_digits_det.yaml";
 
 /// Detection rows: the recipe's image size, its batch 16 and batch 8.
 const DETECT_ROWS: (usize, [usize; 2]) = (128, [8, 16]);
+
+/// The recipe whose segmentor (`model:` and `segment:` sections) the `segment/` rows run:
+/// swinv2_nano with window 8, UPerNet of 32 channels on the four stages with pool scales 1, 2, 4
+/// and the 32-channel auxiliary FCN head on stage 2, 11 classes; the `segformer` rows swap the
+/// decode head for the light one at the same width.
+const SEGMENT_RECIPE: &str = "configs/segment/swinv2_nano_digits_seg.yaml";
+
+/// Segmentation rows: the recipe's image size, its batch 16 and batch 8.
+const SEGMENT_ROWS: (usize, [usize; 2]) = (128, [8, 16]);
 
 fn specs() -> Vec<Spec> {
     let mut out = vec![];
@@ -135,6 +153,26 @@ fn specs() -> Vec<Spec> {
                 batch,
                 img,
             });
+        }
+    }
+    let (img, batches) = SEGMENT_ROWS;
+    for (head, h) in [
+        (HeadKind::Upernet, "nano_upernet"),
+        (HeadKind::Segformer, "nano_segformer"),
+    ] {
+        for batch in batches {
+            for (task, t) in [
+                (Task::SegmentTrain(head), "train"),
+                (Task::SegmentInference(head), "inference"),
+            ] {
+                out.push(Spec {
+                    name: format!("segment/{h}/{t}"),
+                    preset: "",
+                    task,
+                    batch,
+                    img,
+                });
+            }
         }
     }
     out
@@ -285,6 +323,42 @@ fn detector(img: usize, dev: &Device) -> Result<(VarMap, FcosDetector)> {
         seeded_var_builder(&vm, 0, DType::F32, dev),
     )?;
     Ok((vm, model))
+}
+
+/// The [`SEGMENT_RECIPE`] segmentor at `img` pixels with decode head `head`, seeded, with its
+/// variables.
+fn segmentor(img: usize, head: HeadKind, dev: &Device) -> Result<(VarMap, Segmentor)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(SEGMENT_RECIPE);
+    let exp = Experiment::load(Some(&path), &[format!("model.img_size={img}")])?;
+    let section = mimlab_finetune::segment::SegmentSection {
+        head,
+        ..exp.segment
+    };
+    let vm = VarMap::new();
+    let model = Segmentor::new(
+        &exp.model,
+        &section,
+        SharedRng::new(0),
+        seeded_var_builder(&vm, 0, DType::F32, dev),
+    )?;
+    Ok((vm, model))
+}
+
+/// Labels of the segmentation rows `[B, img, img]` u32: per image, 16-pixel squares of classes
+/// `(i + row + 2 * column) % 11` and every 7th pixel ignored (255). `scripts/bench_pytorch.py`
+/// makes the same maps.
+fn synthetic_class_maps(batch: usize, img: usize, dev: &Device) -> Result<Tensor> {
+    let v: Vec<u32> = (0..batch * img * img)
+        .map(|k| {
+            let (i, y, x) = (k / (img * img), k / img % img, k % img);
+            if k % 7 == 0 {
+                255
+            } else {
+                ((i + y / 16 + 2 * (x / 16)) % 11) as u32
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, (batch, img, img), dev)?)
 }
 
 /// Ground truth of the detection rows: per image three squares of 16, 48 and 96 px (one in each
@@ -459,6 +533,26 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
                 Ok(())
             })
         }),
+        Task::SegmentTrain(head) => measure(&s.name, batch, img, iters, || {
+            let (vm, seg) = segmentor(img, head, &dev)?;
+            let mut opt = adamw(&vm)?;
+            let x = images(batch, img, &dev)?;
+            let labels = synthetic_class_maps(batch, img, &dev)?;
+            Ok(move || {
+                let (out, _moe) = seg.forward(&x, true)?;
+                let loss = seg.loss(&out, &labels)?.total;
+                opt.step(&loss.backward()?, 1e-4)?;
+                Ok(())
+            })
+        }),
+        Task::SegmentInference(head) => measure(&s.name, batch, img, iters, || {
+            let (_vm, seg) = segmentor(img, head, &dev)?;
+            let x = images(batch, img, &dev)?;
+            Ok(move || {
+                seg.infer(&x)?.argmax(1)?;
+                Ok(())
+            })
+        }),
     }
 }
 
@@ -475,7 +569,10 @@ mod tests {
                 preset_at(preset, img).unwrap();
             }
         }
-        assert_eq!(specs().len(), PRESETS.len() * 2 * 2 * 3 + 4 + 2 * 2);
+        assert_eq!(
+            specs().len(),
+            PRESETS.len() * 2 * 2 * 3 + 4 + 2 * 2 + 2 * 2 * 2
+        );
     }
 
     /// The detection rows build the recipe's detector, and their boxes give positives on every
@@ -523,6 +620,32 @@ mod tests {
         Ok(())
     }
 
+    /// The segmentation rows build the recipe's segmentor with either head, and their labels hold
+    /// every class and the ignore value.
+    #[test]
+    fn segment_rows_follow_the_recipe() -> Result<()> {
+        let (img, _) = SEGMENT_ROWS;
+        let (vm, seg) = segmentor(img, HeadKind::Segformer, &Device::Cpu)?;
+        assert_eq!(seg.num_classes(), 11);
+        assert_eq!(seg.backbone().config().window_size, 8);
+        let names: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
+        assert!(names
+            .iter()
+            .any(|k| k == "decode_head.fusion_conv.conv.weight"));
+        assert!(names.iter().any(|k| k == "auxiliary_head.conv_seg.weight"));
+        let l = synthetic_class_maps(2, img, &Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<u32>()?;
+        let mut seen: Vec<u32> = l.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen, (0..11).chain([255]).collect::<Vec<u32>>());
+        // the first values of image 0: (0 + 0 + 2 * (x / 16)) % 11, every 7th ignored
+        assert_eq!(&l[..3], &[255, 0, 0]);
+        assert_eq!(l[16], 2);
+        Ok(())
+    }
+
     #[test]
     fn filters_select_by_name_size_and_batch() {
         let keys = |f: &[&str]| -> Vec<String> {
@@ -535,6 +658,11 @@ mod tests {
         assert_eq!(keys(&["nano/simmim img=64 batch=8"]).len(), 1);
         assert_eq!(keys(&["swinv2_nano"]).len(), 12);
         assert_eq!(keys(&["detect"]).len(), 4);
+        assert_eq!(keys(&["segment/"]).len(), 8);
+        assert_eq!(
+            keys(&["segment/nano_segformer/train img=128 batch=8"]).len(),
+            1
+        );
         assert_eq!(keys(&["detect/nano_fcos/train img=128 batch=16"]).len(), 1);
         assert_eq!(keys(&["img=256 batch=8", "mlp/"]).len(), 3 + 2 + 2);
     }
