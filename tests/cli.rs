@@ -884,7 +884,7 @@ fn runs_from_another_directory_and_name_their_mistakes() {
     let run_s = run.to_str().unwrap();
     let e = err(&["finetune", "--resume", run_s]);
     assert!(
-        e.contains("that run was written by `simmim` (mimlab pretrain); `mimlab finetune` resumes only its own `classify` runs (to start from that run's weights, pass it to --init)"),
+        e.contains("that run was written by `simmim` (mimlab pretrain); `mimlab finetune` resumes only its own `classify`/`detect`/`segment` runs (to start from that run's weights, pass it to --init)"),
         "{e}"
     );
     let mut big = base.to_vec();
@@ -1370,5 +1370,114 @@ fn detection_finetune_then_eval_on_digits_det() {
     let again = read(run.join("eval/eval.json"));
     for k in names {
         assert_eq!(again["coco"][k], fin["coco"][k], "{k}");
+    }
+}
+
+#[test]
+fn bench_quick_runs_the_segmentation_rows_at_batch_8() {
+    // the segmentor of configs/segment/swinv2_nano_digits_seg.yaml with either decode head
+    let out = bench_quick(&[
+        "--filter",
+        "segment/nano_upernet/train img=128 batch=8",
+        "--filter",
+        "segment/nano_segformer/inference img=128 batch=8",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1 + 2, "{out}");
+    for (line, name) in lines[1..].iter().zip([
+        "segment/nano_upernet/train",
+        "segment/nano_segformer/inference",
+    ]) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols[..3], [name, "8", "128"], "{out}");
+        let images_per_s: f64 = cols[cols.len() - 2].parse().unwrap();
+        assert!(images_per_s > 0.0, "{out}");
+    }
+}
+
+/// Segmentation end to end on digits-seg: finetune with mIoU evaluations and pictures, `eval` on
+/// the best checkpoint with the same numbers and the predicted label maps, which `metrics miou`
+/// scores to exactly the same mIoU against the ground-truth files.
+#[test]
+fn segmentation_finetune_eval_and_metrics_agree_on_digits_seg() {
+    require_data();
+    let dir = tempfile::tempdir().unwrap();
+    let out = format!("run.output_dir={}", dir.path().display());
+    let sets = [
+        out.as_str(),
+        "run.name=seg",
+        "train.max_steps=3",
+        "train.batch_size=4",
+        "data.max_samples=12",
+        "run.eval_every_epochs=1",
+        "run.image_every=0",
+    ];
+    let mut args = vec![
+        "finetune",
+        "--config",
+        "configs/segment/swinv2_nano_digits_seg.yaml",
+    ];
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    ok(&args);
+    let run = dir.path().join("seg");
+    let read = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    };
+    let fin = read(run.join("eval/final.json"));
+    assert_eq!(fin["IoU"].as_array().unwrap().len(), 11);
+    assert_eq!(fin["classes"][0], "background");
+    let miou = fin["mIoU"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&miou), "{fin}");
+    let rows = mimlab_engine::log::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    let eval = rows
+        .iter()
+        .find(|r| r["split"] == "eval")
+        .expect("an eval row");
+    assert_eq!(eval["step"], 3);
+    assert_eq!(eval["mIoU"], fin["mIoU"]);
+    let png = image::open(run.join("pictures/segmentation_step3.png")).unwrap();
+    assert!(
+        png.width() >= 3 * 256 && png.height() >= 4 * 256,
+        "{}x{}",
+        png.width(),
+        png.height()
+    );
+
+    let run_s = run.to_str().unwrap();
+    ok(&["eval", "--weights", run_s, "--step", "best"]);
+    let again = read(run.join("eval/eval.json"));
+    for k in ["mIoU", "aAcc", "mAcc", "IoU", "Acc"] {
+        assert_eq!(again[k], fin[k], "{k}");
+    }
+    // the 12 evaluated ground-truth maps beside their 12 predictions
+    let gt = dir.path().join("gt");
+    std::fs::create_dir_all(&gt).unwrap();
+    let pred = run.join("eval/pred");
+    let mut n = 0;
+    for e in std::fs::read_dir(&pred).unwrap() {
+        let name = e.unwrap().file_name();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("data/digits-det/masks/val")
+            .join(&name);
+        std::fs::copy(&src, gt.join(&name)).unwrap();
+        n += 1;
+    }
+    assert_eq!(n, 12);
+    let j: serde_json::Value = serde_json::from_str(&ok(&[
+        "metrics",
+        "miou",
+        "--gt",
+        gt.to_str().unwrap(),
+        "--pred",
+        pred.to_str().unwrap(),
+        "--num-classes",
+        "11",
+    ]))
+    .unwrap();
+    for k in ["mIoU", "aAcc", "mAcc", "IoU", "Acc"] {
+        assert_eq!(j[k], fin[k], "{k}");
     }
 }
