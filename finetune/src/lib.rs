@@ -3,9 +3,10 @@
 //! [`segment`] (semantic segmentation: mIoU as mmseg) and [`probe`] (frozen-feature k-NN and
 //! linear probe). Shared by the
 //! tasks: the `finetune:` config section ([`config`]), starting from a pretraining ([`init`]) and
-//! layer-wise lr decay ([`layer_decay`]).
+//! layer-wise lr decay ([`layer_decay`]), and what the dense tasks' objectives share ([`dense`]).
 pub mod classify;
 pub mod config;
+pub mod dense;
 pub mod detect;
 pub mod init;
 pub mod layer_decay;

@@ -6,40 +6,24 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device};
+use anyhow::{bail, ensure, Result};
+use candle_core::Device;
 use candle_nn::VarMap;
 use mimlab_engine::data::{Batch, BatchTargets, DataLoader, DetectionDataset, ObjectBox};
-use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::log::TbWriter;
-use mimlab_engine::rng::SharedRng;
-use mimlab_engine::run_dir::RunDir;
 use mimlab_engine::trainer::{Objective, StepOutput};
 use mimlab_models::checkpoint::LoadReport;
 
+use crate::dense::{save_picture, DenseCore, PictureSpec};
 use crate::detect::evaluate::{evaluate_detector, DetEval};
 use crate::detect::fcos_loss::{scalar, FcosLosses};
 use crate::detect::model::{DetectorConfig, FcosDetector};
-use crate::detect::picture::{detection_picture, PictureSpec};
-use crate::init::load_backbone_into;
-use crate::layer_decay::swin_lr_scale;
+use crate::detect::picture::detection_picture;
 
 /// FCOS finetuning (or training from scratch) of a Swin-V2 detector.
 pub struct DetectObjective {
-    varmap: VarMap,
+    core: DenseCore<DetectionDataset, DetEval>,
     model: FcosDetector,
-    depths: Vec<usize>,
-    layer_decay: f64,
-    rng: SharedRng,
-    /// The eval split with its COCO ground truth: evaluation is then COCO box AP, and pictures
-    /// of its first images are drawn.
-    eval_set: Option<Arc<DetectionDataset>>,
-    /// What `log_images` draws.
-    pictures: Option<PictureSpec>,
-    device: Device,
-    /// The last evaluation and the training steps it came after.
-    last_eval: Option<(u64, DetEval)>,
-    steps: u64,
 }
 
 /// The boxes of a detection batch, or an error naming what the batch has instead.
@@ -64,33 +48,15 @@ impl DetectObjective {
     /// Builds the detector (weights seeded from `seed`) on `device`; `layer_decay` as the
     /// `finetune.layer_decay` key (1.0 = off).
     pub fn new(cfg: &DetectorConfig, layer_decay: f64, seed: u64, device: &Device) -> Result<Self> {
-        ensure!(
-            layer_decay > 0.0 && layer_decay <= 1.0,
-            "finetune.layer_decay must be in (0, 1], got {layer_decay}"
-        );
-        let varmap = VarMap::new();
-        let vb = seeded_var_builder(&varmap, seed, DType::F32, device);
-        let rng = SharedRng::new(seed);
-        let model = FcosDetector::new(cfg, rng.clone(), vb)?;
-        Ok(Self {
-            varmap,
-            model,
-            depths: cfg.backbone.depths.clone(),
-            layer_decay,
-            rng,
-            eval_set: None,
-            pictures: None,
-            device: device.clone(),
-            last_eval: None,
-            steps: 0,
-        })
+        let (core, vb) = DenseCore::new(&cfg.backbone.depths, layer_decay, seed, device)?;
+        let model = FcosDetector::new(cfg, core.rng.clone(), vb)?;
+        Ok(Self { core, model })
     }
 
     /// Evaluates with COCO box AP on `ds` (the eval split the trainer's eval loader serves) and
     /// draws pictures of its first images.
     pub fn with_coco_eval(mut self, ds: Arc<DetectionDataset>, pictures: PictureSpec) -> Self {
-        self.eval_set = Some(ds);
-        self.pictures = Some(pictures);
+        self.core.set_eval(ds, pictures);
         self
     }
 
@@ -102,17 +68,13 @@ impl DetectObjective {
         ds: &DetectionDataset,
         device: &Device,
     ) -> Result<DetEval> {
-        match &self.last_eval {
-            Some((s, e)) if *s == self.steps => Ok(e.clone()),
-            _ => evaluate_detector(&self.model, loader, ds, device),
-        }
+        self.core
+            .report(|| evaluate_detector(&self.model, loader, ds, device))
     }
 
-    /// Loads a pretrained backbone (any run folder's checkpoint or official / timm file, the
-    /// layout detected as for classification) into `backbone.*`; every backbone tensor must
-    /// load, the neck and head stay at their init.
+    /// Loads a pretrained backbone into `backbone.*` (the neck and head stay at their init).
     pub fn load_backbone(&self, weights: &Path) -> Result<LoadReport> {
-        load_backbone_into(&self.varmap, weights)
+        self.core.load_backbone(weights)
     }
 
     /// The detector.
@@ -136,22 +98,19 @@ impl Objective for DetectObjective {
     }
 
     fn varmap(&self) -> &VarMap {
-        &self.varmap
+        &self.core.varmap
     }
 
     fn lr_scale(&self, name: &str) -> f64 {
-        match name.strip_prefix("backbone.") {
-            Some(rest) => swin_lr_scale(rest, &self.depths, self.layer_decay),
-            None => 1.0,
-        }
+        self.core.lr_scale(name)
     }
 
     fn set_seed(&mut self, seed: u64) {
-        self.rng.reseed(seed);
+        self.core.rng.reseed(seed);
     }
 
     fn train_step(&mut self, batch: &Batch, device: &Device) -> Result<StepOutput> {
-        self.steps += 1;
+        self.core.count_step();
         let (l, aux) = self.losses(batch, device, true)?;
         let metrics = vec![
             ("loss_cls".to_string(), scalar(&l.cls)?),
@@ -167,21 +126,18 @@ impl Objective for DetectObjective {
     }
 
     fn log_images(&mut self, step: u64, run_dir: &Path, tb: &mut TbWriter) -> Result<()> {
-        let (Some(ds), Some(spec)) = (&self.eval_set, &self.pictures) else {
+        let (Some(ds), Some(spec)) = (&self.core.eval_set, &self.core.pictures) else {
             return Ok(());
         };
-        let img = detection_picture(&self.model, ds, spec, &self.device)?;
-        let dir = RunDir::at(run_dir).pictures();
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        img.save_png(&dir.join(format!("detections_step{step}.png")))?;
-        tb.add_image("detections", &img, step)
+        let img = detection_picture(&self.model, ds, spec, &self.core.device)?;
+        save_picture(&img, "detections", step, run_dir, tb)
     }
 
     fn evaluate(&mut self, loader: &DataLoader, device: &Device) -> Result<Vec<(String, f64)>> {
-        if let Some(ds) = self.eval_set.clone() {
+        if let Some(ds) = self.core.eval_set.clone() {
             let e = evaluate_detector(&self.model, loader, &ds, device)?;
             let rows = e.rows();
-            self.last_eval = Some((self.steps, e));
+            self.core.remember(e);
             return Ok(rows);
         }
         let mut sums = [0f64; 4];

@@ -7,22 +7,12 @@ use mimlab_engine::picture::boxes::{draw_boxes, DrawBox};
 use mimlab_engine::picture::{from_chw, grid, RgbImage};
 use mimlab_engine::rng::rng_for;
 
+use crate::dense::PictureSpec;
 use crate::detect::model::FcosDetector;
 use crate::detect::postprocess::ImageMeta;
 
 /// Predictions below this score are not drawn.
 pub const PICTURE_SCORE: f32 = 0.3;
-
-/// What the pictures show: how many eval images and how to undo their normalization.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PictureSpec {
-    /// Eval images drawn (the first ones of the split).
-    pub images: usize,
-    /// Normalization mean (`data.aug.mean`).
-    pub mean: Vec<f32>,
-    /// Normalization std (`data.aug.std`).
-    pub std: Vec<f32>,
-}
 
 /// One row per image of the first `spec.images` of `ds` (its eval transform): the ground truth
 /// and the detections with score at least [`PICTURE_SCORE`], drawn at least 256 px tall.

@@ -10,8 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use mimlab_engine::data::coco::save_results;
 use mimlab_engine::data::{
-    open_detection, DataConfig, DataLoader, Dataset, DetTransform, DetectionDataset, LoaderOptions,
-    Split,
+    open_detection, DataConfig, Dataset, DetTransform, DetectionDataset, Split,
 };
 use mimlab_engine::fsutil::{ensure_parent, write_atomic};
 use mimlab_engine::run_dir::{InitSource, RunDir};
@@ -21,13 +20,10 @@ use mimlab_models::checkpoint::read_weights;
 use mimlab_models::swin_v2::SwinV2Config;
 
 use crate::config::FinetuneConfig;
+use crate::dense::{eval_loader, PictureSpec};
 use crate::detect::evaluate::DetEval;
 use crate::detect::model::{DetectSection, DetectorConfig};
 use crate::detect::objective::DetectObjective;
-use crate::detect::picture::PictureSpec;
-
-/// Eval images drawn in the pictures.
-const PICTURE_IMAGES: usize = 4;
 
 /// Split `split` of the configured detection dataset at `img_size` (train: scale jitter, crop,
 /// flip; eval: keep-aspect resize with its scale recorded).
@@ -57,29 +53,6 @@ fn pad_multiple(model: &SwinV2Config) -> usize {
         a
     };
     m / gcd(m, 32) * 32
-}
-
-/// The eval loader over `ds` (dataset order, batches of twice the training batch size).
-fn eval_loader(
-    ds: &Arc<DetectionDataset>,
-    data: &DataConfig,
-    batch: usize,
-    seed: u64,
-    pad: usize,
-) -> DataLoader {
-    let dataset: Arc<dyn Dataset> = ds.clone();
-    DataLoader::new(
-        dataset,
-        LoaderOptions {
-            batch_size: batch.max(1) * 2,
-            shuffle: false,
-            drop_last: false,
-            seed,
-            workers: data.num_workers,
-            prefetch: data.prefetch_batches,
-        },
-    )
-    .pad_to_multiple(pad)
 }
 
 /// The head's class count must be the dataset's.
@@ -131,18 +104,14 @@ pub fn finetune_detector(
     .context("building the detection eval set")?;
     eprintln!("eval: {}", eval_ds.describe());
     let evals = eval_loader(
-        &eval_ds,
+        eval_ds.clone(),
         session.data,
         session.train.batch_size,
         session.run.seed,
         pad,
     );
 
-    let spec = PictureSpec {
-        images: PICTURE_IMAGES,
-        mean: session.data.aug.mean.clone(),
-        std: session.data.aug.std.clone(),
-    };
+    let spec = PictureSpec::of(session.data);
     let mut objective = DetectObjective::new(&cfg, ft.layer_decay, session.run.seed, device)?
         .with_coco_eval(eval_ds.clone(), spec);
     match init {
@@ -199,7 +168,7 @@ pub fn evaluate_detection_weights(
     let cfg = det.detector(model)?;
     let eval_ds = detection_dataset(data, Split::Eval, model.img_size, model.in_chans, false)?;
     check_classes(&cfg, &eval_ds)?;
-    let evals = eval_loader(&eval_ds, data, batch_size, seed, pad_multiple(model));
+    let evals = eval_loader(eval_ds.clone(), data, batch_size, seed, pad_multiple(model));
     let mut objective = DetectObjective::new(&cfg, 1.0, seed, device)?;
     let tensors = read_weights(&src.weights)?;
     load_into_varmap(objective.varmap(), tensors, &LoadOptions::default())

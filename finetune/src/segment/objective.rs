@@ -6,21 +6,16 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use mimlab_engine::data::{Batch, DataLoader, SegmentationDataset};
-use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::log::TbWriter;
-use mimlab_engine::rng::SharedRng;
-use mimlab_engine::run_dir::RunDir;
 use mimlab_engine::trainer::{Objective, StepOutput};
 use mimlab_models::checkpoint::LoadReport;
 use mimlab_models::swin_v2::SwinV2Config;
 
-use crate::detect::picture::PictureSpec;
-use crate::init::load_backbone_into;
-use crate::layer_decay::swin_lr_scale;
+use crate::dense::{save_picture, DenseCore, PictureSpec};
 use crate::segment::config::SegmentSection;
 use crate::segment::evaluate::{batch_masks, evaluate_segmentor, SegEval};
 use crate::segment::model::{SegLosses, Segmentor};
@@ -28,16 +23,8 @@ use crate::segment::picture::segmentation_picture;
 
 /// Segmentation finetuning (or training from scratch) of a Swin-V2 segmentor.
 pub struct SegmentObjective {
-    varmap: VarMap,
+    core: DenseCore<SegmentationDataset, SegEval>,
     model: Segmentor,
-    depths: Vec<usize>,
-    layer_decay: f64,
-    rng: SharedRng,
-    eval_set: Option<Arc<SegmentationDataset>>,
-    pictures: Option<PictureSpec>,
-    device: Device,
-    last_eval: Option<(u64, SegEval)>,
-    steps: u64,
 }
 
 fn scalar(t: &candle_core::Tensor) -> Result<f64> {
@@ -54,33 +41,15 @@ impl SegmentObjective {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        ensure!(
-            layer_decay > 0.0 && layer_decay <= 1.0,
-            "finetune.layer_decay must be in (0, 1], got {layer_decay}"
-        );
-        let varmap = VarMap::new();
-        let vb = seeded_var_builder(&varmap, seed, DType::F32, device);
-        let rng = SharedRng::new(seed);
-        let model = Segmentor::new(backbone, section, rng.clone(), vb)?;
-        Ok(Self {
-            varmap,
-            model,
-            depths: backbone.depths.clone(),
-            layer_decay,
-            rng,
-            eval_set: None,
-            pictures: None,
-            device: device.clone(),
-            last_eval: None,
-            steps: 0,
-        })
+        let (core, vb) = DenseCore::new(&backbone.depths, layer_decay, seed, device)?;
+        let model = Segmentor::new(backbone, section, core.rng.clone(), vb)?;
+        Ok(Self { core, model })
     }
 
     /// Evaluates with mIoU on `ds` (the eval split the trainer's eval loader serves) and draws
     /// pictures of its first images.
     pub fn with_miou_eval(mut self, ds: Arc<SegmentationDataset>, pictures: PictureSpec) -> Self {
-        self.eval_set = Some(ds);
-        self.pictures = Some(pictures);
+        self.core.set_eval(ds, pictures);
         self
     }
 
@@ -92,15 +61,13 @@ impl SegmentObjective {
         ds: &SegmentationDataset,
         device: &Device,
     ) -> Result<SegEval> {
-        match &self.last_eval {
-            Some((s, e)) if *s == self.steps => Ok(e.clone()),
-            _ => evaluate_segmentor(&self.model, loader, ds, device),
-        }
+        self.core
+            .report(|| evaluate_segmentor(&self.model, loader, ds, device))
     }
 
     /// Loads a pretrained backbone into `backbone.*` (the heads stay at their init).
     pub fn load_backbone(&self, weights: &Path) -> Result<LoadReport> {
-        load_backbone_into(&self.varmap, weights)
+        self.core.load_backbone(weights)
     }
 
     /// The segmentor.
@@ -124,22 +91,19 @@ impl Objective for SegmentObjective {
     }
 
     fn varmap(&self) -> &VarMap {
-        &self.varmap
+        &self.core.varmap
     }
 
     fn lr_scale(&self, name: &str) -> f64 {
-        match name.strip_prefix("backbone.") {
-            Some(rest) => swin_lr_scale(rest, &self.depths, self.layer_decay),
-            None => 1.0,
-        }
+        self.core.lr_scale(name)
     }
 
     fn set_seed(&mut self, seed: u64) {
-        self.rng.reseed(seed);
+        self.core.rng.reseed(seed);
     }
 
     fn train_step(&mut self, batch: &Batch, device: &Device) -> Result<StepOutput> {
-        self.steps += 1;
+        self.core.count_step();
         let (l, aux) = self.losses(batch, device, true)?;
         let mut metrics = vec![("loss_seg".to_string(), scalar(&l.main)?)];
         if let Some(a) = &l.aux {
@@ -153,21 +117,18 @@ impl Objective for SegmentObjective {
     }
 
     fn log_images(&mut self, step: u64, run_dir: &Path, tb: &mut TbWriter) -> Result<()> {
-        let (Some(ds), Some(spec)) = (&self.eval_set, &self.pictures) else {
+        let (Some(ds), Some(spec)) = (&self.core.eval_set, &self.core.pictures) else {
             return Ok(());
         };
-        let img = segmentation_picture(&self.model, ds, spec, &self.device)?;
-        let dir = RunDir::at(run_dir).pictures();
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        img.save_png(&dir.join(format!("segmentation_step{step}.png")))?;
-        tb.add_image("segmentation", &img, step)
+        let img = segmentation_picture(&self.model, ds, spec, &self.core.device)?;
+        save_picture(&img, "segmentation", step, run_dir, tb)
     }
 
     fn evaluate(&mut self, loader: &DataLoader, device: &Device) -> Result<Vec<(String, f64)>> {
-        if let Some(ds) = self.eval_set.clone() {
+        if let Some(ds) = self.core.eval_set.clone() {
             let e = evaluate_segmentor(&self.model, loader, &ds, device)?;
             let rows = e.rows();
-            self.last_eval = Some((self.steps, e));
+            self.core.remember(e);
             return Ok(rows);
         }
         let (mut sum, mut n) = (0f64, 0usize);

@@ -7,7 +7,7 @@ use mimlab_engine::data::{Dataset, SegmentationDataset, IGNORE};
 use mimlab_engine::picture::{draw_text, from_chw, grid, text_width, RgbImage};
 use mimlab_engine::rng::rng_for;
 
-use crate::detect::picture::PictureSpec;
+use crate::dense::PictureSpec;
 use crate::segment::evaluate::predict_from_logits;
 use crate::segment::model::Segmentor;
 

@@ -11,8 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use mimlab_engine::data::segmentation::encode_label_png;
 use mimlab_engine::data::{
-    open_segmentation, DataConfig, DataLoader, Dataset, LoaderOptions, SegTransform,
-    SegmentationDataset, Split,
+    open_segmentation, DataConfig, DataLoader, Dataset, SegTransform, SegmentationDataset, Split,
 };
 use mimlab_engine::fsutil::{ensure_parent, write_atomic};
 use mimlab_engine::log::progress::Progress;
@@ -23,13 +22,10 @@ use mimlab_models::checkpoint::read_weights;
 use mimlab_models::swin_v2::SwinV2Config;
 
 use crate::config::FinetuneConfig;
-use crate::detect::picture::PictureSpec;
+use crate::dense::{eval_loader, PictureSpec};
 use crate::segment::config::SegmentSection;
 use crate::segment::evaluate::{predict_batch, SegEval};
 use crate::segment::objective::SegmentObjective;
-
-/// Eval images drawn in the pictures.
-const PICTURE_IMAGES: usize = 4;
 
 /// Split `split` of the configured segmentation dataset at `img_size` (train: mmseg's random
 /// resize, crop, flip, photometric distortion; eval: the keep-ratio resize).
@@ -47,30 +43,6 @@ pub fn segmentation_dataset(
         bail!("{}: no images", ds.describe());
     }
     Ok(Arc::new(ds))
-}
-
-/// The eval loader over `ds` (dataset order, batches of twice the training batch size), padded
-/// to the backbone's size multiple.
-fn eval_loader(
-    ds: &Arc<SegmentationDataset>,
-    data: &DataConfig,
-    batch: usize,
-    seed: u64,
-    model: &SwinV2Config,
-) -> DataLoader {
-    let dataset: Arc<dyn Dataset> = ds.clone();
-    DataLoader::new(
-        dataset,
-        LoaderOptions {
-            batch_size: batch.max(1) * 2,
-            shuffle: false,
-            drop_last: false,
-            seed,
-            workers: data.num_workers,
-            prefetch: data.prefetch_batches,
-        },
-    )
-    .pad_to_multiple(model.size_multiple().max(1))
 }
 
 /// The head's class count must be the dataset's.
@@ -112,17 +84,13 @@ pub fn finetune_segmentor(
         .context("building the segmentation eval set")?;
     eprintln!("eval: {}", eval_ds.describe());
     let evals = eval_loader(
-        &eval_ds,
+        eval_ds.clone(),
         data,
         session.train.batch_size,
         session.run.seed,
-        model,
+        model.size_multiple().max(1),
     );
-    let spec = PictureSpec {
-        images: PICTURE_IMAGES,
-        mean: data.aug.mean.clone(),
-        std: data.aug.std.clone(),
-    };
+    let spec = PictureSpec::of(data);
     let mut objective =
         SegmentObjective::new(model, section, ft.layer_decay, session.run.seed, device)?
             .with_miou_eval(eval_ds.clone(), spec);
@@ -175,7 +143,13 @@ pub fn evaluate_segmentation_weights(
 ) -> Result<SegEval> {
     let eval_ds = segmentation_dataset(data, Split::Eval, model.img_size, model.in_chans, false)?;
     check_classes(section, &eval_ds)?;
-    let evals = eval_loader(&eval_ds, data, batch_size, seed, model);
+    let evals = eval_loader(
+        eval_ds.clone(),
+        data,
+        batch_size,
+        seed,
+        model.size_multiple().max(1),
+    );
     let mut objective = SegmentObjective::new(model, section, 1.0, seed, device)?;
     let tensors = read_weights(&src.weights)?;
     load_into_varmap(
