@@ -2,10 +2,10 @@
 //! and their seeded builder, layer-wise lr decay on `backbone.*` only (necks and heads train at
 //! the full lr), loading a pretrained backbone, the eval set with its picture spec, the last
 //! evaluation kept for the end-of-run report, picture files, and the eval loader.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use mimlab_engine::data::{DataConfig, DataLoader, Dataset, LoaderOptions};
@@ -13,8 +13,9 @@ use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::log::TbWriter;
 use mimlab_engine::picture::RgbImage;
 use mimlab_engine::rng::SharedRng;
-use mimlab_engine::run_dir::RunDir;
-use mimlab_models::checkpoint::LoadReport;
+use mimlab_engine::run_dir::{InitSource, RunDir};
+use mimlab_engine::trainer::checkpoint::{load_into_varmap, LoadOptions};
+use mimlab_models::checkpoint::{read_weights, LoadReport};
 
 use crate::init::load_backbone_into;
 use crate::layer_decay::swin_lr_scale;
@@ -165,4 +166,50 @@ pub fn eval_loader(
         },
     )
     .pad_to_multiple(pad)
+}
+
+/// Starts the backbone of a new or resumed run: `init`'s weights loaded with `load` (and said so;
+/// `heads` names what stays at its init), "from scratch" for a new run without one, nothing on
+/// resume (the checkpoint has every weight).
+pub fn start_backbone(
+    init: Option<&InitSource>,
+    resumed: bool,
+    heads: &str,
+    load: impl FnOnce(&Path) -> Result<LoadReport>,
+) -> Result<()> {
+    match init {
+        Some(src) => {
+            let r = load(&src.weights)?;
+            eprintln!(
+                "init: loaded {} backbone tensors from {} ({:?} layout); {heads} newly initialized",
+                r.loaded,
+                src.weights.display(),
+                r.layout
+            );
+        }
+        None if !resumed => eprintln!("init: none (training from scratch)"),
+        None => {}
+    }
+    Ok(())
+}
+
+/// Loads every weight of a trained dense model (`what`: "detector", "segmentor") from `weights`.
+pub fn load_trained(varmap: &VarMap, weights: &Path, what: &str) -> Result<()> {
+    let tensors = read_weights(weights)?;
+    load_into_varmap(varmap, tensors, &LoadOptions::default())
+        .with_context(|| format!("loading the {what} from {}", weights.display()))?;
+    Ok(())
+}
+
+/// Where `mimlab eval` writes its reports: `out`, else the `eval/` folder of the run `weights`
+/// belong to.
+pub fn report_dir(out: Option<&Path>, weights: &Path) -> Result<PathBuf> {
+    Ok(match (out, RunDir::of_checkpoint_file(weights)) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, Some(run)) => run.eval(),
+        (None, None) => bail!(
+            "{}: not inside a run folder, so pass --out for the reports",
+            weights.display()
+        ),
+    })
 }

@@ -14,13 +14,11 @@ use mimlab_engine::data::{
 };
 use mimlab_engine::fsutil::{ensure_parent, write_atomic};
 use mimlab_engine::run_dir::{InitSource, RunDir};
-use mimlab_engine::trainer::checkpoint::{load_into_varmap, LoadOptions};
 use mimlab_engine::trainer::{Objective, TrainSession};
-use mimlab_models::checkpoint::read_weights;
 use mimlab_models::swin_v2::SwinV2Config;
 
 use crate::config::FinetuneConfig;
-use crate::dense::{eval_loader, PictureSpec};
+use crate::dense::{eval_loader, load_trained, report_dir, start_backbone, PictureSpec};
 use crate::detect::evaluate::DetEval;
 use crate::detect::model::{DetectSection, DetectorConfig};
 use crate::detect::objective::DetectObjective;
@@ -114,22 +112,12 @@ pub fn finetune_detector(
     let spec = PictureSpec::of(session.data);
     let mut objective = DetectObjective::new(&cfg, ft.layer_decay, session.run.seed, device)?
         .with_coco_eval(eval_ds.clone(), spec);
-    match init {
-        Some(src) => {
-            let r = objective.load_backbone(&src.weights)?;
-            eprintln!(
-                "init: loaded {} backbone tensors from {} ({:?} layout); neck and head newly \
-                 initialized",
-                r.loaded,
-                src.weights.display(),
-                r.layout
-            );
-        }
-        None if session.start.resumed().is_none() => {
-            eprintln!("init: none (training from scratch)")
-        }
-        None => {}
-    }
+    start_backbone(
+        init,
+        session.start.resumed().is_some(),
+        "neck and head",
+        |w| objective.load_backbone(w),
+    )?;
     eprintln!(
         "model: FCOS on Swin-V2 ({} backbone params), neck {:?} {} ch, head {} convs x {} ch, {} \
          classes, layer decay {}",
@@ -170,18 +158,9 @@ pub fn evaluate_detection_weights(
     check_classes(&cfg, &eval_ds)?;
     let evals = eval_loader(eval_ds.clone(), data, batch_size, seed, pad_multiple(model));
     let mut objective = DetectObjective::new(&cfg, 1.0, seed, device)?;
-    let tensors = read_weights(&src.weights)?;
-    load_into_varmap(objective.varmap(), tensors, &LoadOptions::default())
-        .with_context(|| format!("loading the detector from {}", src.weights.display()))?;
+    load_trained(objective.varmap(), &src.weights, "detector")?;
     let report = objective.report(&evals, &eval_ds, device)?;
-    let dir = match (out, RunDir::of_checkpoint_file(&src.weights)) {
-        (Some(d), _) => d.to_path_buf(),
-        (None, Some(run)) => run.eval(),
-        (None, None) => bail!(
-            "{}: not inside a run folder, so pass --out for the reports",
-            src.weights.display()
-        ),
-    };
+    let dir = report_dir(out, &src.weights)?;
     write_report(&report, &dir, &eval_ds, "eval")?;
     Ok(report)
 }

@@ -16,13 +16,11 @@ use mimlab_engine::data::{
 use mimlab_engine::fsutil::{ensure_parent, write_atomic};
 use mimlab_engine::log::progress::Progress;
 use mimlab_engine::run_dir::{InitSource, RunDir};
-use mimlab_engine::trainer::checkpoint::{load_into_varmap, LoadOptions};
 use mimlab_engine::trainer::TrainSession;
-use mimlab_models::checkpoint::read_weights;
 use mimlab_models::swin_v2::SwinV2Config;
 
 use crate::config::FinetuneConfig;
-use crate::dense::{eval_loader, PictureSpec};
+use crate::dense::{eval_loader, load_trained, report_dir, start_backbone, PictureSpec};
 use crate::segment::config::SegmentSection;
 use crate::segment::evaluate::{predict_batch, SegEval};
 use crate::segment::objective::SegmentObjective;
@@ -94,21 +92,9 @@ pub fn finetune_segmentor(
     let mut objective =
         SegmentObjective::new(model, section, ft.layer_decay, session.run.seed, device)?
             .with_miou_eval(eval_ds.clone(), spec);
-    match init {
-        Some(src) => {
-            let r = objective.load_backbone(&src.weights)?;
-            eprintln!(
-                "init: loaded {} backbone tensors from {} ({:?} layout); heads newly initialized",
-                r.loaded,
-                src.weights.display(),
-                r.layout
-            );
-        }
-        None if session.start.resumed().is_none() => {
-            eprintln!("init: none (training from scratch)")
-        }
-        None => {}
-    }
+    start_backbone(init, session.start.resumed().is_some(), "heads", |w| {
+        objective.load_backbone(w)
+    })?;
     let d = &section.decode_head;
     eprintln!(
         "model: {:?} on Swin-V2 ({} backbone params), {} ch, {} classes, aux {}, layer decay {}",
@@ -151,21 +137,12 @@ pub fn evaluate_segmentation_weights(
         model.size_multiple().max(1),
     );
     let mut objective = SegmentObjective::new(model, section, 1.0, seed, device)?;
-    let tensors = read_weights(&src.weights)?;
-    load_into_varmap(
+    load_trained(
         mimlab_engine::trainer::Objective::varmap(&objective),
-        tensors,
-        &LoadOptions::default(),
-    )
-    .with_context(|| format!("loading the segmentor from {}", src.weights.display()))?;
-    let dir = match (out, RunDir::of_checkpoint_file(&src.weights)) {
-        (Some(d), _) => d.to_path_buf(),
-        (None, Some(run)) => run.eval(),
-        (None, None) => bail!(
-            "{}: not inside a run folder, so pass --out for the reports",
-            src.weights.display()
-        ),
-    };
+        &src.weights,
+        "segmentor",
+    )?;
+    let dir = report_dir(out, &src.weights)?;
     let report = objective.report(&evals, &eval_ds, device)?;
     write_predictions(&objective, &evals, &eval_ds, &dir.join("pred"), device)?;
     write_report(&report, &dir, "eval")?;
