@@ -39,9 +39,9 @@ fi
 BIN=$MIMLAB_BIN
 mkdir -p "$OUT"
 
-# a run folder is finished when it has its report; one with checkpoints resumes
-finished() { [ -e "$1/eval/final.json" ] || [ -e "$1/done" ]; }
-resumable() { [ -d "$1/checkpoints" ] && ls "$1"/checkpoints/step_*.json >/dev/null 2>&1; }
+# finished, resumable
+# shellcheck source=scripts/lib/runs.sh
+source scripts/lib/runs.sh
 
 pretrain() {
   local name=simmim-digits_det dir="$OUT/simmim-digits_det"
@@ -100,34 +100,10 @@ fi
 
 if want table; then
   python3 - "$OUT" <<'PY' | tee "$OUT/results.md"
-import glob, json, os, statistics, sys
+import glob, json, os, sys
+sys.path.insert(0, "scripts/lib")
+from run_table import minutes, ms, steps
 out = sys.argv[1]
-
-def minutes(run):
-    p = os.path.join(run, "wall_s")
-    if not os.path.exists(p):
-        return float("nan")
-    return sum(int(x) for x in open(p).read().split()) / 60
-
-def ms(xs, digits=3):
-    if not xs:
-        return "-"
-    if len(xs) == 1:
-        return f"{xs[0]:.{digits}f}"
-    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
-
-def steps(run):
-    last = 0
-    for line in open(os.path.join(run, "metrics.jsonl")):
-        r = json.loads(line)
-        if r.get("split") == "train":
-            last = max(last, r["step"])
-    batch = None
-    for line in open(os.path.join(run, "config.yaml")):
-        if line.strip().startswith("batch_size:"):
-            batch = int(line.split(":")[1])
-            break
-    return f"{last} x {batch}"
 
 print("| head | init | seeds | steps x batch | mIoU | mAcc | aAcc | eval loss | minutes | per seed mIoU |")
 print("|---|---|---|---|---|---|---|---|---|---|")
