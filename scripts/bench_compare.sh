@@ -63,18 +63,4 @@ echo "== mimlab ($threads threads)" >&2
 echo "== pytorch ($threads threads)" >&2
 "$venv/bin/python" scripts/bench_pytorch.py --threads "$threads" --json "$out/pytorch.json" "${args[@]}"
 
-python3 - "$out/mimlab.json" "$out/pytorch.json" <<'EOF'
-import json, sys
-m, p = (json.load(open(f)) for f in sys.argv[1:3])
-key = lambda r: (r["name"], r["img"], r["batch"])
-pt = {key(r): r for r in p["rows"]}
-print(f"\nmimlab vs PyTorch {p.get('torch', '')}, {m['threads']} threads, images/s (ratio > 1: mimlab faster)")
-print(f"{'row':<34} {'batch':>5} {'img':>4} {'mimlab':>9} {'pytorch':>9} {'ratio':>6} {'MiB m/pt':>11}")
-for r in m["rows"]:
-    q = pt.get(key(r))
-    if q is None:
-        continue
-    print(f"{r['name']:<34} {r['batch']:>5} {r['img']:>4} {r['images_per_s']:>9.1f} "
-          f"{q['images_per_s']:>9.1f} {r['images_per_s'] / q['images_per_s']:>6.2f} "
-          f"{r['peak_rss_mib']:>5.0f}/{q['peak_rss_mib']:<5.0f}")
-EOF
+python3 scripts/bench_table.py "$out/mimlab.json" "$out/pytorch.json"

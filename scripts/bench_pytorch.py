@@ -32,7 +32,12 @@ Timing rule (engine/src/bench.rs): `--warmup` untimed calls, then at least 3 tim
 until 2 s were timed (at most 20), or exactly `--iters`. Peak memory: VmHWM after resetting it
 (`echo 5 > /proc/self/clear_refs`) before each row's setup.
 
-Usage: python scripts/bench_pytorch.py --threads 2 [--filter nano] [--json out.json]
+On a GPU (`--device cuda`): the models, inputs and targets are made on the device
+(torch.set_default_device), each timed call ends with torch.cuda.synchronize(), full f32 as
+mimlab (TF32 off for matmuls and cuDNN convolutions), and `peak_device_mib` is
+torch.cuda.max_memory_allocated() since a reset before the row's setup.
+
+Usage: python scripts/bench_pytorch.py --threads 2 [--device cuda] [--filter nano] [--json out.json]
 Not part of CI: needs torch, timm and torchvision (scripts/bench_compare.sh installs them in a
 venv).
 """
@@ -49,6 +54,7 @@ import time
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=0, help="compute threads (default: all cores)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per row, exactly")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--filter", action="append", default=[], help="run rows whose key contains it")
@@ -160,13 +166,15 @@ def peak_rss_mib():
     return float("nan")
 
 
-def time_iters(step, warmup, timed, budget_s):
+def time_iters(step, warmup, timed, budget_s, sync=lambda: None):
     for _ in range(warmup):
         step()
+    sync()
     secs = []
     while len(secs) < max(timed, 1) or (len(secs) < 20 and sum(secs) < budget_s):
         t = time.perf_counter()
         step()
+        sync()
         secs.append(time.perf_counter() - t)
     return secs
 
@@ -190,6 +198,13 @@ def main():
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    dev = torch.device(args.device)
+    gpu = dev.type == "cuda"
+    if gpu:
+        torch.set_default_device(dev)
+        # full f32 like mimlab's CUDA path (candle's cuBLAS gemms run without TF32 by default)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
     def swin(preset, img, num_classes, window=None):
         e, d, h, w, dpr = HPARAMS[preset]
@@ -500,7 +515,7 @@ def main():
 
     def setup(s):
         preset, task, b, img = s["preset"], s["task"], s["batch"], s["img"]
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(device=dev).manual_seed(0)
         if task == "inference":
             model = swin(preset, img, 1000).eval()
             x = torch.randn(b, 3, img, img, generator=g)
@@ -630,30 +645,38 @@ def main():
         warmup, timed, budget = 0, 1, 0.0
     else:
         warmup, timed, budget = args.warmup, args.iters or 3, 0.0 if args.iters else 2.0
-    print(f"pytorch bench: {len(rows_sel)} rows, {threads} threads, torch {torch.__version__}",
-          file=sys.stderr)
+    device = f"cuda:{dev.index or 0} {torch.cuda.get_device_name(dev)}" if gpu else "cpu"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    print(f"pytorch bench: {len(rows_sel)} rows, {device}, {threads} CPU threads, "
+          f"torch {torch.__version__}", file=sys.stderr)
     rows = []
     for s in rows_sel:
         gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         reset_peak_rss()
-        secs = time_iters(setup(s), warmup, timed, budget)
+        secs = time_iters(setup(s), warmup, timed, budget, sync)
         med = statistics.median(secs)
         row = dict(name=s["name"], batch=s["batch"], img=s["img"], median_ms=med * 1e3,
                    min_ms=min(secs) * 1e3, max_ms=max(secs) * 1e3, iters=len(secs),
                    images_per_s=s["batch"] / med, peak_rss_mib=peak_rss_mib())
+        if gpu:
+            row["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2**20
         print(f"{row['name']:<34} b{row['batch']:<3} {row['img']:>4}px {row['median_ms']:>9.1f} ms "
               f"{row['images_per_s']:>8.1f} img/s {row['peak_rss_mib']:>6.0f} MiB", file=sys.stderr)
         rows.append(row)
     print(f"{'row':<34} {'batch':>5} {'img':>4} {'median ms':>10} {'min-max ms':>19} "
-          f"{'images/s':>9} {'peak MiB':>9}")
+          f"{'images/s':>9} {'peak MiB':>9}" + (f" {'GPU MiB':>9}" if gpu else ""))
     for r in rows:
         spread = f"{r['min_ms']:.1f}-{r['max_ms']:.1f}"
         print(f"{r['name']:<34} {r['batch']:>5} {r['img']:>4} {r['median_ms']:>10.1f} "
-              f"{spread:>19} {r['images_per_s']:>9.1f} {r['peak_rss_mib']:>9.0f}")
+              f"{spread:>19} {r['images_per_s']:>9.1f} {r['peak_rss_mib']:>9.0f}"
+              + (f" {r['peak_device_mib']:>9.0f}" if gpu else ""))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(tool="pytorch", torch=torch.__version__, threads=threads, rows=rows), f,
-                      indent=1)
+            json.dump(dict(tool="pytorch", device=device, torch=torch.__version__, threads=threads,
+                           rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

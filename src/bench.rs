@@ -14,7 +14,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use mimlab_engine::bench::{measure, Iters, Report, Row};
 use mimlab_engine::data::ObjectBox;
-use mimlab_engine::device::with_cpu_threads;
+use mimlab_engine::device::{
+    device_name, peak_device_memory_mib, reset_peak_device_memory, with_cpu_threads,
+};
 use mimlab_engine::fsutil::write_atomic;
 use mimlab_engine::init::seeded_var_builder;
 use mimlab_engine::optim::{param_groups, AdamW};
@@ -225,16 +227,20 @@ pub fn iters(quick: bool, warmup: usize, timed: Option<usize>) -> Iters {
     }
 }
 
-/// Runs `specs` on `threads` compute threads (0 = all cores), one line per row on stderr as it
-/// finishes; the report holds the rows in order.
-pub fn run(specs: &[Spec], threads: usize, iters: Iters) -> Result<Report> {
+/// Runs `specs` on `dev` with `threads` CPU compute threads (0 = all cores), one line per row on
+/// stderr as it finishes; the report holds the rows in order.
+pub fn run(specs: &[Spec], threads: usize, iters: Iters, dev: &Device) -> Result<Report> {
     let threads = if threads > 0 {
         threads
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     };
+    let device = match dev {
+        Device::Cpu => "cpu".to_string(),
+        _ => device_name(dev),
+    };
     eprintln!(
-        "mimlab bench: {} rows, {threads} threads, {}",
+        "mimlab bench: {} rows, {device}, {threads} CPU threads, {}",
         specs.len(),
         cpu_model()
     );
@@ -242,7 +248,7 @@ pub fn run(specs: &[Spec], threads: usize, iters: Iters) -> Result<Report> {
     let rows = with_cpu_threads(threads, || -> Result<Vec<Row>> {
         let mut rows = vec![];
         for s in specs {
-            let row = run_row(s, iters)?;
+            let row = run_row(s, iters, dev)?;
             eprintln!(
                 "{:<34} b{:<3} {:>4}px {:>9.1} ms {:>8.1} img/s {:>6.0} MiB",
                 row.name, row.batch, row.img, row.median_ms, row.images_per_s, row.peak_rss_mib
@@ -253,6 +259,7 @@ pub fn run(specs: &[Spec], threads: usize, iters: Iters) -> Result<Report> {
     })??;
     Ok(Report {
         tool: "mimlab".into(),
+        device,
         threads,
         rows,
     })
@@ -305,10 +312,21 @@ fn classifier(preset: &str, img: usize, dev: &Device) -> Result<(SwinV2Config, V
     Ok((cfg, vm, model))
 }
 
-/// The [`DETECT_RECIPE`] detector's config at `img` pixels. The file is read from the checkout
-/// the binary was built from, whatever the working directory.
+/// Where a recipe the rows follow is read: the checkout the binary was built from, whatever the
+/// working directory; a binary moved to another machine (a GPU machine) reads it from a checkout
+/// in the working directory.
+fn recipe_path(recipe: &str) -> std::path::PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(recipe);
+    if built.is_file() {
+        built
+    } else {
+        Path::new(recipe).to_path_buf()
+    }
+}
+
+/// The [`DETECT_RECIPE`] detector's config at `img` pixels ([`recipe_path`]).
 fn detect_config(img: usize) -> Result<DetectorConfig> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DETECT_RECIPE);
+    let path = recipe_path(DETECT_RECIPE);
     let exp = Experiment::load(Some(&path), &[format!("model.img_size={img}")])?;
     exp.detect.detector(&exp.model)
 }
@@ -328,7 +346,7 @@ fn detector(img: usize, dev: &Device) -> Result<(VarMap, FcosDetector)> {
 /// The [`SEGMENT_RECIPE`] segmentor at `img` pixels with decode head `head`, seeded, with its
 /// variables.
 fn segmentor(img: usize, head: HeadKind, dev: &Device) -> Result<(VarMap, Segmentor)> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(SEGMENT_RECIPE);
+    let path = recipe_path(SEGMENT_RECIPE);
     let exp = Experiment::load(Some(&path), &[format!("model.img_size={img}")])?;
     let section = mimlab_finetune::segment::SegmentSection {
         head,
@@ -389,26 +407,50 @@ fn adamw(vm: &VarMap) -> Result<AdamW> {
     AdamW::new(param_groups(vm, 0.05, &[], &|_| 1.0), (0.9, 0.999), 1e-8)
 }
 
-fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
-    let dev = Device::Cpu;
+/// [`measure`] on `dev`: each timed call waits for the device to finish its work, and on a GPU
+/// the row gets the peak device memory of its setup and calls.
+fn measure_on<S>(
+    dev: &Device,
+    s: &Spec,
+    iters: Iters,
+    setup: impl FnOnce() -> Result<S>,
+) -> Result<Row>
+where
+    S: FnMut() -> Result<()>,
+{
+    reset_peak_device_memory(dev)?;
+    let sync = dev.clone();
+    let mut row = measure(&s.name, s.batch, s.img, iters, || {
+        let mut step = setup()?;
+        Ok(move || {
+            step()?;
+            sync.synchronize()?;
+            Ok(())
+        })
+    })?;
+    row.peak_device_mib = peak_device_memory_mib(dev)?;
+    Ok(row)
+}
+
+fn run_row(s: &Spec, iters: Iters, dev: &Device) -> Result<Row> {
     let (batch, img) = (s.batch, s.img);
     match s.task {
-        Task::Inference => measure(&s.name, batch, img, iters, || {
-            let (_, _vm, model) = classifier(s.preset, img, &dev)?;
-            let x = images(batch, img, &dev)?;
+        Task::Inference => measure_on(dev, s, iters, || {
+            let (_, _vm, model) = classifier(s.preset, img, dev)?;
+            let x = images(batch, img, dev)?;
             Ok(move || {
                 model.forward(&x, false)?;
                 Ok(())
             })
         }),
-        Task::Finetune => measure(&s.name, batch, img, iters, || {
-            let (cfg, vm, model) = classifier(s.preset, img, &dev)?;
+        Task::Finetune => measure_on(dev, s, iters, || {
+            let (cfg, vm, model) = classifier(s.preset, img, dev)?;
             let mut opt = adamw(&vm)?;
-            let x = images(batch, img, &dev)?;
+            let x = images(batch, img, dev)?;
             let labels: Vec<u32> = (0..batch as u32)
                 .map(|i| i * 7 % cfg.num_classes as u32)
                 .collect();
-            let y = Tensor::new(labels, &dev)?;
+            let y = Tensor::new(labels, dev)?;
             Ok(move || {
                 let (logits, _moe) = model.forward(&x, true)?;
                 let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
@@ -416,7 +458,7 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
                 Ok(())
             })
         }),
-        Task::Simmim => measure(&s.name, batch, img, iters, || {
+        Task::Simmim => measure_on(dev, s, iters, || {
             let cfg = preset_at(s.preset, img)?;
             // official mask patch 32 where the image has room for a grid of them
             let sim = SimMimConfig {
@@ -429,7 +471,7 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
                 &cfg,
                 &sim,
                 SharedRng::new(0),
-                seeded_var_builder(&vm, 0, DType::F32, &dev),
+                seeded_var_builder(&vm, 0, DType::F32, dev),
             )?;
             let mut opt = adamw(&vm)?;
             let gen = MaskGenerator::for_model(&cfg, &sim)?;
@@ -439,19 +481,19 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
                 .flat_map(|_| gen.generate(&mut rng))
                 .map(f32::from)
                 .collect();
-            let mask = Tensor::from_vec(m, (batch, g, g), &dev)?;
-            let x = images(batch, img, &dev)?;
+            let mask = Tensor::from_vec(m, (batch, g, g), dev)?;
+            let x = images(batch, img, dev)?;
             Ok(move || {
                 let (loss, _, _moe) = model.forward(&x, &mask, true)?;
                 opt.step(&loss.backward()?, 1e-4)?;
                 Ok(())
             })
         }),
-        Task::Moe { experts } => measure(&s.name, batch, img, iters, || {
+        Task::Moe { experts } => measure_on(dev, s, iters, || {
             let (b, side, c, hid) = MOE_TOKENS;
-            let x = Tensor::randn(0f32, 1.0, (b * side * side, c), &dev)?;
+            let x = Tensor::randn(0f32, 1.0, (b * side * side, c), dev)?;
             let vm = VarMap::new();
-            let vb = seeded_var_builder(&vm, 0, DType::F32, &dev);
+            let vb = seeded_var_builder(&vm, 0, DType::F32, dev);
             let rng = SharedRng::new(0);
             let moe = if experts > 0 {
                 let cfg = MoeConfig {
@@ -465,10 +507,10 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
             };
             // dense: the Swin-V2 block MLP fc1 -> GELU(erf) -> fc2 through the ops the model's
             // `Mlp` uses (fc1 and its GELU as one node), same init as the experts
-            let w1 = (Tensor::randn(0f32, 1.0, (hid, c), &dev)? * 0.005)?;
-            let b1 = Tensor::zeros(hid, DType::F32, &dev)?;
-            let w2 = (Tensor::randn(0f32, 1.0, (c, hid), &dev)? * 0.005)?;
-            let b2 = Tensor::zeros(c, DType::F32, &dev)?;
+            let w1 = (Tensor::randn(0f32, 1.0, (hid, c), dev)? * 0.005)?;
+            let b1 = Tensor::zeros(hid, DType::F32, dev)?;
+            let w2 = (Tensor::randn(0f32, 1.0, (c, hid), dev)? * 0.005)?;
+            let b2 = Tensor::zeros(c, DType::F32, dev)?;
             Ok(move || {
                 match &moe {
                     Some(m) => {
@@ -482,7 +524,7 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
                 Ok(())
             })
         }),
-        Task::BlockForward | Task::BlockBackward => measure(&s.name, batch, img, iters, || {
+        Task::BlockForward | Task::BlockBackward => measure_on(dev, s, iters, || {
             let cfg = preset_at(s.preset, img)?;
             let res = img / cfg.patch_size;
             let vm = VarMap::new();
@@ -491,10 +533,10 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
                 0,
                 1,
                 (res, res),
-                seeded_var_builder(&vm, 0, DType::F32, &dev),
+                seeded_var_builder(&vm, 0, DType::F32, dev),
             )?;
             let c = cfg.embed_dim;
-            let x = Tensor::randn(0f32, 1.0, (batch, res, res, c), &dev)?;
+            let x = Tensor::randn(0f32, 1.0, (batch, res, res, c), dev)?;
             let train = s.task == Task::BlockBackward;
             Ok(move || {
                 let (y, _moe) = blk.forward(&x, train)?;
@@ -504,10 +546,10 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
                 Ok(())
             })
         }),
-        Task::DetectTrain => measure(&s.name, batch, img, iters, || {
-            let (vm, det) = detector(img, &dev)?;
+        Task::DetectTrain => measure_on(dev, s, iters, || {
+            let (vm, det) = detector(img, dev)?;
             let mut opt = adamw(&vm)?;
-            let x = images(batch, img, &dev)?;
+            let x = images(batch, img, dev)?;
             let boxes = synthetic_boxes(batch, img);
             Ok(move || {
                 // a dense backbone: no MoE aux loss to add
@@ -517,9 +559,9 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
                 Ok(())
             })
         }),
-        Task::DetectInference => measure(&s.name, batch, img, iters, || {
-            let (_vm, det) = detector(img, &dev)?;
-            let x = images(batch, img, &dev)?;
+        Task::DetectInference => measure_on(dev, s, iters, || {
+            let (_vm, det) = detector(img, dev)?;
+            let x = images(batch, img, dev)?;
             let metas = vec![
                 ImageMeta {
                     valid_size: (img, img),
@@ -533,11 +575,11 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
                 Ok(())
             })
         }),
-        Task::SegmentTrain(head) => measure(&s.name, batch, img, iters, || {
-            let (vm, seg) = segmentor(img, head, &dev)?;
+        Task::SegmentTrain(head) => measure_on(dev, s, iters, || {
+            let (vm, seg) = segmentor(img, head, dev)?;
             let mut opt = adamw(&vm)?;
-            let x = images(batch, img, &dev)?;
-            let labels = synthetic_class_maps(batch, img, &dev)?;
+            let x = images(batch, img, dev)?;
+            let labels = synthetic_class_maps(batch, img, dev)?;
             Ok(move || {
                 let (out, _moe) = seg.forward(&x, true)?;
                 let loss = seg.loss(&out, &labels)?.total;
@@ -545,9 +587,9 @@ fn run_row(s: &Spec, iters: Iters) -> Result<Row> {
                 Ok(())
             })
         }),
-        Task::SegmentInference(head) => measure(&s.name, batch, img, iters, || {
-            let (_vm, seg) = segmentor(img, head, &dev)?;
-            let x = images(batch, img, &dev)?;
+        Task::SegmentInference(head) => measure_on(dev, s, iters, || {
+            let (_vm, seg) = segmentor(img, head, dev)?;
+            let x = images(batch, img, dev)?;
             Ok(move || {
                 seg.infer(&x)?.argmax(1)?;
                 Ok(())

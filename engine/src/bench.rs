@@ -44,6 +44,10 @@ pub struct Row {
     pub images_per_s: f64,
     /// Peak resident set of the process during the row (setup included), MiB.
     pub peak_rss_mib: f64,
+    /// Peak device memory during the row (setup included), MiB, on a GPU
+    /// ([`crate::device::peak_device_memory_mib`]; PyTorch: `torch.cuda.max_memory_allocated`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_device_mib: Option<f64>,
 }
 
 impl Row {
@@ -152,18 +156,25 @@ where
         iters: secs.len(),
         images_per_s: batch as f64 / med,
         peak_rss_mib: peak_rss_mib(),
+        peak_device_mib: None,
     })
 }
 
 /// The table `mimlab bench` prints: one line per row, fixed-width columns.
+/// On a GPU a last column holds the peak device memory.
 pub fn format_table(rows: &[Row]) -> String {
+    let gpu = rows.iter().any(|r| r.peak_device_mib.is_some());
     let mut s = format!(
-        "{:<34} {:>5} {:>4} {:>10} {:>19} {:>9} {:>9}\n",
+        "{:<34} {:>5} {:>4} {:>10} {:>19} {:>9} {:>9}",
         "row", "batch", "img", "median ms", "min-max ms", "images/s", "peak MiB"
     );
+    if gpu {
+        s += &format!(" {:>9}", "GPU MiB");
+    }
+    s.push('\n');
     for r in rows {
         s += &format!(
-            "{:<34} {:>5} {:>4} {:>10.1} {:>19} {:>9.1} {:>9.0}\n",
+            "{:<34} {:>5} {:>4} {:>10.1} {:>19} {:>9.1} {:>9.0}",
             r.name,
             r.batch,
             r.img,
@@ -172,8 +183,16 @@ pub fn format_table(rows: &[Row]) -> String {
             r.images_per_s,
             r.peak_rss_mib
         );
+        if gpu {
+            s += &format!(" {:>9.0}", r.peak_device_mib.unwrap_or(f64::NAN));
+        }
+        s.push('\n');
     }
     s
+}
+
+fn cpu_device() -> String {
+    "cpu".into()
 }
 
 /// The machine-readable form (`--json`): `{"threads": N, "tool": "mimlab", "rows": [...]}`.
@@ -181,6 +200,9 @@ pub fn format_table(rows: &[Row]) -> String {
 pub struct Report {
     /// `mimlab` or `pytorch`.
     pub tool: String,
+    /// Where the rows ran: `cpu`, or `cuda` with the GPU's name (`cuda: NVIDIA H200`).
+    #[serde(default = "cpu_device")]
+    pub device: String,
     /// Compute threads used.
     pub threads: usize,
     /// Measured rows, in table order.

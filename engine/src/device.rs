@@ -123,6 +123,98 @@ pub fn tune_allocator() {
     }
 }
 
+/// What `dev` is, for reports: `cpu`, or `cuda:N` and the GPU's name (`cuda:0 NVIDIA H200`).
+pub fn device_name(dev: &Device) -> String {
+    match dev {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            let stream = cuda.cuda_stream();
+            let ctx = stream.context();
+            let name = ctx
+                .name()
+                .unwrap_or_else(|e| format!("(name unknown: {e})"));
+            format!("cuda:{} {name}", ctx.ordinal())
+        }
+        Device::Cpu => "cpu".into(),
+        other => format!("{:?}", other.location()),
+    }
+}
+
+/// Device memory in use at its peak since the last [`reset_peak_device_memory`], MiB: the
+/// high-water mark of the GPU's default memory pool, which candle's CUDA allocations come from
+/// (cudarc allocates with `cuMemAllocAsync`), the counterpart of PyTorch's
+/// `torch.cuda.max_memory_allocated`. `None` on the CPU (the process's peak resident set,
+/// [`crate::bench::peak_rss_mib`], is the figure there) and in a build without CUDA.
+pub fn peak_device_memory_mib(dev: &Device) -> Result<Option<f64>> {
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = cuda_pool::default_pool(dev)? {
+        return Ok(Some(cuda_pool::used_high(pool)? as f64 / (1024.0 * 1024.0)));
+    }
+    let _ = dev;
+    Ok(None)
+}
+
+/// Starts a new peak for [`peak_device_memory_mib`] (waits for the device first); a no-op on the
+/// CPU.
+pub fn reset_peak_device_memory(dev: &Device) -> Result<()> {
+    dev.synchronize()?;
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = cuda_pool::default_pool(dev)? {
+        cuda_pool::reset_used_high(pool)?;
+    }
+    Ok(())
+}
+
+/// The default memory pool of a CUDA device, through the driver API candle's cudarc exposes.
+#[cfg(feature = "cuda")]
+mod cuda_pool {
+    use anyhow::{Context, Result};
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::Device;
+
+    const USED_HIGH: sys::CUmemPool_attribute =
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+
+    /// `dev`'s default pool; `None` on other devices or where the GPU has no memory pools (then
+    /// cudarc allocates with plain `cuMemAlloc` and there is no high-water mark to read).
+    pub fn default_pool(dev: &Device) -> Result<Option<sys::CUmemoryPool>> {
+        let Device::Cuda(cuda) = dev else {
+            return Ok(None);
+        };
+        let stream = cuda.cuda_stream();
+        let ctx = stream.context();
+        ctx.bind_to_thread().context("binding the CUDA context")?;
+        if !ctx.has_async_alloc() {
+            return Ok(None);
+        }
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: a device handle of a live context and a valid out pointer.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+            .result()
+            .context("cuDeviceGetDefaultMemPool")?;
+        Ok(Some(pool))
+    }
+
+    pub fn used_high(pool: sys::CUmemoryPool) -> Result<u64> {
+        let mut v: u64 = 0;
+        // SAFETY: the attribute is a cuuint64_t, written through a valid pointer.
+        unsafe { sys::cuMemPoolGetAttribute(pool, USED_HIGH, (&mut v as *mut u64).cast()) }
+            .result()
+            .context("cuMemPoolGetAttribute(USED_MEM_HIGH)")?;
+        Ok(v)
+    }
+
+    pub fn reset_used_high(pool: sys::CUmemoryPool) -> Result<()> {
+        // the driver accepts only 0 for a high-water mark: "reset to the current use"
+        let mut zero: u64 = 0;
+        // SAFETY: as above.
+        unsafe { sys::cuMemPoolSetAttribute(pool, USED_HIGH, (&mut zero as *mut u64).cast()) }
+            .result()
+            .context("cuMemPoolSetAttribute(USED_MEM_HIGH)")?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,10 +15,25 @@ use mimlab_models::checkpoint::{
 };
 use mimlab_models::swin_v2::{SwinV2, SwinV2Config};
 
+/// The device the checks run on: `MIMLAB_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`; default `cpu`),
+/// so that a CUDA build checks its GPU path against the same PyTorch numbers:
+/// `MIMLAB_TEST_DEVICE=cuda cargo test --release --features cuda -p mimlab-models --test fixtures`.
+/// Inputs go to the device, outputs come back to the CPU to be compared.
+fn device() -> Device {
+    let spec = std::env::var("MIMLAB_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    mimlab_engine::device::parse_device(&spec).expect("MIMLAB_TEST_DEVICE")
+}
+
+/// A file of tests/fixtures: in the checkout the test was built from, else (a test binary moved to
+/// a GPU machine) in the working directory's checkout.
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let dir = if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("tests/fixtures")
+    };
+    dir.join(name)
 }
 
 fn config_of(path: &PathBuf) -> Result<SwinV2Config> {
@@ -32,9 +47,10 @@ fn config_of(path: &PathBuf) -> Result<SwinV2Config> {
     Ok(serde_json::from_str(json)?)
 }
 
-/// max |a - b| / max |b|
+/// max |a - b| / max |b|, on the CPU.
 fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
     assert_eq!(a.dims(), b.dims());
+    let (a, b) = (&a.to_device(&Device::Cpu)?, &b.to_device(&Device::Cpu)?);
     let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     let s = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     Ok(d / s)
@@ -44,7 +60,7 @@ fn check(model: &str, layout: &str, expect: Layout) -> Result<()> {
     let io = read_weights(&fixture(&format!("{model}.io.safetensors")))?;
     let cfg = config_of(&fixture(&format!("{model}.io.safetensors")))?;
     let vm = VarMap::new();
-    let vb = seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
+    let vb = seeded_var_builder(&vm, 0, DType::F32, &device());
     let m = SwinV2::new(&cfg, false, SharedRng::new(0), vb)?;
     assert_eq!(
         vm.all_vars().iter().map(|v| v.elem_count()).sum::<usize>(),
@@ -54,7 +70,7 @@ fn check(model: &str, layout: &str, expect: Layout) -> Result<()> {
     let report = load_into_varmap(&vm, weights, &LoadOptions::default())?;
     assert_eq!(report.layout, expect);
     assert_eq!(report.loaded, vm.all_vars().len());
-    let x = &io["input"];
+    let x = &io["input"].to_device(&device())?;
     let f = m.forward_features(x, None, false)?;
     let pre = m.pre_logits(&f)?;
     let (logits, _) = m.forward(x, false)?;
@@ -116,7 +132,7 @@ fn dyn_model(
     assert_eq!(cfg.img_size, 64);
     edit(&mut cfg);
     let vm = VarMap::new();
-    let vb = seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
+    let vb = seeded_var_builder(&vm, 0, DType::F32, &device());
     let m = SwinV2::new(&cfg, true, SharedRng::new(0), vb)?;
     let weights = read_weights(&fixture(&format!("{model}.timm.safetensors")))?;
     let opts = LoadOptions {
@@ -136,7 +152,7 @@ fn check_dynamic(model: &str) -> Result<()> {
     let (_, m, io) = dyn_model(model, |_| {})?;
     let stages = m.config().num_stages();
     for size in ["64x64", "100x148", "68x92"] {
-        let x = &inputs[size];
+        let x = &inputs[size].to_device(&device())?;
         let f = m.forward_features(x, None, false)?;
         let (logits, _) = m.forward(x, false)?;
         let mut outs = vec![
@@ -182,13 +198,13 @@ fn training_forward_and_backward_at_other_sizes() -> Result<()> {
             c.drop_path_rate = 0.2;
             c.drop_rate = 0.1;
         })?;
-        let x = &inputs["68x92"];
+        let x = &inputs["68x92"].to_device(&device())?;
         let mask = Tensor::from_vec(
             (0..2 * 17 * 23)
                 .map(|i| (i % 3 == 0) as u8 as f32)
                 .collect(),
             (2, 17, 23),
-            &Device::Cpu,
+            &device(),
         )?;
         let f = m.forward_features(x, Some(&mask), true)?;
         assert_eq!(f.stages[0].dims(), &[2, m.config().embed_dim, 17, 23]);

@@ -6,12 +6,17 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use mimlab_engine::bench::format_table;
+use mimlab_engine::device::parse_device;
 
 use crate::bench;
 
 /// Arguments of `mimlab bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    /// Where the rows run: `cpu`, `cuda` or `cuda:N` (a build with `--features cuda`). On a GPU
+    /// each timed call waits for the device, and a column gives the peak device memory.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Compute threads (default: all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -46,7 +51,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     let iters = bench::iters(args.quick, args.warmup, args.iters);
-    let report = bench::run(&specs, args.threads, iters)?;
+    let dev = parse_device(&args.device)?;
+    let report = bench::run(&specs, args.threads, iters, &dev)?;
     print!("{}", format_table(&report.rows));
     if let Some(p) = &args.json {
         bench::write_json(&report, p)?;

@@ -8,8 +8,8 @@ const EPS: f64 = 1e-12;
 
 /// `x / max(||x||, 1e-12)` over the last dim, as `torch.nn.functional.normalize(x, dim=-1)`.
 /// Backward: `dx = (g - y * sum(g * y)) / ||x||`, and `g / 1e-12` where the norm is clamped
-/// (also for a zero row, where the composed version's `sqrt` backward gives NaN). Off the fused
-/// path: the composed ops.
+/// (also for a zero row, e.g. the key of a padding token: Swin-V2's k has no bias). Off the fused
+/// path: [`composed`].
 pub fn normalize(x: &Tensor) -> Result<Tensor> {
     normalize_groups(x, x.dims().last().copied().unwrap_or(1))
 }
@@ -25,11 +25,23 @@ pub fn normalize_groups(x: &Tensor, group: usize) -> Result<Tensor> {
         let mut dims = x.dims().to_vec();
         dims.pop();
         dims.extend([last / group, group]);
-        let g = x.reshape(dims)?;
-        let norm = g.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(EPS)?;
-        return g.broadcast_div(&norm)?.reshape(x.shape());
+        return composed(&x.reshape(dims)?)?.reshape(x.shape());
     }
     x.contiguous()?.apply_op1(Normalize { c: group })
+}
+
+/// [`normalize`] from candle ops (other devices and dtypes): `x / sqrt(max(sum(x^2), eps^2))`,
+/// the same values as `x / max(||x||, eps)`. Clamping before the `sqrt` keeps a clamped row's
+/// backward at `g / eps` as the fused op's: clamping after it puts `sqrt`'s backward at 0, whose
+/// infinity times the zero row gave NaN weight gradients on CUDA at image sizes with padded
+/// windows (tests/fixtures.rs `training_forward_and_backward_at_other_sizes`, caught on an H200).
+fn composed(x: &Tensor) -> Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .maximum(EPS * EPS)?
+        .sqrt()?;
+    x.broadcast_div(&norm)
 }
 
 /// L2 normalization of each run of `c` elements.
@@ -146,11 +158,6 @@ mod tests {
     use crate::ops::testing::rel_diff;
     use candle_core::{DType, Device, IndexOp, Var};
 
-    fn composed(x: &Tensor) -> Result<Tensor> {
-        let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(EPS)?;
-        x.broadcast_div(&norm)
-    }
-
     #[test]
     fn normalize_matches_composed_ops() -> Result<()> {
         // q of 6 windows, 2 heads, 16 tokens, head dim 8
@@ -203,9 +210,11 @@ mod tests {
         let y = normalize(&x)?;
         assert_eq!(y.i(1)?.abs()?.sum_all()?.to_scalar::<f64>()?, 0.0);
         let dx = (&y * &r)?.sum_all()?.backward()?.get(&x).unwrap().clone();
-        // zero row: g / eps (the composed version's sqrt backward gives 0/0 = NaN there)
+        // zero row: g / eps
         let d = rel_diff(&dx.i(1)?, &(r.i(1)? / EPS)?)?;
         assert!(d < 1e-15, "zero row: {d}");
+        // the composed fallback agrees on every row, the clamped ones included (a clamp after
+        // the sqrt gave NaN on the zero row)
         let plain = composed(&x)?;
         let dp = (&plain * &r)?
             .sum_all()?
@@ -213,7 +222,7 @@ mod tests {
             .get(&x)
             .unwrap()
             .clone();
-        for row in [0, 2, 3] {
+        for row in 0..4 {
             let d = rel_diff(&y.i(row)?, &plain.i(row)?)?;
             assert!(d < 1e-12, "row {row} forward: {d}");
             let d = rel_diff(&dx.i(row)?, &dp.i(row)?)?;

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The CUDA checks of issue 23, on a machine with an NVIDIA GPU, python3 with torch + timm +
+# torchvision, and a mimlab built with `--features cuda` (scripts/cuda_build.sh makes BUILD_DIR:
+# the `mimlab` binary and `fixtures`, the test binary of models/tests/fixtures.rs).
+# Not part of CI: CI has no GPU. Needs data/fashion-mnist (scripts/setup-data.sh) for `runs`.
+#
+# Usage: bash scripts/cuda_check.sh BUILD_DIR OUT_DIR [parity] [runs] [bench]   (default: all)
+#   parity  the timm/official fixture tests with the model on the GPU (MIMLAB_TEST_DEVICE=cuda)
+#   runs    the README's first-run SimMIM config on the GPU (400 steps), the same config for 50
+#           steps on the CPU (the per-step losses of both are compared: same init, data and
+#           masks, only the arithmetic differs), then the 1%-label finetuning from the GPU run
+#   bench   `mimlab bench --device cuda` and `scripts/bench_pytorch.py --device cuda`, side by side
+# Run folders go to $RUNS (default OUT_DIR/runs); BENCH_ARGS are the flags both benches get
+# (default `--warmup 2 --iters 10`). Each check writes OUT_DIR/<check>.log; a failing check does not stop the others; the exit
+# status is the number of failed checks.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+build=$(realpath "$1")
+if [[ ! -x $build/mimlab && -f $build/cuda-bin.tar.xz ]]; then # the packed form of cuda_build.sh
+    mkdir -p /tmp/mimlab-cuda-bin
+    tar -xJf "$build/cuda-bin.tar.xz" -C /tmp/mimlab-cuda-bin
+    build=/tmp/mimlab-cuda-bin
+fi
+out=$(realpath -m "$2")
+shift 2
+checks=("$@")
+[[ ${#checks[@]} -eq 0 ]] && checks=(parity runs bench)
+mkdir -p "$out"
+bin="$build/mimlab"
+runs=${RUNS:-$out/runs}
+bench_args=${BENCH_ARGS:---warmup 2 --iters 10}
+failed=0
+
+step() { # name command...: runs it with its output in OUT/name.log and on stdout
+    local name=$1
+    shift
+    echo "== $name: $*"
+    local t0=$SECONDS
+    "$@" 2>&1 | tee -a "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - t0)) s"
+    [[ $rc -eq 0 ]] || failed=$((failed + 1))
+    return "$rc"
+}
+
+# The CUDA libraries the binary links (cuBLAS, cuRAND, NVRTC of CUDA 13): from a toolkit or from
+# PyTorch's cu13 wheels, wherever this machine has them.
+if ldd "$bin" | grep -q "not found"; then
+    for lib in $(ldd "$bin" | awk '/not found/ {print $1}'); do
+        dir=$(find /usr/local /opt /usr/lib -name "$lib" 2>/dev/null | head -1)
+        [[ -n $dir ]] && export LD_LIBRARY_PATH=$(dirname "$dir")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    done
+    ldd "$bin" | grep "not found" && echo "cuda_check.sh: libraries missing" >&2
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+
+for check in "${checks[@]}"; do
+    case "$check" in
+    parity)
+        MIMLAB_TEST_DEVICE=cuda step parity "$build/fixtures" --test-threads 1 --nocapture
+        ;;
+    runs)
+        pre=(pretrain --config configs/simmim/swinv2_nano_fmnist.yaml
+            --set run.output_dir="$runs" --set run.log_every=1)
+        step simmim_cuda "$bin" "${pre[@]}" --set run.device=cuda --set run.name=simmim-cuda
+        step simmim_cpu "$bin" "${pre[@]}" --set run.device=cpu --set run.name=simmim-cpu \
+            --set train.max_steps=50 --set run.threads=8
+        step simmim_compare python3 - "$runs/simmim-cuda/metrics.jsonl" \
+            "$runs/simmim-cpu/metrics.jsonl" <<'PY'
+import json, sys
+rows = [{r["step"]: r for r in map(json.loads, open(f)) if r.get("split") == "train"}
+        for f in sys.argv[1:]]
+gpu, cpu = rows
+steps = sorted(set(gpu) & set(cpu))
+assert len(steps) >= 50, f"only {len(steps)} common steps"
+d = [abs(gpu[s]["loss"] - cpu[s]["loss"]) / abs(cpu[s]["loss"]) for s in steps]
+for s in (steps[0], steps[9], steps[-1]):
+    print(f"step {s}: loss cuda {gpu[s]['loss']:.6f} cpu {cpu[s]['loss']:.6f}")
+last = max(gpu)
+print(f"{len(steps)} steps compared: max relative loss difference {max(d):.2e} "
+      f"(first 10 steps {max(d[:10]):.2e}); cuda run: {last} steps, final loss "
+      f"{gpu[last]['loss']:.4f}")
+assert max(d[:10]) < 1e-3, "CUDA and CPU losses differ in the first 10 steps"
+PY
+        step finetune_cuda "$bin" finetune --config configs/finetune/swinv2_nano_fmnist_1pct.yaml \
+            --init "$runs/simmim-cuda" --set run.device=cuda --set run.output_dir="$runs" \
+            --set run.name=finetune-cuda
+        ;;
+    bench)
+        # shellcheck disable=SC2086
+        step bench_mimlab "$bin" bench --device cuda --threads 2 $bench_args \
+            --json "$out/mimlab_cuda.json"
+        # shellcheck disable=SC2086
+        step bench_pytorch python3 scripts/bench_pytorch.py --device cuda --threads 2 $bench_args \
+            --json "$out/pytorch_cuda.json"
+        step bench_table python3 scripts/bench_table.py "$out/mimlab_cuda.json" \
+            "$out/pytorch_cuda.json"
+        ;;
+    *)
+        echo "cuda_check.sh: unknown check '$check' (parity, runs, bench)" >&2
+        exit 2
+        ;;
+    esac
+done
+echo "cuda_check.sh: $failed failed check(s); logs in $out"
+exit "$failed"
