@@ -5,7 +5,10 @@
 # driver). Where CUDA is installed (nvcc on PATH), plain `cargo build --release --features cuda`
 # is all it takes.
 #
-# Usage: bash scripts/cuda_build.sh [OUT_DIR]     (default: target/cuda-bin)
+# Usage: [FEATURES=cuda,nccl] bash scripts/cuda_build.sh [OUT_DIR]     (default: target/cuda-bin)
+#   FEATURES: the cargo features (default `cuda`); `nccl` adds data-parallel training over NCCL
+#   (scripts/launch_gpus.sh) and links libnccl.so.2 (from the nvidia-nccl-cu13 wheel here; the GPU
+#   machine needs one too, e.g. PyTorch's).
 #   CUDA_COMPUTE_CAP=90 (the default: Hopper, H100/H200) sets the GPU generation candle's kernels
 #   are compiled for; 80 = A100, 89 = L4/RTX 40xx. The driver on the GPU machine must support
 #   CUDA 13.0 (driver 580 or newer); the GPU machine needs libcublas.so.13, libcublasLt.so.13,
@@ -17,6 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-target/cuda-bin}")
+features=${FEATURES:-cuda}
 tk=$PWD/.cuda-toolkit
 root=$tk/nvidia/cu13
 if ! command -v nvcc >/dev/null; then
@@ -42,14 +46,24 @@ if ! command -v nvcc >/dev/null; then
     fi
     export CUDA_ROOT=$root CUDA_PATH=$root PATH=$root/bin:$PATH
     export LIBRARY_PATH=$root/lib:$root/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
+    if [[ $features == *nccl* ]]; then
+        if [[ ! -e $tk/nvidia/nccl/lib/libnccl.so ]]; then
+            python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+                --platform manylinux_2_18_x86_64 --platform manylinux_2_17_x86_64 \
+                --platform manylinux2014_x86_64 -d "$tk/wheels" "nvidia-nccl-cu13"
+            unzip -q -o "$tk"/wheels/nvidia_nccl_cu13-*.whl -d "$tk"
+            ln -sf libnccl.so.2 "$tk/nvidia/nccl/lib/libnccl.so"
+        fi
+        export LIBRARY_PATH=$tk/nvidia/nccl/lib:$LIBRARY_PATH
+    fi
 fi
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 # Its own target folder: the CUDA build changes candle's features, which would rebuild the
 # CPU build's dependencies on every switch.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
-cargo build --release --features cuda
+cargo build --release --features "$features"
 # the whole workspace's features (as the build above), so nothing of it is rebuilt
-cargo test --release --features cuda --workspace --test fixtures --no-run
+cargo test --release --features "$features" --workspace --test fixtures --no-run
 mkdir -p "$out"
 strip -o "$out/mimlab" "$CARGO_TARGET_DIR/release/mimlab"
 fixtures=$(ls -t "$CARGO_TARGET_DIR"/release/deps/fixtures-* | grep -v '\.d$' | head -1)

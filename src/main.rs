@@ -57,6 +57,14 @@ static ALLOC: mimlab_engine::alloc::CachingAlloc = mimlab_engine::alloc::Caching
 fn main() {
     let cli = Cli::parse();
     mimlab_engine::device::tune_allocator();
+    // Under `mpirun`, join the MPI group first (data-parallel training, engine/src/dist).
+    let group = match mimlab_engine::dist::init() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {}", error_text(&e));
+            std::process::exit(1);
+        }
+    };
     let result: Result<()> = match cli.cmd {
         Cmd::Config(c) => cli::config::run(c),
         Cmd::Pretrain(a) => cli::pretrain::run(a),
@@ -72,9 +80,11 @@ fn main() {
         Cmd::Data(c) => cli::data::run(c),
     };
     if let Err(e) = result {
+        // no MPI_Finalize: the other ranks may be waiting in a collective; the launcher ends them
         eprintln!("error: {}", error_text(&e));
         std::process::exit(1);
     }
+    drop(group);
 }
 
 /// The error and its causes joined by ": " (as `{:#}`), leaving out a cause whose text the

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod fsutil;
 pub mod init;
 pub mod log;

@@ -65,6 +65,34 @@ impl Batch {
         })
     }
 
+    /// Samples `[start, end)` of the batch, padding kept (a data-parallel rank's share,
+    /// [`crate::dist::shard_range`]).
+    pub fn narrow(&self, start: usize, end: usize) -> Result<Self> {
+        let b = self.indices.len();
+        ensure!(
+            start <= end && end <= b,
+            "batch: samples {start}..{end} of a batch of {b}"
+        );
+        let n = end - start;
+        let targets = match &self.targets {
+            BatchTargets::None => BatchTargets::None,
+            BatchTargets::Classes(t) => BatchTargets::Classes(t.narrow(0, start, n)?),
+            BatchTargets::Boxes(bx) => BatchTargets::Boxes(bx[start..end].to_vec()),
+            BatchTargets::Masks(m) => BatchTargets::Masks(m.narrow(0, start, n)?),
+            BatchTargets::BoxesAndMasks { boxes, masks } => BatchTargets::BoxesAndMasks {
+                boxes: boxes[start..end].to_vec(),
+                masks: masks.narrow(0, start, n)?,
+            },
+        };
+        Ok(Self {
+            images: self.images.narrow(0, start, n)?,
+            valid_sizes: self.valid_sizes[start..end].to_vec(),
+            targets,
+            indices: self.indices[start..end].to_vec(),
+            epoch: self.epoch,
+        })
+    }
+
     /// The `[B]` u32 class ids of a classification batch.
     pub fn labels(&self) -> Option<&Tensor> {
         match &self.targets {

@@ -9,6 +9,7 @@
 //! An epoch has `batches_per_epoch / accum_steps` optimizer steps; trailing batches that do not
 //! fill a whole accumulation group are skipped, so a step never straddles two epochs.
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -18,6 +19,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::checkpoint::{self, BestMeta, CheckpointMeta, FORMAT_VERSION};
 use super::{Objective, RunConfig, TrainConfig};
 use crate::data::{Batch, DataLoader};
+use crate::dist::{self, Communicator};
 use crate::fsutil::write_atomic;
 use crate::log::{yaml_hparams, MetricsLog, Progress, TbWriter};
 use crate::optim::{clip_grad_norm, grad_norm, param_groups, AdamW, LrSchedule};
@@ -121,9 +123,13 @@ pub struct Trainer<'a, O: Objective> {
     train: TrainConfig,
     run: RunConfig,
     run_dir: RunDir,
-    /// Held until the trainer is dropped: no other run writes this folder meanwhile.
-    _lock: RunLock,
+    /// Held until the trainer is dropped: no other run writes this folder meanwhile (rank 0).
+    _lock: Option<RunLock>,
+    /// Ranks > 0 of a data-parallel run log to a scratch folder, removed at the end.
+    _scratch: Option<Scratch>,
     device: Device,
+    /// The data-parallel group ([`dist::Local`] for one process).
+    comm: Arc<dyn Communicator>,
     optimizer: AdamW,
     vars: Vec<Var>,
     /// The optimized variables by name (for naming a non-finite one).
@@ -149,6 +155,7 @@ pub struct Trainer<'a, O: Objective> {
 
 impl<'a, O: Objective> Trainer<'a, O> {
     /// `resolved_config_yaml` is written to RUN_DIR/config.yaml; `start` says which folder.
+    /// Data parallel when the process was launched so ([`dist::connect`]).
     pub fn new(
         objective: &'a mut O,
         train: &TrainConfig,
@@ -156,11 +163,29 @@ impl<'a, O: Objective> Trainer<'a, O> {
         resolved_config_yaml: &str,
         start: &RunStart<'_>,
     ) -> Result<Self> {
+        let device = crate::device::parse_device(&run.device)?;
+        let comm = dist::connect(&device)?;
+        Self::with_communicator(objective, train, run, resolved_config_yaml, start, comm)
+    }
+
+    /// [`Trainer::new`] as one rank of `comm`'s group (see [`crate::dist`]): rank 0 writes the
+    /// run folder, the others only train.
+    pub fn with_communicator(
+        objective: &'a mut O,
+        train: &TrainConfig,
+        run: &RunConfig,
+        resolved_config_yaml: &str,
+        start: &RunStart<'_>,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
         train.validate()?;
         run.validate()?;
         let device = crate::device::parse_device(&run.device)?;
+        crate::device::set_matmul_precision(run.precision);
         let resume = start.resumed();
-        // The run folder's lock is taken before anything in it is read or written.
+        let writer = comm.rank() == 0;
+        // The run folder's lock is taken before anything in it is read or written (by rank 0;
+        // the other ranks of a data-parallel run only read a resumed folder's checkpoint).
         let (run_dir, lock) = match start {
             RunStart::Resume { dir, .. } => {
                 let run_dir = RunDir::at(dir);
@@ -170,9 +195,10 @@ impl<'a, O: Objective> Trainer<'a, O> {
                         run_dir.checkpoints().display()
                     );
                 }
-                let lock = run_dir.lock()?;
+                let lock = if writer { Some(run_dir.lock()?) } else { None };
                 (run_dir, lock)
             }
+            RunStart::New { .. } if !writer => (Scratch::dir(comm.rank())?, None),
             RunStart::New { label } => {
                 let label = if label.is_empty() {
                     objective.name()
@@ -181,10 +207,12 @@ impl<'a, O: Objective> Trainer<'a, O> {
                 };
                 let (dir, lock) = RunDir::new_run(&run.output_dir, run.name.as_deref(), label)?;
                 eprintln!("run folder: {}", dir.root().display());
-                (dir, lock)
+                (dir, Some(lock))
             }
         };
-        write_atomic(&run_dir.config(), resolved_config_yaml.as_bytes())?;
+        if writer {
+            write_atomic(&run_dir.config(), resolved_config_yaml.as_bytes())?;
+        }
 
         let keywords = objective.no_decay_keywords();
         let groups = {
@@ -201,7 +229,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
         }
         let mut optimizer = AdamW::new(groups, (train.betas[0], train.betas[1]), train.eps)?;
         let vars = optimizer.vars();
-        let named_vars = {
+        let named_vars: Vec<(String, Tensor)> = {
             let ids: std::collections::HashSet<_> =
                 vars.iter().map(|v| v.as_tensor().id()).collect();
             // Invariant: the VarMap mutex is only poisoned if another thread panicked holding it.
@@ -272,6 +300,36 @@ impl<'a, O: Objective> Trainer<'a, O> {
                 same
             });
         }
+        // Ranks > 0 log to a scratch folder of their own; only rank 0 writes the run folder.
+        let (run_dir, scratch) = match (writer, resume) {
+            (true, _) => (run_dir, None),
+            // a resumed run's folder was only read
+            (false, Some(_)) => {
+                let s = Scratch::dir(comm.rank())?;
+                let root = s.root().to_path_buf();
+                (s, Some(Scratch(root)))
+            }
+            (false, None) => {
+                let root = run_dir.root().to_path_buf();
+                (run_dir, Some(Scratch(root)))
+            }
+        };
+        if comm.world_size() > 1 || comm.backend() != "local" {
+            let hash = dist::check_same_weights(&*comm, &named_vars)
+                .context("data parallel: checking the starting weights")?;
+            if writer {
+                eprintln!(
+                    "data parallel: {} processes ({}), global batch split by rank, same start \
+                     weights on every rank (hash {hash:08x})",
+                    comm.world_size(),
+                    comm.backend()
+                );
+                record_world(&run_dir, step, &*comm)?;
+            }
+        } else if resume.is_some() && run_dir.root().join(WORLD_FILE).exists() {
+            // a data-parallel run resumed by one process
+            record_world(&run_dir, step, &*comm)?;
+        }
         let mut tb = TbWriter::create(run_dir.events())?;
         // The resolved config as text (indented: a markdown code block) and as hparams.
         let text: String = resolved_config_yaml
@@ -287,7 +345,9 @@ impl<'a, O: Objective> Trainer<'a, O> {
             run: run.clone(),
             run_dir,
             _lock: lock,
+            _scratch: scratch,
             device,
+            comm,
             optimizer,
             vars,
             named_vars,
@@ -332,9 +392,42 @@ impl<'a, O: Objective> Trainer<'a, O> {
         Ok(ck)
     }
 
-    /// The run folder.
+    /// This process's rank in its data-parallel group (0 in a single process).
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// The run folder (a rank > 0 of a data-parallel run: its scratch folder).
     pub fn run_dir(&self) -> &Path {
         self.run_dir.root()
+    }
+
+    /// Whether steps are reduced over a group (more than one rank, or a real backend).
+    fn parallel(&self) -> bool {
+        self.comm.world_size() > 1 || self.comm.backend() != "local"
+    }
+
+    /// Whether this process writes the run folder (rank 0).
+    fn writer(&self) -> bool {
+        self.comm.rank() == 0
+    }
+
+    /// This rank's samples of a global batch ([`dist::shard_range`]); the batch itself in one
+    /// process.
+    fn my_shard(&self, batch: Batch) -> Result<Batch> {
+        let w = self.comm.world_size();
+        if w == 1 {
+            return Ok(batch);
+        }
+        let b = batch.indices.len();
+        if !b.is_multiple_of(w) {
+            bail!(
+                "data parallel: a batch of {b} samples does not split evenly over {w} processes \
+                 (train.batch_size is the global batch: make it a multiple of {w})"
+            );
+        }
+        let (start, end) = dist::shard_range(b, self.comm.rank(), w);
+        batch.narrow(start, end)
     }
 
     /// Trains on `train_loader` until `train.epochs` (or `train.max_steps`), evaluating on
@@ -410,7 +503,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
         if self.last_checkpoint != Some(self.step) && self.step > 0 {
             self.save_checkpoint()?;
         }
-        if self.step > 0 && self.last_picture != Some(self.step) {
+        if self.step > 0 && self.last_picture != Some(self.step) && self.writer() {
             self.objective
                 .log_images(self.step, self.run_dir.root(), &mut self.tb)?;
             self.last_picture = Some(self.step);
@@ -465,6 +558,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
                         self.batch_in_epoch, self.epoch
                     )
                 })?;
+            let batch = self.my_shard(batch).with_context(|| format!("step {n}"))?;
             let seed = if k == 0 {
                 mix_seed(self.run.seed, &[n])
             } else {
@@ -498,10 +592,11 @@ impl<'a, O: Objective> Trainer<'a, O> {
                 .and_then(|t| t.flatten_all())
                 .and_then(|t| t.to_vec1::<f64>())
                 .with_context(|| format!("step {n}: reading the loss"))?[0];
-            if !value.is_finite() {
-                let what = if value.is_nan() { "NaN" } else { "infinite" };
+            // (data parallel: checked once reduced over the ranks, below, so all stop together)
+            if !value.is_finite() && !self.parallel() {
                 bail!(
-                    "step {n}: loss is {what} (lr {lr:.3e}); stopping without writing a checkpoint"
+                    "step {n}: loss is {} (lr {lr:.3e}); stopping without writing a checkpoint",
+                    if value.is_nan() { "NaN" } else { "infinite" }
                 );
             }
             let scaled = if accum > 1 {
@@ -533,6 +628,31 @@ impl<'a, O: Objective> Trainer<'a, O> {
             }
             images += batch.images.dims().first().copied().unwrap_or(0);
             self.batch_in_epoch += 1;
+        }
+        if self.parallel() {
+            // the step's loss, metrics and images over all ranks: means of the shard means
+            let mut v: Vec<f64> = [loss_sum, images as f64]
+                .into_iter()
+                .chain(metrics.iter().map(|(_, x)| *x))
+                .collect();
+            self.comm
+                .all_reduce_sum(&mut v)
+                .with_context(|| format!("step {n}: reducing the loss over the ranks"))?;
+            let w = self.comm.world_size() as f64;
+            loss_sum = v[0] / w;
+            images = v[1].round() as usize;
+            for ((_, x), r) in metrics.iter_mut().zip(&v[2..]) {
+                *x = r / w;
+            }
+            if !loss_sum.is_finite() {
+                bail!(
+                    "step {n}: loss is {} on at least one rank (lr {lr:.3e}); stopping without \
+                     writing a checkpoint",
+                    if loss_sum.is_nan() { "NaN" } else { "infinite" }
+                );
+            }
+            dist::average_gradients(&*self.comm, &self.vars, &mut grads)
+                .with_context(|| format!("step {n}"))?;
         }
         let norm = match self.train.clip_grad {
             Some(max) => clip_grad_norm(&mut grads, &self.vars, max)?,
@@ -594,7 +714,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
             self.metrics.write(step, self.epoch, "train", &rows)?;
             *window = LogWindow::new();
         }
-        if self.run.image_every > 0 && step.is_multiple_of(self.run.image_every) {
+        if self.run.image_every > 0 && step.is_multiple_of(self.run.image_every) && self.writer() {
             self.objective
                 .log_images(step, self.run_dir.root(), &mut self.tb)?;
             self.last_picture = Some(step);
@@ -616,6 +736,8 @@ impl<'a, O: Objective> Trainer<'a, O> {
         self.batch_in_epoch = 0;
         let every = self.run.eval_every_epochs;
         let mut new_best = None;
+        // rank 0 evaluates; the others go on to the next step, where they wait for it
+        let eval_loader = eval_loader.filter(|_| self.writer());
         if let Some(loader) = eval_loader.filter(|_| every > 0 && self.epoch.is_multiple_of(every))
         {
             let rows = self
@@ -633,7 +755,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
         if (due || new_best.is_some()) && self.last_checkpoint != Some(self.step) {
             self.save_checkpoint()?;
         }
-        if let Some(best) = new_best {
+        if let Some(best) = new_best.filter(|_| self.writer()) {
             checkpoint::save_best(&self.run_dir.checkpoints(), &best)?;
             self.best = Some(best);
         }
@@ -664,8 +786,13 @@ impl<'a, O: Objective> Trainer<'a, O> {
         }))
     }
 
-    /// Writes `checkpoints/step_<N>.*` for the current position and prunes old ones.
+    /// Writes `checkpoints/step_<N>.*` for the current position and prunes old ones (rank 0;
+    /// the other ranks of a data-parallel run hold the same weights and write nothing).
     fn save_checkpoint(&mut self) -> Result<()> {
+        if !self.writer() {
+            self.last_checkpoint = Some(self.step);
+            return Ok(());
+        }
         let dir = self.run_dir.checkpoints();
         let meta = CheckpointMeta {
             format_version: FORMAT_VERSION,
@@ -690,6 +817,51 @@ impl<'a, O: Objective> Trainer<'a, O> {
         Ok(())
     }
 }
+
+/// A rank > 0's folder for what every rank logs (TensorBoard, metrics), removed when the trainer
+/// is dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    /// A new, empty `mimlab-rank<R>-<pid>-<n>` in the temp folder.
+    fn dir(rank: usize) -> Result<RunDir> {
+        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let root =
+            std::env::temp_dir().join(format!("mimlab-rank{rank}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&root)
+            .with_context(|| format!("rank {rank}: creating {}", root.display()))?;
+        Ok(RunDir::at(root))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Appends `{"step": S, "world_size": N, "backend": B}` to `RUN/world.jsonl` (rank 0, at every
+/// start of a data-parallel run and at a resume of one, whose world size may differ).
+fn record_world(run_dir: &RunDir, step: u64, comm: &dyn Communicator) -> Result<()> {
+    use std::io::Write;
+    let path = run_dir.root().join(WORLD_FILE);
+    let line = serde_json::json!({
+        "step": step,
+        "world_size": comm.world_size(),
+        "backend": comm.backend(),
+    });
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("{}: cannot open", path.display()))?;
+    writeln!(f, "{line}").with_context(|| format!("{}: cannot write", path.display()))?;
+    Ok(())
+}
+
+/// File of the run folder recording each data-parallel start's world size.
+pub const WORLD_FILE: &str = "world.jsonl";
 
 /// Images seen since the last scalar log, for `train/images_per_sec`.
 struct LogWindow {

@@ -81,6 +81,10 @@ impl TrainSession<'_> {
             &self.start,
         )?;
         let summary = trainer.fit(loader, eval)?;
+        // ranks > 0 of a data-parallel run stop here; rank 0 reports and evaluates
+        let rank = trainer.rank();
+        drop(trainer);
+        crate::dist::leave_if_worker(rank);
         println!(
             "done: {} steps in {:.1}s, loss {:.4} -> {:.4}; run folder {}",
             summary.steps,
