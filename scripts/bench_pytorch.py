@@ -35,7 +35,9 @@ until 2 s were timed (at most 20), or exactly `--iters`. Peak memory: VmHWM afte
 On a GPU (`--device cuda`): the models, inputs and targets are made on the device
 (torch.set_default_device), each timed call ends with torch.cuda.synchronize(), full f32 as
 mimlab (TF32 off for matmuls and cuDNN convolutions), and `peak_device_mib` is
-torch.cuda.max_memory_allocated() since a reset before the row's setup.
+torch.cuda.max_memory_allocated() since a reset before the row's setup. `--precision bf16` runs
+each step under torch.autocast("cuda", dtype=torch.bfloat16), as mimlab's `run.precision: bf16`
+casts its linear and attention products (f32 weights and optimizer).
 
 Usage: python scripts/bench_pytorch.py --threads 2 [--device cuda] [--filter nano] [--json out.json]
 Not part of CI: needs torch, timm and torchvision (scripts/bench_compare.sh installs them in a
@@ -55,6 +57,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=0, help="compute threads (default: all cores)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="f32", choices=["f32", "bf16"],
+                   help="bf16: torch.autocast(dtype=bfloat16) around each step (CUDA)")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per row, exactly")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--filter", action="append", default=[], help="run rows whose key contains it")
@@ -646,8 +650,20 @@ def main():
     else:
         warmup, timed, budget = args.warmup, args.iters or 3, 0.0 if args.iters else 2.0
     device = f"cuda:{dev.index or 0} {torch.cuda.get_device_name(dev)}" if gpu else "cpu"
+    if args.precision == "bf16":
+        if not gpu:
+            sys.exit("--precision bf16 is for CUDA devices (add --device cuda)")
+        plain_setup = setup
+
+        def setup(s):  # noqa: F811 (each step under autocast)
+            step = plain_setup(s)
+
+            def cast_step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    step()
+            return cast_step
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    print(f"pytorch bench: {len(rows_sel)} rows, {device}, {threads} CPU threads, "
+    print(f"pytorch bench: {len(rows_sel)} rows, {device} {args.precision}, {threads} CPU threads, "
           f"torch {torch.__version__}", file=sys.stderr)
     rows = []
     for s in rows_sel:

@@ -4,11 +4,18 @@
 # the `mimlab` binary and `fixtures`, the test binary of models/tests/fixtures.rs).
 # Not part of CI: CI has no GPU. Needs data/fashion-mnist (scripts/setup-data.sh) for `runs`.
 #
-# Usage: bash scripts/cuda_check.sh BUILD_DIR OUT_DIR [parity] [runs] [bench]   (default: all)
+# Usage: bash scripts/cuda_check.sh BUILD_DIR OUT_DIR [parity] [runs] [nccl] [bench]
+#   (default: parity runs bench; nccl needs a build with FEATURES=cuda,nccl)
 #   parity  the timm/official fixture tests with the model on the GPU (MIMLAB_TEST_DEVICE=cuda)
 #   runs    the README's first-run SimMIM config on the GPU (400 steps), the same config for 50
 #           steps on the CPU (the per-step losses of both are compared: same init, data and
 #           masks, only the arithmetic differs), then the 1%-label finetuning from the GPU run
+#   nccl    data parallel over NCCL (scripts/launch_gpus.sh): 30 SimMIM steps as a 1-rank NCCL
+#           group against the plain CUDA run (the gradients go through ncclAllReduce: the losses
+#           must be bit-identical), and with 2 or more GPUs, 2 ranks against it (within 1e-6)
+#   bf16    run.precision bf16 (linear and attention products in bfloat16, f32 weights): the
+#           first-run SimMIM config against f32 on the GPU (final losses within 2%), and the
+#           tiny_w8 and block bench rows at f32 and bf16 in both tools (PyTorch: torch.autocast)
 #   bench   `mimlab bench --device cuda` and `scripts/bench_pytorch.py --device cuda`, side by side
 # Run folders go to $RUNS (default OUT_DIR/runs); BENCH_ARGS are the flags both benches get
 # (default `--warmup 2 --iters 10`). Each check writes OUT_DIR/<check>.log; a failing check does not stop the others; the exit
@@ -86,6 +93,64 @@ PY
             --init "$runs/simmim-cuda" --set run.device=cuda --set run.output_dir="$runs" \
             --set run.name=finetune-cuda
         ;;
+    bf16)
+        pre=(pretrain --config configs/simmim/swinv2_nano_fmnist.yaml --set run.device=cuda
+            --set run.output_dir="$runs" --set run.log_every=1)
+        step simmim_f32 "$bin" "${pre[@]}" --set run.name=simmim-f32
+        step simmim_bf16 "$bin" "${pre[@]}" --set run.name=simmim-bf16 --set run.precision=bf16
+        step bf16_compare python3 - "$runs/simmim-f32" "$runs/simmim-bf16" <<'PY'
+import json, sys
+def losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(f"{run}/metrics.jsonl"))
+            if r.get("split") == "train"}
+f, b = (losses(r) for r in sys.argv[1:])
+last = max(f)
+tail = lambda l: sum(l[s] for s in range(last - 49, last + 1)) / 50
+d = abs(tail(b) - tail(f)) / tail(f)
+print(f"f32: loss {f[1]:.4f} -> {f[last]:.4f}; bf16: {b[1]:.4f} -> {b[last]:.4f}; mean of the "
+      f"last 50 steps f32 {tail(f):.4f} bf16 {tail(b):.4f} ({d:.2%} apart)")
+sys.exit(0 if d <= 0.02 else "bf16: the loss curve is more than 2% off f32's")
+PY
+        for p in f32 bf16; do
+            # shellcheck disable=SC2086
+            step bench_mimlab_$p "$bin" bench --device cuda --precision $p --threads 2 $bench_args \
+                --filter swinv2_tiny --filter block/ --json "$out/mimlab_cuda_$p.json"
+            # shellcheck disable=SC2086
+            step bench_pytorch_$p python3 scripts/bench_pytorch.py --device cuda --precision $p \
+                --threads 2 $bench_args --filter swinv2_tiny --filter block/ \
+                --json "$out/pytorch_cuda_$p.json"
+            step bench_table_$p python3 scripts/bench_table.py "$out/mimlab_cuda_$p.json" \
+                "$out/pytorch_cuda_$p.json"
+        done
+        ;;
+    nccl)
+        pre=(pretrain --config configs/simmim/swinv2_nano_fmnist.yaml --set run.device=cuda
+            --set run.output_dir="$runs" --set run.log_every=1 --set train.max_steps=30)
+        step cuda_plain "$bin" "${pre[@]}" --set run.name=cuda-plain
+        step nccl_1 bash scripts/launch_gpus.sh 1 "$bin" "${pre[@]}" --set run.name=nccl-1
+        gpus=$(nvidia-smi -L | wc -l)
+        compare=("$runs/nccl-1")
+        if ((gpus >= 2)); then
+            step nccl_2 bash scripts/launch_gpus.sh 2 "$bin" "${pre[@]}" --set run.name=nccl-2
+            compare+=("$runs/nccl-2")
+        fi
+        step nccl_compare python3 - "$runs/cuda-plain" "${compare[@]}" <<'PY'
+import json, sys
+def losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(f"{run}/metrics.jsonl"))
+            if r.get("split") == "train"}
+plain = losses(sys.argv[1])
+ok = True
+for run in sys.argv[2:]:
+    l = losses(run)
+    world = [json.loads(x) for x in open(f"{run}/world.jsonl")]
+    d = max(abs(l[s] - plain[s]) / abs(plain[s]) for s in plain)
+    print(f"{run}: {len(l)} steps, loss {l[1]:.6f} -> {l[max(l)]:.6f}; max relative difference "
+          f"from the plain CUDA run {d:.2e}; world.jsonl {world}")
+    ok &= sorted(l) == sorted(plain) and d <= (0.0 if world[0]["world_size"] == 1 else 1e-6)
+sys.exit(0 if ok else "nccl: the data-parallel losses differ from the plain run's")
+PY
+        ;;
     bench)
         # shellcheck disable=SC2086
         step bench_mimlab "$bin" bench --device cuda --threads 2 $bench_args \
@@ -97,7 +162,7 @@ PY
             "$out/pytorch_cuda.json"
         ;;
     *)
-        echo "cuda_check.sh: unknown check '$check' (parity, runs, bench)" >&2
+        echo "cuda_check.sh: unknown check '$check' (parity, runs, bf16, nccl, bench)" >&2
         exit 2
         ;;
     esac

@@ -1,6 +1,9 @@
 //! The compute device is a config choice (`run.device: cpu | cuda | cuda:N`), never hard-coded.
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use serde::{Deserialize, Serialize};
 
 /// Parses `cpu`, `cuda` or `cuda:N` into a candle device.
 ///
@@ -121,6 +124,33 @@ pub fn tune_allocator() {
         // peak: 3,732-3,843 MiB with per-thread arenas, 3,680-3,686 MiB with one, same speed).
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
+}
+
+/// Arithmetic of the matrix products (`run.precision`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// Linear layers and attention products in bfloat16 on a GPU (f32 in and out, f32 weights).
+    Bf16,
+}
+
+/// The process-wide matmul precision (0 = f32, 1 = bf16), read by the models' composed products.
+static MATMUL_PRECISION: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the precision of the matrix products of every model in the process (the trainer sets
+/// `run.precision`, `mimlab bench --precision` its rows').
+pub fn set_matmul_precision(p: Precision) {
+    MATMUL_PRECISION.store(p as u8, Ordering::Relaxed);
+}
+
+/// The dtype f32 matrix products on a GPU are computed in: `Some(BF16)` under
+/// [`Precision::Bf16`], else `None` (as they are). CPU products are never cast.
+pub fn matmul_dtype(dev: &Device) -> Option<candle_core::DType> {
+    (!dev.is_cpu() && MATMUL_PRECISION.load(Ordering::Relaxed) == Precision::Bf16 as u8)
+        .then_some(candle_core::DType::BF16)
 }
 
 /// What `dev` is, for reports: `cpu`, or `cuda:N` and the GPU's name (`cuda:0 NVIDIA H200`).

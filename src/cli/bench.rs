@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use mimlab_engine::bench::format_table;
-use mimlab_engine::device::parse_device;
+use mimlab_engine::device::{parse_device, set_matmul_precision, Precision};
 
 use crate::bench;
 
@@ -17,6 +17,9 @@ pub struct BenchArgs {
     /// each timed call waits for the device, and a column gives the peak device memory.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// `f32`, or `bf16`: the matrix products in bfloat16 (autocast, `run.precision`; CUDA only).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
     /// Compute threads (default: all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -52,6 +55,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let iters = bench::iters(args.quick, args.warmup, args.iters);
     let dev = parse_device(&args.device)?;
+    let precision = match args.precision.as_str() {
+        "f32" => Precision::F32,
+        "bf16" if !dev.is_cpu() => Precision::Bf16,
+        "bf16" => anyhow::bail!("--precision bf16 is for CUDA devices (add --device cuda)"),
+        other => anyhow::bail!("--precision: `{other}` is not f32 or bf16"),
+    };
+    set_matmul_precision(precision);
     let report = bench::run(&specs, args.threads, iters, &dev)?;
     print!("{}", format_table(&report.rows));
     if let Some(p) = &args.json {

@@ -217,6 +217,10 @@ pub struct RunConfig {
     pub best_metric: Option<String>,
     /// Whether a larger (`max`) or smaller (`min`) `best_metric` is better.
     pub best_mode: BestMode,
+    /// `f32`, or `bf16`: on a GPU, the matrix products (linear layers, attention) in bfloat16
+    /// with f32 master weights, optimizer state and everything else (autocast,
+    /// `crate::device::set_matmul_precision`). The CPU kernels are f32 only.
+    pub precision: crate::device::Precision,
 }
 
 /// Direction of `run.best_metric`.
@@ -246,13 +250,22 @@ impl Default for RunConfig {
             eval_every_epochs: 1,
             best_metric: None,
             best_mode: BestMode::Max,
+            precision: crate::device::Precision::F32,
         }
     }
 }
 
 impl RunConfig {
-    /// Rejects a `run.name` that is empty or leaves `run.output_dir` (a path separator or `..`).
+    /// Rejects a `run.name` that is empty or leaves `run.output_dir` (a path separator or `..`),
+    /// and bf16 precision off a GPU.
     pub fn validate(&self) -> Result<()> {
+        if self.precision == crate::device::Precision::Bf16 && !self.device.starts_with("cuda") {
+            bail!(
+                "run.precision: bf16 is for CUDA devices (run.device is `{}`; the CPU kernels \
+                 are f32, and bf16 products composed on the CPU are slower, not faster)",
+                self.device
+            );
+        }
         if let Some(name) = &self.name {
             if name.is_empty() {
                 bail!("run.name must not be empty (leave it unset for a timestamped name)");
@@ -279,6 +292,21 @@ impl RunConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `run.precision: bf16` is read from YAML and refused off a GPU, naming the key.
+    #[test]
+    fn bf16_precision_is_for_cuda_devices() {
+        let run: RunConfig = serde_yaml_ng::from_str("precision: bf16\ndevice: cuda\n").unwrap();
+        assert_eq!(run.precision, crate::device::Precision::Bf16);
+        run.validate().unwrap();
+        let cpu = RunConfig {
+            device: "cpu".into(),
+            ..run
+        };
+        let e = cpu.validate().unwrap_err().to_string();
+        assert!(e.contains("run.precision: bf16 is for CUDA devices"), "{e}");
+        assert!(serde_yaml_ng::from_str::<RunConfig>("precision: fp16\n").is_err());
+    }
 
     #[test]
     fn lr_scaling_and_schedule_in_steps() {

@@ -29,7 +29,7 @@ pub fn heads_qk(q: &Tensor, k: &Tensor, nh: usize) -> Result<Tensor> {
     let hd = c / nh;
     if !is_fused(q) || q.dtype() != k.dtype() {
         let split = |t: &Tensor| t.reshape((bw, n, nh, hd))?.transpose(1, 2)?.contiguous();
-        return split(q)?.matmul(&split(k)?.t()?);
+        return super::matmul(&split(q)?, &split(k)?.t()?);
     }
     q.contiguous()?.apply_op2(
         &k.contiguous()?,
@@ -54,7 +54,9 @@ pub fn heads_av(attn: &Tensor, v: &Tensor) -> Result<Tensor> {
     let hd = c / nh;
     if !is_fused(attn) || attn.dtype() != v.dtype() {
         let v = v.reshape((bw, n, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        return attn.matmul(&v)?.transpose(1, 2)?.reshape((bw, n, c));
+        return super::matmul(attn, &v)?
+            .transpose(1, 2)?
+            .reshape((bw, n, c));
     }
     attn.contiguous()?.apply_op2(
         &v.contiguous()?,

@@ -27,7 +27,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         && b.is_none_or(|b| b.dtype() == x.dtype())
         && m * n * k > 0;
     if !fused {
-        let y = x.reshape((m, k))?.matmul(&w.t()?)?;
+        let y = super::matmul(&x.reshape((m, k))?, &w.t()?)?;
         let y = match b {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -68,6 +68,25 @@ pub fn is_fused(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
+/// `a @ b` of the composed path (other devices), in bf16 under `run.precision: bf16`
+/// ([`mimlab_engine::device::matmul_dtype`]): both operands cast down, the product cast back to
+/// `a`'s dtype, so the weights, their gradients (through the casts) and everything outside the
+/// products stay f32, as PyTorch's autocast does for `F.linear` and `matmul`.
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    matmul_in(a, b, mimlab_engine::device::matmul_dtype(a.device()))
+}
+
+/// `a @ b` with f32 operands computed in `dt` (None: as they are).
+fn matmul_in(a: &Tensor, b: &Tensor, dt: Option<DType>) -> Result<Tensor> {
+    match dt {
+        Some(dt) if a.dtype() == DType::F32 && b.dtype() == DType::F32 => a
+            .to_dtype(dt)?
+            .matmul(&b.to_dtype(dt)?)?
+            .to_dtype(DType::F32),
+        _ => a.matmul(b),
+    }
+}
+
 /// The float math the kernels need, for f32 and f64.
 pub(crate) trait Real: WithDType {
     fn sqrt(self) -> Self;
@@ -294,6 +313,37 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// bf16 autocast of a product (`run.precision: bf16`, GPU only; the cast path itself runs
+    /// on any device): f32 out, within bf16's rounding (8 mantissa bits: ~4e-3 relative per
+    /// operand) of the f32 product, and f32 gradients of the f32 operands within the same.
+    /// A CPU product is never cast, whatever the setting.
+    #[test]
+    fn bf16_products_stay_f32_outside_and_round_as_bf16() -> Result<()> {
+        use candle_core::Var;
+        let dev = candle_core::Device::Cpu;
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (64, 96), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (96, 48), &dev)?)?;
+        let r = Tensor::randn(0f32, 1.0, (64, 48), &dev)?;
+        let full = matmul_in(&a, &b, None)?;
+        let half = matmul_in(&a, &b, Some(DType::BF16))?;
+        assert_eq!(half.dtype(), DType::F32);
+        let d = testing::rel_diff(&half, &full)?;
+        assert!(d > 0.0 && d < 2e-2, "forward {d}");
+        let gf = (&full * &r)?.sum_all()?.backward()?;
+        let gh = (&half * &r)?.sum_all()?.backward()?;
+        for v in [&a, &b] {
+            let (f, h) = (gf.get(v).unwrap(), gh.get(v).unwrap());
+            assert_eq!(h.dtype(), DType::F32);
+            let d = testing::rel_diff(h, f)?;
+            assert!(d > 0.0 && d < 2e-2, "gradient {d}");
+        }
+        mimlab_engine::device::set_matmul_precision(mimlab_engine::device::Precision::Bf16);
+        let cpu = matmul(&a, &b);
+        mimlab_engine::device::set_matmul_precision(mimlab_engine::device::Precision::F32);
+        assert_eq!(testing::rel_diff(&cpu?, &full)?, 0.0);
+        Ok(())
+    }
 
     /// `add_partials` cuts `into` into tasks (several here: tests use 64-scalar tasks); each
     /// element still gets its partials added in order, so the sums are the bits of a plain
