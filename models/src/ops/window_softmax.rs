@@ -114,6 +114,10 @@ fn softmax_map<T: Real>(y: &mut [T], a: &[T], s: T, bias: &[T], mask: Option<&[T
 mimlab_engine::wide_kernel! {
 /// `y = softmax(y)` in place: 8-lane max and sum, f32 with the vectorizable `exp_f32`
 /// (relative error < 3e-7; libm's scalar `expf` was ~2% of a micro SimMIM step).
+/// Probabilities below the normal range are exactly 0 ([`Real::flush_subnormal`]): the shifted
+/// windows' -100 mask made 8-16% of tiny_w8's attention entries ~1e-44, which slow every product
+/// they enter on Intel cores. Each flushed entry was below 1.2e-38, so a row loses less than
+/// N * 1.2e-38 of its mass: nothing an f32 output can show.
 fn softmax_row<T: Real>(y: &mut [T]) {
     let max = lane_max(y);
     for o in y.iter_mut() {
@@ -121,7 +125,7 @@ fn softmax_row<T: Real>(y: &mut [T]) {
     }
     let sum = lane_sum(y, |v| v);
     for o in y.iter_mut() {
-        *o /= sum;
+        *o = (*o / sum).flush_subnormal();
     }
 }
 }
@@ -237,7 +241,8 @@ fn backward<T: Real>(
                 let dot = lane_dot(yr, gr);
                 let (dr, br) = (&mut dm[r.clone()], &mut dbm[r]);
                 for ((d, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
-                    *d = yv * (gv - dot); // dz
+                    // dz, 0 where y was flushed; subnormal dz flushed as y is in the forward
+                    *d = (yv * (gv - dot)).flush_subnormal();
                 }
                 dsh += lane_dot(dr, ar);
                 for (b, &d) in br.iter_mut().zip(dr.iter()) {
@@ -356,6 +361,60 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Issue 22: with the shifted-window mask (-100) and a large logit scale, candle's composed
+    /// softmax gives subnormal probabilities (the case this guards against is really there);
+    /// the fused op gives none, forward or backward, and its probabilities differ from the
+    /// composed f64 ones by less than 1.2e-38 * N absolute (the flushed mass), its gradients
+    /// by the usual f32 tolerance.
+    #[test]
+    fn no_subnormal_reaches_the_attention_products() -> Result<()> {
+        let (attn, scale, bias, mask) = inputs(DType::F32)?;
+        // scale 11 on cosines in [-1, 1] and -100 on masked logits: e^-100 ~ 4e-44 < 1.2e-38
+        let subnormal = |t: &Tensor| -> Result<usize> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .filter(|v| **v != 0.0 && v.abs() < f32::MIN_POSITIVE)
+                .count())
+        };
+        let composed =
+            candle_nn::ops::softmax_last_dim(&window_logits(&attn, &scale, &bias, Some(&mask))?)?;
+        let seen = subnormal(&composed)?;
+        assert!(
+            seen > 100,
+            "the inputs make only {seen} subnormal probabilities"
+        );
+        let y = window_softmax(&attn, &scale, &bias, Some(&mask))?;
+        assert_eq!(subnormal(&y)?, 0);
+        let want = candle_nn::ops::softmax_last_dim(&window_logits(
+            &attn.to_dtype(DType::F64)?,
+            &scale.to_dtype(DType::F64)?,
+            &bias.to_dtype(DType::F64)?,
+            Some(&mask.to_dtype(DType::F64)?),
+        )?)?;
+        let d = (y.to_dtype(DType::F64)? - &want)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        // exp_f32 (3e-7 relative) on probabilities up to 1, plus the flushed mass
+        assert!(d < 1e-6, "probabilities differ by {d}");
+        let r = Tensor::randn(0f32, 1.0, y.shape(), y.device())?;
+        let grads = (&y * &r)?.sum_all()?.backward()?;
+        let da = grads.get(&attn).unwrap();
+        assert_eq!(subnormal(da)?, 0);
+        // where y is 0 the logit gets no gradient, as softmax's own backward gives there
+        let zero_y: Vec<bool> = y
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|v| *v == 0.0)
+            .collect();
+        let dav = da.flatten_all()?.to_vec1::<f32>()?;
+        assert!(zero_y.iter().zip(&dav).all(|(z, d)| !z || *d == 0.0));
+        assert!(zero_y.iter().filter(|z| **z).count() >= seen);
         Ok(())
     }
 
