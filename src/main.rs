@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod cli;
 mod experiment;
+mod sweep;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -47,6 +48,8 @@ enum Cmd {
     Data(cli::data::DataCmd),
     /// Throughput and peak memory of inference, finetuning and SimMIM steps (see BENCHMARKS.md).
     Bench(cli::bench::BenchArgs),
+    /// A grid of overrides and seeds over a pipeline of stages, resumable, with a results table.
+    Sweep(cli::sweep::SweepArgs),
 }
 
 /// Freed large blocks (activations, gradients) are kept for the next step instead of going back to
@@ -77,6 +80,7 @@ fn main() {
         Cmd::Visualize(a) => cli::visualize::run(a),
         Cmd::Avgdist(a) => cli::avgdist::run(a),
         Cmd::Bench(a) => cli::bench::run(a),
+        Cmd::Sweep(a) => cli::sweep::run(a),
         Cmd::Data(c) => cli::data::run(c),
     };
     if let Err(e) = result {

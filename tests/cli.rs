@@ -57,6 +57,8 @@ fn every_shipped_config_resolves() {
         &mut files,
     );
     assert!(files.len() >= 4, "configs/ holds {} files", files.len());
+    // sweep files are another schema (src/sweep, checked by its own tests)
+    files.retain(|f| !f.components().any(|c| c.as_os_str() == "sweeps"));
     for f in files {
         let text = ok(&["config", "show", f.to_str().unwrap()]);
         assert!(
@@ -1480,4 +1482,100 @@ fn segmentation_finetune_eval_and_metrics_agree_on_digits_seg() {
     for k in ["mIoU", "aAcc", "mAcc", "IoU", "Acc"] {
         assert_eq!(j[k], fin[k], "{k}");
     }
+}
+
+/// `mimlab sweep` (src/sweep): a 2-point x 2-seed grid over a pretraining and a probe of it.
+/// Killed (with its whole process group, as Ctrl-C does) once the first stage has finished and
+/// restarted, it skips what finished (those stages' logs get no new line) and completes; then
+/// `results.csv` holds a row per cell with both stages' results, `results.md` the mean ± sd of
+/// each grid point over the 2 seeds, and a plot per result; a changed sweep file under the same
+/// name is refused.
+#[test]
+fn sweep_runs_a_grid_resumes_after_a_kill_and_tabulates() {
+    use std::os::unix::process::CommandExt;
+    require_data();
+    let dir = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let tiny = "model.embed_dim=16, 'model.depths=[1,1]', 'model.num_heads=[1,2]', \
+                'model.pretrained_window_sizes=[0,0]', data.max_samples=128, data.num_workers=0, \
+                train.batch_size=16, run.threads=1, run.log_every=1";
+    let sweep = format!(
+        "name: t\noutput_dir: {out}\nseeds: [0, 1]\ngrid:\n  simmim.mask_ratio: [0.3, 0.6]\n\
+         stages:\n  - name: pre\n    command: pretrain\n    \
+         config: {root}/configs/simmim/swinv2_nano_fmnist.yaml\n    \
+         set: [{tiny}, train.max_steps=4, run.image_every=0, simmim.num_pictures=0]\n  \
+         - name: probe\n    command: probe\n    \
+         config: {root}/configs/finetune/swinv2_nano_fmnist.yaml\n    init: pre\n    \
+         grid: false\n    set: [{tiny}, finetune.probe_epochs=2]\n    fractions: [1.0]\n",
+        out = dir.path().display()
+    );
+    let file = dir.path().join("t.yaml");
+    std::fs::write(&file, &sweep).unwrap();
+    let file_s = file.to_str().unwrap();
+    let t = dir.path().join("t");
+    let cells = t.join("cells");
+
+    // start, wait for the first finished stage, kill the sweep and its children
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mimlab"))
+        .args(["sweep", "--config", file_s])
+        .current_dir(root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let first = cells.join("p00-s0/pre.done.json");
+    let t0 = std::time::Instant::now();
+    while !first.exists() {
+        assert!(
+            t0.elapsed().as_secs() < 300,
+            "no stage finished in 5 minutes"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the sweep ended early");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let killed = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    child.wait().unwrap();
+    let log = cells.join("p00-s0/pre.log");
+    let lines = std::fs::read_to_string(&log).unwrap().lines().count();
+
+    let out = ok(&["sweep", "--config", file_s]);
+    assert!(out.contains("| point | simmim.mask_ratio |"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap().lines().count(),
+        lines,
+        "the finished stage ran again"
+    );
+    let csv = std::fs::read_to_string(t.join("results.csv")).unwrap();
+    let mut rows = csv.lines();
+    let header: Vec<&str> = rows.next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let (loss, knn) = (col("pre.train_loss"), col("probe.knn_top1@1"));
+    assert_eq!(&header[..3], ["point", "seed", "simmim.mask_ratio"]);
+    let rows: Vec<Vec<&str>> = rows.map(|r| r.split(',').collect()).collect();
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        let l: f64 = r[loss].parse().unwrap();
+        let k: f64 = r[knn].parse().unwrap();
+        assert!(
+            l.is_finite() && l > 0.0 && (0.0..=100.0).contains(&k),
+            "{r:?}"
+        );
+    }
+    // seeds differ, grid points differ
+    assert_ne!(rows[0][loss], rows[1][loss]);
+    assert_eq!((rows[2][0], rows[2][1], rows[2][2]), ("1", "0", "0.6"));
+    let md = std::fs::read_to_string(t.join("results.md")).unwrap();
+    assert!(md.contains("| 0 | 0.3 |") && md.contains("(2) |"), "{md}");
+    let png = std::fs::read(t.join("plot_probe.knn_top1_1.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+
+    // the same name with another grid is another sweep
+    std::fs::write(&file, sweep.replace("[0.3, 0.6]", "[0.3, 0.9]")).unwrap();
+    let e = err(&["sweep", "--config", file_s]);
+    assert!(e.contains("holds another sweep"), "{e}");
 }

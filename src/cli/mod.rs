@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod model;
 pub mod pretrain;
 pub mod probe;
+pub mod sweep;
 pub mod visualize;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,326 @@
+//! A sweep's results: what each finished stage reported, gathered per cell into `results.csv`,
+//! averaged over seeds per grid point into `results.md` (mean ± sample standard deviation), and
+//! drawn per result as `plot_<stage>.<result>.png`.
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use mimlab_engine::fsutil::write_atomic;
+use mimlab_engine::picture::{LinePlot, Series};
+use serde::{Deserialize, Serialize};
+
+use super::run::{cell_dir, done_file};
+use super::{Cell, Stage, SweepConfig};
+
+/// What `<stage>.done.json` holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageDone {
+    /// Wall minutes of the stage's command, every attempt added.
+    pub minutes: f64,
+    /// Its results by name.
+    pub results: BTreeMap<String, f64>,
+}
+
+/// A training stage's last `train` loss (`train_loss`) and its last evaluation's metrics
+/// (`eval_<name>`), from `metrics.jsonl`; a probe's accuracies per label fraction
+/// (`knn_top1@0.01`, `linear_top1@0.01`, ...), from `probe.json`.
+pub fn stage_results(stage: &Stage, run: &Path) -> Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    if stage.command.trains() {
+        let path = run.join("metrics.jsonl");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        for line in text.lines() {
+            let Ok(serde_json::Value::Object(row)) = serde_json::from_str(line) else {
+                continue;
+            };
+            let split = row.get("split").and_then(|s| s.as_str()).unwrap_or("");
+            let numbers = row
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "step" | "epoch" | "split"))
+                .filter_map(|(k, v)| v.as_f64().map(|x| (k, x)));
+            match split {
+                "train" => {
+                    if let Some(l) = row.get("loss").and_then(|v| v.as_f64()) {
+                        out.insert("train_loss".to_string(), l);
+                    }
+                }
+                "eval" => {
+                    for (k, x) in numbers {
+                        out.insert(format!("eval_{k}"), x);
+                    }
+                }
+                _ => {}
+            }
+        }
+    } else {
+        let path = run.join("probe.json");
+        let doc: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&path)
+                .with_context(|| format!("{}: cannot read", path.display()))?,
+        )
+        .with_context(|| format!("{}: not JSON", path.display()))?;
+        for row in doc["rows"].as_array().into_iter().flatten() {
+            let f = row["label_fraction"].as_f64().unwrap_or(f64::NAN);
+            for k in ["knn_top1", "knn_top5", "linear_top1", "linear_top5"] {
+                if let Some(x) = row[k].as_f64() {
+                    out.insert(format!("{k}@{f}"), x);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One cell's results: `<stage>.<result>` and `<stage>.minutes`, for the stages that finished.
+#[derive(Debug, Clone)]
+pub struct CellRow {
+    /// The cell.
+    pub cell: Cell,
+    /// Its results.
+    pub values: BTreeMap<String, f64>,
+}
+
+/// The results of every cell, from the `*.done.json` files.
+pub fn collect(cfg: &SweepConfig) -> Result<Vec<CellRow>> {
+    let mut rows = vec![];
+    for cell in cfg.cells()? {
+        let dir = cell_dir(cfg, &cell);
+        let mut values = BTreeMap::new();
+        for stage in &cfg.stages {
+            let p = done_file(&dir, stage);
+            let Ok(text) = std::fs::read_to_string(&p) else {
+                continue;
+            };
+            let done: StageDone = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a stage record", p.display()))?;
+            values.insert(format!("{}.minutes", stage.name), done.minutes);
+            for (k, v) in done.results {
+                values.insert(format!("{}.{k}", stage.name), v);
+            }
+        }
+        rows.push(CellRow { cell, values });
+    }
+    Ok(rows)
+}
+
+/// Mean and sample standard deviation (0 for one value).
+pub fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 {
+        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// `results.csv`, `results.md` and the plots, in the sweep folder.
+pub fn write_results(cfg: &SweepConfig, rows: &[CellRow]) -> Result<()> {
+    let dir = cfg.dir();
+    let keys: Vec<String> = cfg
+        .grid
+        .keys()
+        .filter_map(|k| k.as_str().map(String::from))
+        .collect();
+    let columns: Vec<String> = rows
+        .iter()
+        .flat_map(|r| r.values.keys().cloned())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    // CSV: a row per cell
+    let mut csv = String::from("point,seed");
+    for k in keys.iter().chain(&columns) {
+        csv.push_str(&format!(",{k}"));
+    }
+    csv.push('\n');
+    for r in rows {
+        csv.push_str(&format!("{},{}", r.cell.point.index, r.cell.seed));
+        for (_, v) in &r.cell.point.values {
+            csv.push_str(&format!(",{}", v.replace(',', ";")));
+        }
+        for c in &columns {
+            match r.values.get(c) {
+                Some(v) => csv.push_str(&format!(",{v}")),
+                None => csv.push(','),
+            }
+        }
+        csv.push('\n');
+    }
+    write_atomic(&dir.join("results.csv"), csv.as_bytes())?;
+
+    // Markdown: mean ± sd over the seeds of each grid point
+    let points = cfg.points()?;
+    let stat = |p: usize, c: &str| -> Vec<f64> {
+        rows.iter()
+            .filter(|r| r.cell.point.index == p)
+            .filter_map(|r| r.values.get(c).copied())
+            .collect()
+    };
+    let mut md = format!(
+        "# Sweep `{}`: mean ± sd over seeds {:?}\n\n| point |",
+        cfg.name, cfg.seeds
+    );
+    for k in keys.iter().chain(&columns) {
+        md.push_str(&format!(" {k} |"));
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---|".repeat(keys.len() + columns.len()));
+    md.push('\n');
+    for p in &points {
+        md.push_str(&format!("| {} |", p.index));
+        for (_, v) in &p.values {
+            md.push_str(&format!(" {v} |"));
+        }
+        for c in &columns {
+            let xs = stat(p.index, c);
+            if xs.is_empty() {
+                md.push_str(" - |");
+            } else {
+                let (m, sd) = mean_sd(&xs);
+                md.push_str(&format!(" {} |", fmt_stat(m, sd, xs.len())));
+            }
+        }
+        md.push('\n');
+    }
+    write_atomic(&dir.join("results.md"), md.as_bytes())?;
+
+    // a plot per result: mean over seeds against the first grid key, a curve per value of the
+    // others
+    for c in &columns {
+        let Some(plot) = plot_of(cfg, &points, c, &stat)? else {
+            continue;
+        };
+        let name = format!("plot_{}.png", c.replace(['/', '@'], "_"));
+        plot.render(900, 560).save_png(&dir.join(name))?;
+    }
+    Ok(())
+}
+
+/// `mean ± sd (n)`, digits by magnitude.
+fn fmt_stat(m: f64, sd: f64, n: usize) -> String {
+    let d = if m.abs() >= 10.0 { 2 } else { 4 };
+    if n > 1 {
+        format!("{m:.d$} ± {sd:.d$} ({n})")
+    } else {
+        format!("{m:.d$}")
+    }
+}
+
+/// The plot of result `c`, or None where no point has it.
+fn plot_of(
+    cfg: &SweepConfig,
+    points: &[super::Point],
+    c: &str,
+    stat: &dyn Fn(usize, &str) -> Vec<f64>,
+) -> Result<Option<LinePlot>> {
+    let first = points
+        .first()
+        .and_then(|p| p.values.first())
+        .map(|(k, _)| k.clone());
+    let numeric = points.iter().all(|p| {
+        p.values
+            .first()
+            .is_none_or(|(_, v)| v.parse::<f64>().is_ok())
+    });
+    let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for p in points {
+        let xs = stat(p.index, c);
+        if xs.is_empty() {
+            continue;
+        }
+        let x = match p.values.first() {
+            Some((_, v)) if numeric => v.parse::<f64>()?,
+            _ => p.index as f64,
+        };
+        let rest: Vec<String> = p
+            .values
+            .iter()
+            .skip(1)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let name = if rest.is_empty() {
+            format!("mean over {} seeds", cfg.seeds.len())
+        } else {
+            rest.join(", ")
+        };
+        series.entry(name).or_default().push((x, mean_sd(&xs).0));
+    }
+    if series.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(LinePlot {
+        title: format!("sweep {}: {c}", cfg.name),
+        x_label: match (&first, numeric) {
+            (Some(k), true) => k.clone(),
+            _ => "grid point".into(),
+        },
+        y_label: c.to_string(),
+        series: series
+            .into_iter()
+            .map(|(name, points)| Series { name, points })
+            .collect(),
+        log_y: false,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sweep::Command;
+
+    fn stage(command: Command) -> Stage {
+        Stage {
+            name: "s".into(),
+            command,
+            config: "c.yaml".into(),
+            set: vec![],
+            grid: true,
+            init: None,
+            teacher: None,
+            fractions: None,
+        }
+    }
+
+    #[test]
+    fn results_of_a_training_run_and_a_probe() -> Result<()> {
+        let d = tempfile::tempdir()?;
+        std::fs::write(
+            d.path().join("metrics.jsonl"),
+            "{\"step\":10,\"epoch\":0,\"split\":\"train\",\"loss\":2.5,\"lr\":0.1}\n\
+             {\"step\":20,\"epoch\":0,\"split\":\"eval\",\"top1\":40.0,\"loss\":1.9}\n\
+             {\"step\":20,\"epoch\":1,\"split\":\"train\",\"loss\":1.5}\n\
+             {\"step\":40,\"epoch\":1,\"split\":\"eval\",\"top1\":55.5,\"loss\":1.2}\nhalf a li",
+        )?;
+        let r = stage_results(&stage(Command::Finetune), d.path())?;
+        let want: BTreeMap<String, f64> = [
+            ("train_loss".to_string(), 1.5),
+            ("eval_top1".to_string(), 55.5),
+            ("eval_loss".to_string(), 1.2),
+        ]
+        .into();
+        assert_eq!(r, want);
+        std::fs::write(
+            d.path().join("probe.json"),
+            r#"{"rows": [{"label_fraction": 0.01, "labels": 600, "knn_top1": 61.5,
+                "knn_top5": 90.0, "linear_top1": 63.25, "linear_top5": 91.0}]}"#,
+        )?;
+        let r = stage_results(&stage(Command::Probe), d.path())?;
+        assert_eq!(r["knn_top1@0.01"], 61.5);
+        assert_eq!(r["linear_top1@0.01"], 63.25);
+        assert_eq!(r.len(), 4);
+        Ok(())
+    }
+
+    #[test]
+    fn mean_and_sample_sd() {
+        assert_eq!(mean_sd(&[2.0]), (2.0, 0.0));
+        let (m, s) = mean_sd(&[1.0, 2.0, 3.0]);
+        assert_eq!(m, 2.0);
+        assert!((s - 1.0).abs() < 1e-12);
+        assert_eq!(fmt_stat(74.64, 0.28284, 2), "74.64 ± 0.28 (2)");
+        assert_eq!(fmt_stat(0.6442, 0.0, 1), "0.6442");
+    }
+}
