@@ -1571,8 +1571,32 @@ fn sweep_runs_a_grid_resumes_after_a_kill_and_tabulates() {
     assert_eq!((rows[2][0], rows[2][1], rows[2][2]), ("1", "0", "0.6"));
     let md = std::fs::read_to_string(t.join("results.md")).unwrap();
     assert!(md.contains("| 0 | 0.3 |") && md.contains("(2) |"), "{md}");
-    let png = std::fs::read(t.join("plot_probe.knn_top1_1.png")).unwrap();
-    assert_eq!(&png[1..4], b"PNG");
+    for f in ["plot_probe.knn_top1_1.png", "avgdist_probe.knn_top1_1.png"] {
+        let png = std::fs::read(t.join(f)).unwrap();
+        assert_eq!(&png[1..4], b"PNG", "{f}");
+    }
+    // each point's AvgDist (the grid varies the mask) is `mimlab avgdist`'s for its mask
+    let table = ok(&[
+        "avgdist",
+        "--img-size",
+        "32",
+        "--mask-patch-sizes",
+        "8",
+        "--ratios",
+        "0.3,0.6",
+        "--format",
+        "csv",
+    ]);
+    let want: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap())
+        .collect();
+    let ad = col("avgdist");
+    for (r, w) in rows.iter().zip([want[0], want[0], want[1], want[1]]) {
+        let (got, w): (f64, f64) = (r[ad].parse().unwrap(), w.parse().unwrap());
+        assert!((got - w).abs() < 1e-6, "{got} vs {w}");
+    }
 
     // the same name with another grid is another sweep
     std::fs::write(&file, sweep.replace("[0.3, 0.6]", "[0.3, 0.9]")).unwrap();

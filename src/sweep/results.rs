@@ -1,6 +1,9 @@
 //! A sweep's results: what each finished stage reported, gathered per cell into `results.csv`,
 //! averaged over seeds per grid point into `results.md` (mean ± sample standard deviation), and
-//! drawn per result as `plot_<stage>.<result>.png`.
+//! drawn per result as `plot_<stage>.<result>.png`. A sweep over SimMIM masks (a grid with
+//! `simmim.mask_patch_size` or `simmim.mask_ratio` and a pretrain stage) also gets each point's
+//! AvgDist (SimMIM's masking measure, `mimlab avgdist`) in the tables and every result against it
+//! as `avgdist_<stage>.<result>.png` (the SimMIM paper's accuracy-vs-AvgDist figure).
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -116,9 +119,62 @@ pub fn mean_sd(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+/// Each grid point's AvgDist in pixels (200 seeded masks of the pretrain stage's image size,
+/// mask patch, ratio and strategy), when the grid varies SimMIM's mask; None otherwise, and for a
+/// point whose masks cover every pixel (AvgDist undefined).
+pub fn point_avgdist(cfg: &SweepConfig) -> Result<Option<Vec<Option<f64>>>> {
+    let varies = cfg.grid.keys().any(|k| {
+        matches!(
+            k.as_str(),
+            Some("simmim.mask_patch_size" | "simmim.mask_ratio")
+        )
+    });
+    let Some(stage) = cfg
+        .stages
+        .iter()
+        .find(|s| s.command == super::Command::Pretrain && s.grid)
+    else {
+        return Ok(None);
+    };
+    if !varies {
+        return Ok(None);
+    }
+    let mut out = vec![];
+    for p in cfg.points()? {
+        let mut sets = stage.set.clone();
+        sets.extend(p.sets());
+        let exp = crate::experiment::Experiment::load(Some(&stage.config), &sets)
+            .with_context(|| format!("AvgDist of grid point {}", p.label()))?;
+        let m = &exp.simmim;
+        let t = mimlab_pretrain::avgdist::avgdist_table(
+            exp.model.img_size,
+            &[m.mask_patch_size],
+            &[m.mask_ratio],
+            &[m.mask_strategy],
+            200,
+            0,
+        )?;
+        out.push(t.rows.first().map(|r| r.avgdist));
+    }
+    Ok(Some(out))
+}
+
 /// `results.csv`, `results.md` and the plots, in the sweep folder.
 pub fn write_results(cfg: &SweepConfig, rows: &[CellRow]) -> Result<()> {
     let dir = cfg.dir();
+    let avgdist = point_avgdist(cfg)?;
+    // AvgDist is a property of the grid point: a column like a result
+    let rows: Vec<CellRow> = rows
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            if let Some(Some(d)) = avgdist.as_ref().map(|a| a[r.cell.point.index]) {
+                r.values.insert("avgdist".into(), d);
+            }
+            r
+        })
+        .collect();
+    let rows = &rows[..];
     let keys: Vec<String> = cfg
         .grid
         .keys()
@@ -188,15 +244,62 @@ pub fn write_results(cfg: &SweepConfig, rows: &[CellRow]) -> Result<()> {
     write_atomic(&dir.join("results.md"), md.as_bytes())?;
 
     // a plot per result: mean over seeds against the first grid key, a curve per value of the
-    // others
-    for c in &columns {
-        let Some(plot) = plot_of(cfg, &points, c, &stat)? else {
-            continue;
-        };
-        let name = format!("plot_{}.png", c.replace(['/', '@'], "_"));
-        plot.render(900, 560).save_png(&dir.join(name))?;
+    // others; and against AvgDist where the grid varies the mask
+    for c in columns.iter().filter(|c| *c != "avgdist") {
+        let file = c.replace(['/', '@'], "_");
+        if let Some(plot) = plot_of(cfg, &points, c, &stat)? {
+            plot.render(900, 560)
+                .save_png(&dir.join(format!("plot_{file}.png")))?;
+        }
+        if let Some(d) = &avgdist {
+            if let Some(plot) = avgdist_plot(cfg, d, c, &stat) {
+                plot.render(900, 560)
+                    .save_png(&dir.join(format!("avgdist_{file}.png")))?;
+            }
+        }
     }
     Ok(())
+}
+
+/// Result `c` (mean over seeds, and mean ± sd as two more curves) against each grid point's
+/// AvgDist, points in AvgDist order.
+fn avgdist_plot(
+    cfg: &SweepConfig,
+    avgdist: &[Option<f64>],
+    c: &str,
+    stat: &dyn Fn(usize, &str) -> Vec<f64>,
+) -> Option<LinePlot> {
+    let mut pts: Vec<(f64, f64, f64)> = avgdist
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| {
+            let xs = stat(i, c);
+            let d = (*d)?;
+            (!xs.is_empty()).then(|| {
+                let (m, sd) = mean_sd(&xs);
+                (d, m, sd)
+            })
+        })
+        .collect();
+    if pts.is_empty() {
+        return None;
+    }
+    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let curve = |name: &str, f: &dyn Fn(&(f64, f64, f64)) -> f64| Series {
+        name: name.into(),
+        points: pts.iter().map(|p| (p.0, f(p))).collect(),
+    };
+    Some(LinePlot {
+        title: format!("sweep {}: {c} against AvgDist", cfg.name),
+        x_label: "AvgDist (px): mean distance of masked pixels to the nearest visible one".into(),
+        y_label: c.to_string(),
+        series: vec![
+            curve(&format!("mean over {} seeds", cfg.seeds.len()), &|p| p.1),
+            curve("mean + sd", &|p| p.1 + p.2),
+            curve("mean - sd", &|p| p.1 - p.2),
+        ],
+        log_y: false,
+    })
 }
 
 /// `mean ± sd (n)`, digits by magnitude.
