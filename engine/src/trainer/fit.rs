@@ -402,6 +402,24 @@ impl<'a, O: Objective> Trainer<'a, O> {
         self.run_dir.root()
     }
 
+    /// `pictures/curves.png`: every step's loss (resumed ones included), the schedule's lr and
+    /// the evaluations logged so far ([`crate::log::curves`]).
+    fn write_curves(&self, sched: &LrSchedule) -> Result<()> {
+        let lrs: Vec<f64> = (0..self.losses.len() as u64).map(|s| sched.lr(s)).collect();
+        let evals: Vec<_> = crate::log::read_metrics(&self.run_dir.metrics())?
+            .into_iter()
+            .filter(|r| r.get("split").and_then(|s| s.as_str()) == Some("eval"))
+            .collect();
+        crate::log::write_curves(
+            &self.run_dir.pictures().join("curves.png"),
+            self.objective.name(),
+            &self.losses,
+            &lrs,
+            &evals,
+        )
+        .context("writing pictures/curves.png")
+    }
+
     /// Whether steps are reduced over a group (more than one rank, or a real backend).
     fn parallel(&self) -> bool {
         self.comm.world_size() > 1 || self.comm.backend() != "local"
@@ -507,6 +525,9 @@ impl<'a, O: Objective> Trainer<'a, O> {
             self.objective
                 .log_images(self.step, self.run_dir.root(), &mut self.tb)?;
             self.last_picture = Some(self.step);
+        }
+        if self.step > 0 && self.writer() {
+            self.write_curves(&sched)?;
         }
         self.tb.flush()?;
         eprintln!(

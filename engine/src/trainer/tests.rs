@@ -258,6 +258,16 @@ fn loss_falls() {
     );
     let run_dir = dir.path().join("toy-run");
     assert_eq!(s.run_dir, run_dir);
+    // the loss/lr curves of every step (issue 24), a panel each: 900 x 660 px
+    let png = std::fs::read(run_dir.join("pictures/curves.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    assert_eq!(
+        (
+            u32::from_be_bytes(png[16..20].try_into().unwrap()),
+            u32::from_be_bytes(png[20..24].try_into().unwrap())
+        ),
+        (900, 660)
+    );
     assert_eq!(
         std::fs::read_to_string(RunDir::at(&run_dir).config()).unwrap(),
         "x: 1\n"
