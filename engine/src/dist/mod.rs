@@ -46,6 +46,11 @@ pub trait Communicator: Send + Sync {
     fn rank(&self) -> usize;
     /// Processes in the group.
     fn world_size(&self) -> usize;
+    /// Whether steps go through the group: more than one rank, or a real backend (a 1-rank NCCL
+    /// or MPI group still runs its collectives). [`Local`] alone is not.
+    fn parallel(&self) -> bool {
+        self.world_size() > 1 || self.backend() != "local"
+    }
     /// Element-wise sum over the ranks, in place; every rank gets the same values.
     fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()>;
     /// Element-wise maximum over the ranks, in place.
@@ -293,10 +298,10 @@ pub fn average_gradients(
     vars: &[Var],
     grads: &mut GradStore,
 ) -> Result<()> {
-    let w = comm.world_size();
-    if w == 1 && comm.backend() == "local" {
+    if !comm.parallel() {
         return Ok(());
     }
+    let w = comm.world_size();
     let mut present: Vec<f64> = vars
         .iter()
         .map(|v| f64::from(u8::from(grads.get(v.as_tensor()).is_some())))

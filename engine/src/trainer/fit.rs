@@ -184,6 +184,13 @@ impl<'a, O: Objective> Trainer<'a, O> {
         crate::device::set_matmul_precision(run.precision);
         let resume = start.resumed();
         let writer = comm.rank() == 0;
+        // Ranks > 0 of a data-parallel run write only to a scratch folder of their own (logs;
+        // removed at the end); rank 0 alone writes the run folder.
+        let scratch = if writer {
+            None
+        } else {
+            Some(Scratch::new(comm.rank())?)
+        };
         // The run folder's lock is taken before anything in it is read or written (by rank 0;
         // the other ranks of a data-parallel run only read a resumed folder's checkpoint).
         let (run_dir, lock) = match start {
@@ -198,7 +205,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
                 let lock = if writer { Some(run_dir.lock()?) } else { None };
                 (run_dir, lock)
             }
-            RunStart::New { .. } if !writer => (Scratch::dir(comm.rank())?, None),
+            RunStart::New { .. } if let Some(s) = &scratch => (s.run_dir(), None),
             RunStart::New { label } => {
                 let label = if label.is_empty() {
                     objective.name()
@@ -300,21 +307,12 @@ impl<'a, O: Objective> Trainer<'a, O> {
                 same
             });
         }
-        // Ranks > 0 log to a scratch folder of their own; only rank 0 writes the run folder.
-        let (run_dir, scratch) = match (writer, resume) {
-            (true, _) => (run_dir, None),
-            // a resumed run's folder was only read
-            (false, Some(_)) => {
-                let s = Scratch::dir(comm.rank())?;
-                let root = s.root().to_path_buf();
-                (s, Some(Scratch(root)))
-            }
-            (false, None) => {
-                let root = run_dir.root().to_path_buf();
-                (run_dir, Some(Scratch(root)))
-            }
+        // from here on a rank > 0 writes its scratch folder (a resumed run's was only read)
+        let run_dir = match &scratch {
+            Some(s) => s.run_dir(),
+            None => run_dir,
         };
-        if comm.world_size() > 1 || comm.backend() != "local" {
+        if comm.parallel() {
             let hash = dist::check_same_weights(&*comm, &named_vars)
                 .context("data parallel: checking the starting weights")?;
             if writer {
@@ -418,11 +416,6 @@ impl<'a, O: Objective> Trainer<'a, O> {
             &evals,
         )
         .context("writing pictures/curves.png")
-    }
-
-    /// Whether steps are reduced over a group (more than one rank, or a real backend).
-    fn parallel(&self) -> bool {
-        self.comm.world_size() > 1 || self.comm.backend() != "local"
     }
 
     /// Whether this process writes the run folder (rank 0).
@@ -614,7 +607,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
                 .and_then(|t| t.to_vec1::<f64>())
                 .with_context(|| format!("step {n}: reading the loss"))?[0];
             // (data parallel: checked once reduced over the ranks, below, so all stop together)
-            if !value.is_finite() && !self.parallel() {
+            if !value.is_finite() && !self.comm.parallel() {
                 bail!(
                     "step {n}: loss is {} (lr {lr:.3e}); stopping without writing a checkpoint",
                     if value.is_nan() { "NaN" } else { "infinite" }
@@ -650,7 +643,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
             images += batch.images.dims().first().copied().unwrap_or(0);
             self.batch_in_epoch += 1;
         }
-        if self.parallel() {
+        if self.comm.parallel() {
             // the step's loss, metrics and images over all ranks: means of the shard means
             let mut v: Vec<f64> = [loss_sum, images as f64]
                 .into_iter()
@@ -776,7 +769,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
         if (due || new_best.is_some()) && self.last_checkpoint != Some(self.step) {
             self.save_checkpoint()?;
         }
-        if let Some(best) = new_best.filter(|_| self.writer()) {
+        if let Some(best) = new_best {
             checkpoint::save_best(&self.run_dir.checkpoints(), &best)?;
             self.best = Some(best);
         }
@@ -845,14 +838,19 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     /// A new, empty `mimlab-rank<R>-<pid>-<n>` in the temp folder.
-    fn dir(rank: usize) -> Result<RunDir> {
+    fn new(rank: usize) -> Result<Self> {
         static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let root =
             std::env::temp_dir().join(format!("mimlab-rank{rank}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&root)
             .with_context(|| format!("rank {rank}: creating {}", root.display()))?;
-        Ok(RunDir::at(root))
+        Ok(Self(root))
+    }
+
+    /// The folder as a run folder.
+    fn run_dir(&self) -> RunDir {
+        RunDir::at(&self.0)
     }
 }
 
