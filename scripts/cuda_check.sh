@@ -72,21 +72,20 @@ for check in "${checks[@]}"; do
         step simmim_cuda "$bin" "${pre[@]}" --set run.device=cuda --set run.name=simmim-cuda
         step simmim_cpu "$bin" "${pre[@]}" --set run.device=cpu --set run.name=simmim-cpu \
             --set train.max_steps=50 --set run.threads=8
-        step simmim_compare python3 - "$runs/simmim-cuda/metrics.jsonl" \
-            "$runs/simmim-cpu/metrics.jsonl" <<'PY'
-import json, sys
-rows = [{r["step"]: r for r in map(json.loads, open(f)) if r.get("split") == "train"}
-        for f in sys.argv[1:]]
-gpu, cpu = rows
+        step simmim_compare python3 - "$runs/simmim-cuda" "$runs/simmim-cpu" <<'PY'
+import sys
+sys.path.insert(0, "scripts/lib")
+from run_table import train_losses
+gpu, cpu = (train_losses(r) for r in sys.argv[1:])
 steps = sorted(set(gpu) & set(cpu))
 assert len(steps) >= 50, f"only {len(steps)} common steps"
-d = [abs(gpu[s]["loss"] - cpu[s]["loss"]) / abs(cpu[s]["loss"]) for s in steps]
+d = [abs(gpu[s] - cpu[s]) / abs(cpu[s]) for s in steps]
 for s in (steps[0], steps[9], steps[-1]):
-    print(f"step {s}: loss cuda {gpu[s]['loss']:.6f} cpu {cpu[s]['loss']:.6f}")
+    print(f"step {s}: loss cuda {gpu[s]:.6f} cpu {cpu[s]:.6f}")
 last = max(gpu)
 print(f"{len(steps)} steps compared: max relative loss difference {max(d):.2e} "
       f"(first 10 steps {max(d[:10]):.2e}); cuda run: {last} steps, final loss "
-      f"{gpu[last]['loss']:.4f}")
+      f"{gpu[last]:.4f}")
 assert max(d[:10]) < 1e-3, "CUDA and CPU losses differ in the first 10 steps"
 PY
         step finetune_cuda "$bin" finetune --config configs/finetune/swinv2_nano_fmnist_1pct.yaml \
@@ -99,11 +98,10 @@ PY
         step simmim_f32 "$bin" "${pre[@]}" --set run.name=simmim-f32
         step simmim_bf16 "$bin" "${pre[@]}" --set run.name=simmim-bf16 --set run.precision=bf16
         step bf16_compare python3 - "$runs/simmim-f32" "$runs/simmim-bf16" <<'PY'
-import json, sys
-def losses(run):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(f"{run}/metrics.jsonl"))
-            if r.get("split") == "train"}
-f, b = (losses(r) for r in sys.argv[1:])
+import sys
+sys.path.insert(0, "scripts/lib")
+from run_table import train_losses
+f, b = (train_losses(r) for r in sys.argv[1:])
 last = max(f)
 tail = lambda l: sum(l[s] for s in range(last - 49, last + 1)) / 50
 d = abs(tail(b) - tail(f)) / tail(f)
@@ -136,9 +134,8 @@ PY
         fi
         step nccl_compare python3 - "$runs/cuda-plain" "${compare[@]}" <<'PY'
 import json, sys
-def losses(run):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(f"{run}/metrics.jsonl"))
-            if r.get("split") == "train"}
+sys.path.insert(0, "scripts/lib")
+from run_table import train_losses as losses
 plain = losses(sys.argv[1])
 ok = True
 for run in sys.argv[2:]:

@@ -55,12 +55,13 @@ t2=$SECONDS
 echo "1 process: $((t1 - t0)) s, 2 processes: $((t2 - t1)) s" >&2
 
 python3 - "$out" "$steps" <<'PY'
-import json, struct, sys
+import json, os, struct, sys
+sys.path.insert(0, "scripts/lib")
+from run_table import train_losses
 out, steps = sys.argv[1], int(sys.argv[2])
 
 def losses(run):
-    rows = [json.loads(l) for l in open(f"{out}/{run}/metrics.jsonl")]
-    return {r["step"]: r["loss"] for r in rows if r.get("split") == "train"}
+    return train_losses(os.path.join(out, run))
 
 def weights(run):
     path = f"{out}/{run}/checkpoints/step_{steps}.safetensors"

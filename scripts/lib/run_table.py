@@ -5,6 +5,13 @@ import os
 import statistics
 
 
+def train_losses(run):
+    """{step: loss} of the train rows a run folder's metrics.jsonl logged."""
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if r.get("split") == "train"}
+
+
 def minutes(run):
     """Wall minutes of the command (each resumed part added): training, evaluations, report."""
     p = os.path.join(run, "wall_s")
