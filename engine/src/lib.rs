@@ -15,4 +15,5 @@ pub mod picture;
 pub mod rng;
 pub mod run_dir;
 pub mod simd;
+pub mod stats;
 pub mod trainer;

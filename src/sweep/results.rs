@@ -10,6 +10,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use mimlab_engine::fsutil::write_atomic;
 use mimlab_engine::picture::{LinePlot, Series};
+use mimlab_engine::stats::mean_sd;
 use serde::{Deserialize, Serialize};
 
 use super::run::{cell_dir, done_file};
@@ -105,18 +106,6 @@ pub fn collect(cfg: &SweepConfig) -> Result<Vec<CellRow>> {
         rows.push(CellRow { cell, values });
     }
     Ok(rows)
-}
-
-/// Mean and sample standard deviation (0 for one value).
-pub fn mean_sd(xs: &[f64]) -> (f64, f64) {
-    let n = xs.len() as f64;
-    let mean = xs.iter().sum::<f64>() / n;
-    let var = if xs.len() > 1 {
-        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (mean, var.sqrt())
 }
 
 /// Each grid point's AvgDist in pixels (200 seeded masks of the pretrain stage's image size,
@@ -418,11 +407,7 @@ mod tests {
     }
 
     #[test]
-    fn mean_and_sample_sd() {
-        assert_eq!(mean_sd(&[2.0]), (2.0, 0.0));
-        let (m, s) = mean_sd(&[1.0, 2.0, 3.0]);
-        assert_eq!(m, 2.0);
-        assert!((s - 1.0).abs() < 1e-12);
+    fn mean_sd_formatting() {
         assert_eq!(fmt_stat(74.64, 0.28284, 2), "74.64 ± 0.28 (2)");
         assert_eq!(fmt_stat(0.6442, 0.0, 1), "0.6442");
     }

@@ -127,13 +127,7 @@ fn avgdist_row(
             avgdist_of_mask(&m, img, img).unwrap_or(f64::NAN)
         })
         .collect();
-    let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    let std = if values.len() > 1 {
-        (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
-    } else {
-        0.0
-    };
+    let (mean, std) = mimlab_engine::stats::mean_sd(&values);
     Ok(AvgDistRow {
         mask_patch_size: p,
         ratio,
