@@ -111,6 +111,9 @@ pub struct DataConfig {
     pub max_samples: Option<usize>,
     /// Below 1: a class-balanced, seeded subset of the labelled train split (low-label finetuning).
     pub label_fraction: f64,
+    /// Seed of the `label_fraction` subset; unset: the fixed [`subset::LABEL_SUBSET_SEED`], the
+    /// same images in every run. Set it per seed to make the subset part of what seeds vary.
+    pub label_seed: Option<u64>,
     /// Random crops that make one epoch of `photos`.
     pub photos_crops_per_epoch: usize,
     /// Augmentation and normalization.
@@ -141,6 +144,7 @@ impl Default for DataConfig {
             skip_bad_images: false,
             max_samples: None,
             label_fraction: 1.0,
+            label_seed: None,
             photos_crops_per_epoch: 2048,
             aug: AugConfig::default(),
             det_aug: DetAugConfig::default(),
@@ -386,6 +390,11 @@ pub fn heldout_images(
 pub const DATA_ENV: &str = "MIMLAB_DATA";
 
 impl DataConfig {
+    /// The seed of the `label_fraction` subset: `label_seed`, or the fixed default.
+    pub fn label_subset_seed(&self) -> u64 {
+        self.label_seed.unwrap_or(subset::LABEL_SUBSET_SEED)
+    }
+
     /// The folder of the bundled dataset `sub` (`fashion-mnist`, `photos`, ...): the first that
     /// exists of
     /// 1. `data.root/sub` (a relative `data.root` from the working directory; an absolute one is

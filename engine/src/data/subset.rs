@@ -6,13 +6,13 @@ use rand::seq::SliceRandom;
 use super::{DataConfig, Split};
 use crate::rng::rng_for;
 
-/// Seed of the `label_fraction` subset: fixed, so every run with the same fraction finetunes on
-/// the same images.
+/// Seed of the `label_fraction` subset when `data.label_seed` is not set: fixed, so every run with
+/// the same fraction finetunes on the same images.
 pub const LABEL_SUBSET_SEED: u64 = 0x1abe1;
 
 /// Per class, keeps `max(1, round(count * fraction))` images chosen by a shuffle seeded from
-/// ([`LABEL_SUBSET_SEED`], class); returns the kept indices in ascending order.
-pub fn balanced_subset(labels: &[u32], fraction: f64) -> Vec<usize> {
+/// (`seed`, class); returns the kept indices in ascending order.
+pub fn balanced_subset(labels: &[u32], fraction: f64, seed: u64) -> Vec<usize> {
     if fraction >= 1.0 {
         return (0..labels.len()).collect();
     }
@@ -27,7 +27,7 @@ pub fn balanced_subset(labels: &[u32], fraction: f64) -> Vec<usize> {
             continue;
         }
         let k = ((members.len() as f64 * fraction).round() as usize).clamp(1, members.len());
-        members.shuffle(&mut rng_for(LABEL_SUBSET_SEED, &[class as u64]));
+        members.shuffle(&mut rng_for(seed, &[class as u64]));
         kept.extend_from_slice(&members[..k]);
     }
     kept.sort_unstable();
@@ -43,7 +43,7 @@ pub fn select(
 ) -> Result<Vec<usize>> {
     let mut keep: Vec<usize> = match (split, labels) {
         (Split::Train, Some(l)) if cfg.label_fraction < 1.0 => {
-            balanced_subset(l, cfg.label_fraction)
+            balanced_subset(l, cfg.label_fraction, cfg.label_subset_seed())
         }
         (Split::Train, None) if cfg.label_fraction < 1.0 => {
             bail!(
@@ -72,16 +72,27 @@ mod tests {
             .chain((0..50).map(|_| 1))
             .chain((0..7).map(|_| 2))
             .collect();
-        let kept = balanced_subset(&labels, 0.1);
+        let kept = balanced_subset(&labels, 0.1, LABEL_SUBSET_SEED);
         let count = |c| kept.iter().filter(|i| labels[**i] == c).count();
         assert_eq!((count(0), count(1), count(2)), (10, 5, 1));
         assert!(kept.windows(2).all(|w| w[0] < w[1]));
-        assert_eq!(kept, balanced_subset(&labels, 0.1), "seeded");
+        assert_eq!(
+            kept,
+            balanced_subset(&labels, 0.1, LABEL_SUBSET_SEED),
+            "seeded"
+        );
+        let other = balanced_subset(&labels, 0.1, 7);
+        assert_ne!(kept, other, "another label_seed, other images");
+        assert_eq!(
+            other.iter().filter(|i| labels[**i] == 1).count(),
+            5,
+            "still balanced"
+        );
         assert_ne!(
             kept[..10],
             (0..10).collect::<Vec<_>>()[..],
             "shuffled, not the first ones"
         );
-        assert_eq!(balanced_subset(&labels, 1.0).len(), 157);
+        assert_eq!(balanced_subset(&labels, 1.0, 7).len(), 157);
     }
 }

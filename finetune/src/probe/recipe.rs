@@ -100,7 +100,7 @@ pub fn probe_backbone(
     let mut rows = vec![];
     println!("label fraction | labels | k-NN top-1 | linear top-1");
     for &f in setup.fractions {
-        let idx = balanced_subset(&train.labels, f);
+        let idx = balanced_subset(&train.labels, f, data.label_subset_seed());
         let sub = train.subset(&idx);
         let knn = knn_evaluate(&sub, &test, classes, ft.knn_k, ft.knn_temperature);
         let probe_cfg = ProbeConfig {
