@@ -153,6 +153,7 @@ fn avgdist_prints_csv_and_writes_png() {
     assert!(val(row("16", "0.6")) > val(row("8", "0.6")), "{text}");
     assert!(val(row("8", "0.6")) > val(row("8", "0.4")), "{text}");
     assert!(dir.path().join("avgdist.png").exists());
+    assert!(dir.path().join("avgdist_heatmap.png").exists());
     assert_eq!(
         std::fs::read_to_string(dir.path().join("avgdist.csv")).unwrap(),
         text

@@ -1,8 +1,16 @@
 //! Pictures people look at: RGB images, grids of reconstructions, line plots and heatmaps, all
-//! saved as PNG and drawn with a built-in bitmap font (no font files, no plotting library).
+//! saved as PNG, text in a TrueType font (DejaVu Sans, embedded; see [`font`]).
 
 pub mod boxes;
-mod font;
+pub mod font;
+mod grid;
+mod heatmap;
+mod plot;
+
+pub use font::{draw_text, draw_text_vertical, fit_text, text_height, text_width};
+pub use grid::{grid, title_band, titled};
+pub use heatmap::{CellGrid, Heatmap};
+pub use plot::{Band, BandAxis, LinePlot, Series};
 
 use std::path::Path;
 
@@ -55,6 +63,18 @@ impl RgbImage {
         if x < self.width && y < self.height {
             let o = self.offset(x, y);
             self.pixels[o..o + 3].copy_from_slice(&c);
+        }
+    }
+
+    /// Blends `c` over (x, y) with opacity `alpha` in [0, 1]; pixels outside are clipped.
+    pub fn blend(&mut self, x: i64, y: i64, c: [u8; 3], alpha: f32) {
+        if x < 0 || y < 0 || x >= self.width as i64 || y >= self.height as i64 {
+            return;
+        }
+        let a = alpha.clamp(0.0, 1.0);
+        let o = self.offset(x as u32, y as u32);
+        for (d, s) in self.pixels[o..o + 3].iter_mut().zip(c) {
+            *d = (*d as f32 + (s as f32 - *d as f32) * a).round() as u8;
         }
     }
 
@@ -215,118 +235,8 @@ const BLACK: [u8; 3] = [0, 0, 0];
 const GRAY: [u8; 3] = [128, 128, 128];
 const LIGHT: [u8; 3] = [225, 225, 225];
 
-/// A grid: rows of equally sized tiles, `pad` px white gaps, optional column titles drawn above.
-///
-/// Tile (r, c) sits at `x = pad + c * (tw + pad)`, `y = title_h + pad + r * (th + pad)`, where
-/// `title_h` is 0 without titles and `7 * scale + 4` with them (scale 2 for tiles >= 96 px wide).
-/// Short rows leave white gaps; tiles larger than the first are clipped to its size.
-pub fn grid(rows: &[Vec<RgbImage>], pad: u32, column_titles: &[&str]) -> RgbImage {
-    let (tw, th) = rows
-        .iter()
-        .flatten()
-        .next()
-        .map_or((0, 0), |t| (t.width, t.height));
-    let cols = rows
-        .iter()
-        .map(Vec::len)
-        .max()
-        .unwrap_or(0)
-        .max(column_titles.len()) as u32;
-    // titles twice the size on large tiles, where every title fits its column at that size
-    let fits = |scale| {
-        column_titles
-            .iter()
-            .all(|t| text_width(t, scale) <= tw + pad)
-    };
-    let scale = if tw >= 96 && fits(2) { 2 } else { 1 };
-    let title_h = if column_titles.iter().any(|t| !t.is_empty()) {
-        font::GLYPH_H * scale + 4
-    } else {
-        0
-    };
-    let width = cols * tw + (cols + 1) * pad;
-    let height = title_h + rows.len() as u32 * th + (rows.len() as u32 + 1) * pad;
-    let mut img = RgbImage::new(width, height, WHITE);
-    for (c, title) in column_titles.iter().enumerate() {
-        let max_chars = ((tw + pad) / (font::ADVANCE * scale)).max(1) as usize;
-        let title: String = title.chars().take(max_chars).collect();
-        let tx = pad as i64
-            + c as i64 * (tw + pad) as i64
-            + (tw as i64 - text_width(&title, scale) as i64) / 2;
-        draw_text_i(
-            &mut img,
-            tx.max(0),
-            pad as i64 + 1,
-            &title,
-            BLACK,
-            scale,
-            false,
-        );
-    }
-    for (r, row) in rows.iter().enumerate() {
-        for (c, tile) in row.iter().enumerate() {
-            let x = pad + c as u32 * (tw + pad);
-            let y = title_h + pad + r as u32 * (th + pad);
-            if tile.width == tw && tile.height == th {
-                img.blit(tile, x, y);
-            } else {
-                let mut fitted = RgbImage::new(tw, th, WHITE);
-                fitted.blit(tile, 0, 0);
-                img.blit(&fitted, x, y);
-            }
-        }
-    }
-    img
-}
-
-/// Width in pixels of `text` drawn at `scale` (6 px advance per character, no trailing gap).
-pub fn text_width(text: &str, scale: u32) -> u32 {
-    let n = text.chars().count() as u32;
-    (n * font::ADVANCE).saturating_sub(1) * scale
-}
-
-/// Text with a built-in bitmap font (at least 0-9 A-Z a-z and . , : ; - + = _ / ( ) % < > [ ] #
-/// space), `scale` x 5x7 px.
-pub fn draw_text(img: &mut RgbImage, x: u32, y: u32, text: &str, color: [u8; 3], scale: u32) {
-    draw_text_i(img, x as i64, y as i64, text, color, scale, false);
-}
-
-/// Draws text with (x, y) the top-left of its box; `vertical` reads bottom-to-top (rotated 90°
-/// counter-clockwise) with the box `7*scale` wide and `text_width` tall.
-fn draw_text_i(
-    img: &mut RgbImage,
-    x: i64,
-    y: i64,
-    text: &str,
-    color: [u8; 3],
-    scale: u32,
-    vertical: bool,
-) {
-    let s = scale.max(1) as i64;
-    let len = text_width(text, scale) as i64;
-    for (i, ch) in text.chars().enumerate() {
-        let rows = font::glyph(ch);
-        for (gy, bits) in rows.iter().enumerate() {
-            for gx in 0..font::GLYPH_W as i64 {
-                if bits & (1 << (font::GLYPH_W as i64 - 1 - gx)) == 0 {
-                    continue;
-                }
-                // Position in the horizontal text box.
-                let tx = (i as i64 * font::ADVANCE as i64 + gx) * s;
-                let ty = gy as i64 * s;
-                let (px, py) = if vertical {
-                    (x + ty, y + len - 1 - tx - (s - 1))
-                } else {
-                    (x + tx, y + ty)
-                };
-                img.fill_rect(px, py, s, s, color);
-            }
-        }
-    }
-}
-
 /// Draws a line `thick` px wide (Bresenham, square pen).
-fn draw_line(
+pub(crate) fn draw_line(
     img: &mut RgbImage,
     (x0, y0): (i64, i64),
     (x1, y1): (i64, i64),
@@ -354,30 +264,6 @@ fn draw_line(
     }
 }
 
-/// One named curve of a line plot.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Series {
-    /// Legend name.
-    pub name: String,
-    /// (x, y) points in drawing order; non-finite points (and y <= 0 on a log axis) are skipped.
-    pub points: Vec<(f64, f64)>,
-}
-
-/// A line plot: axes with ticks, one colour per series, markers, legend.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LinePlot {
-    /// Title above the plot.
-    pub title: String,
-    /// Label under the x axis.
-    pub x_label: String,
-    /// Label above the y axis.
-    pub y_label: String,
-    /// The curves.
-    pub series: Vec<Series>,
-    /// Logarithmic y axis.
-    pub log_y: bool,
-}
-
 /// Tableau-10 colours, one per series.
 const PALETTE: [[u8; 3]; 10] = [
     [31, 119, 180],
@@ -395,445 +281,6 @@ const PALETTE: [[u8; 3]; 10] = [
 /// The colour of series `i` in plots.
 pub fn series_color(i: usize) -> [u8; 3] {
     PALETTE[i % PALETTE.len()]
-}
-
-/// An axis: data range (in log10 units on a log axis) and tick positions with labels.
-struct Axis {
-    lo: f64,
-    hi: f64,
-    log: bool,
-    ticks: Vec<(f64, String)>,
-}
-
-impl Axis {
-    /// A linear axis over [lo, hi] widened to round tick values (1, 2, 5 x 10^k steps).
-    fn linear(lo: f64, hi: f64) -> Axis {
-        let (lo, hi) = if hi > lo {
-            (lo, hi)
-        } else {
-            let d = if lo == 0.0 { 1.0 } else { lo.abs() * 0.1 };
-            (lo - d, hi + d)
-        };
-        let raw = (hi - lo) / 4.0;
-        let mag = 10f64.powf(raw.log10().floor());
-        let step = [1.0, 2.0, 5.0, 10.0]
-            .iter()
-            .map(|m| m * mag)
-            .find(|s| *s >= raw)
-            .unwrap_or(10.0 * mag);
-        let (a, b) = ((lo / step).floor() as i64, (hi / step).ceil() as i64);
-        let ticks = (a..=b)
-            .map(|k| (k as f64 * step, fmt_tick(k as f64 * step, step)))
-            .collect();
-        Axis {
-            lo: a as f64 * step,
-            hi: b as f64 * step,
-            log: false,
-            ticks,
-        }
-    }
-
-    /// A log axis over positive [lo, hi], widened to whole decades.
-    fn log(lo: f64, hi: f64) -> Axis {
-        let a = lo.log10().floor() as i64;
-        let b = (hi.log10().ceil() as i64).max(a + 1);
-        let every = ((b - a) as f64 / 6.0).ceil().max(1.0) as i64;
-        let mut ticks = Vec::new();
-        for k in a..=b {
-            let v = 10f64.powi(k as i32);
-            if (k - a) % every == 0 {
-                ticks.push((v.log10(), fmt_decade(k)));
-            }
-            if b - a <= 2 && k < b {
-                for m in [2.0, 5.0] {
-                    ticks.push(((m * v).log10(), fmt_tick(m * v, v)));
-                }
-            }
-        }
-        Axis {
-            lo: a as f64,
-            hi: b as f64,
-            log: true,
-            ticks,
-        }
-    }
-
-    /// Position of data value `v` in [0, 1] along the axis.
-    fn frac(&self, v: f64) -> f64 {
-        let v = if self.log { v.log10() } else { v };
-        (v - self.lo) / (self.hi - self.lo)
-    }
-}
-
-/// A tick label with as many decimals as the tick step needs.
-fn fmt_tick(v: f64, step: f64) -> String {
-    let v = if v.abs() < step * 1e-9 { 0.0 } else { v };
-    if v != 0.0 && (v.abs() >= 1e5 || v.abs() < 1e-3) {
-        return format!("{v:.1e}");
-    }
-    let decimals = (-step.log10().floor()).max(0.0) as usize;
-    format!("{v:.decimals$}")
-}
-
-/// Label of the tick 10^k.
-fn fmt_decade(k: i64) -> String {
-    match k {
-        -3..=-1 => format!("{:.*}", (-k) as usize, 10f64.powi(k as i32)),
-        0..=4 => format!("{}", 10i64.pow(k as u32)),
-        _ => format!("1e{k}"),
-    }
-}
-
-/// Where a plot's data lands in pixels (plot area and axes), shared by drawing and tests.
-struct Frame {
-    x0: i64,
-    y0: i64,
-    x1: i64,
-    y1: i64,
-    xa: Axis,
-    ya: Axis,
-}
-
-/// Pixels between the plot area's border and the data range, so markers stay inside.
-const INSET: i64 = 6;
-
-impl Frame {
-    /// Pixel of data point (x, y).
-    fn pixel(&self, x: f64, y: f64) -> (i64, i64) {
-        let px = self.x0
-            + INSET
-            + (self.xa.frac(x) * (self.x1 - self.x0 - 2 * INSET) as f64).round() as i64;
-        let py = self.y1
-            - INSET
-            - (self.ya.frac(y) * (self.y1 - self.y0 - 2 * INSET) as f64).round() as i64;
-        (px, py)
-    }
-}
-
-impl LinePlot {
-    /// Points that can be drawn (finite; y > 0 on a log axis).
-    fn drawable(&self, s: &Series) -> Vec<(f64, f64)> {
-        let ok = |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite() && (!self.log_y || y > 0.0);
-        s.points.iter().copied().filter(ok).collect()
-    }
-
-    /// Text scale for a canvas of this width.
-    fn scale(width: u32) -> u32 {
-        if width >= 900 {
-            2
-        } else {
-            1
-        }
-    }
-
-    fn frame(&self, width: u32, height: u32) -> Frame {
-        let pts: Vec<(f64, f64)> = self.series.iter().flat_map(|s| self.drawable(s)).collect();
-        let (mut xl, mut xh, mut yl, mut yh) = (
-            f64::INFINITY,
-            f64::NEG_INFINITY,
-            f64::INFINITY,
-            f64::NEG_INFINITY,
-        );
-        for &(x, y) in &pts {
-            (xl, xh, yl, yh) = (xl.min(x), xh.max(x), yl.min(y), yh.max(y));
-        }
-        if pts.is_empty() {
-            (xl, xh, yl, yh) = (0.0, 1.0, if self.log_y { 0.1 } else { 0.0 }, 1.0);
-        }
-        let xa = Axis::linear(xl, xh);
-        let ya = if self.log_y {
-            Axis::log(yl, yh)
-        } else {
-            Axis::linear(yl, yh)
-        };
-        let s = Self::scale(width) as i64;
-        let ch = 7 * s;
-        let label_w = ya
-            .ticks
-            .iter()
-            .map(|(_, l)| text_width(l, s as u32))
-            .max()
-            .unwrap_or(0) as i64;
-        let x0 = 8 + label_w + 6;
-        let y0 = 8
-            + if self.title.is_empty() { 0 } else { ch + 8 }
-            + if self.y_label.is_empty() { 0 } else { ch + 6 };
-        let x1 = width as i64 - 12;
-        let y1 = height as i64 - 8 - ch - 6 - if self.x_label.is_empty() { 0 } else { ch + 6 };
-        Frame {
-            x0,
-            y0,
-            x1: x1.max(x0 + 2 * INSET + 1),
-            y1: y1.max(y0 + 2 * INSET + 1),
-            xa,
-            ya,
-        }
-    }
-
-    /// Renders the plot: axes, ~5 ticks with numeric labels, one colour per series, markers
-    /// (when there are few enough points to tell apart), legend.
-    pub fn render(&self, width: u32, height: u32) -> RgbImage {
-        let mut img = RgbImage::new(width, height, WHITE);
-        let f = self.frame(width, height);
-        let s = Self::scale(width);
-        let ch = 7 * s as i64;
-        // Title, y label, x label.
-        if !self.title.is_empty() {
-            let tx = (width as i64 - text_width(&self.title, s) as i64) / 2;
-            draw_text_i(&mut img, tx.max(0), 8, &self.title, BLACK, s, false);
-        }
-        if !self.y_label.is_empty() {
-            draw_text_i(
-                &mut img,
-                f.x0,
-                f.y0 - ch - 6,
-                &self.y_label,
-                BLACK,
-                s,
-                false,
-            );
-        }
-        if !self.x_label.is_empty() {
-            let tx = (f.x0 + f.x1 - text_width(&self.x_label, s) as i64) / 2;
-            draw_text_i(
-                &mut img,
-                tx,
-                f.y1 + 6 + ch + 6,
-                &self.x_label,
-                BLACK,
-                s,
-                false,
-            );
-        }
-        // Grid lines and tick labels.
-        for (v, label) in &f.ya.ticks {
-            let (_, py) = f.pixel(f.xa.lo, if f.ya.log { 10f64.powf(*v) } else { *v });
-            img.fill_rect(f.x0 + 1, py, f.x1 - f.x0 - 1, 1, LIGHT);
-            img.fill_rect(f.x0 - 4, py, 4, 1, BLACK);
-            let lw = text_width(label, s) as i64;
-            draw_text_i(&mut img, f.x0 - 6 - lw, py - ch / 2, label, BLACK, s, false);
-        }
-        for (v, label) in &f.xa.ticks {
-            let (px, _) = f.pixel(
-                *v,
-                if f.ya.log {
-                    10f64.powf(f.ya.lo)
-                } else {
-                    f.ya.lo
-                },
-            );
-            img.fill_rect(px, f.y0 + 1, 1, f.y1 - f.y0 - 1, LIGHT);
-            img.fill_rect(px, f.y1, 1, 4, BLACK);
-            let lw = text_width(label, s) as i64;
-            draw_text_i(&mut img, px - lw / 2, f.y1 + 6, label, BLACK, s, false);
-        }
-        img.stroke_rect(f.x0, f.y0, f.x1 - f.x0 + 1, f.y1 - f.y0 + 1, BLACK);
-        // Series: lines first, then markers on top.
-        let max_markers = ((f.x1 - f.x0) / 8).max(1) as usize;
-        for (i, series) in self.series.iter().enumerate() {
-            let color = series_color(i);
-            let pts: Vec<(i64, i64)> = self
-                .drawable(series)
-                .iter()
-                .map(|&(x, y)| f.pixel(x, y))
-                .collect();
-            for w in pts.windows(2) {
-                draw_line(&mut img, w[0], w[1], color, 2);
-            }
-            if pts.len() <= max_markers {
-                for &(px, py) in &pts {
-                    img.fill_rect(px - 2, py - 2, 5, 5, color);
-                }
-            }
-        }
-        // Legend, top-right inside the plot area.
-        let named: Vec<(usize, &Series)> = self
-            .series
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.name.is_empty())
-            .collect();
-        if !named.is_empty() {
-            let row_h = ch + 4;
-            let lw = named
-                .iter()
-                .map(|(_, s)| text_width(&s.name, LinePlot::scale(width)))
-                .max()
-                .unwrap_or(0) as i64;
-            let (bw, bh) = (lw + 30, named.len() as i64 * row_h + 6);
-            let (bx, by) = (f.x1 - bw - 4, f.y0 + 4);
-            img.fill_rect(bx, by, bw, bh, WHITE);
-            img.stroke_rect(bx, by, bw, bh, GRAY);
-            for (row, (i, series)) in named.iter().enumerate() {
-                let y = by + 4 + row as i64 * row_h;
-                let color = series_color(*i);
-                img.fill_rect(bx + 5, y + ch / 2 - 1, 16, 2, color);
-                img.fill_rect(bx + 11, y + ch / 2 - 2, 5, 5, color);
-                draw_text_i(&mut img, bx + 25, y, &series.name, BLACK, s, false);
-            }
-        }
-        img
-    }
-}
-
-/// Viridis colormap (5 stops, linearly interpolated) at t in [0, 1].
-fn viridis(t: f64) -> [u8; 3] {
-    const STOPS: [[f64; 3]; 5] = [
-        [68.0, 1.0, 84.0],
-        [59.0, 82.0, 139.0],
-        [33.0, 145.0, 140.0],
-        [94.0, 201.0, 98.0],
-        [253.0, 231.0, 37.0],
-    ];
-    let t = t.clamp(0.0, 1.0) * 4.0;
-    let i = (t.floor() as usize).min(3);
-    let f = t - i as f64;
-    let mut c = [0u8; 3];
-    for (k, v) in c.iter_mut().enumerate() {
-        *v = (STOPS[i][k] + (STOPS[i + 1][k] - STOPS[i][k]) * f).round() as u8;
-    }
-    c
-}
-
-/// A cell value as short text: integers plainly, others with 2 significant decimals.
-fn fmt_cell(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e6 {
-        format!("{v:.0}")
-    } else if v.abs() < 10.0 {
-        format!("{v:.2}")
-    } else {
-        format!("{v:.1}")
-    }
-}
-
-/// A heatmap with a value per cell and row/column labels (for confusion matrices), values
-/// printed in cells when they fit. Colours run (viridis) from the smallest to the largest finite
-/// value; non-finite cells are gray. Column labels are drawn vertically when wider than a cell.
-pub fn heatmap(
-    values: &[Vec<f64>],
-    row_labels: &[String],
-    col_labels: &[String],
-    title: &str,
-) -> RgbImage {
-    let rows = values.len();
-    let cols = values.iter().map(Vec::len).max().unwrap_or(0);
-    let n = rows.max(cols).max(1) as i64;
-    let cell = (720 / n).clamp(6, 48);
-    let label = |labels: &[String], i: usize| -> String {
-        labels
-            .get(i)
-            .cloned()
-            .unwrap_or_else(|| i.to_string())
-            .chars()
-            .take(16)
-            .collect()
-    };
-    let rl: Vec<String> = (0..rows).map(|i| label(row_labels, i)).collect();
-    let cl: Vec<String> = (0..cols).map(|i| label(col_labels, i)).collect();
-    let show_rows = cell >= 8;
-    let show_cols = cell >= 8;
-    let rl_w = if show_rows {
-        rl.iter().map(|l| text_width(l, 1)).max().unwrap_or(0) as i64
-    } else {
-        0
-    };
-    let cl_wmax = cl.iter().map(|l| text_width(l, 1)).max().unwrap_or(0) as i64;
-    let vertical = cl_wmax + 2 > cell;
-    let cl_h = if !show_cols {
-        0
-    } else if vertical {
-        cl_wmax
-    } else {
-        7
-    };
-    let title_h = if title.is_empty() { 0 } else { 7 + 8 };
-    let (gx, gy) = (8 + rl_w + 6, 8 + title_h + cl_h + 6);
-    let grid_w = cols as i64 * cell;
-    let width = (gx + grid_w + 10)
-        .max(8 + text_width(title, 1) as i64 + 8)
-        .max(170);
-    let height = gy + rows as i64 * cell + 8 + 7 + 10;
-    let mut img = RgbImage::new(width as u32, height as u32, WHITE);
-    if !title.is_empty() {
-        draw_text_i(&mut img, 8, 8, title, BLACK, 1, false);
-    }
-    let finite = values.iter().flatten().copied().filter(|v| v.is_finite());
-    let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-        (a.min(v), b.max(v))
-    });
-    let span = if hi > lo { hi - lo } else { 1.0 };
-    for (r, row) in values.iter().enumerate() {
-        let y = gy + r as i64 * cell;
-        if show_rows {
-            let lw = text_width(&rl[r], 1) as i64;
-            draw_text_i(
-                &mut img,
-                gx - 6 - lw,
-                y + (cell - 7) / 2,
-                &rl[r],
-                BLACK,
-                1,
-                false,
-            );
-        }
-        for (c, &v) in row.iter().enumerate() {
-            let x = gx + c as i64 * cell;
-            let color = if v.is_finite() {
-                viridis((v - lo) / span)
-            } else {
-                GRAY
-            };
-            img.fill_rect(x, y, cell, cell, color);
-            let text = fmt_cell(v);
-            let tw = text_width(&text, 1) as i64;
-            if v.is_finite() && tw + 2 <= cell && cell >= 9 {
-                let lum =
-                    0.299 * color[0] as f64 + 0.587 * color[1] as f64 + 0.114 * color[2] as f64;
-                let tc = if lum > 128.0 { BLACK } else { WHITE };
-                draw_text_i(
-                    &mut img,
-                    x + (cell - tw) / 2,
-                    y + (cell - 7) / 2,
-                    &text,
-                    tc,
-                    1,
-                    false,
-                );
-            }
-        }
-    }
-    if show_cols {
-        for (c, l) in cl.iter().enumerate() {
-            let x = gx + c as i64 * cell;
-            let lw = text_width(l, 1) as i64;
-            if vertical {
-                draw_text_i(&mut img, x + (cell - 7) / 2, gy - 6 - lw, l, BLACK, 1, true);
-            } else {
-                draw_text_i(
-                    &mut img,
-                    x + (cell - lw) / 2,
-                    gy - 6 - 7,
-                    l,
-                    BLACK,
-                    1,
-                    false,
-                );
-            }
-        }
-    }
-    // Colour bar with the value range.
-    if lo.is_finite() {
-        let by = gy + rows as i64 * cell + 8;
-        let (lo_t, hi_t) = (fmt_cell(lo), fmt_cell(hi));
-        let lx = 8i64;
-        draw_text_i(&mut img, lx, by, &lo_t, BLACK, 1, false);
-        let bx = lx + text_width(&lo_t, 1) as i64 + 4;
-        for i in 0..100 {
-            img.fill_rect(bx + i, by, 1, 7, viridis(i as f64 / 99.0));
-        }
-        draw_text_i(&mut img, bx + 104, by, &hi_t, BLACK, 1, false);
-    }
-    img
 }
 
 #[cfg(test)]
@@ -913,31 +360,6 @@ mod tests {
     }
 
     #[test]
-    fn grid_size_and_placement() {
-        let tile = |c: u8| RgbImage::new(4, 3, [c, 0, 0]);
-        let rows = vec![vec![tile(1), tile(2), tile(3)], vec![tile(4), tile(5)]];
-        let g = grid(&rows, 2, &[]);
-        assert_eq!((g.width, g.height), (3 * 4 + 4 * 2, 2 * 3 + 3 * 2));
-        assert_eq!(g.get(2, 2), [1, 0, 0]);
-        assert_eq!(g.get(2 + 2 * 6 + 3, 2 + 2), [3, 0, 0]);
-        assert_eq!(g.get(2 + 6, 2 + 5), [5, 0, 0]);
-        assert_eq!(g.get(2 + 12, 2 + 5), [255, 255, 255]); // missing tile stays white
-        assert_eq!(g.get(1, 1), [255, 255, 255]); // padding
-        let titled = grid(&rows, 2, &["in", "out", "gt"]);
-        assert_eq!(titled.height, g.height + 11);
-        assert_eq!(titled.get(2, 2 + 11), [1, 0, 0]);
-        assert!(titled.pixels[..(titled.width * 11 * 3) as usize].contains(&0));
-        // 96 px tiles: titles at twice the size while all of them fit, else at 1x (whole words,
-        // never cut: "predicted" is 9 glyphs, 106 px at 2x)
-        let big = vec![vec![RgbImage::new(96, 96, [0; 3]); 2]];
-        assert_eq!(grid(&big, 4, &["original", "pasted"]).height, 96 + 8 + 18);
-        assert_eq!(
-            grid(&big, 4, &["original", "predicted"]).height,
-            96 + 8 + 11
-        );
-    }
-
-    #[test]
     fn upscale_and_blit() {
         let mut img = RgbImage::new(2, 1, [0; 3]);
         img.put(1, 0, [9, 9, 9]);
@@ -952,70 +374,15 @@ mod tests {
     }
 
     #[test]
-    fn text_draws_inside_its_box() {
-        let mut img = RgbImage::new(60, 30, WHITE);
-        draw_text(&mut img, 5, 6, "Ab1%", [255, 0, 0], 2);
-        let (w, h) = (text_width("Ab1%", 2), 14);
-        assert_eq!(w, (4 * 6 - 1) * 2);
-        let mut inside = 0;
-        for y in 0..img.height {
-            for x in 0..img.width {
-                let red = img.get(x, y) == [255, 0, 0];
-                let in_box = (5..5 + w).contains(&x) && (6..6 + h).contains(&y);
-                assert!(!red || in_box, "pixel ({x},{y}) outside the text box");
-                inside += red as usize;
-            }
-        }
-        assert!(inside > 50, "{inside}");
-    }
-
-    #[test]
-    fn plot_has_series_colour_at_data_point() {
-        let plot = LinePlot {
-            title: "loss".into(),
-            x_label: "step".into(),
-            y_label: "value".into(),
-            series: vec![
-                Series {
-                    name: "train".into(),
-                    points: vec![(0.0, 1.0), (10.0, 0.5), (20.0, 0.3)],
-                },
-                Series {
-                    name: "eval".into(),
-                    points: vec![(0.0, 0.9), (20.0, 0.45), (15.0, f64::NAN)],
-                },
-            ],
-            log_y: false,
-        };
-        let img = plot.render(320, 240);
-        let f = plot.frame(320, 240);
-        assert_eq!((f.xa.lo, f.xa.hi, f.ya.lo, f.ya.hi), (0.0, 20.0, 0.2, 1.0));
-        let (px, py) = f.pixel(10.0, 0.5);
-        assert_eq!(img.get(px as u32, py as u32), series_color(0));
-        let (px, py) = f.pixel(20.0, 0.45);
-        assert_eq!(img.get(px as u32, py as u32), series_color(1));
-        let non_white = img.pixels.chunks(3).filter(|p| *p != WHITE).count();
-        assert!(non_white > 2000, "{non_white}");
-    }
-
-    #[test]
-    fn log_axis_ticks_are_decades() {
-        let a = Axis::log(0.003, 2.0);
-        assert_eq!((a.lo, a.hi), (-3.0, 1.0));
-        let labels: Vec<&str> = a.ticks.iter().map(|(_, l)| l.as_str()).collect();
-        assert_eq!(labels, vec!["0.001", "0.01", "0.1", "1", "10"]);
-        let lin = Axis::linear(0.13, 0.92);
-        let labels: Vec<&str> = lin.ticks.iter().map(|(_, l)| l.as_str()).collect();
-        assert_eq!(labels, vec!["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]);
-    }
-
-    #[test]
-    fn heatmap_colours_extremes() {
-        let v = vec![vec![5.0, 0.0], vec![1.0, 3.0]];
-        let labels: Vec<String> = vec!["cat".into(), "dog".into()];
-        let img = heatmap(&v, &labels, &labels, "confusion");
-        assert!(img.pixels.chunks(3).any(|p| p == viridis(1.0)));
-        assert!(img.pixels.chunks(3).any(|p| p == viridis(0.0)));
+    fn blend_mixes_and_clips() {
+        let mut img = RgbImage::new(2, 1, [0, 100, 200]);
+        img.blend(0, 0, [255, 0, 0], 0.5);
+        assert_eq!(img.get(0, 0), [128, 50, 100]);
+        img.blend(1, 0, [9, 9, 9], 1.0);
+        assert_eq!(img.get(1, 0), [9, 9, 9]);
+        img.blend(-1, 0, [9, 9, 9], 1.0);
+        img.blend(2, 0, [9, 9, 9], 1.0);
+        assert_eq!(img.get(0, 0), [128, 50, 100]);
     }
 
     #[test]
@@ -1032,14 +399,15 @@ mod tests {
                         )
                     })
                     .collect(),
+                ..Default::default()
             })
             .collect();
         let plot = LinePlot {
-            title: "SimMIM loss (L1, masked)".into(),
+            title: "SimMIM loss (masked L1)".into(),
             x_label: "step".into(),
             y_label: "loss".into(),
             series,
-            log_y: false,
+            ..Default::default()
         };
         plot.render(640, 400)
             .save_png(Path::new("/tmp/example_plot.png"))
@@ -1079,45 +447,55 @@ mod tests {
                     .collect()
             })
             .collect();
-        heatmap(
-            &vals,
-            &names,
-            &names,
-            "CIFAR-10 confusion (rows: true, cols: predicted)",
-        )
+        Heatmap {
+            title: "CIFAR-10 confusion".into(),
+            values: vals,
+            row_labels: names.clone(),
+            col_labels: names,
+            row_title: "true class".into(),
+            col_title: "predicted class".into(),
+        }
+        .render()
         .save_png(Path::new("/tmp/example_heatmap.png"))
         .unwrap();
-        let mut text = RgbImage::new(420, 60, WHITE);
+        let mut text = RgbImage::new(520, 90, WHITE);
         draw_text(
             &mut text,
             4,
             4,
             "0123456789 ABCDEFGHIJKLMNOPQRSTUVWXYZ",
             BLACK,
-            1,
+            14.0,
         );
         draw_text(
             &mut text,
             4,
-            16,
-            "abcdefghijklmnopqrstuvwxyz .,:;-+=_/()%<>[]#",
+            24,
+            "abcdefghijklmnopqrstuvwxyz .,:;-+=_/()%<>[]# original AvgDist",
             BLACK,
-            1,
+            14.0,
         );
-        draw_text(&mut text, 4, 30, "loss 0.4312 lr 1.2e-4", BLACK, 2);
-        text.upscale(2)
-            .save_png(Path::new("/tmp/example_font.png"))
-            .unwrap();
+        draw_text(
+            &mut text,
+            4,
+            48,
+            "loss 0.4312 lr 1.2e-4 (masked L1)",
+            BLACK,
+            24.0,
+        );
+        text.save_png(Path::new("/tmp/example_font.png")).unwrap();
         let tiles: Vec<Vec<RgbImage>> = (0..2)
             .map(|r| {
                 (0..3)
-                    .map(|c| RgbImage::new(32, 32, [(r * 100) as u8, (c * 80) as u8, 150]))
+                    .map(|c| RgbImage::new(96, 96, [(r * 100) as u8, (c * 80) as u8, 150]))
                     .collect()
             })
             .collect();
-        grid(&tiles, 4, &["input", "masked", "recon"])
-            .upscale(2)
-            .save_png(Path::new("/tmp/example_grid.png"))
-            .unwrap();
+        titled(
+            &grid(&tiles, 4, &["original", "masked", "reconstruction"]),
+            "SimMIM, step 400, masked L1 0.6442",
+        )
+        .save_png(Path::new("/tmp/example_grid.png"))
+        .unwrap();
     }
 }

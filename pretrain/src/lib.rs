@@ -10,7 +10,8 @@ pub mod distill;
 pub mod simmim;
 
 pub use avgdist::{
-    avgdist_csv, avgdist_of_mask, avgdist_plot, avgdist_table, AvgDistRow, AvgDistTable,
+    avgdist_csv, avgdist_heatmap, avgdist_of_mask, avgdist_plot, avgdist_table, paper_band,
+    AvgDistRow, AvgDistTable,
 };
 pub use distill::{Distill, DistillConfig, DistillObjective, FeatureCache, Targets, Teacher};
 pub use simmim::{

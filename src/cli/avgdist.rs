@@ -104,7 +104,8 @@ pub fn run(a: AvgDistArgs) -> Result<()> {
             }
         }
     }
-    let (csv_path, png_path) = write_avgdist(&a.out, &rows, a.img_size)?;
-    eprintln!("wrote {} and {}", csv_path.display(), png_path.display());
+    let (csv_path, pngs) = write_avgdist(&a.out, &rows, a.img_size)?;
+    let pngs: Vec<String> = pngs.iter().map(|p| p.display().to_string()).collect();
+    eprintln!("wrote {} and {}", csv_path.display(), pngs.join(", "));
     Ok(())
 }

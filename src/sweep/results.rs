@@ -3,13 +3,15 @@
 //! drawn per result as `plot_<stage>.<result>.png`. A sweep over SimMIM masks (a grid with
 //! `simmim.mask_patch_size` or `simmim.mask_ratio` and a pretrain stage) also gets each point's
 //! AvgDist (SimMIM's masking measure, `mimlab avgdist`) in the tables and every result against it
-//! as `avgdist_<stage>.<result>.png` (the SimMIM paper's accuracy-vs-AvgDist figure).
+//! as `avgdist_<stage>.<result>.png` (the SimMIM paper's accuracy-vs-AvgDist figure: log axis,
+//! error bars over seeds, the paper's best range shaded). A two-key grid (e.g. mask patch size x
+//! ratio) also gets every result as a heatmap, `heatmap_<stage>.<result>.png`.
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use mimlab_engine::fsutil::write_atomic;
-use mimlab_engine::picture::{LinePlot, Series};
+use mimlab_engine::picture::{Band, BandAxis, Heatmap, LinePlot, Series};
 use mimlab_engine::stats::mean_sd;
 use serde::{Deserialize, Serialize};
 
@@ -108,10 +110,17 @@ pub fn collect(cfg: &SweepConfig) -> Result<Vec<CellRow>> {
     Ok(rows)
 }
 
+/// Each grid point's AvgDist in pixels.
+pub struct PointAvgDist {
+    /// The pretraining image size (of the first grid point).
+    pub img_size: usize,
+    /// Per grid point; None where the masks cover every pixel (AvgDist undefined).
+    pub values: Vec<Option<f64>>,
+}
+
 /// Each grid point's AvgDist in pixels (200 seeded masks of the pretrain stage's image size,
-/// mask patch, ratio and strategy), when the grid varies SimMIM's mask; None otherwise, and for a
-/// point whose masks cover every pixel (AvgDist undefined).
-pub fn point_avgdist(cfg: &SweepConfig) -> Result<Option<Vec<Option<f64>>>> {
+/// mask patch, ratio and strategy), when the grid varies SimMIM's mask; None otherwise.
+pub fn point_avgdist(cfg: &SweepConfig) -> Result<Option<PointAvgDist>> {
     let varies = cfg.grid.keys().any(|k| {
         matches!(
             k.as_str(),
@@ -129,12 +138,16 @@ pub fn point_avgdist(cfg: &SweepConfig) -> Result<Option<Vec<Option<f64>>>> {
         return Ok(None);
     }
     let mut out = vec![];
+    let mut img_size = 0;
     for p in cfg.points()? {
         let mut sets = stage.set.clone();
         sets.extend(p.sets());
         let exp = crate::experiment::Experiment::load(Some(&stage.config), &sets)
             .with_context(|| format!("AvgDist of grid point {}", p.label()))?;
         let m = &exp.simmim;
+        if out.is_empty() {
+            img_size = exp.model.img_size;
+        }
         let t = mimlab_pretrain::avgdist::avgdist_table(
             exp.model.img_size,
             &[m.mask_patch_size],
@@ -145,7 +158,10 @@ pub fn point_avgdist(cfg: &SweepConfig) -> Result<Option<Vec<Option<f64>>>> {
         )?;
         out.push(t.rows.first().map(|r| r.avgdist));
     }
-    Ok(Some(out))
+    Ok(Some(PointAvgDist {
+        img_size,
+        values: out,
+    }))
 }
 
 /// `results.csv`, `results.md` and the plots, in the sweep folder.
@@ -157,7 +173,7 @@ pub fn write_results(cfg: &SweepConfig, rows: &[CellRow]) -> Result<()> {
         .iter()
         .map(|r| {
             let mut r = r.clone();
-            if let Some(Some(d)) = avgdist.as_ref().map(|a| a[r.cell.point.index]) {
+            if let Some(Some(d)) = avgdist.as_ref().map(|a| a.values[r.cell.point.index]) {
                 r.values.insert("avgdist".into(), d);
             }
             r
@@ -246,19 +262,78 @@ pub fn write_results(cfg: &SweepConfig, rows: &[CellRow]) -> Result<()> {
                     .save_png(&dir.join(format!("avgdist_{file}.png")))?;
             }
         }
+        if let Some(h) = heatmap_of(cfg, &points, c, &stat) {
+            h.render()
+                .save_png(&dir.join(format!("heatmap_{file}.png")))?;
+        }
     }
     Ok(())
 }
 
-/// Result `c` (mean over seeds, and mean ± sd as two more curves) against each grid point's
-/// AvgDist, points in AvgDist order.
+/// Result `c` (mean over seeds) as a heatmap over a two-key grid: the first key's values as
+/// rows, the second's as columns (e.g. mask patch size x mask ratio). None for other grids.
+fn heatmap_of(
+    cfg: &SweepConfig,
+    points: &[super::Point],
+    c: &str,
+    stat: &dyn Fn(usize, &str) -> Vec<f64>,
+) -> Option<Heatmap> {
+    let keys: Vec<String> = cfg
+        .grid
+        .keys()
+        .filter_map(|k| k.as_str().map(String::from))
+        .collect();
+    if keys.len() != 2 {
+        return None;
+    }
+    let mut rows: Vec<String> = vec![];
+    let mut cols: Vec<String> = vec![];
+    for p in points {
+        let (r, q) = (&p.values[0].1, &p.values[1].1);
+        if !rows.contains(r) {
+            rows.push(r.clone());
+        }
+        if !cols.contains(q) {
+            cols.push(q.clone());
+        }
+    }
+    let mut values = vec![vec![f64::NAN; cols.len()]; rows.len()];
+    let mut any = false;
+    for p in points {
+        let xs = stat(p.index, c);
+        if xs.is_empty() {
+            continue;
+        }
+        let r = rows.iter().position(|v| *v == p.values[0].1)?;
+        let q = cols.iter().position(|v| *v == p.values[1].1)?;
+        values[r][q] = mean_sd(&xs).0;
+        any = true;
+    }
+    any.then(|| Heatmap {
+        title: format!(
+            "sweep {}: {c}, mean over {} seeds",
+            cfg.name,
+            cfg.seeds.len()
+        ),
+        values,
+        row_labels: rows,
+        col_labels: cols,
+        row_title: keys[0].clone(),
+        col_title: keys[1].clone(),
+    })
+}
+
+/// Result `c` against each grid point's AvgDist (log axis): the mean over seeds with ± sd error
+/// bars, points in AvgDist order, and the SimMIM paper's best AvgDist range scaled to the
+/// pretraining image size shaded.
 fn avgdist_plot(
     cfg: &SweepConfig,
-    avgdist: &[Option<f64>],
+    avgdist: &PointAvgDist,
     c: &str,
     stat: &dyn Fn(usize, &str) -> Vec<f64>,
 ) -> Option<LinePlot> {
     let mut pts: Vec<(f64, f64, f64)> = avgdist
+        .values
         .iter()
         .enumerate()
         .filter_map(|(i, d)| {
@@ -274,20 +349,26 @@ fn avgdist_plot(
         return None;
     }
     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let curve = |name: &str, f: &dyn Fn(&(f64, f64, f64)) -> f64| Series {
-        name: name.into(),
-        points: pts.iter().map(|p| (p.0, f(p))).collect(),
-    };
+    let (lo, hi) = mimlab_pretrain::avgdist::paper_band(avgdist.img_size);
     Some(LinePlot {
         title: format!("sweep {}: {c} against AvgDist", cfg.name),
-        x_label: "AvgDist (px): mean distance of masked pixels to the nearest visible one".into(),
+        x_label:
+            "AvgDist (px, log axis): mean distance of masked pixels to the nearest visible one"
+                .into(),
         y_label: c.to_string(),
-        series: vec![
-            curve(&format!("mean over {} seeds", cfg.seeds.len()), &|p| p.1),
-            curve("mean + sd", &|p| p.1 + p.2),
-            curve("mean - sd", &|p| p.1 - p.2),
-        ],
-        log_y: false,
+        series: vec![Series {
+            name: format!("mean ± sd over {} seeds", cfg.seeds.len()),
+            points: pts.iter().map(|p| (p.0, p.1)).collect(),
+            errors: pts.iter().map(|p| p.2).collect(),
+        }],
+        log_x: true,
+        bands: vec![Band {
+            axis: BandAxis::X,
+            lo,
+            hi,
+            label: mimlab_pretrain::avgdist::paper_band_label(avgdist.img_size),
+        }],
+        ..Default::default()
     })
 }
 
@@ -352,9 +433,13 @@ fn plot_of(
         y_label: c.to_string(),
         series: series
             .into_iter()
-            .map(|(name, points)| Series { name, points })
+            .map(|(name, points)| Series {
+                name,
+                points,
+                ..Default::default()
+            })
             .collect(),
-        log_y: false,
+        ..Default::default()
     }))
 }
 
@@ -403,6 +488,45 @@ mod tests {
         assert_eq!(r["knn_top1@0.01"], 61.5);
         assert_eq!(r["linear_top1@0.01"], 63.25);
         assert_eq!(r.len(), 4);
+        Ok(())
+    }
+
+    #[test]
+    fn heatmap_over_a_two_key_grid() -> Result<()> {
+        let cfg: SweepConfig = serde_yaml_ng::from_str(
+            "name: h\ngrid:\n  simmim.mask_patch_size: [4, 8]\n  simmim.mask_ratio: [0.3, 0.6, 0.8]\n\
+             stages:\n  - {name: p, command: pretrain, config: c.yaml}\n",
+        )?;
+        let points = cfg.points()?;
+        // the result is 10 * patch + 100 * ratio, point 4 (8 px, 0.6) has no result
+        let stat = |i: usize, _: &str| -> Vec<f64> {
+            if i == 4 {
+                return vec![];
+            }
+            let p = &points[i];
+            let (a, b): (f64, f64) = (
+                p.values[0].1.parse().unwrap(),
+                p.values[1].1.parse().unwrap(),
+            );
+            vec![10.0 * a + 100.0 * b - 1.0, 10.0 * a + 100.0 * b + 1.0]
+        };
+        let h = heatmap_of(&cfg, &points, "r", &stat).expect("two keys make a heatmap");
+        assert_eq!(h.row_labels, ["4", "8"]);
+        assert_eq!(h.col_labels, ["0.3", "0.6", "0.8"]);
+        assert_eq!(
+            (h.row_title.as_str(), h.col_title.as_str()),
+            ("simmim.mask_patch_size", "simmim.mask_ratio")
+        );
+        assert!((h.values[0][2] - 120.0).abs() < 1e-9, "{:?}", h.values);
+        assert!((h.values[1][0] - 110.0).abs() < 1e-9, "{:?}", h.values);
+        assert!(
+            h.values[1][1].is_nan(),
+            "a missing result stays empty (gray)"
+        );
+        let one: SweepConfig = serde_yaml_ng::from_str(
+            "name: h\ngrid:\n  simmim.mask_ratio: [0.3, 0.6]\nstages:\n  - {name: p, command: pretrain, config: c.yaml}\n",
+        )?;
+        assert!(heatmap_of(&one, &one.points()?, "r", &stat).is_none());
         Ok(())
     }
 

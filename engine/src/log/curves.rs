@@ -14,6 +14,7 @@ const PANEL: u32 = 330;
 /// The panels of [`write_curves`]: loss, lr, then the evaluation metrics in name order.
 pub fn curve_plots(
     objective: &str,
+    loss_name: &str,
     losses: &[f64],
     lrs: &[f64],
     evals: &[serde_json::Map<String, serde_json::Value>],
@@ -28,12 +29,14 @@ pub fn curve_plots(
         LinePlot {
             title: format!("{objective}: train loss of every step"),
             x_label: "step".into(),
-            y_label: "loss (log)".into(),
+            y_label: format!("{loss_name} (log axis)"),
             series: vec![Series {
-                name: format!("{objective} loss"),
+                name: format!("{objective}: {loss_name}"),
                 points: steps(losses),
+                ..Default::default()
             }],
             log_y: true,
+            ..Default::default()
         },
         LinePlot {
             title: "learning rate (the schedule's base lr)".into(),
@@ -42,8 +45,9 @@ pub fn curve_plots(
             series: vec![Series {
                 name: "lr".into(),
                 points: steps(lrs),
+                ..Default::default()
             }],
-            log_y: false,
+            ..Default::default()
         },
     ];
     let mut names: Vec<String> = evals
@@ -65,8 +69,9 @@ pub fn curve_plots(
             series: vec![Series {
                 name: format!("eval {name}"),
                 points,
+                ..Default::default()
             }],
-            log_y: false,
+            ..Default::default()
         });
     }
     plots
@@ -76,11 +81,12 @@ pub fn curve_plots(
 pub fn write_curves(
     path: &Path,
     objective: &str,
+    loss_name: &str,
     losses: &[f64],
     lrs: &[f64],
     evals: &[serde_json::Map<String, serde_json::Value>],
 ) -> Result<()> {
-    let plots = curve_plots(objective, losses, lrs, evals);
+    let plots = curve_plots(objective, loss_name, losses, lrs, evals);
     let mut img = RgbImage::new(WIDTH, PANEL * plots.len() as u32, [255, 255, 255]);
     for (i, p) in plots.iter().enumerate() {
         img.blit(&p.render(WIDTH, PANEL), 0, PANEL * i as u32);
@@ -104,7 +110,7 @@ mod tests {
                 .clone()
         };
         let evals = [eval(10, 50.0), eval(20, 60.0)];
-        let plots = curve_plots("toy", &[2.0, 1.5, 1.0], &[0.1, 0.2, 0.1], &evals);
+        let plots = curve_plots("toy", "toy L1", &[2.0, 1.5, 1.0], &[0.1, 0.2, 0.1], &evals);
         let titles: Vec<&str> = plots.iter().map(|p| p.title.as_str()).collect();
         assert_eq!(
             titles,
@@ -116,10 +122,19 @@ mod tests {
             ]
         );
         assert_eq!(plots[0].series[0].points[2], (3.0, 1.0));
+        assert_eq!(plots[0].y_label, "toy L1 (log axis)");
         assert_eq!(plots[3].series[0].points, vec![(10.0, 50.0), (20.0, 60.0)]);
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pictures/curves.png");
-        write_curves(&p, "toy", &[2.0, 1.5, 1.0], &[0.1, 0.2, 0.1], &evals).unwrap();
+        write_curves(
+            &p,
+            "toy",
+            "toy L1",
+            &[2.0, 1.5, 1.0],
+            &[0.1, 0.2, 0.1],
+            &evals,
+        )
+        .unwrap();
         let bytes = std::fs::read(&p).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
     }

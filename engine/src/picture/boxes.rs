@@ -1,6 +1,6 @@
 //! Pictures of detections: boxes with a label tag (class name and score) drawn on an image, the
 //! ground truth and the predictions of one image side by side.
-use super::{draw_text, series_color, text_width, RgbImage};
+use super::{draw_text, series_color, text_height, text_width, RgbImage};
 
 /// One box to draw: `[x1, y1, x2, y2]` in pixels of the image, its class and an optional score.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,8 +15,8 @@ pub struct DrawBox {
 
 /// Draws `boxes` on `img`: a `thickness`-pixel outline in the class colour and a filled tag with
 /// the label in white at the box's top-left corner (inside the box when it would leave the
-/// image). Text is the built-in bitmap font at `scale`.
-pub fn draw_boxes(img: &mut RgbImage, boxes: &[DrawBox], thickness: u32, scale: u32) {
+/// image). Text at `size` px ([`super::font`]).
+pub fn draw_boxes(img: &mut RgbImage, boxes: &[DrawBox], thickness: u32, size: f32) {
     let t = i64::from(thickness.max(1));
     for b in boxes {
         let c = series_color(b.class as usize);
@@ -28,19 +28,12 @@ pub fn draw_boxes(img: &mut RgbImage, boxes: &[DrawBox], thickness: u32, scale: 
         if b.label.is_empty() {
             continue;
         }
-        let th = 7 * i64::from(scale) + 2;
-        let tw = i64::from(text_width(&b.label, scale)) + 3;
+        let th = i64::from(text_height(size)) + 1;
+        let tw = i64::from(text_width(&b.label, size)) + 4;
         let ty = if y1 - t - th >= 0 { y1 - t - th } else { y1 };
         let tx = x1.clamp(0, (i64::from(img.width) - tw).max(0));
         img.fill_rect(tx, ty, tw, th, c);
-        draw_text(
-            img,
-            (tx + 2) as u32,
-            (ty + 1) as u32,
-            &b.label,
-            [255, 255, 255],
-            scale,
-        );
+        draw_text(img, tx + 2, ty + 1, &b.label, [255, 255, 255], size);
     }
 }
 
@@ -56,19 +49,21 @@ mod tests {
             class: 2,
             label: "7 0.9".into(),
         };
-        draw_boxes(&mut img, &[b], 1, 1);
+        draw_boxes(&mut img, &[b], 1, 8.0);
         let c = series_color(2);
         // the outline: corners and edges, not the inside
         for (x, y) in [(10, 20), (29, 20), (10, 34), (29, 34), (20, 20), (10, 27)] {
             assert_eq!(img.get(x, y), c, "({x}, {y})");
         }
         assert_eq!(img.get(20, 27), [0, 0, 0]);
-        // the tag: 9 px tall above the top edge (rows 10..19), white text on the class colour
+        // the tag: 9 px tall (8 px text) above the top edge (rows 10..19), white text on the
+        // class colour
         let tag: Vec<[u8; 3]> = (10..19)
             .flat_map(|y| (10..38).map(move |x| (x, y)))
             .map(|(x, y)| img.get(x, y))
             .collect();
-        assert!(tag.contains(&[255, 255, 255]) && tag.contains(&c));
+        let bright = |p: &[u8; 3]| p.iter().all(|&v| v > 200);
+        assert!(tag.iter().any(bright) && tag.contains(&c));
         assert_eq!(img.get(10, 9), [0, 0, 0], "nothing above the tag");
         // a box at the top edge gets its tag inside
         let mut top = RgbImage::new(40, 40, [0, 0, 0]);
@@ -77,8 +72,9 @@ mod tests {
             class: 0,
             label: "1".into(),
         };
-        draw_boxes(&mut top, &[b], 2, 1);
+        draw_boxes(&mut top, &[b], 2, 8.0);
         assert_eq!(top.get(1, 1), series_color(0));
-        assert!((2..9).any(|y| (2..8).any(|x| top.get(x, y) == [255, 255, 255])));
+        // white text blended over the class blue (red channel 31) inside the box
+        assert!((2..11).any(|y| (2..9).any(|x| top.get(x, y)[0] > 120)));
     }
 }

@@ -411,6 +411,7 @@ impl<'a, O: Objective> Trainer<'a, O> {
         crate::log::write_curves(
             &self.run_dir.pictures().join("curves.png"),
             self.objective.name(),
+            self.objective.loss_name(),
             &self.losses,
             &lrs,
             &evals,

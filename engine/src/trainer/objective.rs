@@ -58,6 +58,10 @@ impl StepOutput {
 pub trait Objective {
     /// Short name for run folders and logs ("simmim").
     fn name(&self) -> &str;
+    /// What its training loss is, for axis labels ("masked-pixel L1"). Default "loss".
+    fn loss_name(&self) -> &str {
+        "loss"
+    }
     /// Every trainable variable, by checkpoint key.
     fn varmap(&self) -> &VarMap;
     /// Extra no-weight-decay keywords beyond the default rule.

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use mimlab_engine::fsutil::write_atomic;
-use mimlab_engine::picture::{heatmap, RgbImage};
+use mimlab_engine::picture::{Heatmap, RgbImage};
 use serde::Serialize;
 
 /// Accumulates predictions batch by batch.
@@ -122,7 +122,15 @@ impl ClassificationReport {
                     .collect()
             })
             .collect();
-        heatmap(&values, class_names, class_names, title)
+        Heatmap {
+            title: title.to_string(),
+            values,
+            row_labels: class_names.to_vec(),
+            col_labels: class_names.to_vec(),
+            row_title: "true class".into(),
+            col_title: "predicted class".into(),
+        }
+        .render()
     }
 
     /// Writes `<stem>.json` (the report, with class names) and `<stem>_confusion.png`.

@@ -135,6 +135,10 @@ impl Objective for ClassifyObjective {
         "classify"
     }
 
+    fn loss_name(&self) -> &str {
+        "cross-entropy (soft targets)"
+    }
+
     fn varmap(&self) -> &VarMap {
         &self.varmap
     }

@@ -97,6 +97,10 @@ impl Objective for DetectObjective {
         "detect"
     }
 
+    fn loss_name(&self) -> &str {
+        "FCOS: focal + GIoU + centerness"
+    }
+
     fn varmap(&self) -> &VarMap {
         &self.core.varmap
     }

@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use mimlab_engine::data::{Dataset, DetectionDataset, Target};
 use mimlab_engine::picture::boxes::{draw_boxes, DrawBox};
+use mimlab_engine::picture::font;
 use mimlab_engine::picture::{from_chw, grid, RgbImage};
 use mimlab_engine::rng::rng_for;
 
@@ -98,7 +99,7 @@ pub fn detection_picture(
                     ..b
                 })
                 .collect();
-            draw_boxes(&mut canvas, &scaled, 2, 1);
+            draw_boxes(&mut canvas, &scaled, 2, font::SMALL);
             row.push(canvas);
         }
         rows.push(row);

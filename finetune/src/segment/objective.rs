@@ -90,6 +90,10 @@ impl Objective for SegmentObjective {
         "segment"
     }
 
+    fn loss_name(&self) -> &str {
+        "per-pixel cross-entropy"
+    }
+
     fn varmap(&self) -> &VarMap {
         &self.core.varmap
     }

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use mimlab_engine::data::{Dataset, SegmentationDataset, IGNORE};
-use mimlab_engine::picture::{draw_text, from_chw, grid, text_width, RgbImage};
+use mimlab_engine::picture::{draw_text, font, from_chw, grid, text_height, text_width, RgbImage};
 use mimlab_engine::rng::rng_for;
 
 use crate::dense::PictureSpec;
@@ -29,11 +29,12 @@ pub fn colorize(ids: &[u32], width: usize, height: usize, palette: &[[u8; 3]]) -
 
 /// A strip `width` px wide with a swatch and the name of each class, wrapped into lines.
 pub fn legend(names: &[String], palette: &[[u8; 3]], width: u32) -> RgbImage {
-    let (scale, sw, gap, line) = (1u32, 9u32, 10u32, 13u32);
+    let size = font::BODY;
+    let (sw, gap, line) = (11u32, 12u32, text_height(size) + 4);
     let mut items = vec![];
     let (mut x, mut y) = (4u32, 4u32);
     for (i, n) in names.iter().enumerate() {
-        let w = sw + 3 + text_width(n, scale);
+        let w = sw + 4 + text_width(n, size);
         if x + w > width && x > 4 {
             (x, y) = (4, y + line);
         }
@@ -50,7 +51,8 @@ pub fn legend(names: &[String], palette: &[[u8; 3]], width: u32) -> RgbImage {
                 img.put(x + dx, y + dy, if edge { [128, 128, 128] } else { c });
             }
         }
-        draw_text(&mut img, x + sw + 3, y + 1, &names[i], [0, 0, 0], scale);
+        let (tx, ty) = (i64::from(x + sw + 4), i64::from(y) - 2);
+        draw_text(&mut img, tx, ty, &names[i], [0, 0, 0], size);
     }
     img
 }
@@ -122,8 +124,10 @@ mod tests {
             .map(mimlab_engine::data::segmentation::voc_color)
             .collect();
         let l = legend(&names, &pal, 200);
-        // 11 items of ~58 px in 200 px: 3 per line, 4 lines
-        assert_eq!(l.height, 4 + 4 * 13 + 2);
+        // 11 items of ~55 px (swatch, gap, "classN" at 14 px) + 12 px gaps in 200 px: 3 per
+        // line, 4 lines
+        let line = text_height(font::BODY) + 4;
+        assert_eq!(l.height, 4 + 4 * line + 2);
         assert_eq!(l.get(5, 5), pal[0]);
         assert_eq!(l.get(4, 4), [128, 128, 128]);
     }

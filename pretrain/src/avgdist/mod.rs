@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use crate::avgdist::distance::distance_transform;
 use crate::simmim::mask::{MaskGenerator, MaskStrategy};
 use mimlab_engine::fsutil::write_atomic;
-use mimlab_engine::picture::{LinePlot, RgbImage, Series};
+use mimlab_engine::picture::{Band, BandAxis, Heatmap, LinePlot, RgbImage, Series};
 use mimlab_engine::rng::rng_for;
 
 /// Stream tag of AvgDist mask draws.
@@ -150,29 +150,58 @@ pub fn avgdist_csv(rows: &[AvgDistRow]) -> String {
     s
 }
 
-/// Writes `dir/avgdist.csv` ([`avgdist_csv`]) and `dir/avgdist.png` ([`avgdist_plot`]),
-/// creating `dir`; returns both paths.
+/// The SimMIM paper's best AvgDist range, 10-20 px at 192 px images (SimMIM Fig. 3 / Sec. 4.1,
+/// architecture.md 4), scaled to `img_size` (AvgDist is a length: the same masks on an image
+/// `img_size / 192` as large have AvgDist that much smaller).
+pub fn paper_band(img_size: usize) -> (f64, f64) {
+    let k = img_size as f64 / 192.0;
+    (10.0 * k, 20.0 * k)
+}
+
+/// The legend text of [`paper_band`] at `img_size`.
+pub fn paper_band_label(img_size: usize) -> String {
+    let (lo, hi) = paper_band(img_size);
+    if img_size == 192 {
+        "SimMIM's best AvgDist, 10-20 px".into()
+    } else {
+        format!("SimMIM's best 10-20 px at 192 px = {lo:.2}-{hi:.2} px at {img_size} px")
+    }
+}
+
+/// Writes `dir/avgdist.csv` ([`avgdist_csv`]), `dir/avgdist.png` ([`avgdist_plot`]) and
+/// `dir/avgdist_heatmap.png` ([`avgdist_heatmap`]), creating `dir`; returns the CSV path and the
+/// picture paths.
 pub fn write_avgdist(
     dir: &Path,
     rows: &[AvgDistRow],
     img_size: usize,
-) -> Result<(PathBuf, PathBuf)> {
+) -> Result<(PathBuf, Vec<PathBuf>)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let csv = dir.join("avgdist.csv");
     write_atomic(&csv, avgdist_csv(rows).as_bytes())?;
     let png = dir.join("avgdist.png");
     avgdist_plot(rows, img_size).save_png(&png)?;
-    Ok((csv, png))
+    let heat = dir.join("avgdist_heatmap.png");
+    avgdist_heatmap(rows, img_size).save_png(&heat)?;
+    Ok((csv, vec![png, heat]))
 }
 
-/// AvgDist vs mask ratio, one line per (patch size, strategy), like the SimMIM paper figure.
-pub fn avgdist_plot(rows: &[AvgDistRow], img_size: usize) -> RgbImage {
+/// The (patch size, strategy) pairs of `rows` in first-seen order.
+fn curves_of(rows: &[AvgDistRow]) -> Vec<(usize, MaskStrategy)> {
     let mut keys: Vec<(usize, MaskStrategy)> = vec![];
     for r in rows {
         if !keys.contains(&(r.mask_patch_size, r.strategy)) {
             keys.push((r.mask_patch_size, r.strategy));
         }
     }
+    keys
+}
+
+/// AvgDist vs mask ratio, one line per (patch size, strategy), like the SimMIM paper figure:
+/// AvgDist on a log axis (small patches are not squashed), the paper's best range shaded
+/// ([`paper_band`]).
+pub fn avgdist_plot(rows: &[AvgDistRow], img_size: usize) -> RgbImage {
+    let keys = curves_of(rows);
     let multi = keys.iter().any(|k| k.1 != keys[0].1);
     let series = keys
         .iter()
@@ -184,21 +213,73 @@ pub fn avgdist_plot(rows: &[AvgDistRow], img_size: usize) -> RgbImage {
                 .collect();
             points.sort_by(|a, b| a.0.total_cmp(&b.0));
             let name = if multi {
-                format!("patch {p} {s}")
+                format!("mask patch {p} px, {s}")
             } else {
-                format!("patch {p}")
+                format!("mask patch {p} px")
             };
-            Series { name, points }
+            Series {
+                name,
+                points,
+                ..Default::default()
+            }
         })
         .collect();
+    let (lo, hi) = paper_band(img_size);
     LinePlot {
-        title: format!("AvgDist vs mask ratio ({img_size} px)"),
+        title: format!("AvgDist vs mask ratio ({img_size} px images)"),
         x_label: "mask ratio".into(),
-        y_label: "AvgDist (px)".into(),
+        y_label: "AvgDist (px, log axis)".into(),
         series,
-        log_y: false,
+        log_y: true,
+        bands: vec![Band {
+            axis: BandAxis::Y,
+            lo,
+            hi,
+            label: paper_band_label(img_size),
+        }],
+        ..Default::default()
     }
-    .render(640, 420)
+    .render(720, 460)
+}
+
+/// AvgDist as a heatmap: a row per mask patch size (and strategy), a column per mask ratio.
+pub fn avgdist_heatmap(rows: &[AvgDistRow], img_size: usize) -> RgbImage {
+    let keys = curves_of(rows);
+    let multi = keys.iter().any(|k| k.1 != keys[0].1);
+    let mut ratios: Vec<f64> = rows.iter().map(|r| r.ratio).collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios.dedup();
+    let values = keys
+        .iter()
+        .map(|&(p, s)| {
+            ratios
+                .iter()
+                .map(|&q| {
+                    rows.iter()
+                        .find(|r| r.mask_patch_size == p && r.strategy == s && r.ratio == q)
+                        .map_or(f64::NAN, |r| r.avgdist)
+                })
+                .collect()
+        })
+        .collect();
+    Heatmap {
+        title: format!("AvgDist (px) at {img_size} px images"),
+        values,
+        row_labels: keys
+            .iter()
+            .map(|&(p, s)| {
+                if multi {
+                    format!("{p} {s}")
+                } else {
+                    format!("{p}")
+                }
+            })
+            .collect(),
+        col_labels: ratios.iter().map(|q| format!("{q}")).collect(),
+        row_title: "mask patch (px)".into(),
+        col_title: "mask ratio".into(),
+    }
+    .render()
 }
 
 #[cfg(test)]
@@ -290,6 +371,17 @@ mod tests {
         assert!(csv.starts_with("mask_patch_size,ratio,strategy,avgdist\n8,0.3,random,"));
         assert_eq!(csv.lines().count(), 5);
         let img = avgdist_plot(&a.rows, 64);
-        assert_eq!((img.width, img.height), (640, 420));
+        assert_eq!((img.width, img.height), (720, 460));
+        let heat = avgdist_heatmap(&a.rows, 64);
+        assert!(heat.width >= 220 && heat.height > 100);
+        // the paper's band scales with the image: 10-20 px at 192, a third of it at 64
+        assert_eq!(paper_band(192), (10.0, 20.0));
+        let (lo, hi) = paper_band(64);
+        assert!((lo - 10.0 / 3.0).abs() < 1e-12 && (hi - 20.0 / 3.0).abs() < 1e-12);
+        assert_eq!(paper_band_label(192), "SimMIM's best AvgDist, 10-20 px");
+        assert_eq!(
+            paper_band_label(32),
+            "SimMIM's best 10-20 px at 192 px = 1.67-3.33 px at 32 px"
+        );
     }
 }

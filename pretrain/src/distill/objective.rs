@@ -107,6 +107,10 @@ impl Objective for DistillObjective {
         "distill"
     }
 
+    fn loss_name(&self) -> &str {
+        "smooth-L1 to whitened teacher features"
+    }
+
     fn varmap(&self) -> &VarMap {
         &self.varmap
     }

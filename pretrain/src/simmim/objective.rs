@@ -99,6 +99,10 @@ impl Objective for SimMimObjective {
         "simmim"
     }
 
+    fn loss_name(&self) -> &str {
+        "L1 on masked pixels"
+    }
+
     fn varmap(&self) -> &VarMap {
         &self.varmap
     }
@@ -140,6 +144,7 @@ impl Objective for SimMimObjective {
             &masks.to_device(&dev)?,
             &self.mean,
             &self.std,
+            &format!("SimMIM, step {step}"),
         )?;
         let path = RunDir::at(run_dir)
             .pictures()
@@ -369,8 +374,11 @@ pub(crate) mod tests {
         tb.flush().unwrap();
         let png = dir.path().join("pictures/recon_step4.png");
         let img = mimlab_engine::data::decode_image(&png).unwrap();
-        // 3 rows of 96 px tiles: 18 + 3*96 + 4*4 = 322 high, 404 wide.
-        assert_eq!((img.width, img.height), (404, 322));
+        // a title bar, column titles, 3 rows of 96 px tiles with 4 px gaps, 4 columns
+        use mimlab_engine::picture::{font, text_height, title_band};
+        let top =
+            text_height(font::TITLE) + 10 + title_band(96, 4, &crate::simmim::visualize::COLUMNS);
+        assert_eq!((img.width, img.height), (404, (top + 3 * 96 + 4 * 4) as usize));
         let events = read_events(tb.path()).unwrap();
         assert!(events
             .iter()

@@ -10,7 +10,7 @@ use candle_nn::VarMap;
 use mimlab_engine::data::transforms::{channel_stats, ImageTransform};
 use mimlab_engine::data::{decode_image, heldout_images, DataConfig};
 use mimlab_engine::init::seeded_var_builder;
-use mimlab_engine::picture::{from_tensor, grid, RgbImage};
+use mimlab_engine::picture::{from_tensor, grid, titled, RgbImage};
 use mimlab_engine::rng::{rng_for, SharedRng};
 use mimlab_engine::run_dir::RunDir;
 use mimlab_engine::trainer::checkpoint::{load_into_varmap, LoadOptions};
@@ -19,9 +19,8 @@ use mimlab_models::swin_v2::SwinV2Config;
 use crate::simmim::mask::{MaskGenerator, SimMimConfig};
 use crate::simmim::{denorm_targets, pixel_mask, SimMim};
 
-/// Column titles of [`reconstruction_grid`].
-/// (At most 8 characters: `picture::grid` draws titles at 2x on 96 px tiles only when all of
-/// them fit, and "predicted" did not.)
+/// Column titles of [`reconstruction_grid`] (short, so that `picture::grid` draws them at its
+/// large size over 96 px tiles).
 pub const COLUMNS: [&str; 4] = ["original", "masked", "recon", "pasted"];
 
 /// Grey shown in place of masked pixels (pixel space, 0..1).
@@ -45,13 +44,15 @@ pub fn picture_masks(gen: &MaskGenerator, n: usize, seed: u64, device: &Device) 
 /// Rows per image: original | masked input (masked pixels grey) | reconstruction |
 /// reconstruction pasted into the visible pixels; un-normalized with `mean`/`std` (per channel,
 /// or one value for all). With `norm_target` the prediction is mapped back to pixels with the
-/// original image's local statistics.
+/// original image's local statistics. The title bar reads `"{what}, masked L1 {loss}"`, the
+/// SimMIM loss of these images under these masks (e.g. `what` = "SimMIM, step 400").
 pub fn reconstruction_grid(
     model: &SimMim,
     images: &Tensor,
     masks: &Tensor,
     mean: &[f32],
     std: &[f32],
+    what: &str,
 ) -> Result<RgbImage> {
     let (n, c, h, w) = images
         .dims4()
@@ -68,7 +69,8 @@ pub fn reconstruction_grid(
     let masks = masks.to_dtype(DType::F32)?.to_device(dev)?;
     let x = images.to_dtype(DType::F32)?;
     // pictures: the MoE statistics of this eval forward train nothing
-    let (x_rec, _moe) = model.reconstruct(&x, &masks, false)?;
+    let (loss, x_rec, _moe) = model.forward(&x, &masks, false)?;
+    let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let mut x_rec = x_rec.to_dtype(DType::F32)?;
     if let Some(p) = model.norm_target() {
         x_rec = denorm_targets(&x_rec, &x, p)?;
@@ -95,7 +97,8 @@ pub fn reconstruction_grid(
     let rows: Vec<Vec<RgbImage>> = (0..n)
         .map(|i| cols.iter().map(|col| col[i].clone()).collect())
         .collect();
-    Ok(grid(&rows, 4, &COLUMNS))
+    let title = format!("{what}, masked L1 {loss:.4} ({n} images)");
+    Ok(titled(&grid(&rows, 4, &COLUMNS), &title))
 }
 
 /// Images under `dir` (sorted by path, recursive, as the folder datasets list them) through the eval transform (resize + centre crop):
@@ -158,12 +161,19 @@ pub fn visualize_run(
     }
     let gen = MaskGenerator::for_model(model_cfg, cfg)?;
     let masks = picture_masks(&gen, images.dim(0)?, seed, device)?;
+    let what = format!(
+        "SimMIM, {}",
+        weights
+            .file_stem()
+            .map_or("".into(), |s| s.to_string_lossy())
+    );
     let img = reconstruction_grid(
         &model,
         &images.to_device(device)?,
         &masks,
         &data.aug.mean,
         &data.aug.std,
+        &what,
     )?;
     img.save_png(out)?;
     Ok(out.to_path_buf())
@@ -196,6 +206,7 @@ pub fn visualize_run_dir(
 mod tests {
     use super::*;
     use crate::simmim::tiny_setup;
+    use mimlab_engine::picture::{font, text_height, title_band};
 
     fn tiny_model(vm: &VarMap) -> SimMim {
         let (model, cfg) = tiny_setup();
@@ -211,13 +222,19 @@ mod tests {
         let masks = picture_masks(&gen, 2, 0, &Device::Cpu).unwrap();
         let images = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
         let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
-        let img = reconstruction_grid(&model, &images, &masks, &mean, &std).unwrap();
-        // 32 px tiles upscaled x3 to 96; 4 columns, pad 4: 4*96 + 5*4 = 404 wide;
-        // titles 7*2 + 4 = 18 px, 2 rows: 18 + 2*96 + 3*4 = 222 high.
-        assert_eq!((img.width, img.height), (404, 222));
+        let img =
+            reconstruction_grid(&model, &images, &masks, &mean, &std, "SimMIM, step 7").unwrap();
+        // 32 px tiles upscaled x3 to 96; 4 columns, pad 4: 4*96 + 5*4 = 404 wide; a title bar,
+        // the column titles, 2 rows: bar + band + 2*96 + 3*4 high.
+        let bar = text_height(font::TITLE) + 10;
+        let band = title_band(96, 4, &COLUMNS);
+        assert_eq!((img.width, img.height), (404, bar + band + 2 * 96 + 3 * 4));
+        let top = bar + band;
+        // the title bar has ink: "SimMIM, step 7, masked L1 ..." is drawn
+        assert!((0..bar).any(|y| (0..404).any(|x| img.get(x, y)[0] < 100)));
         let m = masks.to_vec3::<f32>().unwrap();
         let tile = |r: u32, c: u32, py: u32, px: u32| {
-            img.get(4 + c * 100 + px * 3 + 1, 18 + 4 + r * 100 + py * 3 + 1)
+            img.get(4 + c * 100 + px * 3 + 1, top + 4 + r * 100 + py * 3 + 1)
         };
         let (mut seen_masked, mut seen_visible) = (false, false);
         for r in 0..2u32 {
@@ -276,7 +293,8 @@ mod tests {
         .unwrap();
         assert_eq!(p, out);
         let back = decode_image(&out).unwrap();
-        assert_eq!((back.width, back.height), (404, 222));
+        let top = text_height(font::TITLE) + 10 + title_band(96, 4, &COLUMNS);
+        assert_eq!((back.width, back.height), (404, (top + 2 * 96 + 3 * 4) as usize));
         // Loading checks the keys: a file missing one is refused with its name.
         let mut t = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
         t.remove("decoder.0.bias");
