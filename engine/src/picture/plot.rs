@@ -374,7 +374,49 @@ impl LinePlot {
         img
     }
 
-    /// Legend, top-right inside the plot area: a line per named series, a swatch per band.
+    /// The corner of the plot area (top-right, top-left, bottom-right, bottom-left, in that
+    /// order of preference) where a `bw x bh` legend hides the fewest points of the curves
+    /// (their points and 8 samples along each segment).
+    fn legend_corner(&self, f: &Frame, bw: i64, bh: i64) -> (i64, i64) {
+        let mut samples = vec![];
+        for s in &self.series {
+            let px: Vec<(i64, i64)> = self
+                .drawable(s)
+                .iter()
+                .map(|&(x, y, _)| f.pixel(x, y))
+                .collect();
+            samples.extend(&px);
+            for w in px.windows(2) {
+                for k in 1..8 {
+                    let t = k as f64 / 8.0;
+                    let lerp = |a: i64, b: i64| a + ((b - a) as f64 * t).round() as i64;
+                    samples.push((lerp(w[0].0, w[1].0), lerp(w[0].1, w[1].1)));
+                }
+            }
+        }
+        let corners = [
+            (f.x1 - bw - 4, f.y0 + 4),
+            (f.x0 + 5, f.y0 + 4),
+            (f.x1 - bw - 4, f.y1 - bh - 4),
+            (f.x0 + 5, f.y1 - bh - 4),
+        ];
+        let hidden = |&(x, y): &(i64, i64)| {
+            samples
+                .iter()
+                .filter(|&&(px, py)| {
+                    (x - 3..x + bw + 3).contains(&px) && (y - 3..y + bh + 3).contains(&py)
+                })
+                .count()
+        };
+        // min_by_key keeps the first of equal counts: the order above is the preference
+        *corners
+            .iter()
+            .min_by_key(|c| hidden(c))
+            .expect("four corners")
+    }
+
+    /// Legend inside the plot area, in the corner where it hides the least: a line per named
+    /// series, a swatch per band.
     fn legend(&self, img: &mut RgbImage, f: &Frame, size: f32, lh: i64) {
         let mut rows: Vec<(Option<usize>, &str)> = self
             .series
@@ -397,7 +439,7 @@ impl LinePlot {
         let names: Vec<String> = rows.iter().map(|r| fit_text(r.1, size, max_w)).collect();
         let lw = names.iter().map(|n| text_width(n, size)).max().unwrap_or(0) as i64;
         let (bw, bh) = (lw + 32, rows.len() as i64 * row_h + 6);
-        let (bx, by) = (f.x1 - bw - 4, f.y0 + 4);
+        let (bx, by) = self.legend_corner(f, bw, bh);
         img.fill_rect(bx, by, bw, bh, WHITE);
         img.stroke_rect(bx, by, bw, bh, GRAY);
         for (row, ((series, _), name)) in rows.iter().zip(&names).enumerate() {
@@ -513,6 +555,33 @@ mod tests {
         assert_eq!(img.get(ex as u32, ey as u32), series_color(0));
         let (ex, ey) = f.pixel(8.0, 72.0);
         assert_eq!(img.get(ex as u32, ey as u32), series_color(0));
+    }
+
+    #[test]
+    fn the_legend_goes_where_it_hides_no_data() {
+        // a curve through the top-right corner: the legend moves to the top left
+        let plot = LinePlot {
+            series: vec![Series {
+                name: "rising".into(),
+                points: (0..=20).map(|i| (i as f64, (i * i) as f64)).collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let f = plot.frame(400, 300);
+        let (bx, by) = plot.legend_corner(&f, 80, 20);
+        assert_eq!((bx, by), (f.x0 + 5, f.y0 + 4));
+        // a falling curve leaves the top right free
+        let falling = LinePlot {
+            series: vec![Series {
+                name: "falling".into(),
+                points: (0..20).map(|i| (i as f64, (400 - i * i) as f64)).collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let f = falling.frame(400, 300);
+        assert_eq!(falling.legend_corner(&f, 80, 20), (f.x1 - 84, f.y0 + 4));
     }
 
     #[test]
