@@ -1,41 +1,16 @@
 //! End-to-end tests of the `mimlab` binary: configs, a tiny pretraining run with resume and
 //! pictures, the model forward over saved tensors, and the AvgDist table.
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn mimlab(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mimlab"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("mimlab binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = mimlab(args);
-    assert!(
-        out.status.success(),
-        "mimlab {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{mimlab, ok, require_data, TINY};
 
 fn err(args: &[&str]) -> String {
     let out = mimlab(args);
     assert!(!out.status.success(), "mimlab {args:?} should fail");
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn require_data() {
-    let p =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist/train-images-idx3-ubyte.gz");
-    assert!(
-        p.exists(),
-        "{} is missing: run `bash scripts/setup-data.sh` first",
-        p.display()
-    );
 }
 
 fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -454,19 +429,9 @@ fn finetune_from_simmim_then_eval_and_probe() {
     require_data();
     let dir = tempfile::tempdir().unwrap();
     let runs = dir.path().to_str().unwrap();
-    let arch = [
-        "model.preset=swinv2_nano",
-        "model.img_size=32",
-        "model.embed_dim=16",
-        "model.depths=[1,1]",
-        "model.num_heads=[1,2]",
-        "model.pretrained_window_sizes=[0,0]",
-        "data.max_samples=128",
-        "data.num_workers=0",
-        "train.batch_size=16",
-        "train.warmup_epochs=0.5",
-        "run.log_every=1",
-    ];
+    let arch: Vec<&str> = std::iter::once("model.preset=swinv2_nano")
+        .chain(TINY)
+        .collect();
     let mut sets: Vec<String> = arch.iter().map(|s| s.to_string()).collect();
     sets.extend([
         format!("run.output_dir={runs}"),

@@ -2,20 +2,15 @@
 //! it, against tiny runs of every kind made here: its Python side comes from
 //! `scripts/setup-notebook.sh` (a venv), `scripts/run_notebook.py` runs it with nbclient and fails
 //! when a cell raises, and the executed notebook's outputs are checked against the runs.
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+use common::{ok, require_data, TINY};
 
-fn require_data() {
-    let p = Path::new(ROOT).join("data/fashion-mnist/train-images-idx3-ubyte.gz");
-    assert!(
-        p.exists(),
-        "{} is missing: run `bash scripts/setup-data.sh` first",
-        p.display()
-    );
-}
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 fn text(out: &Output) -> String {
     format!(
@@ -24,19 +19,6 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-fn mimlab(args: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mimlab"))
-        .args(args)
-        .current_dir(ROOT)
-        .output()
-        .expect("mimlab binary runs");
-    assert!(
-        out.status.success(),
-        "mimlab {args:?} failed: {}",
-        text(&out)
-    );
 }
 
 /// The venv's python, from `scripts/setup-notebook.sh` (once per test binary: the tests run in
@@ -138,25 +120,13 @@ fn notebook_reads_tiny_runs_of_every_kind() {
     let runs = dir.path().join("runs");
     let out_dir = format!("run.output_dir={}", runs.display());
     // the tiny model and data of tests/cli.rs
-    let tiny = [
-        "model.img_size=32",
-        "model.embed_dim=16",
-        "model.depths=[1,1]",
-        "model.num_heads=[1,2]",
-        "model.pretrained_window_sizes=[0,0]",
-        "data.max_samples=128",
-        "data.num_workers=0",
-        "train.batch_size=16",
-        "train.warmup_epochs=0.5",
-        "run.log_every=1",
-        out_dir.as_str(),
-    ];
+    let tiny: Vec<&str> = TINY.into_iter().chain([out_dir.as_str()]).collect();
     let run = |head: &[&str], extra: &[&str]| {
         let mut a: Vec<&str> = head.to_vec();
         for s in tiny.iter().chain(extra) {
             a.extend(["--set", s]);
         }
-        mimlab(&a);
+        ok(&a);
     };
     let pre = runs.join("pre");
     let pre_s = pre.to_str().unwrap();
