@@ -27,9 +27,9 @@ pub fn curve_plots(
     };
     let mut plots = vec![
         LinePlot {
-            title: format!("{objective}: train loss of every step"),
+            title: format!("{objective}: train loss of every step (log axis)"),
             x_label: "step".into(),
-            y_label: format!("{loss_name} (log axis)"),
+            y_label: loss_name.to_string(),
             series: vec![Series {
                 name: format!("{objective}: {loss_name}"),
                 points: steps(losses),
@@ -115,14 +115,14 @@ mod tests {
         assert_eq!(
             titles,
             [
-                "toy: train loss of every step",
+                "toy: train loss of every step (log axis)",
                 "learning rate (the schedule's base lr)",
                 "evaluation: loss",
                 "evaluation: top1"
             ]
         );
         assert_eq!(plots[0].series[0].points[2], (3.0, 1.0));
-        assert_eq!(plots[0].y_label, "toy L1 (log axis)");
+        assert_eq!(plots[0].y_label, "toy L1");
         assert_eq!(plots[3].series[0].points, vec![(10.0, 50.0), (20.0, 60.0)]);
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pictures/curves.png");

@@ -85,8 +85,19 @@ impl Axis {
             .find(|s| *s >= raw)
             .unwrap_or(10.0 * mag);
         let (a, b) = ((lo / step).floor() as i64, (hi / step).ceil() as i64);
+        // one notation for every tick: scientific when the step or the largest tick needs it
+        let top = (a.abs().max(b.abs()) as f64) * step;
+        let sci = step < 1e-3 || top >= 1e5;
         let ticks = (a..=b)
-            .map(|k| (k as f64 * step, fmt_tick(k as f64 * step, step)))
+            .map(|k| {
+                let v = k as f64 * step;
+                let label = if sci {
+                    fmt_sci(v, step, top)
+                } else {
+                    fmt_tick(v, step)
+                };
+                (v, label)
+            })
             .collect();
         Axis {
             lo: a as f64 * step,
@@ -159,6 +170,16 @@ fn fmt_tick(v: f64, step: f64) -> String {
     }
     let decimals = (-step.log10().floor()).max(0.0) as usize;
     format!("{v:.decimals$}")
+}
+
+/// A tick label in scientific notation ("0" for 0), with the mantissa digits that tell ticks
+/// `step` apart at the largest tick `top`, so that all ticks of an axis read alike.
+fn fmt_sci(v: f64, step: f64, top: f64) -> String {
+    if v.abs() < step * 1e-9 {
+        return "0".into();
+    }
+    let digits = (top.log10().floor() - step.log10().floor()).clamp(0.0, 6.0) as usize;
+    format!("{v:.digits$e}")
 }
 
 /// Label of the tick 10^k.
@@ -504,6 +525,10 @@ mod tests {
         let lin = Axis::linear(0.13, 0.92);
         let labels: Vec<&str> = lin.ticks.iter().map(|(_, l)| l.as_str()).collect();
         assert_eq!(labels, vec!["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]);
+        // a learning rate: every tick in the same notation
+        let lr = Axis::linear(0.0, 0.002);
+        let labels: Vec<&str> = lr.ticks.iter().map(|(_, l)| l.as_str()).collect();
+        assert_eq!(labels, vec!["0", "5.0e-4", "1.0e-3", "1.5e-3", "2.0e-3"]);
         // AvgDist at 32 px spans ~1-8 px: one decade with 2 and 5 between.
         let d = Axis::log(1.2, 7.5);
         let labels: Vec<&str> = d.ticks.iter().map(|(_, l)| l.as_str()).collect();
