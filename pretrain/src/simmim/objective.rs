@@ -378,7 +378,10 @@ pub(crate) mod tests {
         use mimlab_engine::picture::{font, text_height, title_band};
         let top =
             text_height(font::TITLE) + 10 + title_band(96, 4, &crate::simmim::visualize::COLUMNS);
-        assert_eq!((img.width, img.height), (404, (top + 3 * 96 + 4 * 4) as usize));
+        assert_eq!(
+            (img.width, img.height),
+            (404, (top + 3 * 96 + 4 * 4) as usize)
+        );
         let events = read_events(tb.path()).unwrap();
         assert!(events
             .iter()

@@ -294,7 +294,10 @@ mod tests {
         assert_eq!(p, out);
         let back = decode_image(&out).unwrap();
         let top = text_height(font::TITLE) + 10 + title_band(96, 4, &COLUMNS);
-        assert_eq!((back.width, back.height), (404, (top + 2 * 96 + 3 * 4) as usize));
+        assert_eq!(
+            (back.width, back.height),
+            (404, (top + 2 * 96 + 3 * 4) as usize)
+        );
         // Loading checks the keys: a file missing one is refused with its name.
         let mut t = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
         t.remove("decoder.0.bias");
