@@ -278,12 +278,8 @@ fn heatmap_of(
     c: &str,
     stat: &dyn Fn(usize, &str) -> Vec<f64>,
 ) -> Option<Heatmap> {
-    let keys: Vec<String> = cfg
-        .grid
-        .keys()
-        .filter_map(|k| k.as_str().map(String::from))
-        .collect();
-    if keys.len() != 2 {
+    let first = points.first()?;
+    if first.values.len() != 2 {
         return None;
     }
     let mut rows: Vec<String> = vec![];
@@ -318,8 +314,8 @@ fn heatmap_of(
         values,
         row_labels: rows,
         col_labels: cols,
-        row_title: keys[0].clone(),
-        col_title: keys[1].clone(),
+        row_title: first.values[0].0.clone(),
+        col_title: first.values[1].0.clone(),
     })
 }
 

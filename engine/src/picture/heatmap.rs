@@ -82,7 +82,8 @@ impl Heatmap {
         let cl: Vec<String> = (0..cols).map(|i| label(&self.col_labels, i)).collect();
         let lh = text_height(SMALL) as i64;
         let bh = text_height(BODY) as i64;
-        let show = cell >= lh.min(10);
+        // labels only where a cell is at least 10 px: one per row / column still reads there
+        let show = cell >= 10;
         let rl_w = if show {
             rl.iter().map(|l| text_width(l, SMALL)).max().unwrap_or(0) as i64
         } else {
@@ -95,11 +96,7 @@ impl Heatmap {
             (true, true) => cl_wmax,
             (true, false) => lh,
         };
-        let title_h = if self.title.is_empty() {
-            0
-        } else {
-            text_height(BODY) as i64 + 8
-        };
+        let title_h = if self.title.is_empty() { 0 } else { bh + 8 };
         let col_title_h = if self.col_title.is_empty() { 0 } else { bh + 4 };
         let row_title_w = if self.row_title.is_empty() { 0 } else { bh + 6 };
         let (gx, gy) = (
@@ -110,8 +107,7 @@ impl Heatmap {
         let grid_h = rows as i64 * cell;
         let width = (gx + grid_w + 12)
             .max(8 + text_width(&self.title, BODY) as i64 + 8)
-            .max(8 + 60 + 104 + 60)
-            .max(220);
+            .max(220); // room for the colour bar and its two value labels
         let height = gy + grid_h + 10 + lh + 10;
         let mut img = RgbImage::new(width as u32, height as u32, WHITE);
         if !self.title.is_empty() {
