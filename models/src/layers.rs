@@ -4,7 +4,7 @@
 //! init), [`LayerNorm`] (eps 1e-5), [`dropout`], stochastic depth fused with the residual add
 //! ([`residual_drop_path`]) and the transformer [`Mlp`] (fc1 -> GELU(erf) -> dropout -> fc2 ->
 //! dropout). Random masks draw from the shared [`SharedRng`], so runs repeat exactly.
-//! For dense heads: [`Conv2d`], [`ConvTranspose2d`], [`group_norm`], the channels-first
+//! For dense heads: [`Conv2d`], [`ConvTranspose2d`], [`GroupNorm`], the channels-first
 //! [`LayerNorm2d`] and a differentiable [`upsample_nearest2x`].
 use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
@@ -289,14 +289,33 @@ impl ConvTranspose2d {
     }
 }
 
-/// GroupNorm (eps 1e-5, `weight` 1, `bias` 0) over `[B, C, ...]`: candle's composed (and
-/// differentiable) `GroupNorm`.
-pub fn group_norm(
+/// GroupNorm (eps 1e-5, `weight` 1, `bias` 0) over `[B, C, ...]`, as `torch.nn.GroupNorm`:
+/// [`crate::ops::group_norm`] (fused with its backward on the CPU, candle_nn's composed one
+/// elsewhere). Names: `weight`, `bias`.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    w: Tensor,
+    b: Tensor,
     groups: usize,
-    channels: usize,
-    vb: VarBuilder,
-) -> candle_core::Result<candle_nn::GroupNorm> {
-    candle_nn::group_norm(groups, channels, 1e-5, vb)
+}
+
+impl GroupNorm {
+    /// `groups` groups over `channels` channels (`groups` must divide `channels`).
+    pub fn new(groups: usize, channels: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        if groups == 0 || !channels.is_multiple_of(groups) {
+            candle_core::bail!("GroupNorm: {groups} groups do not divide {channels} channels")
+        }
+        Ok(Self {
+            w: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
+            b: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
+            groups,
+        })
+    }
+
+    /// The normalized map, followed by ReLU when `relu` (one op, forward and backward).
+    pub fn forward(&self, x: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
+        crate::ops::group_norm(x, &self.w, &self.b, self.groups, 1e-5, relu)
+    }
 }
 
 /// mmcv's `ConvModule` with GroupNorm and ReLU (conv -> GN -> ReLU), as the FCOS towers and the
@@ -305,7 +324,7 @@ pub fn group_norm(
 #[derive(Debug, Clone)]
 pub struct ConvGnRelu {
     conv: Conv2d,
-    gn: candle_nn::GroupNorm,
+    gn: GroupNorm,
 }
 
 impl ConvGnRelu {
@@ -323,13 +342,13 @@ impl ConvGnRelu {
     ) -> candle_core::Result<Self> {
         Ok(Self {
             conv: Conv2d::new(i, o, k, 1, k / 2, init, bias, vb.pp("conv"))?,
-            gn: group_norm(gn_groups(o, max_groups), o, vb.pp("gn"))?,
+            gn: GroupNorm::new(gn_groups(o, max_groups), o, vb.pp("gn"))?,
         })
     }
 
     /// `[B, i, H, W]` -> `[B, o, H, W]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_core::Module::forward(&self.gn, &self.conv.forward(x)?)?.relu()
+        self.gn.forward(&self.conv.forward(x)?, true)
     }
 }
 

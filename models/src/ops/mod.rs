@@ -11,6 +11,7 @@ use rayon::prelude::*;
 mod add_bias;
 mod fast_math;
 mod gelu;
+mod group_norm;
 mod grouped_linear;
 mod heads;
 mod im2col;
@@ -24,6 +25,7 @@ mod windows;
 
 pub use add_bias::add_bias;
 pub use gelu::gelu_erf;
+pub use group_norm::group_norm;
 pub use grouped_linear::{grouped_linear, WeightLayout};
 pub use heads::{heads_av, heads_qk};
 pub use im2col::{channels_first, channels_last, im2col};
