@@ -1,7 +1,8 @@
 //! Recipe, model stage: a Swin-V2 backbone from earlier work. A run folder or weights file
 //! (`--init`, `--teacher`, `--weights`; resolved by `engine::run_dir::resolve_init`), the key
 //! prefix under which the objective that wrote it keeps the backbone (SimMIM `encoder.`,
-//! feature distillation `student.`, a classifier or an official / timm file none), and the
+//! feature distillation `student.`, detection and segmentation `backbone.`, a classifier or an
+//! official / timm file none), and the
 //! architecture from the run's `config.yaml`. The models crate loads what it is told. Also the
 //! eval forward over saved tensors and the description of `mimlab model run` / `model info`.
 use std::collections::HashMap;
@@ -20,11 +21,15 @@ pub const SIMMIM_PREFIX: &str = "encoder.";
 /// Prefix of the backbone in a feature-distillation checkpoint ([`crate::distill::Distill`]'s
 /// student).
 pub const DISTILL_PREFIX: &str = "student.";
+/// Prefix of the backbone in a detection or segmentation checkpoint (the finetune crate's
+/// detector and segmentor keep it under `backbone.`, beside their `neck.` / `head.` /
+/// `decode_head.` tensors), so that one dense task's run can start another's.
+pub const DENSE_PREFIX: &str = "backbone.";
 
 /// The prefix that holds the backbone among checkpoint `keys`: the first of the pretraining
 /// objectives' prefixes that some key carries, else "" (classifier, official or timm file).
 pub fn backbone_prefix<S: AsRef<str>>(keys: &[S]) -> &'static str {
-    [SIMMIM_PREFIX, DISTILL_PREFIX]
+    [SIMMIM_PREFIX, DISTILL_PREFIX, DENSE_PREFIX]
         .into_iter()
         .find(|p| keys.iter().any(|k| k.as_ref().starts_with(p)))
         .unwrap_or("")
@@ -234,6 +239,8 @@ mod tests {
         assert_eq!(backbone_prefix(&k), DISTILL_PREFIX);
         assert!(k.contains(&"student.patch_embed.proj.weight".to_string()));
 
+        let dense = ["backbone.patch_embed.proj.weight", "decode_head.conv_seg.weight"];
+        assert_eq!(backbone_prefix(&dense), DENSE_PREFIX);
         let plain = ["patch_embed.proj.weight", "head.weight"];
         assert_eq!(backbone_prefix(&plain), "");
         Ok(())

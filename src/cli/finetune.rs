@@ -19,9 +19,9 @@ use super::{ConfigArgs, ResumeArgs};
 pub struct FinetuneArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Start from this backbone: a run folder (SimMIM, distillation or classification; its newest
-    /// checkpoint, or the one --step names) or a weights file (mimlab, official or timm Swin-V2;
-    /// safetensors or PyTorch .pth/.pt/.bin). Sets `finetune.init`.
+    /// Start from this backbone: a run folder (SimMIM, distillation, classification, detection or
+    /// segmentation; its newest checkpoint, or the one --step names) or a weights file (mimlab,
+    /// official or timm Swin-V2; safetensors or PyTorch .pth/.pt/.bin). Sets `finetune.init`.
     #[arg(long, value_name = "RUN_DIR|FILE", conflicts_with = "resume")]
     pub init: Option<PathBuf>,
     #[command(flatten)]
