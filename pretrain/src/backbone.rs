@@ -239,7 +239,10 @@ mod tests {
         assert_eq!(backbone_prefix(&k), DISTILL_PREFIX);
         assert!(k.contains(&"student.patch_embed.proj.weight".to_string()));
 
-        let dense = ["backbone.patch_embed.proj.weight", "decode_head.conv_seg.weight"];
+        let dense = [
+            "backbone.patch_embed.proj.weight",
+            "decode_head.conv_seg.weight",
+        ];
         assert_eq!(backbone_prefix(&dense), DENSE_PREFIX);
         let plain = ["patch_embed.proj.weight", "head.weight"];
         assert_eq!(backbone_prefix(&plain), "");
