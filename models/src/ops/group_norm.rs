@@ -5,6 +5,7 @@
 //! more; the FCOS towers and UPerNet's ConvModules run it after every convolution.
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::layer_norm::moments;
 use super::{dispatch, lane_dot, lane_sum, par_items, slice, storage, sum_partials, unpack, Real};
 
 /// `torch.nn.GroupNorm(groups, C, eps)` of `x [B, C, *]` (per image and group of `C / groups`
@@ -63,14 +64,6 @@ impl GroupNorm {
     fn block(&self) -> usize {
         self.channels / self.groups * self.spatial
     }
-}
-
-/// Mean and `1 / sqrt(var + eps)` of one block (two passes, biased variance).
-fn moments<T: Real>(x: &[T], eps: T) -> (T, T) {
-    let n = T::from_f64(x.len() as f64);
-    let mean = lane_sum(x, |v| v) / n;
-    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
-    (mean, T::one() / (var + eps).sqrt())
 }
 
 /// The output of one channel's values `x` (normalized by `mean`, `rstd`, then `* w + b`, ReLU).

@@ -31,8 +31,9 @@ struct LayerNorm {
     eps: f64,
 }
 
-/// Mean and `1 / sqrt(var + eps)` of one row (two passes, biased variance).
-fn moments<T: Real>(x: &[T], eps: T) -> (T, T) {
+/// Mean and `1 / sqrt(var + eps)` of one row (two passes, biased variance); GroupNorm's of one
+/// (image, group) block too.
+pub(super) fn moments<T: Real>(x: &[T], eps: T) -> (T, T) {
     let n = T::from_f64(x.len() as f64);
     let mean = lane_sum(x, |v| v) / n;
     let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
