@@ -22,12 +22,9 @@
 # status is the number of failed checks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-build=$(realpath "$1")
-if [[ ! -x $build/mimlab && -f $build/cuda-bin.tar.xz ]]; then # the packed form of cuda_build.sh
-    mkdir -p /tmp/mimlab-cuda-bin
-    tar -xJf "$build/cuda-bin.tar.xz" -C /tmp/mimlab-cuda-bin
-    build=/tmp/mimlab-cuda-bin
-fi
+# shellcheck source=scripts/lib/cuda_bin.sh
+source scripts/lib/cuda_bin.sh
+cuda_bin "$1" # sets `build` (unpacking the packed form of cuda_build.sh) and LD_LIBRARY_PATH
 out=$(realpath -m "$2")
 shift 2
 checks=("$@")
@@ -50,15 +47,6 @@ step() { # name command...: runs it with its output in OUT/name.log and on stdou
     return "$rc"
 }
 
-# The CUDA libraries the binary links (cuBLAS, cuRAND, NVRTC of CUDA 13): from a toolkit or from
-# PyTorch's cu13 wheels, wherever this machine has them.
-if ldd "$bin" | grep -q "not found"; then
-    for lib in $(ldd "$bin" | awk '/not found/ {print $1}'); do
-        dir=$(find /usr/local /opt /usr/lib -name "$lib" 2>/dev/null | head -1)
-        [[ -n $dir ]] && export LD_LIBRARY_PATH=$(dirname "$dir")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-    done
-    ldd "$bin" | grep "not found" && echo "cuda_check.sh: libraries missing" >&2
-fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 
 for check in "${checks[@]}"; do

@@ -10,20 +10,13 @@
 # OUT_DIR/results.tar.gz (each run's metrics.jsonl, config.yaml, eval/final.json and log tail).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-build=$(realpath "$1")
 out=$(realpath -m "$2")
 init=${3:-}
 limit=${LIMIT:-450}
-if [[ ! -x $build/mimlab && -f $build/cuda-bin.tar.xz ]]; then
-    mkdir -p /tmp/mimlab-cuda-bin
-    tar -xJf "$build/cuda-bin.tar.xz" -C /tmp/mimlab-cuda-bin
-    build=/tmp/mimlab-cuda-bin
-fi
+# shellcheck source=scripts/lib/cuda_bin.sh
+source scripts/lib/cuda_bin.sh
+cuda_bin "$1" # sets `build` and LD_LIBRARY_PATH
 bin=$build/mimlab
-for lib in $(ldd "$bin" | awk '/not found/ {print $1}'); do
-    dir=$(find /usr/local /opt /usr/lib -name "$lib" 2>/dev/null | head -1)
-    [[ -n $dir ]] && export LD_LIBRARY_PATH=$(dirname "$dir")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-done
 mkdir -p "$out"
 runs=$out/runs
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -63,12 +56,13 @@ echo "all done after $((SECONDS - t0)) s"
 for v in "${variants[@]}"; do
     name=${v%%|*}
     python3 - "$runs/$name" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
-ev = [r for r in rows if r.get("split") == "eval"]
-tr = [r for r in rows if r.get("split") == "train"]
+import sys
+sys.path.insert(0, "scripts/lib")
+from run_table import eval_rows, train_losses
+run = sys.argv[1]
+ev = eval_rows(run)
 key = "mIoU" if any("mIoU" in r for r in ev) else "AP50"
-print(sys.argv[1].rsplit("/", 1)[1], "steps", tr[-1]["step"] if tr else 0,
+print(run.rsplit("/", 1)[1], "steps", max(train_losses(run), default=0),
       [(r["step"], round(r.get(key, float("nan")), 3)) for r in ev])
 PY
 done

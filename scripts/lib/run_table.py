@@ -12,6 +12,13 @@ def train_losses(run):
     return {r["step"]: r["loss"] for r in rows if r.get("split") == "train"}
 
 
+def eval_rows(run):
+    """The eval rows a run folder's metrics.jsonl logged, in order."""
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r.get("split") == "eval"]
+
+
 def minutes(run):
     """Wall minutes of the command (each resumed part added): training, evaluations, report."""
     p = os.path.join(run, "wall_s")
