@@ -11,10 +11,12 @@
 //! so eval outputs depend on batch composition, as in the reference.
 //!
 //! Dispatch is sparse: routing decisions are made on the CPU from the `[S, E]` scores, the kept
-//! assignments (N <= top_k x S token-expert pairs) are gathered (`index_select`) into one `[N, C]`
-//! buffer sorted by expert, with no padding; every expert runs on its own rows through
-//! [`grouped_linear`] (a gemm per row segment), outputs are scaled by their gate and `index_add`-ed
-//! back into a zero output. The experts cost the N token-expert evaluations whatever the number of
+//! assignments (N <= top_k x S token-expert pairs) are laid out in one `[N, .]` buffer sorted by
+//! expert, with no padding ([`SortedRows`]); the routed rows are gathered and every expert runs
+//! fc1 + GELU on its own rows in one node ([`experts_fc1_gelu`]), fc2 through [`grouped_linear`]
+//! (a gemm per row segment), and [`experts_combine`] scales the outputs by their gates and adds
+//! each token's rows into its output row (a token with no kept assignment gets zeros). The
+//! experts cost the N token-expert evaluations whatever the number of
 //! experts; only the router (`[S, E]` logits, softmax, top-k) grows with E.
 //!
 //! Checkpoint keys (Swin-MoE layout, under a block's `mlp.`): `_moe_layer.gates.0.wg.weight [E, C]`,
@@ -35,9 +37,11 @@
 //! itself: the trainer adds `aux_loss_weight * sum over MoE layers` to the task loss and logs the
 //! metrics `moe_aux`, `moe_drop`, `moe_load_l{i}_max` (see [`summarize`]). A dense model returns
 //! no stats and no loss; a frozen model (a distillation teacher) drops its `MoeAux`.
-use crate::ops::{grouped_linear, WeightLayout};
+use std::sync::Arc;
+
+use crate::ops::{experts_combine, experts_fc1_gelu, grouped_linear, SortedRows, WeightLayout};
 use anyhow::{bail, ensure, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use candle_nn::{Init, VarBuilder};
 use mimlab_engine::rng::SharedRng;
 use mimlab_engine::trainer::AuxLoss;
@@ -343,7 +347,8 @@ fn cv_squared(v: &Tensor) -> candle_core::Result<Tensor> {
 /// `Imp = sum_t probs`, `Load = sum_t NormalCDF_{0, gate_noise/E}(probs - threshold)` (the reference
 /// subtracts a noisy logit from a clean probability), result `(cv²(Imp) + cv²(Load)) / 2` with
 /// cv² = unbiased var / (mean² + 1e-10). E = 1 gives 0 (torch: NaN); gate_noise = 0 takes the
-/// CDF's limit, a step (0.5 at 0) without gradient (torch asserts gate_noise > 0).
+/// CDF's limit, a step (0.5 at 0) without gradient (torch asserts gate_noise > 0). With gate
+/// noise, on the CPU in f32/f64, one fused node ([`crate::ops::load_importance`]).
 pub fn load_importance_loss(
     probs: &Tensor,
     threshold: &Tensor,
@@ -353,6 +358,19 @@ pub fn load_importance_loss(
     if e < 2 {
         return Tensor::zeros((), probs.dtype(), probs.device());
     }
+    if gate_noise > 0.0 && crate::ops::is_fused(probs) && threshold.dtype() == probs.dtype() {
+        return crate::ops::load_importance(probs, threshold, gate_noise / e as f64);
+    }
+    composed_load_importance(probs, threshold, gate_noise)
+}
+
+/// [`load_importance_loss`] from candle ops (any device, and without gate noise).
+fn composed_load_importance(
+    probs: &Tensor,
+    threshold: &Tensor,
+    gate_noise: f64,
+) -> candle_core::Result<Tensor> {
+    let e = probs.dim(1)?;
     let l_imp = cv_squared(&probs.sum(0)?)?;
     let diff = probs.broadcast_sub(threshold)?;
     let cdf = if gate_noise > 0.0 {
@@ -505,7 +523,7 @@ impl MoeMlp {
             .flatten_all()?
             .index_select(&Tensor::from_vec(thr_idx, s, logits.device())?, 0)?
             .reshape((s, 1))?;
-        let probs = candle_nn::ops::softmax(logits, D::Minus1)?;
+        let probs = crate::ops::softmax_last(logits)?;
         load_importance_loss(&probs, &thr, self.cfg.gate_noise)
     }
 
@@ -536,7 +554,7 @@ impl MoeMlp {
         } else {
             logits.clone()
         };
-        let scores = candle_nn::ops::softmax(&noisy, D::Minus1)?;
+        let scores = crate::ops::softmax_last(&noisy)?;
         let cf = if train {
             self.cfg.capacity_factor
         } else {
@@ -582,7 +600,7 @@ impl MoeMlp {
                 fill[ex] += 1;
             }
         }
-        let tok = Tensor::from_vec(tok, n, dev)?;
+        let rows = Arc::new(SortedRows::new(s, tok, offsets)?);
         let gidx = Tensor::from_vec(gidx, n, dev)?;
         let mut gates = scores.flatten_all()?.index_select(&gidx, 0)?;
         if self.cfg.normalize_gate && k > 1 {
@@ -601,17 +619,23 @@ impl MoeMlp {
                 .reshape((s, k))?
                 .sum(1)?
                 .maximum(eps)?;
+            let tok = Tensor::from_slice(rows.tok(), n, dev)?;
             gates = (gates / denom.index_select(&tok, 0)?)?;
         }
-        let gates = gates.to_dtype(x.dtype())?.unsqueeze(1)?; // (N, 1)
+        let gates = gates.to_dtype(x.dtype())?; // (N)
 
-        let xs = xf.index_select(&tok, 0)?; // (N, C)
-        let h = grouped_linear(&xs, &self.fc1_w, &self.fc1_b, &offsets, WeightLayout::OutIn)?;
-        let h = crate::layers::dropout(&crate::ops::gelu_erf(&h)?, self.drop, rng, train)?; // (N, hC)
-        let y = grouped_linear(&h, &self.fc2_w, &self.fc2_b, &offsets, WeightLayout::InOut)?
-            .broadcast_mul(&gates)?; // (N, C)
-                                     // a token's k outputs add up; dropped tokens stay 0 (the block's residual carries them)
-        let out = Tensor::zeros((s, c), x.dtype(), dev)?.index_add(&tok, &y, 0)?;
+        // gather -> fc1 -> GELU and fc2 -> gate -> scatter: one node each (ops::moe_experts)
+        let h = experts_fc1_gelu(&xf, &self.fc1_w, &self.fc1_b, &rows)?;
+        let h = crate::layers::dropout(&h, self.drop, rng, train)?; // (N, hC)
+        let y = grouped_linear(
+            &h,
+            &self.fc2_w,
+            &self.fc2_b,
+            rows.offsets(),
+            WeightLayout::InOut,
+        )?;
+        // a token's k outputs add up; dropped tokens stay 0 (the block's residual carries them)
+        let out = experts_combine(&y, &gates, &rows)?;
         Ok((out.reshape(shape)?, r, aux))
     }
 }
@@ -711,6 +735,45 @@ mod tests {
         // t5->0 (5): expert 1 starts after its 2 first choices, expert 0 after its 4.
         let second: Vec<usize> = (0..6).map(|t| r.locations[t * 2 + 1]).collect();
         assert_eq!(second, vec![5, 2, 4, 3, 4, 5]);
+    }
+
+    /// The fused aux loss (gate noise on) against the composed candle ops: value and both
+    /// gradients, f64 and f32, E = 2 and 8, 37 and 1,100 tokens.
+    #[test]
+    fn fused_aux_loss_matches_the_composed_ops() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        // 1100 tokens: several blocks of the fused forward's parallel partial sums
+        for (s, e, noise) in [(37, 2, 1.0), (37, 8, 1.0), (1100, 8, 0.3)] {
+            for dt in [DType::F64, DType::F32] {
+                let logits = Tensor::randn(0f64, 2.0, (s, e), &dev)?;
+                let probs = Var::from_tensor(&candle_nn::ops::softmax(&logits, 1)?.to_dtype(dt)?)?;
+                // thresholds near the probabilities, so the normal densities are not all ~0
+                let thr = Var::from_tensor(
+                    &(probs.max_keepdim(1)?
+                        + Tensor::randn(0f64, 0.1, (s, 1), &dev)?.to_dtype(dt)?)?,
+                )?;
+                let fused = load_importance_loss(&probs, &thr, noise)?;
+                let plain = composed_load_importance(&probs, &thr, noise)?;
+                let tol = if dt == DType::F64 { 1e-10 } else { 2e-4 };
+                let (f, p) = (
+                    fused.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                    plain.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                );
+                assert!(
+                    p > 0.0 && ((f - p) / p).abs() < tol,
+                    "E={e} {dt:?}: {f} vs {p}"
+                );
+                let gf = fused.backward()?;
+                let gp = plain.backward()?;
+                for (name, v) in [("probs", &probs), ("threshold", &thr)] {
+                    let (a, b) = (gf.get(v).unwrap(), gp.get(v).unwrap());
+                    assert_eq!(a.dims(), v.dims());
+                    let d = crate::ops::testing::rel_diff(a, b)?;
+                    assert!(d < tol, "E={e} {dt:?} d{name}: {d}");
+                }
+            }
+        }
+        Ok(())
     }
 
     #[test]

@@ -17,9 +17,12 @@ mod heads;
 mod im2col;
 mod layer_norm;
 mod linear;
+mod load_importance;
 mod mask_token;
+mod moe_experts;
 mod normalize;
 mod residual;
+mod softmax;
 mod window_softmax;
 mod windows;
 
@@ -31,6 +34,8 @@ pub use heads::{heads_av, heads_qk};
 pub use im2col::{channels_first, channels_last, im2col};
 pub use layer_norm::layer_norm;
 pub use linear::{linear, linear_gelu};
+pub use load_importance::load_importance;
+pub use moe_experts::{experts_combine, experts_fc1_gelu, SortedRows};
 
 /// The f32 kernels behind [`linear`] without a graph, for `models/examples/gemm_probe.rs`.
 #[doc(hidden)]
@@ -59,6 +64,7 @@ pub mod probe {
 pub use mask_token::mask_token;
 pub use normalize::{normalize, normalize_groups};
 pub use residual::residual;
+pub use softmax::softmax_last;
 pub use window_softmax::{window_logits, window_softmax};
 pub use windows::{
     merge_windows, merge_windows_cropped, partition_windows, partition_windows_padded,
