@@ -546,11 +546,35 @@ impl MoeMlp {
             DType::F16 | DType::BF16 => DType::F32,
             d => d,
         };
-        let logits = xf.to_dtype(gdt)?.matmul(&self.wg.to_dtype(gdt)?.t()?)?; // (S, E)
+        let (xg, wg) = (xf.to_dtype(gdt)?, self.wg.to_dtype(gdt)?);
+        // (S, E): the fused linear on the CPU (one node, one backward op); elsewhere a plain f32
+        // matmul (`ops::linear`'s fallback would follow `run.precision: bf16`)
+        let logits = if crate::ops::is_fused(&xg) {
+            crate::ops::linear(&xg, &wg, None)?
+        } else {
+            xg.matmul(&wg.t()?)?
+        };
         let noisy = if train && self.cfg.gate_noise > 0.0 {
-            let n: Vec<f64> = rng.with(|g| (0..s * e).map(|_| g.sample(StandardNormal)).collect());
-            let n = Tensor::from_vec(n, (s, e), x.device())?.to_dtype(gdt)?;
-            (&logits + (n * (self.cfg.gate_noise / e as f64))?)?
+            // rand_distr's f32 StandardNormal is its f64 draw cast, so f32 samples are the same
+            // stream as f64 ones (a run resumes the same either way), without an f64 buffer
+            let scale = self.cfg.gate_noise / e as f64;
+            let n = if gdt == DType::F64 {
+                let n: Vec<f64> = rng.with(|g| {
+                    (0..s * e)
+                        .map(|_| g.sample::<f64, _>(StandardNormal) * scale)
+                        .collect()
+                });
+                Tensor::from_vec(n, (s, e), x.device())?
+            } else {
+                let sc = scale as f32;
+                let n: Vec<f32> = rng.with(|g| {
+                    (0..s * e)
+                        .map(|_| g.sample::<f32, _>(StandardNormal) * sc)
+                        .collect()
+                });
+                Tensor::from_vec(n, (s, e), x.device())?
+            };
+            (&logits + n)?
         } else {
             logits.clone()
         };
