@@ -36,7 +36,8 @@ pub struct PrepareArgs {
     /// digits-det: canvas side in pixels.
     #[arg(long, default_value_t = DigitsDetConfig::default().canvas)]
     pub canvas: usize,
-    /// digits-det: train canvases.
+    /// digits-det: train canvases (another number than the default goes to
+    /// `digits-det-train<N>/`, the folder `data.digits_det_train: N` reads).
     #[arg(long, default_value_t = DigitsDetConfig::default().train)]
     pub train: usize,
     /// digits-det: validation canvases.
@@ -61,7 +62,7 @@ pub fn run(cmd: DataCmd) -> Result<()> {
                 ..Default::default()
             };
             let p = digits_det::prepare(&a.root, &cfg)?;
-            let dir = a.root.join(digits_det::DIR);
+            let dir = a.root.join(cfg.dir_name());
             if !p.created {
                 println!(
                     "{}: present, nothing done (delete it to regenerate)",

@@ -70,6 +70,29 @@ pub struct DigitsDetConfig {
     pub digit_height: [usize; 2],
 }
 
+impl DigitsDetConfig {
+    /// The generator settings with `train` canvases, the rest default.
+    pub fn with_train(train: usize) -> Self {
+        Self {
+            train,
+            ..Self::default()
+        }
+    }
+
+    /// The folder it is generated into under the data root: [`DIR`] for the default number of
+    /// train canvases, `digits-det-train<N>` for another (`data.digits_det_train`), so a recipe
+    /// that asks for more canvases never reads or replaces the default set. Canvases are drawn
+    /// per index from the seed, so the first 4,000 train canvases and the validation set are the
+    /// same in every folder.
+    pub fn dir_name(&self) -> String {
+        if self.train == Self::default().train {
+            DIR.to_string()
+        } else {
+            format!("{DIR}-train{}", self.train)
+        }
+    }
+}
+
 impl Default for DigitsDetConfig {
     fn default() -> Self {
         Self {
@@ -400,8 +423,8 @@ pub struct Prepared {
     pub val: (usize, usize),
 }
 
-/// Generates `root/digits-det` with `cfg` unless it exists (atomically: a temp folder renamed
-/// whole). Reads `root/mnist` and `root/photos`.
+/// Generates `root/<cfg.dir_name()>` with `cfg` unless it exists (atomically: a temp folder
+/// renamed whole). Reads `root/mnist` and `root/photos`.
 pub fn prepare(root: &Path, cfg: &DigitsDetConfig) -> Result<Prepared> {
     anyhow::ensure!(
         cfg.canvas >= 8 && cfg.digits[0] <= cfg.digits[1] && cfg.digits[1] > 0,
@@ -414,7 +437,7 @@ pub fn prepare(root: &Path, cfg: &DigitsDetConfig) -> Result<Prepared> {
         "digits-det: digit_height {:?} must be positive, ascending",
         cfg.digit_height
     );
-    let dir = root.join(DIR);
+    let dir = root.join(cfg.dir_name());
     let mut counts = ((0, 0), (0, 0));
     let created = crate::fsutil::create_dir_atomic(&dir, |tmp| {
         counts.0 = write_split(tmp, cfg, Split::Train, "train", cfg.train, root)?;
@@ -429,13 +452,13 @@ pub fn prepare(root: &Path, cfg: &DigitsDetConfig) -> Result<Prepared> {
     })
 }
 
-/// The paths of one split: (annotation file, image folder, class-map folder).
-pub fn split_paths(root: &Path, split: Split) -> (PathBuf, PathBuf, PathBuf) {
+/// The paths of one split of the dataset folder `dir`: (annotation file, image folder,
+/// class-map folder).
+pub fn split_paths(dir: &Path, split: Split) -> (PathBuf, PathBuf, PathBuf) {
     let name = match split {
         Split::Train => "train",
         Split::Eval => "val",
     };
-    let dir = root.join(DIR);
     (
         dir.join(format!("{name}.json")),
         dir.join(name),
@@ -443,26 +466,34 @@ pub fn split_paths(root: &Path, split: Split) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
-/// The data root holding `digits-det/`, generated there with the default settings first when it
-/// is missing (detection's `digits-det` and segmentation's `digits-seg` read the same files).
+/// The dataset folder of `cfg` (`data.digits_det_train` train canvases, see
+/// [`DigitsDetConfig::dir_name`]), generated first when it is missing (detection's `digits-det`
+/// and segmentation's `digits-seg` read the same files).
 pub fn ensure_generated(cfg: &DataConfig) -> Result<PathBuf> {
-    let root = cfg.generated_root(DIR, "mnist")?;
-    if !root.join(DIR).is_dir() {
+    let gen = DigitsDetConfig::with_train(cfg.digits_det_train);
+    let name = gen.dir_name();
+    let root = cfg.generated_root(&name, "mnist")?;
+    let dir = root.join(&name);
+    if !dir.is_dir() {
         eprintln!(
             "digits-det ({TAGLINE}): {} not found, generating it (once)",
-            root.join(DIR).display()
+            dir.display()
         );
-        prepare(&root, &DigitsDetConfig::default())
-            .context("generating digits-det (or run `mimlab data prepare digits-det`)")?;
+        prepare(&root, &gen).with_context(|| {
+            format!(
+                "generating {name} (or run `mimlab data prepare digits-det --train {}`)",
+                gen.train
+            )
+        })?;
     }
-    Ok(root)
+    Ok(dir)
 }
 
-/// Opens `split` of `root/digits-det` (boxes and class maps), generating it with the default
-/// settings first when it is missing.
+/// Opens `split` of the digits-det folder of `cfg` (boxes and class maps), generating it first
+/// when it is missing.
 pub fn open(cfg: &DataConfig, split: Split, t: DetTransform) -> Result<DetectionDataset> {
-    let root = ensure_generated(cfg)?;
-    let (ann, img, mask) = split_paths(&root, split);
+    let dir = ensure_generated(cfg)?;
+    let (ann, img, mask) = split_paths(&dir, split);
     Ok(
         DetectionDataset::from_coco(DIR, split, &ann, &img, Some(&mask), cfg, t)?
             .with_tagline(TAGLINE),
@@ -613,7 +644,7 @@ mod tests {
         let files = |d: &Path| -> Vec<(String, Vec<u8>)> {
             let mut v = Vec::new();
             for sub in ["", "train", "val", "masks/train", "masks/val"] {
-                let dir = d.join(DIR).join(sub);
+                let dir = d.join(cfg.dir_name()).join(sub);
                 for e in std::fs::read_dir(&dir).unwrap() {
                     let p = e.unwrap().path();
                     if p.is_file() {
@@ -641,9 +672,32 @@ mod tests {
         )
         .unwrap();
         assert_ne!(files(c.path()), fa);
+        // More train canvases go to their own folder and start with the same canvases; the
+        // validation canvases are the same.
+        assert_eq!(cfg.dir_name(), "digits-det-train5");
+        assert_eq!(DigitsDetConfig::default().dir_name(), DIR);
+        let more = DigitsDetConfig {
+            train: 7,
+            ..cfg.clone()
+        };
+        prepare(a.path(), &more).unwrap();
+        for (sub, n) in [
+            ("train", 5),
+            ("val", 3),
+            ("masks/train", 5),
+            ("masks/val", 3),
+        ] {
+            for i in 0..n {
+                let f = format!("{sub}/{i:06}.png");
+                let read =
+                    |c: &DigitsDetConfig| std::fs::read(a.path().join(c.dir_name()).join(&f));
+                assert_eq!(read(&cfg).unwrap(), read(&more).unwrap(), "{f}");
+            }
+        }
         // The dataset serves boxes with class maps whose core pixels agree with the boxes.
         let dcfg = DataConfig {
             root: a.path().into(),
+            digits_det_train: cfg.train,
             ..Default::default()
         };
         let ds = open(&dcfg, Split::Eval, eval_transform(48)).unwrap();
@@ -666,6 +720,9 @@ mod tests {
         }
         // No temp folders left behind.
         let names = crate::fsutil::dir_names(a.path());
-        assert_eq!(names, ["digits-det", "mnist", "photos"]);
+        assert_eq!(
+            names,
+            ["digits-det-train5", "digits-det-train7", "mnist", "photos"]
+        );
     }
 }

@@ -116,6 +116,10 @@ pub struct DataConfig {
     pub label_seed: Option<u64>,
     /// Random crops that make one epoch of `photos`.
     pub photos_crops_per_epoch: usize,
+    /// `digits-det` / `digits-seg`: train canvases (4,000 by default, in `digits-det/`; another
+    /// number is generated on first use into `digits-det-train<N>/`, whose first 4,000 canvases
+    /// and validation set equal the default folder's).
+    pub digits_det_train: usize,
     /// Augmentation and normalization.
     pub aug: AugConfig,
     /// Detection augmentation (scale jitter, crop, flip) of `coco`, `voc`, `digits-det`, `trees`.
@@ -146,6 +150,7 @@ impl Default for DataConfig {
             label_fraction: 1.0,
             label_seed: None,
             photos_crops_per_epoch: 2048,
+            digits_det_train: digits_det::DigitsDetConfig::default().train,
             aug: AugConfig::default(),
             det_aug: DetAugConfig::default(),
             seg: SegDataConfig::default(),

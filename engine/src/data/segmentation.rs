@@ -263,8 +263,8 @@ pub fn open_segmentation(
             )
         }
         "digits-seg" => {
-            let root = digits_det::ensure_generated(cfg)?;
-            let (_, img, mask) = digits_det::split_paths(&root, split);
+            let dir = digits_det::ensure_generated(cfg)?;
+            let (_, img, mask) = digits_det::split_paths(&dir, split);
             own_names = Some(
                 std::iter::once("background".to_string())
                     .chain((0..10).map(|d| d.to_string()))
