@@ -367,6 +367,55 @@ mod tests {
         Ok(())
     }
 
+    /// The dense heads' fused ops (GroupNorm + ReLU, im2col and its col2im backward) give the
+    /// same bits, forward and every gradient, on 1 and on 3 threads (their task splits depend on
+    /// the sizes only).
+    #[test]
+    fn dense_head_ops_do_not_depend_on_the_thread_count() -> Result<()> {
+        use candle_core::{Device, Var};
+        let dev = Device::Cpu;
+        let x0 = Tensor::randn(0f32, 1.0, (3, 32, 19, 17), &dev)?;
+        let w0 = Tensor::randn(1f32, 0.5, 32, &dev)?;
+        let b0 = Tensor::randn(0f32, 0.5, 32, &dev)?;
+        let run = |threads: usize| -> Result<Vec<Vec<f32>>> {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            pool.install(|| {
+                let (x, w, b) = (
+                    Var::from_tensor(&x0)?,
+                    Var::from_tensor(&w0)?,
+                    Var::from_tensor(&b0)?,
+                );
+                let y = group_norm(&x, &w, &b, 8, 1e-5, true)?;
+                let cols = im2col(&y, 3, 2, 1)?;
+                let probe = Tensor::ones(cols.shape(), DType::F32, &dev)?.broadcast_mul(
+                    &Tensor::arange(0f32, cols.dims()[cols.rank() - 1] as f32, &dev)?.sin()?,
+                )?;
+                let g = (&cols * probe)?.sum_all()?.backward()?;
+                let mut out = vec![cols.flatten_all()?.to_vec1::<f32>()?];
+                for v in [&x, &w, &b] {
+                    out.push(
+                        g.get(v)
+                            .expect("gradient")
+                            .flatten_all()?
+                            .to_vec1::<f32>()?,
+                    );
+                }
+                Ok(out)
+            })
+        };
+        let (one, three) = (run(1)?, run(3)?);
+        for (i, (a, b)) in one.iter().zip(&three).enumerate() {
+            assert!(
+                a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "output {i} differs"
+            );
+        }
+        Ok(())
+    }
+
     /// `add_partials` cuts `into` into tasks (several here: tests use 64-scalar tasks); each
     /// element still gets its partials added in order, so the sums are the bits of a plain
     /// in-order loop on one thread or two.
