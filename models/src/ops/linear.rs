@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{dispatch, is_fused, slice, storage, unpack, Real};
+use super::{dispatch, is_fused, lane_dot, par_items, slice, storage, unpack, Real};
 
 /// `x [.., K] @ w[N, K]^T + b[N] -> [.., N]` (PyTorch's `F.linear`). Differentiable in all three.
 /// Off the fused path (other devices, dtypes): `reshape -> matmul -> broadcast_add -> reshape`.
@@ -291,6 +291,9 @@ pub(crate) fn forward<T: Real>(
     b: Option<&[T]>,
     (m, k, n): (usize, usize, usize),
 ) -> Vec<T> {
+    if n == 1 || m == 1 {
+        return dot_products(x, w, b, (m, k, n));
+    }
     let mut out: Vec<T> = Vec::with_capacity(m * n);
     let xm = Mat::row_major(x, k);
     // w^T: (kk, j) at j * k + kk
@@ -306,6 +309,32 @@ pub(crate) fn forward<T: Real>(
         // every element written by a task's bias fill or its gemm (read_dst = false)
         out.set_len(m * n);
     }
+    out
+}
+
+/// [`forward`] of one output column (`n == 1`) or row (`m == 1`): each output one in-order dot
+/// product plus its bias. gemm takes a matrix-vector path there whose summation order follows
+/// the block's length, so the thread-count-dependent block edges of [`blocks`] changed the bits
+/// (the FCOS head's 1-channel centerness conv on a 1,024-row level: 1 vs 2 threads differed).
+fn dot_products<T: Real>(
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    (m, k, n): (usize, usize, usize),
+) -> Vec<T> {
+    let mut out = vec![T::zero(); m * n];
+    par_items(&mut out, 1, |first, o| {
+        for (i, v) in o.iter_mut().enumerate() {
+            let e = first + i;
+            // n == 1: row e of x against w; m == 1: x against row e of w
+            let (xr, wr, j) = if n == 1 {
+                (&x[e * k..(e + 1) * k], &w[..k], 0)
+            } else {
+                (&x[..k], &w[e * k..(e + 1) * k], e)
+            };
+            *v = b.map_or(T::zero(), |b| b[j]) + lane_dot(xr, wr);
+        }
+    });
     out
 }
 
@@ -660,6 +689,41 @@ mod tests {
                         assert!(gf.get(&b).is_none(), "no bias, no bias gradient");
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// One output column or row (gemm's matrix-vector shapes): the same bits on 1 and 3 threads,
+    /// and within f32 rounding of an f64 reference.
+    #[test]
+    fn one_output_column_or_row_does_not_depend_on_the_thread_count() -> Result<()> {
+        for (m, k, n) in [(1024, 576, 1), (1, 576, 1024)] {
+            let r = |len: usize, s: usize| -> Vec<f32> {
+                (0..len)
+                    .map(|i| ((i * 7919 + s) % 1000) as f32 / 500.0 - 1.0)
+                    .collect()
+            };
+            let (x, w, b) = (r(m * k, 1), r(n * k, 2), r(n, 3));
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("thread pool");
+                pool.install(|| forward(&x, &w, Some(&b), (m, k, n)))
+            };
+            let y = run(1);
+            assert_eq!(y, run(3), "{m}x{k}->{n}");
+            for (e, &v) in y.iter().enumerate() {
+                let (i, j) = (e / n, e % n);
+                let want = b[j] as f64
+                    + (0..k)
+                        .map(|kk| x[i * k + kk] as f64 * w[j * k + kk] as f64)
+                        .sum::<f64>();
+                assert!(
+                    (v as f64 - want).abs() < 1e-3,
+                    "{m}x{k}->{n} [{e}]: {v} vs {want}"
+                );
             }
         }
         Ok(())
