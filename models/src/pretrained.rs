@@ -354,7 +354,9 @@ mod tests {
         let a = shared.forward_features(&x, None, false)?.last;
         let b = plain.forward_features(&x, None, false)?.last;
         let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "max abs diff {diff}");
+        // to rounding: a 1-head stage's unshared table is a 1-output linear (in-order dot
+        // products, ops::linear), the shared one a column of a 2-output gemm
+        assert!(diff < 1e-5, "max abs diff {diff}");
         Ok(())
     }
 }
