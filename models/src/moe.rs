@@ -456,6 +456,20 @@ pub fn summarize(stats: &[MoeStats], weight: f64) -> Result<Option<AuxLoss>> {
 // MoeMlp
 // ------------------------------------------------------------------------------------------------
 
+/// `n` gate-noise draws `N(0, 1) * scale` in `T` (f32 or f64).
+fn draw_noise<T>(rng: &SharedRng, n: usize, scale: f64) -> Vec<T>
+where
+    T: candle_core::WithDType,
+    StandardNormal: rand_distr::Distribution<T>,
+{
+    let scale = T::from_f64(scale);
+    rng.with(|g| {
+        (0..n)
+            .map(|_| g.sample::<T, _>(StandardNormal) * scale)
+            .collect()
+    })
+}
+
 /// An MoE feed-forward layer: gate + E experts fc1(C->hC) -> GELU(erf) -> dropout -> fc2(hC->C).
 #[derive(Debug, Clone)]
 pub struct MoeMlp {
@@ -558,21 +572,11 @@ impl MoeMlp {
             // rand_distr's f32 StandardNormal is its f64 draw cast, so f32 samples are the same
             // stream as f64 ones (a run resumes the same either way), without an f64 buffer
             let scale = self.cfg.gate_noise / e as f64;
-            let n = if gdt == DType::F64 {
-                let n: Vec<f64> = rng.with(|g| {
-                    (0..s * e)
-                        .map(|_| g.sample::<f64, _>(StandardNormal) * scale)
-                        .collect()
-                });
-                Tensor::from_vec(n, (s, e), x.device())?
-            } else {
-                let sc = scale as f32;
-                let n: Vec<f32> = rng.with(|g| {
-                    (0..s * e)
-                        .map(|_| g.sample::<f32, _>(StandardNormal) * sc)
-                        .collect()
-                });
-                Tensor::from_vec(n, (s, e), x.device())?
+            let n = match gdt {
+                DType::F64 => {
+                    Tensor::from_vec(draw_noise::<f64>(rng, s * e, scale), (s, e), x.device())?
+                }
+                _ => Tensor::from_vec(draw_noise::<f32>(rng, s * e, scale), (s, e), x.device())?,
             };
             (&logits + n)?
         } else {
@@ -643,7 +647,7 @@ impl MoeMlp {
                 .reshape((s, k))?
                 .sum(1)?
                 .maximum(eps)?;
-            let tok = Tensor::from_slice(rows.tok(), n, dev)?;
+            let tok = rows.tok_tensor(dev)?;
             gates = (gates / denom.index_select(&tok, 0)?)?;
         }
         let gates = gates.to_dtype(x.dtype())?; // (N)

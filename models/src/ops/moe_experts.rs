@@ -97,7 +97,7 @@ impl SortedRows {
     }
 
     /// The token of each row as a `u32` tensor (for the composed ops).
-    fn tok_tensor(&self, dev: &Device) -> Result<Tensor> {
+    pub fn tok_tensor(&self, dev: &Device) -> Result<Tensor> {
         Tensor::from_slice(&self.tok, self.len(), dev)
     }
 
