@@ -1341,6 +1341,73 @@ fn detection_finetune_then_eval_on_digits_det() {
     }
 }
 
+/// `run.cpu_ranks: 2`: a detection finetune as two in-process data-parallel ranks writes one
+/// run folder (world.jsonl: 2 "threads" ranks), one progress bar and one `done` line, and its
+/// final evaluation; the run resumes as one rank to a later step.
+#[test]
+fn detection_finetune_as_two_cpu_ranks_then_resume_as_one() {
+    require_data();
+    let dir = tempfile::tempdir().unwrap();
+    let out = format!("run.output_dir={}", dir.path().display());
+    let sets = [
+        out.as_str(),
+        "run.name=dp",
+        "run.cpu_ranks=2",
+        "run.threads=2",
+        "run.log_every=1",
+        "train.max_steps=3",
+        "train.batch_size=4",
+        "data.max_samples=12",
+        "run.eval_every_epochs=0",
+        "run.best_metric=null",
+        "run.image_every=0",
+    ];
+    let mut args = vec![
+        "finetune",
+        "--config",
+        "configs/detect/swinv2_nano_digits_det.yaml",
+    ];
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    let run_out = mimlab(&args);
+    let stdout = String::from_utf8_lossy(&run_out.stdout);
+    let stderr = String::from_utf8_lossy(&run_out.stderr);
+    assert!(run_out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(stdout.matches("done: 3 steps").count(), 1, "{stdout}");
+    let bars = stderr
+        .lines()
+        .filter(|l| l.contains("done 3/3 steps"))
+        .count();
+    assert_eq!(bars, 1, "one progress bar per run:\n{stderr}");
+    let run = dir.path().join("dp");
+    assert!(run.join("eval/final.json").exists());
+    let world = std::fs::read_to_string(run.join("world.jsonl")).unwrap();
+    assert_eq!(
+        world,
+        "{\"backend\":\"threads\",\"step\":0,\"world_size\":2}\n"
+    );
+
+    let run_s = run.to_str().unwrap();
+    ok(&[
+        "finetune",
+        "--resume",
+        run_s,
+        "--set",
+        "run.cpu_ranks=1",
+        "--set",
+        "train.max_steps=5",
+    ]);
+    let world = std::fs::read_to_string(run.join("world.jsonl")).unwrap();
+    assert!(
+        world.ends_with("{\"backend\":\"local\",\"step\":3,\"world_size\":1}\n"),
+        "{world}"
+    );
+    let rows = mimlab_engine::log::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    let last = rows.iter().rev().find(|r| r["split"] == "train").unwrap();
+    assert_eq!(last["step"], 5);
+}
+
 #[test]
 fn bench_quick_runs_the_segmentation_rows_at_batch_8() {
     // the segmentor of configs/segment/swinv2_nano_digits_seg.yaml with either decode head

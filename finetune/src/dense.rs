@@ -180,14 +180,14 @@ pub fn start_backbone(
     match init {
         Some(src) => {
             let r = load(&src.weights)?;
-            eprintln!(
+            mimlab_engine::rank0_eprintln!(
                 "init: loaded {} backbone tensors from {} ({:?} layout); {heads} newly initialized",
                 r.loaded,
                 src.weights.display(),
                 r.layout
             );
         }
-        None if !resumed => eprintln!("init: none (training from scratch)"),
+        None if !resumed => mimlab_engine::rank0_eprintln!("init: none (training from scratch)"),
         None => {}
     }
     Ok(())

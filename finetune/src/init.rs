@@ -25,7 +25,7 @@ pub struct Init {
 pub fn prepare_init(path: &Path, target: &SwinV2Config) -> Result<Init> {
     let source = resolve_init(path).context("finetune.init")?;
     let Some(cfg) = &source.run_config else {
-        eprintln!(
+        mimlab_engine::rank0_eprintln!(
             "init: {} is not inside a run folder; the model section is taken as is",
             source.weights.display()
         );
@@ -39,7 +39,7 @@ pub fn prepare_init(path: &Path, target: &SwinV2Config) -> Result<Init> {
     let notes = adapt_to_pretrained(&mut target, &pre)
         .with_context(|| format!("finetune.init {}", path.display()))?;
     for n in notes {
-        eprintln!("init: {n}");
+        mimlab_engine::rank0_eprintln!("init: {n}");
     }
     Ok(Init {
         source,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use mimlab_engine::device::{parse_device, with_cpu_threads};
+use mimlab_engine::device::{parse_device, with_cpu_ranks};
 use mimlab_pretrain::distill::recipe::distill;
 
 use super::{ConfigArgs, ResumeArgs};
@@ -35,11 +35,15 @@ pub fn run(args: DistillArgs) -> Result<()> {
         .teacher
         .clone()
         .context("distill: no teacher: pass --teacher RUN_DIR|FILE (or set distill.teacher)")?;
-    with_cpu_threads(exp.run.threads, move || -> Result<()> {
-        let device = parse_device(&exp.run.device)?;
-        let student = exp.model.clone();
-        let session = super::session(&exp, "distill", &args.resume)?;
-        distill(&session, &student, &exp.distill, &teacher, &device)?;
-        Ok(())
-    })?
+    with_cpu_ranks(
+        exp.run.threads,
+        exp.run.ranks_to_start(),
+        || -> Result<()> {
+            let device = parse_device(&exp.run.device)?;
+            let student = exp.model.clone();
+            let session = super::session(&exp, "distill", &args.resume)?;
+            distill(&session, &student, &exp.distill, &teacher, &device)?;
+            Ok(())
+        },
+    )
 }

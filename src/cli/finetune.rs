@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use mimlab_engine::device::{parse_device, with_cpu_threads};
+use mimlab_engine::device::{parse_device, with_cpu_ranks};
 use mimlab_engine::run_dir::pick_weights;
 use mimlab_finetune::classify::finetune_classifier;
 use mimlab_finetune::config::Task;
@@ -41,30 +41,36 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             None => init.clone(),
         });
     }
-    with_cpu_threads(exp.run.threads, move || -> Result<()> {
-        let device = parse_device(&exp.run.device)?;
-        // On resume the weights come from the run's checkpoint; the init was already applied.
-        let init = if args.resume.resume.is_none() {
-            exp.apply_init()?
-        } else {
-            None
-        };
-        let model = exp.model.clone();
-        let session = super::session(&exp, "finetune", &args.resume)?;
-        match exp.finetune.task {
-            Task::Classify => {
-                finetune_classifier(&session, &model, &exp.finetune, init.as_ref(), &device)?;
+    with_cpu_ranks(
+        exp.run.threads,
+        exp.run.ranks_to_start(),
+        || -> Result<()> {
+            // each rank of a data-parallel run applies the init to its own copy
+            let mut exp = exp.clone();
+            let device = parse_device(&exp.run.device)?;
+            // On resume the weights come from the run's checkpoint; the init was already applied.
+            let init = if args.resume.resume.is_none() {
+                exp.apply_init()?
+            } else {
+                None
+            };
+            let model = exp.model.clone();
+            let session = super::session(&exp, "finetune", &args.resume)?;
+            match exp.finetune.task {
+                Task::Classify => {
+                    finetune_classifier(&session, &model, &exp.finetune, init.as_ref(), &device)?;
+                }
+                Task::Detect => {
+                    let ft = &exp.finetune;
+                    finetune_detector(&session, &model, &exp.detect, ft, init.as_ref(), &device)?;
+                }
+                Task::Segment => {
+                    let ft = &exp.finetune;
+                    let seg = &exp.segment;
+                    finetune_segmentor(&session, &model, seg, ft, init.as_ref(), &device)?;
+                }
             }
-            Task::Detect => {
-                let ft = &exp.finetune;
-                finetune_detector(&session, &model, &exp.detect, ft, init.as_ref(), &device)?;
-            }
-            Task::Segment => {
-                let ft = &exp.finetune;
-                let seg = &exp.segment;
-                finetune_segmentor(&session, &model, seg, ft, init.as_ref(), &device)?;
-            }
-        }
-        Ok(())
-    })?
+            Ok(())
+        },
+    )
 }

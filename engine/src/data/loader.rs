@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use rand::seq::SliceRandom;
 
 use super::collate::collate;
@@ -137,6 +137,30 @@ impl DataLoader {
         epoch: usize,
         start_batch: usize,
     ) -> impl Iterator<Item = Result<Batch>> + '_ {
+        self.epoch_of(epoch, start_batch, None)
+    }
+
+    /// [`DataLoader::epoch`] for rank `rank` of `world` data-parallel ranks: of each batch only
+    /// the samples [`crate::dist::shard_range`] gives this rank are decoded (in one process the
+    /// ranks no longer each decode the whole batch). A batch that does not split evenly is an
+    /// error, and so is a skipped image (`data.skip_bad_images`): the ranks would train on
+    /// batches of different sizes. Samples of different sizes are padded to the shard's largest.
+    pub fn epoch_shard(
+        &self,
+        epoch: usize,
+        start_batch: usize,
+        rank: usize,
+        world: usize,
+    ) -> impl Iterator<Item = Result<Batch>> + '_ {
+        self.epoch_of(epoch, start_batch, Some((rank, world)))
+    }
+
+    fn epoch_of(
+        &self,
+        epoch: usize,
+        start_batch: usize,
+        shard: Option<(usize, usize)>,
+    ) -> impl Iterator<Item = Result<Batch>> + '_ {
         self.skipped.store(0, Ordering::Relaxed);
         let plan: Vec<Vec<usize>> = self
             .epoch_plan(epoch)
@@ -151,6 +175,7 @@ impl DataLoader {
             pad_multiple: self.pad_multiple,
             epoch,
             skipped: self.skipped.clone(),
+            shard,
         });
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -198,13 +223,20 @@ struct Job {
     pad_multiple: usize,
     epoch: usize,
     skipped: Arc<AtomicUsize>,
+    /// (rank, world): decode only this rank's samples of each batch.
+    shard: Option<(usize, usize)>,
 }
 
 impl Job {
-    /// Decodes batch `pos` of the plan; `None` when every image in it was skipped.
+    /// Decodes batch `pos` of the plan (this rank's samples of it when sharded); `None` when
+    /// every image in it was skipped.
     fn make(&self, pos: usize) -> Result<Option<Batch>> {
         let ds = &self.dataset;
-        let idx = &self.plan[pos];
+        let mut idx = &self.plan[pos][..];
+        if let Some((rank, world)) = self.shard {
+            let (start, end) = crate::dist::even_shard(idx.len(), rank, world)?;
+            idx = &idx[start..end];
+        }
         let mut samples = Vec::with_capacity(idx.len());
         let mut indices = Vec::with_capacity(idx.len());
         for &i in idx {
@@ -215,6 +247,12 @@ impl Job {
                     indices.push(i);
                 }
                 Err(e) => match e.downcast_ref::<SkippedImage>() {
+                    Some(skip) if self.shard.is_some() => {
+                        bail!(
+                            "{skip}: data parallel ranks cannot skip images (their batches \
+                             would differ in size); remove or fix the image"
+                        )
+                    }
                     Some(skip) => {
                         eprintln!("warning: skipping {skip}");
                         self.skipped.fetch_add(1, Ordering::Relaxed);
@@ -529,6 +567,99 @@ mod tests {
         );
         assert_eq!(batches[0].images.dims(), &[1, 3, 8, 8]);
         assert_eq!(l.skipped(), 1);
+    }
+
+    /// [`Toy`] that counts its decodes.
+    struct Counted(Toy, AtomicUsize);
+
+    impl Dataset for Counted {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn get(&self, index: usize, rng: &mut StdRng) -> Result<Sample> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.get(index, rng)
+        }
+        fn channels(&self) -> usize {
+            1
+        }
+        fn num_classes(&self) -> Option<usize> {
+            Some(3)
+        }
+        fn class_names(&self) -> Option<Vec<String>> {
+            None
+        }
+        fn describe(&self) -> String {
+            self.0.describe()
+        }
+    }
+
+    /// A data-parallel rank's epoch is its slice of every batch of the whole epoch (same
+    /// indices, same augmentation draws, from a mid-epoch start too), and only its samples are
+    /// decoded; a batch that does not split evenly is an error naming train.batch_size, and so
+    /// is a skipped image.
+    #[test]
+    fn a_rank_decodes_only_its_shard_of_each_batch() {
+        let counted = Arc::new(Counted(Toy(10), AtomicUsize::new(0)));
+        let o = LoaderOptions {
+            drop_last: true,
+            ..opts(5, 2)
+        };
+        let l = DataLoader::new(counted.clone(), o.clone());
+        let whole = collect(&l, 1, 0);
+        for start in [0, 1] {
+            counted.1.store(0, Ordering::Relaxed);
+            for rank in 0..2 {
+                let shard: Vec<Batch> = l
+                    .epoch_shard(1, start, rank, 2)
+                    .map(|b| b.unwrap())
+                    .collect();
+                assert_eq!(shard.len(), 2 - start);
+                for (b, (idx, imgs, labels)) in shard.iter().zip(&whole[start..]) {
+                    let r = 2 * rank..2 * rank + 2;
+                    assert_eq!(b.indices, idx[r.clone()]);
+                    let got = b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert_eq!(got, imgs[4 * r.start..4 * r.end]);
+                    assert_eq!(b.labels().unwrap().to_vec1::<u32>().unwrap(), labels[r]);
+                }
+            }
+            assert_eq!(
+                counted.1.load(Ordering::Relaxed),
+                4 * (2 - start),
+                "each sample once"
+            );
+        }
+        let e = l.epoch_shard(0, 0, 0, 3).next().unwrap().unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("a batch of 4 samples does not split evenly over 3 processes")
+                && e.contains("train.batch_size is the global batch"),
+            "{e}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let bad = make_folder(dir.path());
+        let cfg = DataConfig {
+            dataset: "image-folder".into(),
+            path: Some(dir.path().into()),
+            skip_bad_images: true,
+            ..Default::default()
+        };
+        let ds = build_dataset(&cfg, Split::Train, 8, 3, true).unwrap();
+        let o = LoaderOptions {
+            batch_size: 2,
+            shuffle: false,
+            ..o
+        };
+        let l = DataLoader::new(ds, o);
+        let results: Vec<_> = l.epoch_shard(0, 0, 1, 2).collect();
+        assert_eq!(results.len(), 1, "ends at the error");
+        let e = format!("{:#}", results[0].as_ref().unwrap_err());
+        assert!(
+            e.contains(&bad.display().to_string())
+                && e.contains("data parallel ranks cannot skip images"),
+            "{e}"
+        );
     }
 
     /// Sample i: one channel of (1 + i % 3) x (2 + i % 4) pixels valued i, one box [0, 0, 1, 1]

@@ -6,7 +6,8 @@
 //! trainer calls: MPI for CPU processes (`--features mpi`: Open MPI through the `mpi` crate,
 //! launched by `mpirun`), NCCL for GPUs (`--features nccl`: through candle's cudarc, launched by
 //! `scripts/launch_gpus.sh`), and [`Local`] for one process. [`ThreadGroup`] runs ranks as
-//! threads of one process (tests and single-machine checks).
+//! threads of one process: `run.cpu_ranks` ([`crate::device::with_cpu_ranks`] starts them and
+//! [`connect`] answers each its rank), and the tests.
 //!
 //! What the trainer does with it (engine/src/trainer/fit.rs):
 //! - `train.batch_size` is the global batch; rank r takes samples `[B r / N, B (r + 1) / N)` of
@@ -27,7 +28,7 @@
 //! dropout), MoE capacity per batch and padding to the largest image of a batch differ between
 //! a shard and the whole batch: such runs are data parallel but not bit-for-bit the
 //! one-process run.
-use std::sync::{Arc, Barrier, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::backprop::GradStore;
@@ -103,6 +104,18 @@ impl Communicator for Local {
 pub fn shard_range(n: usize, rank: usize, world: usize) -> (usize, usize) {
     let world = world.max(1);
     (n * rank / world, n * (rank + 1) / world)
+}
+
+/// [`shard_range`] of a global batch of `n` that must split evenly (every rank trains on the
+/// same number of samples): an error naming `train.batch_size` otherwise.
+pub fn even_shard(n: usize, rank: usize, world: usize) -> Result<(usize, usize)> {
+    let world = world.max(1);
+    ensure!(
+        n.is_multiple_of(world),
+        "data parallel: a batch of {n} samples does not split evenly over {world} processes \
+         (train.batch_size is the global batch: make it a multiple of {world})"
+    );
+    Ok(shard_range(n, rank, world))
 }
 
 /// How this process was launched, from the launchers' environment: `mpirun` (Open MPI's
@@ -182,14 +195,19 @@ pub fn finalize() {
 }
 
 /// Ends a rank > 0 of a launched data-parallel run after training: rank 0 alone evaluates,
-/// reports and writes what follows, so the others leave (MPI finalized, exit status 0). Does
-/// nothing on rank 0 or in a single process.
-pub fn leave_if_worker(comm_rank: usize) {
+/// reports and writes what follows, so the others leave (MPI finalized, exit status 0); a rank
+/// thread of an in-process group gets [`WorkerDone`] to return instead. Does nothing on rank 0
+/// or in a single process.
+pub fn leave_if_worker(comm_rank: usize) -> Result<()> {
+    if comm_rank > 0 && THREAD_GROUP.with(|g| g.borrow().is_some()) {
+        return Err(WorkerDone.into());
+    }
     if comm_rank > 0 && Launch::from_env().is_ok_and(|l| l != Launch::Single) {
         eprintln!("data parallel: rank {comm_rank} done");
         finalize();
         std::process::exit(0);
     }
+    Ok(())
 }
 
 /// Call once at the start of `main`: joins the MPI group when launched by `mpirun` (an error,
@@ -228,6 +246,9 @@ pub fn init() -> Result<Guard> {
 /// The communicator a run on `device` uses: the MPI group of [`init`], a NCCL group on the GPU
 /// when launched for one, else [`Local`].
 pub fn connect(device: &Device) -> Result<Arc<dyn Communicator>> {
+    if let Some(g) = THREAD_GROUP.with(|g| g.borrow().clone()) {
+        return Ok(g);
+    }
     if let Some(c) = PROCESS_GROUP.get() {
         return Ok(c.clone());
     }
@@ -341,9 +362,11 @@ pub fn average_gradients(
     Ok(())
 }
 
-/// Ranks as threads of one process, for tests and single-machine checks: `ThreadGroup::new(n)`
-/// gives one communicator per rank, each to be moved to its own thread. Sums run in rank order,
-/// so every rank gets bit-identical results.
+/// Ranks as threads of one process (`run.cpu_ranks`, tests): `ThreadGroup::new(n)` gives one
+/// communicator per rank, each to be moved to its own thread (a clone is the same rank's handle,
+/// e.g. to [`ThreadGroup::abort`] the group from outside). Sums run in rank order, so every rank
+/// gets bit-identical results.
+#[derive(Clone)]
 pub struct ThreadGroup {
     rank: usize,
     shared: Arc<ThreadShared>,
@@ -352,7 +375,56 @@ pub struct ThreadGroup {
 struct ThreadShared {
     world: usize,
     slots: Mutex<Vec<Vec<f64>>>,
-    barrier: Barrier,
+    /// Each rank's f32 buffer of the tensor reduction in progress.
+    tensors: Mutex<Vec<Arc<Vec<f32>>>>,
+    barrier: AbortableBarrier,
+}
+
+/// A barrier that a failing rank can break: every wait then returns an error instead of
+/// blocking forever on a rank that will not come.
+struct AbortableBarrier {
+    world: usize,
+    /// (threads arrived in this round, round number, aborted)
+    state: Mutex<(usize, u64, bool)>,
+    cv: Condvar,
+}
+
+impl AbortableBarrier {
+    fn new(world: usize) -> Self {
+        Self {
+            world,
+            state: Mutex::new((0, 0, false)),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn wait(&self) -> Result<()> {
+        let broken = || anyhow::Error::new(GroupBroken);
+        let mut st = self.state.lock().expect("thread group poisoned");
+        if st.2 {
+            return Err(broken());
+        }
+        st.0 += 1;
+        if st.0 == self.world {
+            st.0 = 0;
+            st.1 += 1;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        let round = st.1;
+        while st.1 == round && !st.2 {
+            st = self.cv.wait(st).expect("thread group poisoned");
+        }
+        if st.1 == round {
+            return Err(broken());
+        }
+        Ok(())
+    }
+
+    fn abort(&self) {
+        self.state.lock().expect("thread group poisoned").2 = true;
+        self.cv.notify_all();
+    }
 }
 
 impl ThreadGroup {
@@ -361,7 +433,8 @@ impl ThreadGroup {
         let shared = Arc::new(ThreadShared {
             world,
             slots: Mutex::new(vec![vec![]; world]),
-            barrier: Barrier::new(world),
+            tensors: Mutex::new((0..world).map(|_| Arc::new(vec![])).collect()),
+            barrier: AbortableBarrier::new(world),
         });
         (0..world)
             .map(|rank| ThreadGroup {
@@ -374,7 +447,7 @@ impl ThreadGroup {
     fn reduce(&self, buf: &mut [f64], op: fn(f64, f64) -> f64) -> Result<()> {
         let s = &self.shared;
         s.slots.lock().expect("thread group poisoned")[self.rank] = buf.to_vec();
-        s.barrier.wait();
+        s.barrier.wait()?;
         {
             let slots = s.slots.lock().expect("thread group poisoned");
             ensure!(
@@ -386,9 +459,78 @@ impl ThreadGroup {
             }
         }
         // nobody overwrites a slot before everyone has read them all
-        s.barrier.wait();
-        Ok(())
+        s.barrier.wait()
     }
+
+    /// Breaks the group: every rank's next (or current) reduction fails instead of waiting for
+    /// this one. A rank that fails calls it, so that the others stop too.
+    pub fn abort(&self) {
+        self.shared.barrier.abort();
+    }
+}
+
+thread_local! {
+    /// The group of a rank thread ([`enter_thread_group`]); [`connect`] answers it.
+    static THREAD_GROUP: std::cell::RefCell<Option<Arc<ThreadGroup>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Makes `group` this thread's communicator: [`connect`] on this thread returns it, and
+/// [`leave_if_worker`] ends a rank > 0 with [`WorkerDone`] instead of exiting the process.
+pub fn enter_thread_group(group: Arc<ThreadGroup>) {
+    THREAD_GROUP.with(|g| *g.borrow_mut() = Some(group));
+}
+
+/// Whether this thread is a rank > 0 of an in-process group ([`enter_thread_group`]): its setup
+/// lines would repeat rank 0's ([`crate::rank0_eprintln`]).
+pub fn is_worker_thread() -> bool {
+    THREAD_GROUP.with(|g| g.borrow().as_ref().is_some_and(|g| g.rank > 0))
+}
+
+/// `eprintln!` except on the ranks > 0 of an in-process data-parallel group (`run.cpu_ranks`),
+/// whose setup lines (data, model, init) would repeat rank 0's.
+#[macro_export]
+macro_rules! rank0_eprintln {
+    ($($arg:tt)*) => {
+        if !$crate::dist::is_worker_thread() {
+            eprintln!($($arg)*);
+        }
+    };
+}
+
+/// What a rank > 0 of an in-process group ([`ThreadGroup`]) returns after training, where a
+/// launched rank would exit: rank 0 alone evaluates and reports. Not a failure.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerDone;
+
+impl std::fmt::Display for WorkerDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("data parallel: this rank's training is done (rank 0 reports)")
+    }
+}
+
+impl std::error::Error for WorkerDone {}
+
+/// What a rank of an in-process group gets from a reduction after another rank failed.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupBroken;
+
+impl std::fmt::Display for GroupBroken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("data parallel: another rank failed, so this one stopped")
+    }
+}
+
+impl std::error::Error for GroupBroken {}
+
+/// Whether `e` (or an error it wraps) is [`WorkerDone`].
+pub fn is_worker_done(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<WorkerDone>())
+}
+
+/// Whether `e` (or an error it wraps) is [`GroupBroken`].
+pub fn is_group_broken(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<GroupBroken>())
 }
 
 impl Communicator for ThreadGroup {
@@ -406,6 +548,30 @@ impl Communicator for ThreadGroup {
     }
     fn all_reduce_max(&self, buf: &mut [f64]) -> Result<()> {
         self.reduce(buf, f64::max)
+    }
+    /// The gradients' reduction without the f64 round trip of [`Self::all_reduce_sum_f32`]: each
+    /// rank shares its f32 buffer and sums all of them in rank order (the same f32 values).
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        let mine = Arc::new(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        let n = mine.len();
+        let s = &self.shared;
+        s.tensors.lock().expect("thread group poisoned")[self.rank] = mine;
+        s.barrier.wait()?;
+        let all: Vec<Arc<Vec<f32>>> = s.tensors.lock().expect("thread group poisoned").clone();
+        ensure!(
+            all.iter().all(|v| v.len() == n),
+            "thread group: ranks reduce tensors of different sizes"
+        );
+        let mut sum = all[0].as_ref().clone();
+        for other in &all[1..] {
+            for (a, b) in sum.iter_mut().zip(other.iter()) {
+                *a += *b;
+            }
+        }
+        drop(all);
+        // nobody replaces a buffer before everyone has summed them all
+        s.barrier.wait()?;
+        Ok(Tensor::from_vec(sum, t.shape(), t.device())?)
     }
     fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
         // f32 sums in rank order, as an f32 all-reduce does (each partial sum rounded to f32)
@@ -538,6 +704,77 @@ mod tests {
             assert_eq!(gb, vec![1.0 / 3.0; 2]);
         }
         Ok(())
+    }
+
+    /// The tensor reduction of thread ranks is the f32 sum in rank order, bit for bit what the
+    /// f64-buffer path gives, on every rank, for values whose sum depends on the order.
+    #[test]
+    fn thread_group_tensor_sum_is_the_rank_order_f32_sum() -> Result<()> {
+        let values = |rank: usize| -> Vec<f32> {
+            (0..1000)
+                .map(|i| {
+                    ((i * 7919 + rank * 104_729) % 1000) as f32 * 1.0e-3 - 0.4 + rank as f32 * 1.0e7
+                })
+                .collect()
+        };
+        let handles: Vec<_> = ThreadGroup::new(3)
+            .into_iter()
+            .map(|c| {
+                std::thread::spawn(move || -> Result<(Vec<f32>, Vec<f32>)> {
+                    let mine = values(c.rank());
+                    let t = Tensor::from_vec(mine.clone(), (10, 100), &Device::Cpu)?;
+                    let summed = c.all_reduce_sum_tensor(&t)?;
+                    assert_eq!(summed.dims(), &[10, 100]);
+                    let mut flat = mine;
+                    c.all_reduce_sum_f32(&mut flat)?;
+                    Ok((summed.flatten_all()?.to_vec1::<f32>()?, flat))
+                })
+            })
+            .collect();
+        let want: Vec<f32> = (0..1000)
+            .map(|i| (values(0)[i] + values(1)[i]) + values(2)[i])
+            .collect();
+        for h in handles {
+            let (tensor, buffer) = h.join().unwrap()?;
+            assert_eq!(tensor, want);
+            assert_eq!(buffer, want);
+        }
+        Ok(())
+    }
+
+    /// A rank that fails breaks the group: the ranks already waiting in a reduction and those
+    /// that reach one later get [`GroupBroken`] instead of waiting forever.
+    #[test]
+    fn an_aborted_group_stops_the_waiting_ranks() {
+        let mut group = ThreadGroup::new(3);
+        let failing = group.pop().unwrap();
+        let handles: Vec<_> = group
+            .into_iter()
+            .map(|c| {
+                std::thread::spawn(move || {
+                    let mut v = vec![1.0];
+                    let first = c.all_reduce_sum(&mut v);
+                    let later = c.all_reduce_max(&mut v);
+                    (first, later)
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        failing.abort();
+        for h in handles {
+            let (first, later) = h.join().unwrap();
+            for r in [first, later] {
+                let e = r.unwrap_err();
+                assert!(is_group_broken(&e), "{e:#}");
+                assert!(!is_worker_done(&e));
+                assert!(e.to_string().contains("another rank failed"), "{e}");
+            }
+        }
+        let e = failing.all_reduce_sum(&mut [0.0]).unwrap_err();
+        assert!(
+            is_group_broken(&e.context("step 3")),
+            "the chain is searched"
+        );
     }
 
     #[test]

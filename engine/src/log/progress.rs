@@ -19,6 +19,8 @@ pub struct Progress {
     pos: AtomicU64,
     msg: Mutex<String>,
     bar: Option<ProgressBar>,
+    /// Counts but shows nothing ([`Progress::silent`]).
+    silent: bool,
 }
 
 impl Progress {
@@ -47,7 +49,17 @@ impl Progress {
             pos: AtomicU64::new(start),
             msg: Mutex::new(String::new()),
             bar,
+            silent: false,
         }
+    }
+
+    /// The same bar, never shown (a data-parallel rank other than 0: one bar per run).
+    pub fn silent(mut self) -> Self {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        self.silent = true;
+        self
     }
 
     /// Sets how many steps pass between plain (non-terminal) lines.
@@ -70,6 +82,7 @@ impl Progress {
         let pos = before + n;
         match &self.bar {
             Some(bar) => bar.inc(n),
+            None if self.silent => {}
             None => {
                 if pos / self.plain_every != before / self.plain_every || pos == self.total {
                     eprintln!("{}", self.plain_line(pos));
@@ -82,6 +95,7 @@ impl Progress {
     pub fn finish(&self, msg: &str) {
         match &self.bar {
             Some(bar) => bar.finish_with_message(msg.to_string()),
+            None if self.silent => {}
             None => {
                 let pos = self.pos.load(Ordering::Relaxed);
                 let secs = self.started.elapsed().as_secs_f64();

@@ -200,6 +200,13 @@ pub struct RunConfig {
     /// binary (`device::with_cpu_threads`, which also runs the work on one of them), before
     /// anything builds rayon's global pool.
     pub threads: usize,
+    /// Data parallel inside one CPU process: this many ranks, each a thread with its own
+    /// `threads / cpu_ranks` compute threads, its own copy of the model and its slice of every
+    /// global batch, gradients averaged before the clip (`crate::dist`; 1 = off; no effect on a
+    /// GPU: [`RunConfig::ranks_to_start`]). On 2 cores, two
+    /// single-thread ranks run the small models' steps faster than one rank on two threads (no
+    /// hand-off per kernel): BENCHMARKS.md "Data parallel in one CPU process".
+    pub cpu_ranks: usize,
     /// Optimizer steps between scalar logs (0 = never).
     pub log_every: u64,
     /// Optimizer steps between pictures (0 = only at the end).
@@ -242,6 +249,7 @@ impl Default for RunConfig {
             seed: 0,
             device: "cpu".into(),
             threads: 0,
+            cpu_ranks: 1,
             log_every: 10,
             image_every: 200,
             checkpoint_every_epochs: 1,
@@ -256,6 +264,22 @@ impl Default for RunConfig {
 }
 
 impl RunConfig {
+    /// The in-process ranks to start: `cpu_ranks` on the CPU; 1 on a GPU, where the key does
+    /// nothing (a CPU recipe runs on `run.device: cuda` unchanged; GPUs train data parallel with
+    /// scripts/launch_gpus.sh), said once on stderr.
+    pub fn ranks_to_start(&self) -> usize {
+        if self.device.trim() == "cpu" {
+            return self.cpu_ranks.max(1);
+        }
+        if self.cpu_ranks > 1 {
+            eprintln!(
+                "note: run.cpu_ranks {} applies to run.device cpu; `{}` trains as one rank",
+                self.cpu_ranks, self.device
+            );
+        }
+        1
+    }
+
     /// Rejects a `run.name` that is empty or leaves `run.output_dir` (a path separator or `..`),
     /// and bf16 precision off a GPU.
     pub fn validate(&self) -> Result<()> {
@@ -265,6 +289,9 @@ impl RunConfig {
                  are f32, and bf16 products composed on the CPU are slower, not faster)",
                 self.device
             );
+        }
+        if self.cpu_ranks == 0 {
+            bail!("run.cpu_ranks must be at least 1 (1 = one rank, no data parallelism)");
         }
         if let Some(name) = &self.name {
             if name.is_empty() {
@@ -292,6 +319,27 @@ impl RunConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `run.cpu_ranks`: 0 is refused naming the key; the ranks start on the CPU only.
+    #[test]
+    fn cpu_ranks_start_on_the_cpu_only() {
+        let run: RunConfig = serde_yaml_ng::from_str("cpu_ranks: 2\n").unwrap();
+        run.validate().unwrap();
+        assert_eq!(run.ranks_to_start(), 2);
+        let gpu = RunConfig {
+            device: "cuda:0".into(),
+            ..run.clone()
+        };
+        gpu.validate().unwrap();
+        assert_eq!(gpu.ranks_to_start(), 1);
+        assert_eq!(RunConfig::default().ranks_to_start(), 1);
+        let zero = RunConfig {
+            cpu_ranks: 0,
+            ..run
+        };
+        let e = zero.validate().unwrap_err().to_string();
+        assert!(e.contains("run.cpu_ranks must be at least 1"), "{e}");
+    }
 
     /// `run.precision: bf16` is read from YAML and refused off a GPU, naming the key.
     #[test]

@@ -82,6 +82,26 @@ pub trait BatchSource {
         epoch: usize,
         start_batch: usize,
     ) -> Box<dyn Iterator<Item = Result<Batch>> + '_>;
+    /// Rank `rank`'s share of each batch of [`BatchSource::epoch_batches`] among `world`
+    /// data-parallel ranks ([`dist::shard_range`]). Default: each whole batch, narrowed.
+    fn epoch_shard(
+        &self,
+        epoch: usize,
+        start_batch: usize,
+        rank: usize,
+        world: usize,
+    ) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
+        Box::new(
+            self.epoch_batches(epoch, start_batch)
+                .map(move |b| b.and_then(|b| shard_of(b, rank, world))),
+        )
+    }
+}
+
+/// Samples [`dist::even_shard`] of a loaded batch.
+fn shard_of(batch: Batch, rank: usize, world: usize) -> Result<Batch> {
+    let (start, end) = dist::even_shard(batch.indices.len(), rank, world)?;
+    batch.narrow(start, end)
 }
 
 impl BatchSource for DataLoader {
@@ -95,6 +115,22 @@ impl BatchSource for DataLoader {
         start_batch: usize,
     ) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
         Box::new(self.epoch(epoch, start_batch))
+    }
+
+    fn epoch_shard(
+        &self,
+        epoch: usize,
+        start_batch: usize,
+        rank: usize,
+        world: usize,
+    ) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
+        Box::new(DataLoader::epoch_shard(
+            self,
+            epoch,
+            start_batch,
+            rank,
+            world,
+        ))
     }
 }
 
@@ -424,24 +460,6 @@ impl<'a, O: Objective> Trainer<'a, O> {
         self.comm.rank() == 0
     }
 
-    /// This rank's samples of a global batch ([`dist::shard_range`]); the batch itself in one
-    /// process.
-    fn my_shard(&self, batch: Batch) -> Result<Batch> {
-        let w = self.comm.world_size();
-        if w == 1 {
-            return Ok(batch);
-        }
-        let b = batch.indices.len();
-        if !b.is_multiple_of(w) {
-            bail!(
-                "data parallel: a batch of {b} samples does not split evenly over {w} processes \
-                 (train.batch_size is the global batch: make it a multiple of {w})"
-            );
-        }
-        let (start, end) = dist::shard_range(b, self.comm.rank(), w);
-        batch.narrow(start, end)
-    }
-
     /// Trains on `train_loader` until `train.epochs` (or `train.max_steps`), evaluating on
     /// `eval_loader` every `run.eval_every_epochs`.
     pub fn fit(
@@ -494,7 +512,18 @@ impl<'a, O: Objective> Trainer<'a, O> {
                     (steps_per_epoch as u64).min(stop_at - epoch_start),
                     self.step - epoch_start,
                 );
-                let mut batches = train_src.epoch_batches(self.epoch, self.batch_in_epoch);
+                // one bar per run: rank 0's
+                let progress = if self.writer() {
+                    progress
+                } else {
+                    progress.silent()
+                };
+                let (rank, world) = (self.comm.rank(), self.comm.world_size());
+                let mut batches = if world > 1 {
+                    train_src.epoch_shard(self.epoch, self.batch_in_epoch, rank, world)
+                } else {
+                    train_src.epoch_batches(self.epoch, self.batch_in_epoch)
+                };
                 while self.batch_in_epoch + accum <= used_batches && self.step < stop_at {
                     let (loss, norm, lr, metrics, images) =
                         self.one_step(batches.as_mut(), &sched, bpe)?;
@@ -524,13 +553,15 @@ impl<'a, O: Objective> Trainer<'a, O> {
             self.write_curves(&sched)?;
         }
         self.tb.flush()?;
-        eprintln!(
-            "{}: {} steps in {:.1}s, run folder {}",
-            self.objective.name(),
-            self.step,
-            started.elapsed().as_secs_f64(),
-            self.run_dir.root().display()
-        );
+        if self.writer() {
+            eprintln!(
+                "{}: {} steps in {:.1}s, run folder {}",
+                self.objective.name(),
+                self.step,
+                started.elapsed().as_secs_f64(),
+                self.run_dir.root().display()
+            );
+        }
         Ok(TrainSummary {
             run_dir: self.run_dir.root().to_path_buf(),
             steps: self.step,
@@ -573,7 +604,6 @@ impl<'a, O: Objective> Trainer<'a, O> {
                         self.batch_in_epoch, self.epoch
                     )
                 })?;
-            let batch = self.my_shard(batch).with_context(|| format!("step {n}"))?;
             let seed = if k == 0 {
                 mix_seed(self.run.seed, &[n])
             } else {

@@ -84,7 +84,7 @@ impl TrainSession<'_> {
         // ranks > 0 of a data-parallel run stop here; rank 0 reports and evaluates
         let rank = trainer.rank();
         drop(trainer);
-        crate::dist::leave_if_worker(rank);
+        crate::dist::leave_if_worker(rank)?;
         println!(
             "done: {} steps in {:.1}s, loss {:.4} -> {:.4}; run folder {}",
             summary.steps,

@@ -70,7 +70,7 @@ pub fn write_report(
     );
     report.write(dir, stem, names, &title)?;
     eprint!("{}", report.summary(names));
-    eprintln!(
+    mimlab_engine::rank0_eprintln!(
         "wrote {}",
         dir.join(format!("{stem}_confusion.png")).display()
     );
@@ -89,7 +89,7 @@ pub fn finetune_classifier(
     let train_ds = session
         .train_dataset(model.img_size, model.in_chans)
         .context("building the finetuning dataset")?;
-    eprintln!("data: {}", train_ds.describe());
+    mimlab_engine::rank0_eprintln!("data: {}", train_ds.describe());
     let names = class_names(&train_ds, model.num_classes)?;
     // train_loader refuses a split smaller than one batch
     let loader = session.train_loader(train_ds)?;
@@ -100,13 +100,13 @@ pub fn finetune_classifier(
         model.img_size,
         model.in_chans,
     )?;
-    eprintln!("eval: {}", evals.dataset().describe());
+    mimlab_engine::rank0_eprintln!("eval: {}", evals.dataset().describe());
 
     let mut objective = ClassifyObjective::new(model, cfg, session.run.seed, device)?;
     match init {
         Some(src) => {
             let r = objective.load_backbone(&src.weights)?;
-            eprintln!(
+            mimlab_engine::rank0_eprintln!(
                 "init: loaded {} backbone tensors from {} ({:?} layout), head {} newly initialized",
                 r.loaded,
                 src.weights.display(),
@@ -115,11 +115,11 @@ pub fn finetune_classifier(
             );
         }
         None if session.start.resumed().is_none() => {
-            eprintln!("init: none (training from scratch)")
+            mimlab_engine::rank0_eprintln!("init: none (training from scratch)")
         }
         None => {}
     }
-    eprintln!(
+    mimlab_engine::rank0_eprintln!(
         "model: {} params, {} classes, layer decay {}",
         model.num_params(),
         model.num_classes,
@@ -161,7 +161,7 @@ pub fn evaluate_weights(
          or use `mimlab probe` for a backbone",
         src.weights.display()
     );
-    eprintln!(
+    mimlab_engine::rank0_eprintln!(
         "eval: {} with {}",
         loader.dataset().describe(),
         src.weights.display()

@@ -88,7 +88,7 @@ pub fn finetune_detector(
         true,
     )
     .context("building the detection training set")?;
-    eprintln!("data: {}", train_ds.describe());
+    mimlab_engine::rank0_eprintln!("data: {}", train_ds.describe());
     check_classes(&cfg, &train_ds)?;
     let train_dyn: Arc<dyn Dataset> = train_ds;
     let loader = session.train_loader(train_dyn)?.pad_to_multiple(pad);
@@ -100,7 +100,7 @@ pub fn finetune_detector(
         false,
     )
     .context("building the detection eval set")?;
-    eprintln!("eval: {}", eval_ds.describe());
+    mimlab_engine::rank0_eprintln!("eval: {}", eval_ds.describe());
     let evals = eval_loader(
         eval_ds.clone(),
         session.data,
@@ -118,7 +118,7 @@ pub fn finetune_detector(
         "neck and head",
         |w| objective.load_backbone(w),
     )?;
-    eprintln!(
+    mimlab_engine::rank0_eprintln!(
         "model: FCOS on Swin-V2 ({} backbone params), neck {:?} {} ch, head {} convs x {} ch, {} \
          classes, layer decay {}",
         model.num_params(),
@@ -185,6 +185,6 @@ pub fn write_report(e: &DetEval, dir: &Path, ds: &DetectionDataset, stem: &str) 
     let dets = dir.join("detections.json");
     save_results(&dets, &e.results)?;
     eprint!("{}", e.summary());
-    eprintln!("wrote {} and {}", json_path.display(), dets.display());
+    mimlab_engine::rank0_eprintln!("wrote {} and {}", json_path.display(), dets.display());
     Ok(())
 }

@@ -72,7 +72,7 @@ pub fn finetune_segmentor(
     let data = session.data;
     let train_ds = segmentation_dataset(data, Split::Train, model.img_size, model.in_chans, true)
         .context("building the segmentation training set")?;
-    eprintln!("data: {}", train_ds.describe());
+    mimlab_engine::rank0_eprintln!("data: {}", train_ds.describe());
     check_classes(section, &train_ds)?;
     let train_dyn: Arc<dyn Dataset> = train_ds;
     let loader = session
@@ -80,7 +80,7 @@ pub fn finetune_segmentor(
         .pad_to_multiple(model.size_multiple().max(1));
     let eval_ds = segmentation_dataset(data, Split::Eval, model.img_size, model.in_chans, false)
         .context("building the segmentation eval set")?;
-    eprintln!("eval: {}", eval_ds.describe());
+    mimlab_engine::rank0_eprintln!("eval: {}", eval_ds.describe());
     let evals = eval_loader(
         eval_ds.clone(),
         data,
@@ -96,7 +96,7 @@ pub fn finetune_segmentor(
         objective.load_backbone(w)
     })?;
     let d = &section.decode_head;
-    eprintln!(
+    mimlab_engine::rank0_eprintln!(
         "model: {:?} on Swin-V2 ({} backbone params), {} ch, {} classes, aux {}, layer decay {}",
         section.head,
         model.num_params(),
@@ -202,6 +202,6 @@ pub fn write_report(e: &SegEval, dir: &Path, stem: &str) -> Result<()> {
     let json = serde_json::to_string_pretty(&e.to_json())? + "\n";
     write_atomic(&path, json.as_bytes())?;
     eprint!("{}", e.summary());
-    eprintln!("wrote {}", path.display());
+    mimlab_engine::rank0_eprintln!("wrote {}", path.display());
     Ok(())
 }

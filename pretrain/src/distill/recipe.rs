@@ -25,7 +25,7 @@ pub fn distill(
     student.num_classes = 0;
     let teacher = Teacher::load(teacher_path, cfg.teacher_model.as_ref(), cfg.whiten, device)?;
     let tcfg = teacher.config().clone();
-    eprintln!(
+    mimlab_engine::rank0_eprintln!(
         "teacher: {} ({} params, {}px, {} features)",
         teacher.weights().display(),
         tcfg.num_params(),
@@ -36,7 +36,7 @@ pub fn distill(
     let dataset = session
         .train_dataset(student.img_size, student.in_chans)
         .context("building the distillation dataset")?;
-    eprintln!("data: {}", dataset.describe());
+    mimlab_engine::rank0_eprintln!("data: {}", dataset.describe());
     session.check_batch_size(dataset.as_ref())?;
     let opts = session.loader_options();
     let map = student_map(&student);
@@ -73,7 +73,7 @@ pub fn distill(
             )
             .fixed_augmentation();
             let cache = FeatureCache::open_or_build(dir, &build, &teacher, map, header, device)?;
-            eprintln!(
+            mimlab_engine::rank0_eprintln!(
                 "feature cache: {} ({} samples, fixed crops)",
                 dir.display(),
                 cache.header.num_samples
@@ -83,7 +83,7 @@ pub fn distill(
         }
     };
     let mut objective = DistillObjective::new(&student, cfg, targets, session.run.seed, device)?;
-    eprintln!(
+    mimlab_engine::rank0_eprintln!(
         "student: {} params, {:.2} GFLOPs/image (forward), map {}x{}",
         student.num_params(),
         student.flops() as f64 / 1e9,

@@ -17,11 +17,11 @@ pub fn pretrain_simmim(
     let dataset = session
         .train_dataset(model.img_size, model.in_chans)
         .context("building the pretraining dataset")?;
-    eprintln!("data: {}", dataset.describe());
+    mimlab_engine::rank0_eprintln!("data: {}", dataset.describe());
     let loader = session.train_loader(dataset)?;
     let mut objective =
         SimMimObjective::new(model, simmim, session.data, session.run.seed, device)?;
-    eprintln!(
+    mimlab_engine::rank0_eprintln!(
         "model: {} params, {:.2} GFLOPs/image (forward)",
         model.num_params(),
         model.flops() as f64 / 1e9
