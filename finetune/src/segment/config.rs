@@ -136,6 +136,11 @@ pub struct SegmentSection {
     pub slide_stride: Option<usize>,
     /// Cross-entropy class weights (null: all 1).
     pub class_weight: Option<Vec<f64>>,
+    /// Inference subtracts `ln class_weight[c]` from class `c`'s logits: the weighted loss
+    /// trains the softmax towards `w_c p_c / sum_k w_k p_k`, and this undoes that prior (logit
+    /// adjustment, Menon et al. 2021) so the argmax is the unweighted one again. Not in mmseg;
+    /// needs `class_weight`, every weight above 0. Training is unchanged.
+    pub logit_adjust: bool,
 }
 
 impl SegmentSection {
@@ -171,6 +176,14 @@ impl SegmentSection {
             ensure!(
                 w.iter().all(|v| v.is_finite() && *v >= 0.0),
                 "segment.class_weight values must be >= 0"
+            );
+        }
+        if self.logit_adjust {
+            let w = self.class_weight.as_deref().unwrap_or_default();
+            ensure!(
+                !w.is_empty() && w.iter().all(|&v| v > 0.0),
+                "segment.logit_adjust needs segment.class_weight with every weight above 0, got {:?}",
+                self.class_weight
             );
         }
         Ok(())

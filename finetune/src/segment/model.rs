@@ -62,6 +62,8 @@ pub struct Segmentor {
     aux: Option<FcnHead>,
     section: SegmentSection,
     class_weight: Option<Tensor>,
+    /// `-ln class_weight` as `[1, C, 1, 1]`, added to eval logits (`segment.logit_adjust`).
+    logit_offset: Option<Tensor>,
 }
 
 impl Segmentor {
@@ -110,12 +112,20 @@ impl Segmentor {
             }
             None => None,
         };
+        let logit_offset = match (&section.class_weight, section.logit_adjust) {
+            (Some(w), true) => {
+                let o: Vec<f32> = w.iter().map(|&v| -(v.ln()) as f32).collect();
+                Some(Tensor::from_vec(o, (1, d.num_classes, 1, 1), &dev)?)
+            }
+            _ => None,
+        };
         Ok(Self {
             backbone: net,
             head,
             aux,
             section: section.clone(),
             class_weight,
+            logit_offset,
         })
     }
 
@@ -187,7 +197,7 @@ impl Segmentor {
         match self.section.test_mode {
             TestMode::Whole => {
                 let (_, _, h, w) = images.dims4()?;
-                Ok(resize_bilinear(&out.main, h, w)?)
+                self.eval_logits(&out.main, h, w)
             }
             TestMode::Slide => self.slide(images),
         }
@@ -196,7 +206,17 @@ impl Segmentor {
     fn whole(&self, images: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = images.dims4()?;
         let (out, _) = self.forward(images, false)?;
-        Ok(resize_bilinear(&out.main, h, w)?)
+        self.eval_logits(&out.main, h, w)
+    }
+
+    /// The decode head's logits upsampled to `h x w`, with the `logit_adjust` offsets (a
+    /// per-class constant, so adding it before the bilinear resize is the same as after).
+    fn eval_logits(&self, main: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+        let main = match &self.logit_offset {
+            Some(o) => main.broadcast_add(o)?,
+            None => main.clone(),
+        };
+        Ok(resize_bilinear(&main, h, w)?)
     }
 
     /// mmseg `slide_inference` with `crop = img_size` and the configured stride; windows smaller
@@ -355,6 +375,58 @@ pub(crate) mod tests {
             assert!(data.contains_key(want), "{names:?}");
             assert!(data.contains_key("auxiliary_head.convs.0.conv.weight"));
         }
+        Ok(())
+    }
+
+    /// `logit_adjust`: eval logits move by `-ln w_c` per class (whole and slide), the training
+    /// forward and loss do not; a zero weight or no weights are refused, naming the key.
+    #[test]
+    fn logit_adjust_offsets_eval_logits_only() -> Result<()> {
+        let build = |adjust: bool, mode: TestMode| -> Result<Segmentor> {
+            let vm = VarMap::new();
+            let vb = seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
+            let mut section = tiny_section(HeadKind::Upernet);
+            section.class_weight = Some(vec![0.25, 1.0, 2.0]);
+            section.logit_adjust = adjust;
+            section.test_mode = mode;
+            section.slide_stride = Some(32);
+            Segmentor::new(
+                &tiny_backbone(MoeConfig::default())?,
+                &section,
+                SharedRng::new(0),
+                vb,
+            )
+        };
+        let x = images(64, 96)?;
+        for mode in [TestMode::Whole, TestMode::Slide] {
+            let (plain, adj) = (build(false, mode)?, build(true, mode)?);
+            let diff = (adj.infer(&x)? - plain.infer(&x)?)?;
+            for (c, w) in [0.25f32, 1.0, 2.0].into_iter().enumerate() {
+                let d = diff.narrow(1, c, 1)?.flatten_all()?.to_vec1::<f32>()?;
+                let (lo, hi) = d
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                assert!(
+                    (lo + w.ln()).abs() < 1e-5 && (hi + w.ln()).abs() < 1e-5,
+                    "{mode:?} class {c}: {lo}..{hi}"
+                );
+            }
+            let l = |m: &Segmentor| -> Result<f32> {
+                let (out, _) = m.forward(&images(64, 64)?, false)?;
+                Ok(m.loss(&out, &labels(64, 64)?)?.total.to_scalar::<f32>()?)
+            };
+            assert_eq!(l(&plain)?, l(&adj)?);
+        }
+        let mut section = tiny_section(HeadKind::Upernet);
+        section.logit_adjust = true;
+        let e = section.validate(4).unwrap_err().to_string();
+        assert!(
+            e.contains("segment.logit_adjust") && e.contains("None"),
+            "{e}"
+        );
+        section.class_weight = Some(vec![0.0, 1.0, 1.0]);
+        let e = section.validate(4).unwrap_err().to_string();
+        assert!(e.contains("segment.logit_adjust"), "{e}");
         Ok(())
     }
 

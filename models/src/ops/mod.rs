@@ -21,6 +21,7 @@ mod load_importance;
 mod mask_token;
 mod moe_experts;
 mod normalize;
+mod pixel_cross_entropy;
 mod residual;
 mod softmax;
 mod window_softmax;
@@ -63,6 +64,7 @@ pub mod probe {
 }
 pub use mask_token::mask_token;
 pub use normalize::{normalize, normalize_groups};
+pub use pixel_cross_entropy::pixel_cross_entropy;
 pub use residual::residual;
 pub use softmax::softmax_last;
 pub use window_softmax::{window_logits, window_softmax};
