@@ -59,7 +59,8 @@ finetune() { # arm seed
   local arm=$1 seed=$2 name="seg-$1-s$2" args=()
   local dir="$OUT/$name" head=${1%-*} init=${1#*-}
   if finished "$dir"; then echo "skip $name (done)"; return; fi
-  if [ "$PARALLEL" -gt 1 ]; then args+=(--set run.threads=1 --set data.num_workers=1); fi
+  # side by side: one thread and one rank each (the recipe trains as two ranks on its own)
+  if [ "$PARALLEL" -gt 1 ]; then args+=(--set run.threads=1 --set run.cpu_ranks=1 --set data.num_workers=1); fi
   local t0
   t0=$(date +%s)
   if resumable "$dir"; then
