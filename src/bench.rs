@@ -88,9 +88,10 @@ const DETECT_RECIPE: &str = "configs/detect/swinv2_nano_digits_det.yaml";
 const DETECT_ROWS: (usize, [usize; 2]) = (128, [8, 16]);
 
 /// The recipe whose segmentor (`model:` and `segment:` sections) the `segment/` rows run:
-/// swinv2_nano with window 8, UPerNet of 32 channels on the four stages with pool scales 1, 2, 4
-/// and the 32-channel auxiliary FCN head on stage 2, 11 classes; the `segformer` rows swap the
-/// decode head for the light one at the same width.
+/// swinv2_nano with window 8, UPerNet of 32 channels on the four stages with pool scales 1, 2, 4,
+/// 11 classes; the `segformer` rows swap the decode head for the light one at the same width. The
+/// rows keep mmseg's 32-channel auxiliary FCN head on stage 2 (weight 0.4) and dropout 0.1,
+/// which the recipe has dropped since, as `scripts/bench_pytorch.py` builds them.
 const SEGMENT_RECIPE: &str = "configs/segment/swinv2_nano_digits_seg.yaml";
 
 /// Segmentation rows: the recipe's image size, its batch 16 and batch 8.
@@ -348,10 +349,16 @@ fn detector(img: usize, dev: &Device) -> Result<(VarMap, FcosDetector)> {
 fn segmentor(img: usize, head: HeadKind, dev: &Device) -> Result<(VarMap, Segmentor)> {
     let path = recipe_path(SEGMENT_RECIPE);
     let exp = Experiment::load(Some(&path), &[format!("model.img_size={img}")])?;
-    let section = mimlab_finetune::segment::SegmentSection {
+    let mut section = mimlab_finetune::segment::SegmentSection {
         head,
+        auxiliary_head: mimlab_finetune::segment::AuxHeadConfig {
+            stage: Some(2),
+            channels: 32,
+            weight: 0.4,
+        },
         ..exp.segment
     };
+    section.decode_head.dropout = 0.1;
     let vm = VarMap::new();
     let model = Segmentor::new(
         &exp.model,

@@ -27,6 +27,6 @@ pub mod recipe;
 pub mod segformer_head;
 pub mod upernet;
 
-pub use config::{HeadKind, SegmentSection};
+pub use config::{AuxHeadConfig, HeadKind, SegmentSection};
 pub use model::Segmentor;
 pub use objective::SegmentObjective;
