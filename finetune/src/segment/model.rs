@@ -213,7 +213,7 @@ impl Segmentor {
     /// per-class constant, so adding it before the bilinear resize is the same as after).
     fn eval_logits(&self, main: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         let main = match &self.logit_offset {
-            Some(o) => main.broadcast_add(o)?,
+            Some(o) => main.broadcast_add(&o.to_dtype(main.dtype())?)?,
             None => main.clone(),
         };
         Ok(resize_bilinear(&main, h, w)?)

@@ -133,7 +133,7 @@ impl PixelCe {
     }
 
     /// `dx` of image `b` for the upstream gradient `g`: `g w_y (softmax - onehot(y))` per pixel,
-    /// 0 where the pixel is ignored.
+    /// 0 where the pixel is ignored; subnormal entries are 0.
     fn image_grad<T: Real>(&self, b: usize, x: &[T], g: f64, dx: &mut [T]) {
         let (c, hw) = (self.classes, self.spatial);
         let y = &self.targets[b * hw..(b + 1) * hw];
@@ -155,7 +155,9 @@ impl PixelCe {
                     &mut dx[k * hw + p0..k * hw + p0 + n],
                 );
                 for (((d, &v), &m), &s) in ds.iter_mut().zip(xs).zip(&lse[..n]).zip(&scale[..n]) {
-                    *d = s * (v - m).exp_fast();
+                    // a probability near e^-87 times a small scale is subnormal: 0 instead, so
+                    // that the products downstream (the upsampling's backward) meet none
+                    *d = (s * (v - m).exp_fast()).flush_subnormal();
                 }
             }
             for (i, &t) in y[p0..p0 + n].iter().enumerate() {
@@ -294,6 +296,16 @@ mod tests {
                 }
             }
         }
+        // far-apart logits: probabilities down to e^-87 times a 1e-3 scale are flushed, not
+        // subnormal, and the kept entries are as before
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 60.0, (2, 4, 8, 8), &dev)?))?;
+        let t: Vec<u32> = (0..128).map(|i| (i % 4) as u32).collect();
+        let g = (pixel_cross_entropy(&x, &t, 255, None)? * 1e-3)?.backward()?;
+        let g = g.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?;
+        assert!(g
+            .iter()
+            .all(|v| v.is_finite() && (*v == 0.0 || v.abs() >= f32::MIN_POSITIVE)));
+        assert!(g.contains(&0.0) && g.iter().any(|&v| v != 0.0));
         let x = Tensor::zeros((1, 3, 2, 2), DType::F32, &dev)?;
         let e = pixel_cross_entropy(&x, &[0, 1, 9, 255], 255, None).unwrap_err();
         assert!(e.to_string().contains("label 9"), "{e}");
