@@ -1284,14 +1284,15 @@ fn detection_finetune_then_eval_on_digits_det() {
         "run.eval_every_epochs=1",
         "run.image_every=0",
     ];
-    let mut args = vec![
-        "finetune",
-        "--config",
-        "configs/detect/swinv2_nano_digits_det.yaml",
-    ];
-    for s in &sets {
-        args.extend(["--set", s]);
-    }
+    let sets = sets.map(String::from);
+    let args = with_sets(
+        &[
+            "finetune",
+            "--config",
+            "configs/detect/swinv2_nano_digits_det.yaml",
+        ],
+        &sets,
+    );
     ok(&args);
     let run = dir.path().join("det");
     let read = |p: PathBuf| -> serde_json::Value {
@@ -1362,14 +1363,15 @@ fn detection_finetune_as_two_cpu_ranks_then_resume_as_one() {
         "run.best_metric=null",
         "run.image_every=0",
     ];
-    let mut args = vec![
-        "finetune",
-        "--config",
-        "configs/detect/swinv2_nano_digits_det.yaml",
-    ];
-    for s in &sets {
-        args.extend(["--set", s]);
-    }
+    let sets = sets.map(String::from);
+    let args = with_sets(
+        &[
+            "finetune",
+            "--config",
+            "configs/detect/swinv2_nano_digits_det.yaml",
+        ],
+        &sets,
+    );
     let run_out = mimlab(&args);
     let stdout = String::from_utf8_lossy(&run_out.stdout);
     let stderr = String::from_utf8_lossy(&run_out.stderr);
@@ -1447,14 +1449,15 @@ fn segmentation_finetune_eval_and_metrics_agree_on_digits_seg() {
         "run.eval_every_epochs=1",
         "run.image_every=0",
     ];
-    let mut args = vec![
-        "finetune",
-        "--config",
-        "configs/segment/swinv2_nano_digits_seg.yaml",
-    ];
-    for s in &sets {
-        args.extend(["--set", s]);
-    }
+    let sets = sets.map(String::from);
+    let args = with_sets(
+        &[
+            "finetune",
+            "--config",
+            "configs/segment/swinv2_nano_digits_seg.yaml",
+        ],
+        &sets,
+    );
     ok(&args);
     let run = dir.path().join("seg");
     let read = |p: PathBuf| -> serde_json::Value {

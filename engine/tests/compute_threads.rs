@@ -2,6 +2,8 @@
 //! test must be the first (and only) user of it.
 use mimlab_engine::device::with_cpu_threads;
 
+mod common;
+
 #[test]
 fn with_cpu_threads_runs_on_a_compute_thread_with_a_deep_stack() {
     assert_eq!(
@@ -12,15 +14,10 @@ fn with_cpu_threads_runs_on_a_compute_thread_with_a_deep_stack() {
     let (index, depth) = with_cpu_threads(2, || {
         // 8 MiB of frames: more than rayon's default 2 MiB stack holds (candle's backward walks
         // the graph recursively on this thread).
-        fn recurse(n: usize) -> usize {
-            let pad = std::hint::black_box([0u8; 1024]);
-            if n == 0 {
-                pad[0] as usize
-            } else {
-                1 + recurse(n - 1) + pad[1] as usize
-            }
-        }
-        (rayon::current_thread_index(), recurse(8 * 1024))
+        (
+            rayon::current_thread_index(),
+            common::deep_recursion(8 * 1024),
+        )
     })
     .unwrap();
     assert!(index.is_some(), "the closure ran off the pool");

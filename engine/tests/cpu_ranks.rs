@@ -7,6 +7,8 @@ use candle_core::Device;
 use mimlab_engine::device::with_cpu_ranks;
 use mimlab_engine::dist::{connect, is_worker_done, WorkerDone};
 
+mod common;
+
 /// Two ranks of one thread each on a 2-thread budget: each runs `f` on a compute thread of its
 /// own pool (one thread, deep stack), where `connect` answers its rank of a 2-rank "threads"
 /// group whose reductions work; rank 0's value is returned and rank 1's `WorkerDone` is not an
@@ -27,15 +29,7 @@ fn ranks_run_on_their_own_threads_and_a_failure_stops_them_all() -> Result<()> {
             "off the rank's pool"
         );
         // deep recursion, as candle's backward does on this thread
-        fn recurse(n: usize) -> usize {
-            let pad = std::hint::black_box([0u8; 1024]);
-            if n == 0 {
-                pad[0] as usize
-            } else {
-                1 + recurse(n - 1) + pad[1] as usize
-            }
-        }
-        assert_eq!(recurse(8 * 1024), 8 * 1024);
+        assert_eq!(common::deep_recursion(8 * 1024), 8 * 1024);
         let mut v = [comm.rank() as f64 + 1.0];
         comm.all_reduce_sum(&mut v)?;
         let name = std::thread::current().name().unwrap_or("").to_string();

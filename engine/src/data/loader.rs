@@ -581,13 +581,13 @@ mod tests {
             self.0.get(index, rng)
         }
         fn channels(&self) -> usize {
-            1
+            self.0.channels()
         }
         fn num_classes(&self) -> Option<usize> {
-            Some(3)
+            self.0.num_classes()
         }
         fn class_names(&self) -> Option<Vec<String>> {
-            None
+            self.0.class_names()
         }
         fn describe(&self) -> String {
             self.0.describe()
