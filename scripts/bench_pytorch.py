@@ -80,6 +80,9 @@ HPARAMS = {
     "swinv2_micro": (48, (2, 2, 6, 2), (2, 4, 8, 16), 8, 0.1),
     "swinv2_tiny_window8_256": (96, (2, 2, 6, 2), (3, 6, 12, 24), 8, 0.2),
 }
+# the gemm/ rows: one f32 product of two square matrices of this side (the GEMM peak; mimlab
+# prints every row with a FLOP count as a share of its fastest gemm row)
+GEMM_SIDE = 2048
 MOE_TOKENS = (64, 8, 96, 384)  # images, side, channels, hidden
 # detection rows: image size and batches as src/bench.rs DETECT_ROWS; the detector of
 # configs/detect/swinv2_nano_digits_det.yaml with the defaults of finetune/src/detect/fcos_head.rs
@@ -104,6 +107,9 @@ def specs():
                 for task in ("inference", "finetune", "simmim"):
                     out.append(dict(name=f"{preset}/{task}", preset=preset, task=task,
                                     batch=batch, img=img))
+    for task in ("matmul", "linear"):
+        out.append(dict(name=f"gemm/{task}_{GEMM_SIDE}", preset="", task=f"gemm_{task}",
+                        batch=1, img=0))
     b, side, _, _ = MOE_TOKENS
     out.append(dict(name="mlp/dense", preset="", task="dense", batch=b, img=side * 4))
     out.append(dict(name="mlp/moe_e8_top1", preset="", task="moe", batch=b, img=side * 4))
@@ -551,6 +557,18 @@ def main():
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            return step
+        if task in ("gemm_matmul", "gemm_linear"):
+            a = torch.randn(GEMM_SIDE, GEMM_SIDE, generator=g)
+            w = torch.randn(GEMM_SIDE, GEMM_SIDE, generator=g)
+            bias = torch.zeros(GEMM_SIDE)
+
+            def step():
+                with torch.inference_mode():
+                    if task == "gemm_matmul":
+                        torch.mm(a, w)
+                    else:
+                        F.linear(a, w, bias)
             return step
         if task in ("dense", "moe"):
             n, side, c, hid = MOE_TOKENS

@@ -1,7 +1,8 @@
 //! Benchmark recipe of `mimlab bench`: the rows (inference, a finetuning step and a SimMIM
 //! pretraining step for the CPU presets and `swinv2_tiny_window8_256`, the MoE MLP and one Swin-V2
 //! block alone, a training step and inference of the digits-det FCOS detector and of the
-//! digits-seg segmentors, UPerNet and the light SegFormer head), their selection by filter,
+//! digits-seg segmentors, UPerNet and the light SegFormer head; two square f32 GEMMs, the run's
+//! GEMM peak that the rows with a FLOP count are given a share of), their selection by filter,
 //! running them and the JSON report.
 //! `scripts/bench_pytorch.py` measures the same rows with PyTorch + timm.
 //!
@@ -12,7 +13,7 @@ use std::path::Path;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use mimlab_engine::bench::{measure, Iters, Report, Row};
+use mimlab_engine::bench::{measure, Iters, Report, Row, GEMM_PREFIX};
 use mimlab_engine::data::ObjectBox;
 use mimlab_engine::device::{
     device_name, peak_device_memory_mib, reset_peak_device_memory, with_cpu_threads,
@@ -57,6 +58,11 @@ enum Task {
     /// The same segmentor: eval forward, logits upsampled to the input and the argmax, as
     /// evaluation does.
     SegmentInference(HeadKind),
+    /// One f32 product of two `[n, n]` matrices: candle's `matmul` (the gemm crate's own split
+    /// over the threads) or, `linear`, [`mimlab_models::ops::linear`] (single-threaded gemms on
+    /// row blocks, bias as the initial output). The fastest is the run's GEMM peak
+    /// ([`mimlab_engine::bench::gemm_peak`]).
+    Gemm { n: usize, linear: bool },
 }
 
 /// One row of the table: `name` is `preset/task`, `layer/variant` or `detect/model/task`.
@@ -75,6 +81,9 @@ const PRESETS: &[(&str, [usize; 2], [usize; 2])] = &[
     ("swinv2_micro", [64, 128], [8, 16]),
     ("swinv2_tiny_window8_256", [128, 256], [4, 8]),
 ];
+
+/// Side of the `gemm/` rows' square matrices: 17.2 GFLOP per product, ~0.1 s on 2 cores.
+const GEMM_SIDE: usize = 2048;
 
 /// MoE rows: 64 images of 8x8 tokens at 96 channels (hidden 384), like the MoE bench.
 const MOE_TOKENS: (usize, usize, usize, usize) = (64, 8, 96, 384);
@@ -117,6 +126,18 @@ fn specs() -> Vec<Spec> {
                 }
             }
         }
+    }
+    for (linear, n) in [(false, "matmul"), (true, "linear")] {
+        out.push(Spec {
+            name: format!("{GEMM_PREFIX}{n}_{GEMM_SIDE}"),
+            preset: "",
+            task: Task::Gemm {
+                n: GEMM_SIDE,
+                linear,
+            },
+            batch: 1,
+            img: 0,
+        });
     }
     let (b, side, _, _) = MOE_TOKENS;
     for (task, n) in [
@@ -197,6 +218,22 @@ impl Spec {
     pub fn key(&self) -> String {
         Row::key(&self.name, self.img, self.batch)
     }
+
+    /// GFLOP of one iteration where the row has an analytic count: the preset rows from
+    /// [`SwinV2Config::macs`] (2 FLOP per multiply-add, the batch's images; a training step
+    /// 3x the forward: the backward computes two products per forward product, the patch
+    /// embedding's unneeded input gradient included, under 1%), SimMIM with its linear pixel
+    /// head ([`SimMim::macs`]); the `gemm/` rows `2 n^3`; other rows none.
+    pub fn gflop(&self) -> Result<Option<f64>> {
+        let per_image = |macs: u64| 2.0 * macs as f64 * self.batch as f64 / 1e9;
+        Ok(match self.task {
+            Task::Inference => Some(per_image(preset_at(self.preset, self.img)?.macs())),
+            Task::Finetune => Some(3.0 * per_image(preset_at(self.preset, self.img)?.macs())),
+            Task::Simmim => Some(3.0 * per_image(SimMim::macs(&preset_at(self.preset, self.img)?))),
+            Task::Gemm { n, .. } => Some(2.0 * (n as f64).powi(3) / 1e9),
+            _ => None,
+        })
+    }
 }
 
 /// The rows `filters` selects (all when empty), in table order; an error when none matches.
@@ -249,7 +286,8 @@ pub fn run(specs: &[Spec], threads: usize, iters: Iters, dev: &Device) -> Result
     let rows = with_cpu_threads(threads, || -> Result<Vec<Row>> {
         let mut rows = vec![];
         for s in specs {
-            let row = run_row(s, iters, dev)?;
+            let mut row = run_row(s, iters, dev)?;
+            row.gflop = s.gflop()?;
             eprintln!(
                 "{:<34} b{:<3} {:>4}px {:>9.1} ms {:>8.1} img/s {:>6.0} MiB",
                 row.name, row.batch, row.img, row.median_ms, row.images_per_s, row.peak_rss_mib
@@ -594,6 +632,19 @@ fn run_row(s: &Spec, iters: Iters, dev: &Device) -> Result<Row> {
                 Ok(())
             })
         }),
+        Task::Gemm { n, linear } => measure_on(dev, s, iters, || {
+            let a = Tensor::randn(0f32, 1.0, (n, n), dev)?;
+            let b = Tensor::randn(0f32, 1.0, (n, n), dev)?;
+            let bias = Tensor::zeros(n, DType::F32, dev)?;
+            Ok(move || {
+                if linear {
+                    mimlab_models::ops::linear(&a, &b, Some(&bias))?;
+                } else {
+                    a.matmul(&b)?;
+                }
+                Ok(())
+            })
+        }),
         Task::SegmentInference(head) => measure_on(dev, s, iters, || {
             let (_vm, seg) = segmentor(img, head, dev)?;
             let x = images(batch, img, dev)?;
@@ -620,7 +671,7 @@ mod tests {
         }
         assert_eq!(
             specs().len(),
-            PRESETS.len() * 2 * 2 * 3 + 4 + 2 * 2 + 2 * 2 * 2
+            PRESETS.len() * 2 * 2 * 3 + 2 + 4 + 2 * 2 + 2 * 2 * 2
         );
     }
 
@@ -714,5 +765,37 @@ mod tests {
         );
         assert_eq!(keys(&["detect/nano_fcos/train img=128 batch=16"]).len(), 1);
         assert_eq!(keys(&["img=256 batch=8", "mlp/"]).len(), 3 + 2 + 2);
+        assert_eq!(
+            keys(&["gemm/"]),
+            [
+                "gemm/matmul_2048 img=0 batch=1",
+                "gemm/linear_2048 img=0 batch=1"
+            ]
+        );
+    }
+
+    #[test]
+    fn flop_counts_follow_the_models_multiply_adds() -> Result<()> {
+        let row = |key: &str| -> Spec {
+            let f = [key.to_string()];
+            let mut s = selected(&f);
+            assert_eq!(s.len(), 1, "{key}");
+            s.remove(0)
+        };
+        let tiny = preset_at("swinv2_tiny_window8_256", 256)?;
+        let gflop = |key: &str| row(key).gflop().unwrap().unwrap();
+        // 8 images x 2 FLOP per multiply-add; training 3x the forward
+        let fwd = 16.0 * tiny.macs() as f64 / 1e9;
+        let inference = gflop("swinv2_tiny_window8_256/inference img=256 batch=8");
+        assert!((inference - fwd).abs() < 1e-9 && (inference - 95.04).abs() < 0.01);
+        let finetune = gflop("swinv2_tiny_window8_256/finetune img=256 batch=8");
+        assert!((finetune - 3.0 * fwd).abs() < 1e-9);
+        let simmim = gflop("swinv2_tiny_window8_256/simmim img=256 batch=8");
+        assert!((simmim - 48.0 * SimMim::macs(&tiny) as f64 / 1e9).abs() < 1e-9);
+        assert!((simmim - 292.32).abs() < 0.01, "{simmim}");
+        assert!((gflop("gemm/matmul_2048") - 17.179869184).abs() < 1e-9);
+        assert_eq!(row("mlp/dense").gflop()?, None);
+        assert_eq!(row("detect/nano_fcos/train img=128 batch=8").gflop()?, None);
+        Ok(())
     }
 }

@@ -670,17 +670,43 @@ fn bench_quick(args: &[&str]) -> String {
 fn bench_quick_prints_the_selected_rows_with_positive_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    // `img=32`: nano's small rows and the MLP rows (64 images of 8x8 tokens)
-    let out = bench_quick(&["--filter", "img=32", "--json", json.to_str().unwrap()]);
-    // header + 2 batches x 3 tasks + the dense and MoE MLP rows
+    // `img=32`: nano's small rows and the MLP rows (64 images of 8x8 tokens); the GEMM rows
+    let out = bench_quick(&[
+        "--filter",
+        "img=32",
+        "--filter",
+        "gemm/",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    // header + 2 batches x 3 tasks + the two GEMM rows + the dense and MoE MLP rows
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 1 + 6 + 2, "{out}");
+    assert_eq!(lines.len(), 1 + 6 + 2 + 2, "{out}");
     assert!(lines[0].contains("images/s") && lines[0].contains("peak MiB"));
+    assert!(lines[0].ends_with("GFLOP/s  % gemm"), "{out}");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["tool"], "mimlab");
     let rows = report["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 8);
+    assert_eq!(rows.len(), 10);
+    // FLOP counts: the model rows and the GEMM rows (2 x 2048^3), none for the MLP rows; the
+    // fastest GEMM row is the 100% of the share column
+    for r in rows {
+        let name = r["name"].as_str().unwrap();
+        let gflop = r.get("gflop").and_then(|g| g.as_f64());
+        if name.starts_with("mlp/") {
+            assert_eq!(gflop, None, "{r}");
+        } else if name.starts_with("gemm/") {
+            assert!((gflop.unwrap() - 17.179869184).abs() < 1e-9, "{r}");
+        } else {
+            assert!(gflop.unwrap() > 0.0, "{r}");
+        }
+    }
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("gemm/") && l.ends_with("100.0%")),
+        "{out}"
+    );
     for task in ["inference", "finetune", "simmim"] {
         for (img, batch) in [(32, 8), (32, 32)] {
             let name = format!("swinv2_nano/{task}");

@@ -48,9 +48,23 @@ pub struct Row {
     /// ([`crate::device::peak_device_memory_mib`]; PyTorch: `torch.cuda.max_memory_allocated`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_device_mib: Option<f64>,
+    /// Floating-point operations of one iteration, in GFLOP, where the row knows them: a
+    /// model's analytic count (2 per multiply-add; a training step 3x the forward, the backward
+    /// computing two products per forward product) or a [`GEMM_PREFIX`] row's `2 m n k`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gflop: Option<f64>,
 }
 
+/// Name prefix of the rows that time one large matrix product: the machine's GEMM peak, which
+/// [`format_table`] gives every row with a FLOP count as a fraction of.
+pub const GEMM_PREFIX: &str = "gemm/";
+
 impl Row {
+    /// GFLOP/s at the median time, where the row has a FLOP count.
+    pub fn gflop_per_s(&self) -> Option<f64> {
+        self.gflop.map(|g| g / (self.median_ms / 1e3))
+    }
+
     /// The text `--filter` matches: `name img=IMG batch=B` (e.g. `swinv2_nano/simmim img=64 batch=8`).
     pub fn key(name: &str, img: usize, batch: usize) -> String {
         format!("{name} img={img} batch={batch}")
@@ -157,17 +171,36 @@ where
         images_per_s: batch as f64 / med,
         peak_rss_mib: peak_rss_mib(),
         peak_device_mib: None,
+        gflop: None,
     })
 }
 
-/// The table `mimlab bench` prints: one line per row, fixed-width columns.
-/// On a GPU a last column holds the peak device memory.
+/// The fastest [`GEMM_PREFIX`] row's GFLOP/s: the GEMM peak of the run.
+pub fn gemm_peak(rows: &[Row]) -> Option<f64> {
+    rows.iter()
+        .filter(|r| r.name.starts_with(GEMM_PREFIX))
+        .filter_map(Row::gflop_per_s)
+        .reduce(f64::max)
+}
+
+/// The table `mimlab bench` prints: one line per row, fixed-width columns. Where a row has a
+/// FLOP count, `GFLOP/s`; where the run also timed a [`GEMM_PREFIX`] row, `% gemm` = the row's
+/// GFLOP/s over the fastest GEMM row's ([`gemm_peak`]). On a GPU a last column holds the peak
+/// device memory.
 pub fn format_table(rows: &[Row]) -> String {
     let gpu = rows.iter().any(|r| r.peak_device_mib.is_some());
+    let flops = rows.iter().any(|r| r.gflop.is_some());
+    let peak = gemm_peak(rows);
     let mut s = format!(
         "{:<34} {:>5} {:>4} {:>10} {:>19} {:>9} {:>9}",
         "row", "batch", "img", "median ms", "min-max ms", "images/s", "peak MiB"
     );
+    if flops {
+        s += &format!(" {:>8}", "GFLOP/s");
+    }
+    if peak.is_some() {
+        s += &format!(" {:>7}", "% gemm");
+    }
     if gpu {
         s += &format!(" {:>9}", "GPU MiB");
     }
@@ -183,6 +216,19 @@ pub fn format_table(rows: &[Row]) -> String {
             r.images_per_s,
             r.peak_rss_mib
         );
+        let rate = r.gflop_per_s();
+        if flops {
+            s += &match rate {
+                Some(g) => format!(" {g:>8.1}"),
+                None => format!(" {:>8}", "-"),
+            };
+        }
+        if let Some(p) = peak {
+            s += &match rate {
+                Some(g) => format!(" {:>6.1}%", 100.0 * g / p),
+                None => format!(" {:>7}", "-"),
+            };
+        }
         if gpu {
             s += &format!(" {:>9.0}", r.peak_device_mib.unwrap_or(f64::NAN));
         }
@@ -246,6 +292,64 @@ mod tests {
         if cfg!(target_os = "linux") {
             assert!(row.peak_rss_mib > 0.0);
         }
+        Ok(())
+    }
+
+    fn row(name: &str, median_ms: f64, gflop: Option<f64>) -> Row {
+        Row {
+            name: name.into(),
+            batch: 8,
+            img: 64,
+            median_ms,
+            min_ms: median_ms,
+            max_ms: median_ms,
+            iters: 3,
+            images_per_s: 8e3 / median_ms,
+            peak_rss_mib: 100.0,
+            peak_device_mib: None,
+            gflop,
+        }
+    }
+
+    #[test]
+    fn table_gives_flop_rows_their_share_of_the_fastest_gemm_row() {
+        let rows = [
+            // 17.18 GFLOP in 100 ms and 200 GFLOP in 1 s: 171.8 and 200 GFLOP/s, peak 200
+            row("gemm/matmul_2048", 100.0, Some(17.18)),
+            row("gemm/linear_2048", 1000.0, Some(200.0)),
+            // 60 GFLOP in 500 ms = 120 GFLOP/s = 60% of the peak
+            row("swinv2_nano/simmim", 500.0, Some(60.0)),
+            row("mlp/dense", 10.0, None),
+        ];
+        assert_eq!(gemm_peak(&rows), Some(200.0));
+        let t = format_table(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].ends_with("GFLOP/s  % gemm"), "{t}");
+        assert!(lines[1].ends_with("171.8   85.9%"), "{t}");
+        assert!(lines[3].ends_with("120.0   60.0%"), "{t}");
+        assert!(lines[4].ends_with("-       -"), "{t}");
+        // no FLOP counts: the columns are left out; FLOP counts without a GEMM row: no share
+        assert!(!format_table(&rows[3..]).contains("GFLOP/s"));
+        let t = format_table(&rows[2..]);
+        assert!(t.contains("GFLOP/s") && !t.contains("% gemm"), "{t}");
+        assert_eq!(gemm_peak(&rows[2..]), None);
+    }
+
+    #[test]
+    fn rows_without_a_flop_count_read_and_write_the_old_schema() -> Result<()> {
+        // scripts/bench_pytorch.py writes no `gflop`; such a row reads as None and writes back
+        // without the key
+        let json = r#"{"name": "x/y", "batch": 8, "img": 64, "median_ms": 2.0, "min_ms": 1.0,
+            "max_ms": 3.0, "iters": 3, "images_per_s": 4000.0, "peak_rss_mib": 10.0}"#;
+        let r: Row = serde_json::from_str(json)?;
+        assert_eq!(r.gflop, None);
+        assert!(!serde_json::to_string(&r)?.contains("gflop"));
+        let g = Row {
+            gflop: Some(1.5),
+            ..r
+        };
+        let back: Row = serde_json::from_str(&serde_json::to_string(&g)?)?;
+        assert_eq!(back, g);
         Ok(())
     }
 

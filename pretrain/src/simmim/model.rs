@@ -79,6 +79,21 @@ impl SimMim {
         })
     }
 
+    /// Forward multiply-adds per image of the SimMIM model on `model` ([`SwinV2Config::macs`]
+    /// of the encoder, built without a classifier head, plus the linear pixel head: a 1x1
+    /// convolution from the last stage's `num_features` to `stride^2 * in_chans` on every
+    /// token of the last map). The mask token's blend is per element and not counted.
+    pub fn macs(model: &SwinV2Config) -> u64 {
+        let enc = SwinV2Config {
+            num_classes: 0,
+            ..model.clone()
+        };
+        let stride = model.out_stride();
+        let tokens = (model.img_size / stride).pow(2);
+        let head = tokens * model.num_features() * stride * stride * model.in_chans;
+        enc.macs() + head as u64
+    }
+
     /// Model patch size (the mask's pixel scale).
     pub fn patch_size(&self) -> usize {
         self.patch_size
@@ -307,6 +322,27 @@ mod tests {
         assert!(data
             .keys()
             .all(|k| k.starts_with("encoder.") || k.starts_with("decoder.0.")));
+    }
+
+    #[test]
+    fn macs_are_the_headless_encoder_plus_the_pixel_head() {
+        // swinv2_tiny_window8_256 at 256 px: 5,939,690,496 with its 1000-class head
+        // (models/tests/swin_v2.rs), less the head's 768 x 1000, plus the pixel head on the
+        // 8 x 8 last map: 64 tokens x 768 features x 3,072 outputs
+        let tiny = SwinV2Config::preset("swinv2_tiny_window8_256").unwrap();
+        assert_eq!(
+            SimMim::macs(&tiny),
+            5_939_690_496 - 768 * 1000 + 64 * 768 * 3072
+        );
+        // the pixel head of the built model has that many weights per last-map token
+        let (model, cfg) = tiny_setup();
+        let (vm, _) = build(&cfg);
+        let w = vm.data().lock().unwrap()["decoder.0.weight"].elem_count();
+        let headless = SwinV2Config {
+            num_classes: 0,
+            ..model.clone()
+        };
+        assert_eq!(SimMim::macs(&model), headless.macs() + w as u64);
     }
 
     #[test]
