@@ -415,13 +415,18 @@ fn model_run_on_other_sizes_matches_timm() {
 }
 
 /// `--set` pairs as a flat argument list.
-fn with_sets<'a>(cmd: &[&'a str], sets: &'a [String]) -> Vec<&'a str> {
+fn with_sets<'a, S: AsRef<str>>(cmd: &[&'a str], sets: &'a [S]) -> Vec<&'a str> {
     let mut args: Vec<&str> = cmd.to_vec();
     for s in sets {
         args.push("--set");
-        args.push(s);
+        args.push(s.as_ref());
     }
     args
+}
+
+/// `finetune --config CONFIG --set ...` for each of `sets`.
+fn finetune_with<'a>(config: &'a str, sets: &'a [&'a str]) -> Vec<&'a str> {
+    with_sets(&["finetune", "--config", config], sets)
 }
 
 #[test]
@@ -1310,15 +1315,7 @@ fn detection_finetune_then_eval_on_digits_det() {
         "run.eval_every_epochs=1",
         "run.image_every=0",
     ];
-    let sets = sets.map(String::from);
-    let args = with_sets(
-        &[
-            "finetune",
-            "--config",
-            "configs/detect/swinv2_nano_digits_det.yaml",
-        ],
-        &sets,
-    );
+    let args = finetune_with("configs/detect/swinv2_nano_digits_det.yaml", &sets);
     ok(&args);
     let run = dir.path().join("det");
     let read = |p: PathBuf| -> serde_json::Value {
@@ -1389,15 +1386,7 @@ fn detection_finetune_as_two_cpu_ranks_then_resume_as_one() {
         "run.best_metric=null",
         "run.image_every=0",
     ];
-    let sets = sets.map(String::from);
-    let args = with_sets(
-        &[
-            "finetune",
-            "--config",
-            "configs/detect/swinv2_nano_digits_det.yaml",
-        ],
-        &sets,
-    );
+    let args = finetune_with("configs/detect/swinv2_nano_digits_det.yaml", &sets);
     let run_out = mimlab(&args);
     let stdout = String::from_utf8_lossy(&run_out.stdout);
     let stderr = String::from_utf8_lossy(&run_out.stderr);
@@ -1475,15 +1464,7 @@ fn segmentation_finetune_eval_and_metrics_agree_on_digits_seg() {
         "run.eval_every_epochs=1",
         "run.image_every=0",
     ];
-    let sets = sets.map(String::from);
-    let args = with_sets(
-        &[
-            "finetune",
-            "--config",
-            "configs/segment/swinv2_nano_digits_seg.yaml",
-        ],
-        &sets,
-    );
+    let args = finetune_with("configs/segment/swinv2_nano_digits_seg.yaml", &sets);
     ok(&args);
     let run = dir.path().join("seg");
     let read = |p: PathBuf| -> serde_json::Value {
