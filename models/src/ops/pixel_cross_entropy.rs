@@ -1,5 +1,6 @@
 //! Per-pixel cross-entropy over the class dim of channels-first logits, as one node with a
-//! one-pass backward (the segmentation loss at full label resolution).
+//! one-pass backward on the CPU (the segmentation loss at full label resolution); other devices
+//! and dtypes run the same loss from candle's ops.
 //!
 //! The composed loss is a permute to channels-last (a copy), candle_nn's `log_softmax` (max,
 //! sub, exp, sum, log, sub), a gather, a product with the pixel weights and a sum: about ten
@@ -18,11 +19,11 @@ use super::{dispatch, par_items, slice, storage, Real};
 const BLOCK: usize = 256;
 
 /// `sum_i w[y_i] (logsumexp_c x[b, c, i] - x[b, y_i, i])` over the pixels `i` of every image `b`
-/// of `logits [B, C, *]` (CPU, f32 or f64) whose target `y_i` (`targets`, `B x H x W` in
-/// order) is not `ignore`; `w = 1` without `class_weight`. A scalar of the logits' dtype,
-/// summed in f64 in image order (reproducible at any thread count). The mean loss is this
-/// divided by `sum_i w[y_i]`, which the caller knows. A target that is neither a class nor
-/// `ignore` is an error naming it.
+/// of `logits [B, C, *]` whose target `y_i` (`targets`, `B x H x W` in order) is not `ignore`;
+/// `w = 1` without `class_weight`. A scalar of the logits' dtype; on the CPU in f32/f64 one node
+/// summed in f64 in image order (reproducible at any thread count), elsewhere [`composed`]. The
+/// mean loss is this divided by `sum_i w[y_i]`, which the caller knows. A target that is neither
+/// a class nor `ignore` is an error naming it.
 pub fn pixel_cross_entropy(
     logits: &Tensor,
     targets: &[u32],
@@ -30,12 +31,8 @@ pub fn pixel_cross_entropy(
     class_weight: Option<&[f64]>,
 ) -> Result<Tensor> {
     let dims = logits.dims();
-    if dims.len() < 2 || !super::is_fused(logits) {
-        candle_core::bail!(
-            "pixel-cross-entropy: logits {dims:?} {:?} on {:?}: [B, C, ...] in f32/f64 on the CPU only",
-            logits.dtype(),
-            logits.device().location()
-        )
+    if dims.len() < 2 {
+        candle_core::bail!("pixel-cross-entropy: logits {dims:?} are not [B, C, ...]")
     }
     let (b, c) = (dims[0], dims[1]);
     let spatial: usize = dims[2..].iter().product();
@@ -61,6 +58,9 @@ pub fn pixel_cross_entropy(
         Some(w) => w.to_vec(),
         None => vec![1.0; c],
     };
+    if !super::is_fused(logits) {
+        return composed(logits, targets, ignore, &weight);
+    }
     let op = PixelCe {
         classes: c,
         spatial,
@@ -72,6 +72,33 @@ pub fn pixel_cross_entropy(
         weight: weight.into(),
     };
     logits.contiguous()?.apply_op1(op)
+}
+
+/// [`pixel_cross_entropy`] from candle's ops (any device; checked inputs): channels-last (a
+/// copy), `log_softmax`, a gather, the pixel weights and a sum.
+fn composed(logits: &Tensor, targets: &[u32], ignore: u32, weight: &[f64]) -> Result<Tensor> {
+    let (b, c) = (logits.dim(0)?, logits.dim(1)?);
+    let n = targets.len();
+    let dev = logits.device();
+    let pix_w: Vec<f64> = targets
+        .iter()
+        .map(|&t| if t == ignore { 0.0 } else { weight[t as usize] })
+        .collect();
+    let safe: Vec<u32> = targets
+        .iter()
+        .map(|&t| if t == ignore { 0 } else { t })
+        .collect();
+    // [B, C, *] -> [B * pixels, C]
+    let flat = logits
+        .reshape((b, c, n / b.max(1)))?
+        .transpose(1, 2)?
+        .reshape((n, c))?;
+    let logp = candle_nn::ops::log_softmax(&flat, candle_core::D::Minus1)?;
+    let picked = logp
+        .gather(&Tensor::from_vec(safe, (n, 1), dev)?, 1)?
+        .squeeze(1)?;
+    let pix_w = Tensor::from_vec(pix_w, n, dev)?.to_dtype(logits.dtype())?;
+    (picked * pix_w)?.sum_all()?.neg()
 }
 
 /// A pixel without a loss.
@@ -239,29 +266,7 @@ impl CustomOp1 for PixelCeBwd {
 mod tests {
     use super::*;
     use crate::ops::testing::rel_diff;
-    use candle_core::{DType, Device, Var, D};
-
-    /// The composed reference: permute, log_softmax, gather, weight, sum.
-    fn composed(x: &Tensor, t: &[u32], ignore: u32, w: Option<&[f64]>) -> Result<Tensor> {
-        let (b, c, h, wd) = x.dims4()?;
-        let n = b * h * wd;
-        let keep: Vec<f64> = t
-            .iter()
-            .map(|&v| match (v == ignore, w) {
-                (true, _) => 0.0,
-                (false, Some(w)) => w[v as usize],
-                (false, None) => 1.0,
-            })
-            .collect();
-        let safe: Vec<u32> = t.iter().map(|&v| if v == ignore { 0 } else { v }).collect();
-        let flat = x.permute((0, 2, 3, 1))?.reshape((n, c))?;
-        let logp = candle_nn::ops::log_softmax(&flat, D::Minus1)?;
-        let picked = logp
-            .gather(&Tensor::from_vec(safe, (n, 1), x.device())?, 1)?
-            .squeeze(1)?;
-        let keep = Tensor::from_vec(keep, n, x.device())?.to_dtype(x.dtype())?;
-        (picked * keep)?.sum_all()?.neg()
-    }
+    use candle_core::{DType, Device, Var};
 
     /// Against the composed loss, f64 and f32, with and without class weights, on an odd map
     /// (blocks with a remainder), large logits (the max shift), ignored pixels, one class; the
@@ -285,7 +290,8 @@ mod tests {
                 )?;
                 for weight in [None, Some(cw.as_slice())] {
                     let fused = pixel_cross_entropy(&x, &t, 255, weight)?;
-                    let plain = composed(&x, &t, 255, weight)?;
+                    let cwv = weight.map_or(vec![1.0; c], <[f64]>::to_vec);
+                    let plain = composed(&x, &t, 255, &cwv)?;
                     let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
                     let d = rel_diff(&fused, &plain)?;
                     assert!(d < tol, "{b}x{c}x{h}x{w} {dt:?} {weight:?}: {d}");
@@ -296,6 +302,42 @@ mod tests {
                 }
             }
         }
+        // the segmentation loss's case: 11 classes with the background weighted down, an odd
+        // map, a fifth of the pixels ignored; the mean (sum / sum of pixel weights) and its
+        // gradient
+        let x = Var::from_tensor(&Tensor::randn(0f32, 4.0, (2, 11, 9, 13), &dev)?)?;
+        let ids: Vec<u32> = (0..2 * 9 * 13)
+            .map(|i| if i % 5 == 0 { 255 } else { (i * 7 % 11) as u32 })
+            .collect();
+        let cw: Vec<f64> = (0..11)
+            .map(|k| if k == 0 { 0.2 } else { 1.0 + k as f64 * 0.1 })
+            .collect();
+        let denom: f64 = ids
+            .iter()
+            .filter(|&&v| v != 255)
+            .map(|&v| cw[v as usize])
+            .sum();
+        let fused = (pixel_cross_entropy(&x, &ids, 255, Some(&cw))? / denom)?;
+        let plain = (composed(&x, &ids, 255, &cw)? / denom)?;
+        let (f, p) = (fused.to_scalar::<f32>()?, plain.to_scalar::<f32>()?);
+        assert!((f - p).abs() < 1e-5 * p.abs(), "{f} vs {p}");
+        let (gf, gp) = (fused.backward()?, plain.backward()?);
+        let d = (gf.get(&x).unwrap() - gp.get(&x).unwrap())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(d < 1e-6, "{d}");
+        // a dtype the fused op does not take goes the composed way: bf16 logits, the same loss
+        // as f32 to bf16's precision
+        let xb = Tensor::randn(0f32, 2.0, (1, 3, 4, 5), &dev)?;
+        let tb: Vec<u32> = (0..20u32)
+            .map(|i| if i % 4 == 3 { 255 } else { i % 3 })
+            .collect();
+        let lf = pixel_cross_entropy(&xb, &tb, 255, None)?.to_scalar::<f32>()?;
+        let lb = pixel_cross_entropy(&xb.to_dtype(DType::BF16)?, &tb, 255, None)?;
+        assert_eq!(lb.dtype(), DType::BF16);
+        let lb = lb.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        assert!((lf - lb).abs() < 0.02 * lf.abs(), "{lf} vs {lb}");
         // far-apart logits: probabilities down to e^-87 times a 1e-3 scale are flushed, not
         // subnormal, and the kept entries are as before
         let x = Var::from_tensor(&(Tensor::randn(0f32, 60.0, (2, 4, 8, 8), &dev)?))?;
